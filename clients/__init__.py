@@ -1,0 +1,1 @@
+"""The ClientApp and local (DP-SGD) training. Imports ``fedsim`` only, never ``server``."""

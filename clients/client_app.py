@@ -1,0 +1,86 @@
+"""Flower ClientApp: decode a message, call a plain function, encode the reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from clients.task import client_data, client_info, model_spec
+from clients.training import train_local
+from fedsim.config import FedsimConfig
+from fedsim.errors import FedsimError
+from fedsim.messages import (
+    ARRAYS,
+    TrainReport,
+    decode_config,
+    encode_client_info,
+    encode_train_reply,
+)
+from fedsim.models import build_model
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this client's partition id, size and label counts."""
+    config, _ = decode_config(msg.content)
+    info = client_info(config, partition_id(context, config))
+    return Message(encode_client_info(info), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local partition for one round."""
+    config, server_round = decode_config(msg.content)
+    pid = partition_id(context, config)
+    state = msg.content[ARRAYS].to_torch_state_dict()
+    new_state, report = train_round(config, pid, server_round, state)
+    return Message(encode_train_reply(ArrayRecord(new_state), report), reply_to=msg)
+
+
+def partition_id(context: Context, config: FedsimConfig) -> int:
+    """This node's partition id, checked against the run's client count."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise FedsimError("this SuperNode has no partition-id; start it with --node-config")
+    count = int(node.get("num-partitions", config.num_clients))
+    if count != config.num_clients:
+        raise FedsimError(
+            f"node has num-partitions={count} but the run has num-clients="
+            f"{config.num_clients}; make them equal"
+        )
+    return int(node["partition-id"])
+
+
+def train_round(
+    config: FedsimConfig, pid: int, server_round: int, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], TrainReport]:
+    """One client's local training in one round, seeded by (seed, round, client)."""
+    torch.set_num_threads(max(1, int(config.client_cpus)))
+    torch.manual_seed(_round_seed(config.seed, server_round, pid))
+    x, y = client_data(config, pid)
+    input_shape, num_classes = model_spec(config)
+    model = build_model(config.model, input_shape=input_shape, num_classes=num_classes)
+    model.load_state_dict(state)
+    device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
+    loss, spent = train_local(
+        model,
+        x,
+        y,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+        noise_multiplier=config.noise_multiplier if config.dp == "sample" else None,
+        max_grad_norm=config.max_grad_norm,
+        device=device,
+    )
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new_state, TrainReport(pid, len(y), loss, spent)
+
+
+def _round_seed(seed: int, server_round: int, pid: int) -> int:
+    return int(np.random.SeedSequence([seed, server_round, pid]).generate_state(1)[0])

@@ -1,0 +1,1 @@
+"""Runnable experiments: the ``fedsim`` command, configs, sweeps and benchmarks."""

@@ -1,0 +1,174 @@
+"""One typed, validated experiment config, with Flower-style kebab-case keys.
+
+The same schema is read from a TOML file, from ``--set KEY=VALUE`` overrides, from
+Flower's run config (``[tool.flwr.app.config]``) and from the config record the server
+sends to clients, so every entry point validates identically before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsim.errors import FedsimError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class FedsimConfig(BaseModel):
+    """A complete experiment. Defaults are the default experiment (digits, CNN, ε ≤ 8).
+
+    Keys are kebab-case (``num-clients``) as in Flower's run config; ``noise-multiplier``
+    0 means "solve it from ``target-epsilon`` before round 1".
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=_kebab, populate_by_name=True
+    )
+
+    name: str = Field("digits-cnn", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = "cnn"
+    dataset: str = "digits"
+    data_dir: str = ""
+    num_clients: int = Field(5, ge=1)
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    num_rounds: int = Field(30, ge=1)
+    clients_per_round: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.5, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    dp: Literal["none", "sample"] = "sample"
+    target_epsilon: float = Field(8.0, gt=0)
+    noise_multiplier: float = Field(0.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    seed: int = Field(0, ge=0)
+    client_cpus: float = Field(1.0, gt=0)
+    client_gpus: float = Field(0.0, ge=0)
+    out_dir: str = "results"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from fedsim.models import MODELS
+
+        return _known(value, MODELS, "model")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from fedsim.data import DATASETS
+
+        return _known(value, DATASETS, "dataset")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FedsimConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
+                f"({self.num_clients}); lower clients-per-round or raise num-clients"
+            )
+        if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
+            raise ValueError("client-gpus above 1 must be a whole number of GPUs")
+        return self
+
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case dict of plain scalars: a TOML table, run config or ConfigRecord."""
+        return self.model_dump(by_alias=True)
+
+
+def _known(value: str, registry: dict[str, Any], what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} '{value}'; choose one of {', '.join(sorted(registry))}")
+    return value
+
+
+def parse_config(values: dict[str, Any]) -> FedsimConfig:
+    """Validate a flat kebab-case mapping into a config.
+
+    Raises
+    ------
+    FedsimError
+        One line naming the first bad key, what is wrong, and what to do instead.
+
+    """
+    unknown = [key for key in values if key not in _KEYS]
+    if unknown:
+        raise FedsimError(_unknown_key_message(unknown[0]))
+    try:
+        return FedsimConfig.model_validate(values)
+    except ValidationError as exc:
+        raise FedsimError(_format_error(exc)) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedsimConfig:
+    """Read an optional TOML file, apply ``KEY=VALUE`` overrides, and validate.
+
+    Parameters
+    ----------
+    path
+        A TOML file of kebab-case keys, flat or under ``[tool.flwr.app.config]``.
+    overrides
+        ``KEY=VALUE`` strings; values are TOML literals, or plain strings otherwise.
+
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_toml(path))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values[key] = value
+    return parse_config(values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; Flower's pyproject layout is accepted too."""
+    if not path.is_file():
+        raise FedsimError(f"config file {path} does not exist; pass an existing .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedsimError(f"config file {path} is not valid TOML: {exc}") from None
+    app_config = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    return dict(app_config) if app_config is not None else data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; ``VALUE`` is a TOML literal (1, 0.5, true) or a bare string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FedsimError(f"--set expects KEY=VALUE, got '{item}'; for example --set num-rounds=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+_KEYS = {field.alias or name for name, field in FedsimConfig.model_fields.items()}
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(_KEYS), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(_KEYS))}"
+    return f"config: unknown key '{key}'; {hint}"
+
+
+def _format_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"config: {key}: {message} (got {error['input']!r})"
+    return f"config: {message}"

@@ -1,0 +1,125 @@
+"""Message keys and payload types shared by ``clients/`` and ``server/``.
+
+This module is the whole contract between the two sides: neither imports the other.
+A train message carries the global model under ``ARRAYS`` and the resolved experiment
+config under ``CONFIG``; a train reply carries the local model, its metrics (weighted by
+``num-examples`` in FedAvg) and, under ``PRIVACY``, what the client's DP-SGD spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedsim.config import FedsimConfig, parse_config
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY = "privacy"
+ROUND_KEY = "server-round"
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What a client reports about its data when the server asks (a query message)."""
+
+    partition_id: int
+    num_examples: int
+    label_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """DP-SGD steps a client took in one round: a run of equal (σ, q) steps per entry.
+
+    Entries mirror Opacus's accountant history ``(noise_multiplier, sample_rate, steps)``.
+    Empty when the client trained without DP.
+    """
+
+    noise_multiplier: tuple[float, ...] = ()
+    sample_rate: tuple[float, ...] = ()
+    steps: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """Metadata of one client's local training in one round."""
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    spent: PrivacySpent
+
+
+def encode_config(config: FedsimConfig, server_round: int = 0) -> RecordDict:
+    """Server -> client: the resolved config (and round) that the client needs."""
+    record = ConfigRecord({**config.to_flat(), ROUND_KEY: server_round})
+    return RecordDict({CONFIG: record})
+
+
+def decode_config(content: RecordDict) -> tuple[FedsimConfig, int]:
+    """Client side of :func:`encode_config`: validated config and server round."""
+    values = dict(content[CONFIG])
+    server_round = int(values.pop(ROUND_KEY, 0))
+    return parse_config(values), server_round
+
+
+def encode_client_info(info: ClientInfo) -> RecordDict:
+    """Client -> server reply to a query message."""
+    metrics = MetricRecord(
+        {
+            "partition-id": info.partition_id,
+            WEIGHT_KEY: info.num_examples,
+            "label-counts": list(info.label_counts),
+        }
+    )
+    return RecordDict({METRICS: metrics})
+
+
+def decode_client_info(content: RecordDict) -> ClientInfo:
+    """Server side of :func:`encode_client_info`."""
+    metrics = content[METRICS]
+    return ClientInfo(
+        partition_id=int(metrics["partition-id"]),
+        num_examples=int(metrics[WEIGHT_KEY]),
+        label_counts=tuple(int(c) for c in metrics["label-counts"]),
+    )
+
+
+def encode_train_reply(arrays: ArrayRecord, report: TrainReport) -> RecordDict:
+    """Client -> server reply to a train message."""
+    metrics = MetricRecord(
+        {
+            "partition-id": report.partition_id,
+            WEIGHT_KEY: report.num_examples,
+            "train-loss": report.train_loss,
+        }
+    )
+    spent = report.spent
+    privacy = ConfigRecord(
+        {
+            "noise-multiplier": [float(s) for s in spent.noise_multiplier],
+            "sample-rate": [float(q) for q in spent.sample_rate],
+            "steps": [int(t) for t in spent.steps],
+        }
+    )
+    return RecordDict({ARRAYS: arrays, METRICS: metrics, PRIVACY: privacy})
+
+
+def decode_train_report(content: RecordDict) -> TrainReport:
+    """Server side of :func:`encode_train_reply` (the arrays stay in the record)."""
+    metrics, privacy = content[METRICS], content[PRIVACY]
+    spent = PrivacySpent(
+        noise_multiplier=tuple(float(s) for s in privacy["noise-multiplier"]),
+        sample_rate=tuple(float(q) for q in privacy["sample-rate"]),
+        steps=tuple(int(t) for t in privacy["steps"]),
+    )
+    return TrainReport(
+        partition_id=int(metrics["partition-id"]),
+        num_examples=int(metrics[WEIGHT_KEY]),
+        train_loss=float(metrics["train-loss"]),
+        spent=spent,
+    )

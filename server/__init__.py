@@ -1,0 +1,1 @@
+"""The ServerApp, strategies and privacy accounting. Imports ``fedsim`` only, never ``clients``."""

@@ -1,0 +1,141 @@
+"""Privacy ledger and accounting: pure functions, no I/O.
+
+The ledger holds, for every client, each round it trained in with the noise multiplier,
+sample rate and number of DP-SGD steps that its Opacus optimizer reported. A client's ε
+is the composition of all its rounds under one Opacus accountant; a run's ε is the
+maximum over clients, since each client protects its own samples.
+
+Sampling assumption: Poisson sampling of examples inside each client's DP-SGD. The
+server's choice of which clients train in a round is *not* counted as amplification,
+so the ε is valid even if that choice were public.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedsim.messages import PrivacySpent
+
+PRIVACY_UNIT_SAMPLE = "sample"
+SAMPLING = "poisson sampling of examples within each client; client selection not amplified"
+# Opacus's default orders stop at 63, which is loose for few steps at large ε; any order
+# gives a valid bound, so more orders can only tighten ε, never make it optimistic.
+RDP_ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + [80, 96, 128, 192, 256, 384, 512, 1024]
+)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A run of DP-SGD steps with one noise multiplier and sample rate."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+Ledger = dict[int, list[LedgerEntry]]
+
+
+def record(ledger: Ledger, client: int, server_round: int, spent: PrivacySpent) -> None:
+    """Append what ``client`` spent in ``server_round`` to the ledger."""
+    entries = ledger.setdefault(client, [])
+    for sigma, q, steps in zip(spent.noise_multiplier, spent.sample_rate, spent.steps, strict=True):
+        entries.append(LedgerEntry(server_round, sigma, q, steps))
+
+
+def _history(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
+    """Opacus history with equal (σ, q) runs merged; composition only needs the totals."""
+    merged: dict[tuple[float, float], int] = {}
+    for e in entries:
+        merged[(e.noise_multiplier, e.sample_rate)] = (
+            merged.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+        )
+    return [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items())]
+
+
+def history_epsilon(
+    history: list[tuple[float, float, int]], *, delta: float, accountant: str
+) -> float:
+    """ε of one composed (σ, q, steps) history under an Opacus accountant."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
+
+
+def _orders(accountant: str) -> dict:
+    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+
+
+def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:
+    """ε of one client over every round it trained in."""
+    return history_epsilon(_history(entries), delta=delta, accountant=accountant)
+
+
+def run_epsilon(ledger: Ledger, *, delta: float, accountant: str) -> tuple[float, int | None]:
+    """(max ε over clients, the client that attains it). (0, None) for an empty ledger."""
+    best, who = 0.0, None
+    cache: dict[tuple, float] = {}  # clients with equal histories share one computation
+    for client in sorted(ledger):
+        key = tuple(_history(ledger[client]))
+        if key not in cache:
+            cache[key] = history_epsilon(list(key), delta=delta, accountant=accountant)
+        if cache[key] > best:
+            best, who = cache[key], client
+    return best, who
+
+
+def dp_schedule(num_examples: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate, steps per round) that Opacus's Poisson loader uses for one client."""
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / batches, epochs * batches
+
+
+def solve_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    schedules: Iterable[tuple[float, int]],
+) -> float:
+    """Smallest σ such that every client that trains in every round ends at ε ≤ target.
+
+    Parameters
+    ----------
+    schedules
+        One (sample rate, total steps over the whole run) per client.
+
+    """
+    sigmas = [
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+            **_orders(accountant),
+        )
+        for q, steps in sorted(set(schedules))
+    ]
+    return max(sigmas)
+
+
+def ledger_to_json(ledger: Ledger) -> dict[str, list[dict]]:
+    """The ledger as JSON-ready data keyed by client id."""
+    return {str(c): [asdict(e) for e in ledger[c]] for c in sorted(ledger)}
+
+
+def ledger_from_json(data: dict[str, list[dict]]) -> Ledger:
+    """Inverse of :func:`ledger_to_json`."""
+    return {int(c): [LedgerEntry(**e) for e in entries] for c, entries in data.items()}

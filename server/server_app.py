@@ -1,0 +1,54 @@
+"""Flower ServerApp. ``flwr run`` reads the run config; ``fedsim run`` passes a config."""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim import report, results
+from fedsim.config import FedsimConfig, parse_config
+from server.federation import RoundCallback, run_federation
+
+
+def log_round(row: dict) -> None:
+    """Default progress: one log line per round."""
+    log(
+        INFO,
+        "fedsim round %s: accuracy %.4f, loss %.4f, epsilon %s",
+        row["round"],
+        row["accuracy"],
+        row["loss"],
+        report.format_epsilon(row["epsilon"]),
+    )
+
+
+def build_server_app(
+    config: FedsimConfig | None = None,
+    *,
+    run_dir: Path | None = None,
+    on_round: RoundCallback = log_round,
+    started: float | None = None,
+) -> ServerApp:
+    """A ServerApp for ``config``, or for the run config when ``config`` is None.
+
+    ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config, so
+    ``fedsim run`` builds the app around its validated config instead.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or parse_config(dict(context.run_config))
+        out = run_dir or results.default_run_dir(cfg.out_dir, cfg.name)
+        run_federation(grid, cfg, run_dir=out, on_round=on_round, started=started)
+        report.plot_run(out)
+        log(INFO, "fedsim results in %s", out)
+
+    return app
+
+
+app = build_server_app()

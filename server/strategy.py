@@ -1,0 +1,117 @@
+"""Strategies: FedAvg with seeded client sampling, and a privacy-ledger wrapper.
+
+Flower's FedAvg samples nodes with an unseeded ``random.sample`` and averages replies in
+arrival order, so two runs with one seed differ. ``SeededFedAvg`` samples clients by
+(seed, round) and averages in client order. ``PrivacyLedger`` wraps any strategy, as
+Flower's DP wrappers do, and records what each client's DP-SGD spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedsim.errors import FedsimError
+from fedsim.messages import ARRAYS, CONFIG, METRICS, ROUND_KEY, WEIGHT_KEY, decode_train_report
+from server.privacy import Ledger, record
+
+
+def sample_clients(num_clients: int, per_round: int, *, seed: int, server_round: int) -> list[int]:
+    """The sorted client ids that train in ``server_round``; a pure function of its inputs."""
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+
+
+def _client_of(msg: Message) -> int:
+    return int(msg.content[METRICS]["partition-id"]) if msg.has_content() else -1
+
+
+class SeededFedAvg(FedAvg):
+    """FedAvg over a fixed map of client (partition) ids to Flower node ids."""
+
+    def __init__(self, *, nodes: dict[int, int], clients_per_round: int, seed: int) -> None:
+        super().__init__(
+            fraction_evaluate=0.0,
+            min_available_nodes=len(nodes),
+            weighted_by_key=WEIGHT_KEY,
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
+        )
+        self.nodes = nodes
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model to this round's seeded sample of clients."""
+        config[ROUND_KEY] = server_round
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        chosen = sample_clients(
+            len(self.nodes), self.clients_per_round, seed=self.seed, server_round=server_round
+        )
+        return [Message(content, self.nodes[c], MessageType.TRAIN) for c in chosen]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg in client order, so float sums do not depend on arrival order."""
+        return super().aggregate_train(server_round, sorted(replies, key=_client_of))
+
+
+class PrivacyLedger(Strategy):
+    """Wrap a strategy; record each training reply's privacy spending in ``ledger``.
+
+    A failed client stops the run here with its reason rather than being averaged out
+    silently: its data may have been used, and the ledger must say so.
+    """
+
+    def __init__(self, inner: Strategy, ledger: Ledger) -> None:
+        self.inner = inner
+        self.ledger = ledger
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every reply's privacy spending, then delegate aggregation."""
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                raise FedsimError(
+                    f"round {server_round}: node {msg.metadata.src_node_id} failed: "
+                    f"{_first_line(msg.error.reason)}"
+                )
+            report = decode_train_report(msg.content)
+            record(self.ledger, report.partition_id, server_round, report.spent)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _first_line(reason: str | None) -> str:
+    lines = [line for line in (reason or "unknown error").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"

@@ -1,0 +1,68 @@
+import tomllib
+
+import pytest
+
+from fedsim.config import FedsimConfig, load_config, parse_config, parse_override
+from fedsim.errors import FedsimError
+from tests.conftest import ROOT
+
+
+def test_defaults_match_flower_app_config():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == FedsimConfig().to_flat()
+
+
+def test_experiment_configs_are_valid():
+    configs = sorted((ROOT / "experiments" / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["num-rounds=3", "lr=0.1", "dp=none", "name=x"])
+    assert (cfg.num_rounds, cfg.lr, cfg.dp, cfg.name) == (3, 0.1, "none", "x")
+    assert parse_override("target-epsilon=2") == ("target-epsilon", 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"target-epsilon": 0}, "target-epsilon"),
+        ({"target-epsilon": -1.0}, "target-epsilon"),
+        ({"dirichlet-alpha": 0}, "dirichlet-alpha"),
+        ({"num-clients": 0}, "num-clients"),
+        ({"clients-per-round": 20}, "exceeds num-clients"),
+        ({"dp": "maybe"}, "dp"),
+        ({"num-client": 3}, "did you mean 'num-clients'"),
+        ({"lr": "fast"}, "lr"),
+        ({"delta": 1.5}, "delta"),
+    ],
+)
+def test_bad_values_give_one_line(values, needle):
+    with pytest.raises(FedsimError) as info:
+        parse_config(values)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_bad_override_syntax():
+    with pytest.raises(FedsimError, match="KEY=VALUE"):
+        load_config(None, ["num-rounds"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(FedsimError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = = 3\n")
+    with pytest.raises(FedsimError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_validation_is_not_assert_based():
+    # python -O strips asserts; a frozen, validated model must still refuse bad values
+    with pytest.raises(FedsimError):
+        parse_config({"batch-size": -4})

@@ -1,0 +1,115 @@
+"""Accounting against an independent implementation: Google's dp-accounting."""
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from fedsim.messages import PrivacySpent
+from server import privacy
+
+DELTA = 1e-5
+
+
+def _event(sigma, q):
+    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+
+
+def independent_rdp(history, delta):
+    acc = rdp.RdpAccountant(privacy.RDP_ORDERS)
+    for sigma, q, steps in history:
+        acc.compose(_event(sigma, q), steps)
+    return acc.get_epsilon(delta)
+
+
+def independent_pld(history, delta, *, pessimistic):
+    """PLD ε: pessimistic is an upper bound on the true ε, optimistic a lower bound."""
+    total = None
+    for sigma, q, steps in history:
+        one = pld.privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=sigma,
+            sampling_prob=q,
+            pessimistic_estimate=pessimistic,
+            value_discretization_interval=1e-3 if pessimistic else 1e-4,
+            use_connect_dots=pessimistic,
+        ).self_compose(steps)
+        total = one if total is None else total.compose(one)
+    return total.get_epsilon_for_delta(delta)
+
+
+def ledger_from(histories):
+    ledger = {}
+    for client, history in histories.items():
+        for r, (sigma, q, steps) in enumerate(history, start=1):
+            privacy.record(ledger, client, r, PrivacySpent((sigma,), (q,), (steps,)))
+    return ledger
+
+
+HISTORIES = {
+    "one-round": [(1.0, 0.2, 5)],
+    "many-rounds": [(1.1, 0.05, 20)] * 30,
+    "mixed": [(0.9, 0.2, 5), (1.5, 0.01, 100), (0.9, 0.2, 5), (2.0, 0.1, 10)],
+    "tiny-q": [(0.8, 0.004, 250)] * 10,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HISTORIES))
+def test_rdp_matches_independent_rdp(name):
+    ledger = ledger_from({0: HISTORIES[name]})
+    ours = privacy.client_epsilon(ledger[0], delta=DELTA, accountant="rdp")
+    theirs = independent_rdp(HISTORIES[name], DELTA)
+    assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("name", sorted(HISTORIES))
+def test_never_below_truth_and_close_to_tight(name, accountant):
+    history = HISTORIES[name]
+    ours = privacy.client_epsilon(ledger_from({0: history})[0], delta=DELTA, accountant=accountant)
+    lower = independent_pld(history, DELTA, pessimistic=False)  # below the true ε
+    upper = independent_pld(history, DELTA, pessimistic=True)  # above, and tight
+    assert ours >= lower
+    # RDP is a valid but looser bound (most at small q and many steps); PRV is near-exact
+    slack = 0.35 if accountant == "rdp" else 0.05
+    assert ours <= upper * (1 + slack)
+
+
+def test_run_epsilon_is_max_over_clients():
+    ledger = ledger_from({0: [(1.0, 0.1, 10)], 1: [(1.0, 0.1, 10)] * 3, 2: [(5.0, 0.1, 10)] * 3})
+    eps, who = privacy.run_epsilon(ledger, delta=DELTA, accountant="rdp")
+    assert who == 1
+    assert eps == pytest.approx(independent_rdp([(1.0, 0.1, 30)], DELTA), rel=1e-3)
+    assert privacy.run_epsilon({}, delta=DELTA, accountant="rdp") == (0.0, None)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_solved_sigma_meets_target_tightly(accountant):
+    schedules = [(0.2, 100), (0.25, 80)]
+    sigma = privacy.solve_noise_multiplier(
+        target_epsilon=3.0, delta=DELTA, accountant=accountant, schedules=schedules
+    )
+    eps = [
+        privacy.history_epsilon([(sigma, q, t)], delta=DELTA, accountant=accountant)
+        for q, t in schedules
+    ]
+    assert max(eps) <= 3.0
+    assert max(eps) >= 3.0 * 0.97  # not needlessly noisy
+    check = independent_pld([(sigma, q, t) for q, t in schedules[:1]], DELTA, pessimistic=False)
+    assert check <= 3.0
+
+
+def test_dp_schedule_matches_opacus_loader():
+    assert privacy.dp_schedule(100, batch_size=32, epochs=2) == (0.25, 8)
+    assert privacy.dp_schedule(64, batch_size=64, epochs=1) == (1.0, 1)
+
+
+def test_ledger_json_round_trip():
+    ledger = ledger_from(dict(enumerate(HISTORIES.values())))
+    assert privacy.ledger_from_json(privacy.ledger_to_json(ledger)) == ledger
+    assert math.isclose(
+        privacy.run_epsilon(ledger, delta=DELTA, accountant="rdp")[0],
+        privacy.run_epsilon(
+            privacy.ledger_from_json(privacy.ledger_to_json(ledger)), delta=DELTA, accountant="rdp"
+        )[0],
+    )
