@@ -1,6 +1,7 @@
 """Real Flower + Ray simulations through the `fedsim` command."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from dp_accounting import rdp
 
 from fedsim.results import read_csv
 from server.privacy import RDP_ORDERS
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -30,6 +32,7 @@ def fedsim_run(out, *sets):
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
