@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -38,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     pid = partition_id(context, config)
     state = msg.content[ARRAYS].to_torch_state_dict()
     new_state, report = train_round(config, pid, server_round, state)
+    simulate_faults(config, pid, server_round)
     return Message(encode_train_reply(ArrayRecord(new_state), report), reply_to=msg)
 
 
@@ -80,6 +83,20 @@ def train_round(
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, TrainReport(pid, len(y), loss, spent)
+
+
+def simulate_faults(config: FedsimConfig, pid: int, server_round: int) -> None:
+    """Be a straggler or drop out, as configured, after training on local data.
+
+    Dropping out *after* training is the worst case for privacy: the data was used but
+    the server never sees the spend, so the server charges the prescribed one.
+    """
+    rng = np.random.default_rng([config.seed, server_round, pid, 1])
+    straggle, drop = rng.random(2)
+    if straggle < config.straggler_prob:
+        time.sleep(config.straggler_delay)
+    if drop < config.client_dropout:
+        raise FedsimError(f"dropped out (simulated, client-dropout={config.client_dropout:g})")
 
 
 def _round_seed(seed: int, server_round: int, pid: int) -> int:

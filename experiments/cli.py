@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config key, e.g. --set num-rounds=5 (repeatable)",
     )
     run.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the unfinished run DIR")
+    run.add_argument("--force", action="store_true", help="replace an existing results folder")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     rep = sub.add_parser("report", help="rebuild tables and plots from result folders")
     rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
@@ -73,10 +75,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
+    from server.rounds import RunInterrupted
+
     args = _parser().parse_args(argv)
     handler = {"run": cmd_run, "report": cmd_report}[args.command]
     try:
         return handler(args)
+    except RunInterrupted as exc:
+        print(
+            f"fedsim: {exc}; continue with: fedsim run --resume <the folder above>", file=sys.stderr
+        )
+        return 130
     except FedsimError as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,21 +1,27 @@
 """Runner: one validated config -> a Flower simulation -> a finished results folder.
 
 The run writes into a hidden ``.<name>.partial`` folder beside the target and renames it
-into place only when everything is written, so a failed run leaves no half-written
-results and never touches an existing folder.
+into place only when everything is written, so a results folder is never half-written
+and an existing one is never touched without ``force``. The partial folder keeps a
+checkpoint after every round: a run that is stopped (Ctrl-C, a kill, a crash) resumes
+from it with ``fedsim run --resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedsim import report, results
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.partition import partition
@@ -49,53 +55,120 @@ def preflight(config: FedsimConfig) -> None:
 
 
 def print_round(config: FedsimConfig):
-    """A progress callback printing one line per round."""
+    """Return a progress callback that prints one line per round."""
 
     def on_round(row: dict) -> None:
+        dropped = f"  dropped {row['dropped']}" if row["dropped"] else ""
         print(
             f"round {row['round']:>3}/{config.num_rounds}  accuracy {row['accuracy']:.4f}  "
             f"loss {row['loss']:.4f}  ε {report.format_epsilon(row['epsilon']):>6}  "
-            f"{row['seconds']:6.2f} s",
+            f"{row['seconds']:6.2f} s{dropped}",
             flush=True,
         )
 
     return on_round
 
 
-def run_experiment(config: FedsimConfig, *, out: Path | None = None, verbose: bool = False) -> Path:
-    """Run ``config`` in Flower's simulation engine and return the results folder."""
-    from flwr.simulation import run_simulation
+def staging_dir(run_dir: Path) -> Path:
+    """The hidden folder a run writes into before it is renamed to ``run_dir``."""
+    return run_dir.with_name(f".{run_dir.name}.partial")
 
-    from clients.client_app import app as client_app
-    from server.server_app import build_server_app
 
+def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
+    """(final results folder, checkpointed config) of an unfinished run at ``path``."""
+    if path.name.startswith(".") and path.name.endswith(".partial"):
+        path = path.with_name(path.name[1 : -len(".partial")])
+    checkpoint = results.load_checkpoint(staging_dir(path))
+    if checkpoint is None:
+        raise FedsimError(f"no unfinished run to resume at {path}; pass the folder a run printed")
+    return path, parse_config(checkpoint["config"])
+
+
+def run_experiment(
+    config: FedsimConfig,
+    *,
+    out: Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    verbose: bool = False,
+    client_app=None,
+) -> Path:
+    """Run (or resume) ``config`` in Flower's simulation engine; return the results folder."""
     started = time.time()
     run_dir = Path(out) if out else results.default_run_dir(config.out_dir, config.name)
-    if run_dir.exists():
-        raise FedsimError(f"{run_dir} already exists; choose another --out or remove it")
+    staging = staging_dir(run_dir)
+    if run_dir.exists() and not force:
+        raise FedsimError(f"{run_dir} already exists; choose another --out, or pass --force")
+    if staging.exists() and not resume:
+        raise FedsimError(
+            f"{run_dir} has an unfinished run; continue it with --resume {run_dir} "
+            f"or remove {staging}"
+        )
     preflight(config)
-    staging = run_dir.with_name(f".{run_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    _quiet_logs(verbose)
-    server_app = build_server_app(
-        config, run_dir=staging, on_round=print_round(config), started=started
-    )
+    staging.mkdir(parents=True, exist_ok=True)
+    print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     try:
+        _simulate(config, staging, started, verbose, client_app)
+    except BaseException:
+        if results.load_checkpoint(staging) is None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.plot_run(staging)
+    _replace(staging, run_dir)
+    return run_dir
+
+
+def _simulate(config, staging, started, verbose, client_app) -> None:
+    from flwr.simulation import run_simulation
+
+    from server.server_app import build_server_app
+
+    if client_app is None:
+        from clients.client_app import app as client_app
+    _quiet_logs(verbose)
+    stop = threading.Event()
+    server_app = build_server_app(
+        config, run_dir=staging, on_round=print_round(config), started=started, stop=stop
+    )
+    with _stop_on_sigint(stop):
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config=_backend_config(config, verbose),
         )
-        if not (staging / results.SUMMARY).exists():
-            raise FedsimError("the simulation ended before the server finished; rerun with --debug")
-        report.plot_run(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if not (staging / results.SUMMARY).exists():
+        raise FedsimError("the simulation ended before the server finished; rerun with --debug")
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """First Ctrl-C: finish the current round, checkpoint, stop. Second: abort at once."""
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nfedsim: stopping after this round (Ctrl-C again to abort now)", flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _replace(staging: Path, run_dir: Path) -> None:
+    """Rename ``staging`` to ``run_dir``; an existing ``run_dir`` goes only once it is done."""
+    (staging / results.CHECKPOINT).unlink(missing_ok=True)
+    old = run_dir.with_name(f".{run_dir.name}.old")
+    if run_dir.exists():
+        run_dir.rename(old)
     staging.rename(run_dir)
-    return run_dir
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _backend_config(config: FedsimConfig, verbose: bool) -> dict:
@@ -110,8 +183,12 @@ def _backend_config(config: FedsimConfig, verbose: bool) -> dict:
 
 
 def _quiet_logs(verbose: bool) -> None:
-    """Keep Flower's and Ray's per-message logs out of the progress lines."""
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    """Keep Flower's and Ray's logs out of the progress lines.
+
+    Client failures are reported by fedsim itself, with their reasons, in the progress
+    line and in ``rounds.csv``, so Flower's tracebacks for them are noise.
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.CRITICAL)
     # opt in to Ray's future behaviour now; it also silences Ray's warning about it
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:

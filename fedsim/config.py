@@ -25,7 +25,9 @@ class FedsimConfig(BaseModel):
     """A complete experiment. Defaults are the default experiment (digits, CNN, ε ≤ 8).
 
     Keys are kebab-case (``num-clients``) as in Flower's run config; ``noise-multiplier``
-    0 means "solve it from ``target-epsilon`` before round 1".
+    0 means "solve it from ``target-epsilon`` before round 1". A round goes on with the
+    clients that replied within ``round-timeout`` seconds while at least ``min-clients``
+    did; ``client-dropout`` and ``straggler-*`` simulate clients that fail or are slow.
     """
 
     model_config = ConfigDict(
@@ -53,6 +55,11 @@ class FedsimConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     seed: int = Field(0, ge=0)
+    round_timeout: float = Field(600.0, gt=0)
+    min_clients: int = Field(1, ge=1)
+    client_dropout: float = Field(0.0, ge=0, lt=1)
+    straggler_prob: float = Field(0.0, ge=0, le=1)
+    straggler_delay: float = Field(0.0, ge=0)
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
     out_dir: str = "results"
@@ -77,6 +84,11 @@ class FedsimConfig(BaseModel):
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
                 f"({self.num_clients}); lower clients-per-round or raise num-clients"
+            )
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"min-clients ({self.min_clients}) exceeds clients-per-round "
+                f"({self.clients_per_round}); a round could never succeed"
             )
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")

@@ -17,7 +17,8 @@ PRIVACY = "privacy.json"
 PARTITION = "partition.csv"
 PLOT = "accuracy_epsilon.png"
 MODEL = "model.pt"
-ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon", "seconds", "clients")
+CHECKPOINT = "checkpoint.pt"
+ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon", "seconds", "clients", "dropped")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -53,6 +54,25 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV file as dicts of strings."""
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Atomically save a run's state (tensors and plain data) as ``checkpoint.pt``."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(run_dir / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, or None where there is none."""
+    import torch
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True)
 
 
 def default_run_dir(out_dir: str | Path, name: str) -> Path:

@@ -1,24 +1,26 @@
-"""The federated run: discover clients, solve σ, train with FedAvg, account, write results."""
+"""The federated run: discover clients, solve σ, run rounds, account, write results."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from fedsim import results
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate
-from fedsim.messages import ClientInfo, decode_client_info, encode_config
+from fedsim.messages import ClientInfo, PrivacySpent, decode_client_info, encode_config
 from fedsim.models import build_model
 from server import privacy
+from server.rounds import run_rounds
 from server.strategy import PrivacyLedger, SeededFedAvg, sample_clients
 
 RoundCallback = Callable[[dict], None]
@@ -27,14 +29,38 @@ CONNECT_TIMEOUT_S = 300.0
 
 @dataclass
 class RunState:
-    """What the server accumulates while a run goes on."""
+    """Everything a run accumulates; what a checkpoint saves."""
 
     config: FedsimConfig
-    run_dir: Path
-    started: float
+    infos: list[ClientInfo]
     ledger: privacy.Ledger = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
-    last_time: float = 0.0
+    arrays: dict | None = None  # global model state_dict after the last finished round
+
+    def to_checkpoint(self) -> dict:
+        """Plain data for :func:`fedsim.results.save_checkpoint`."""
+        return {
+            "config": self.config.to_flat(),
+            "infos": [asdict(i) for i in self.infos],
+            "ledger": privacy.ledger_to_json(self.ledger),
+            "rows": self.rows,
+            "arrays": self.arrays,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> RunState:
+        """Inverse of :meth:`to_checkpoint`."""
+        infos = [
+            ClientInfo(i["partition_id"], i["num_examples"], tuple(i["label_counts"]))
+            for i in data["infos"]
+        ]
+        return cls(
+            parse_config(data["config"]),
+            infos,
+            privacy.ledger_from_json(data["ledger"]),
+            list(data["rows"]),
+            data["arrays"],
+        )
 
 
 def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, ClientInfo]]:
@@ -65,6 +91,16 @@ def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, C
     return found
 
 
+def expected_spend(config: FedsimConfig, info: ClientInfo) -> PrivacySpent:
+    """What one round of DP-SGD costs a client: charged when its reply is missing."""
+    if config.dp != "sample":
+        return PrivacySpent()
+    q, steps = privacy.dp_schedule(
+        info.num_examples, batch_size=config.batch_size, epochs=config.local_epochs
+    )
+    return PrivacySpent((config.noise_multiplier,), (q,), (steps,))
+
+
 def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig:
     """Fix σ before round 1 so a client in every round ends at ε ≤ target-epsilon."""
     if config.dp != "sample" or config.noise_multiplier > 0:
@@ -84,6 +120,17 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
     return config.model_copy(update={"noise_multiplier": sigma})
 
 
+def start_state(grid: Grid, config: FedsimConfig, run_dir: Path) -> tuple[RunState, dict]:
+    """A fresh run's state, or the checkpointed one in ``run_dir``; and the client map."""
+    clients = discover_clients(grid, config)
+    checkpoint = results.load_checkpoint(run_dir)
+    if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
+        return RunState.from_checkpoint(checkpoint), clients
+    infos = [clients[c][1] for c in sorted(clients)]
+    write_partition(run_dir, infos)
+    return RunState(resolve_noise(config, infos), infos), clients
+
+
 def run_federation(
     grid: Grid,
     config: FedsimConfig,
@@ -91,8 +138,9 @@ def run_federation(
     run_dir: Path,
     on_round: RoundCallback,
     started: float | None = None,
+    stop: threading.Event | None = None,
 ) -> dict:
-    """Run a whole experiment on ``grid`` and write its results to ``run_dir``.
+    """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
 
     Returns
     -------
@@ -100,69 +148,85 @@ def run_federation(
         The contents of ``summary.json``.
 
     """
+    started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(config, run_dir, started or time.time())
-    clients = discover_clients(grid, config)
-    infos = [clients[c][1] for c in sorted(clients)]
-    write_partition(run_dir, infos)
-    config = state.config = resolve_noise(config, infos)
-
-    dataset = load_dataset(config.dataset, config.data_dir)
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes
-    )
-    inner = SeededFedAvg(
-        nodes={c: clients[c][0] for c in clients},
-        clients_per_round=config.clients_per_round,
-        seed=config.seed,
-    )
-
-    def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, dataset.x_test, dataset.y_test)
-        row = round_row(state, server_round, loss, acc)
-        results.write_csv(run_dir / results.ROUNDS, state.rows, results.ROUND_FIELDS)
-        on_round(row)
-        return MetricRecord({"accuracy": acc, "loss": loss})
-
-    state.last_time = time.time()
-    outcome = PrivacyLedger(inner, state.ledger).start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.num_rounds,
-        train_config=ConfigRecord(config.to_flat()),
-        evaluate_fn=central_eval,
-    )
-    torch.save(outcome.arrays.to_torch_state_dict(), run_dir / results.MODEL)
-    return write_final(state)
-
-
-def round_row(state: RunState, server_round: int, loss: float, acc: float) -> dict:
-    """Append the row of ``rounds.csv`` for one evaluated round."""
+    state, clients = start_state(grid, config, run_dir)
     cfg = state.config
-    eps, _ = privacy.run_epsilon(state.ledger, delta=cfg.delta, accountant=cfg.accountant)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes)
+    if state.arrays is not None:
+        model.load_state_dict(state.arrays)
+    client_of_node = {node: c for c, (node, _) in clients.items()}
+    strategy = PrivacyLedger(
+        SeededFedAvg(
+            nodes={c: node for c, (node, _) in clients.items()},
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+        ),
+        state.ledger,
+        client_of_node=client_of_node,
+        expected={info.partition_id: expected_spend(cfg, info) for info in state.infos},
+    )
+    clock = [time.time()]
+
+    def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
+        if arrays is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, dataset.x_test, dataset.y_test)
+        row = round_row(cfg, state.ledger, server_round, loss, acc, dropped, time.time() - clock[0])
+        clock[0] = time.time()
+        state.rows.append(row)
+        state.arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        results.write_csv(run_dir / results.ROUNDS, state.rows, results.ROUND_FIELDS)
+        results.save_checkpoint(run_dir, state.to_checkpoint())
+        on_round(row)
+
+    if not state.rows:
+        after_round(0, None, {})
+    run_rounds(
+        strategy,
+        grid,
+        ArrayRecord(model.state_dict()),
+        rounds=range(len(state.rows), cfg.num_rounds + 1),
+        train_config=ConfigRecord(cfg.to_flat()),
+        client_of_node=client_of_node,
+        timeout=cfg.round_timeout,
+        min_clients=cfg.min_clients,
+        on_round=after_round,
+        stop=stop,
+    )
+    torch.save(state.arrays, run_dir / results.MODEL)
+    return write_final(state, run_dir, started)
+
+
+def round_row(
+    cfg: FedsimConfig,
+    ledger: privacy.Ledger,
+    server_round: int,
+    loss: float,
+    acc: float,
+    dropped: dict[int, str],
+    seconds: float,
+) -> dict:
+    """One row of ``rounds.csv``."""
+    eps, _ = privacy.run_epsilon(ledger, delta=cfg.delta, accountant=cfg.accountant)
     if cfg.dp == "none" and server_round > 0:
         eps = float("inf")  # non-private training protects nothing
-    now = time.time()
-    chosen = (
-        sample_clients(
+    chosen = []
+    if server_round > 0:
+        chosen = sample_clients(
             cfg.num_clients, cfg.clients_per_round, seed=cfg.seed, server_round=server_round
         )
-        if server_round > 0
-        else []
-    )
-    row = {
+    return {
         "round": server_round,
         "accuracy": round(acc, 6),
         "loss": round(loss, 6),
         "epsilon": eps,
-        "seconds": round(now - state.last_time, 3),
+        "seconds": round(seconds, 3),
         "clients": " ".join(map(str, chosen)),
+        "dropped": "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items())),
     }
-    state.last_time = now
-    state.rows.append(row)
-    return row
 
 
 def write_partition(run_dir: Path, infos: list[ClientInfo]) -> None:
@@ -177,14 +241,14 @@ def write_partition(run_dir: Path, infos: list[ClientInfo]) -> None:
     results.write_csv(run_dir / results.PARTITION, rows, fields)
 
 
-def write_final(state: RunState) -> dict:
+def write_final(state: RunState, run_dir: Path, started: float) -> dict:
     """Write ``privacy.json`` and ``summary.json``; return the summary."""
     cfg, ledger = state.config, state.ledger
     eps, worst = privacy.run_epsilon(ledger, delta=cfg.delta, accountant=cfg.accountant)
     dp = cfg.dp == "sample"
     unit = privacy.PRIVACY_UNIT_SAMPLE if dp else "none"
     results.write_json(
-        state.run_dir / results.PRIVACY,
+        run_dir / results.PRIVACY,
         {
             "privacy_unit": unit,
             "accountant": cfg.accountant,
@@ -205,11 +269,12 @@ def write_final(state: RunState) -> dict:
         "epsilon_max_client": worst,
         "noise_multiplier": cfg.noise_multiplier if dp else 0.0,
         "max_grad_norm": cfg.max_grad_norm if dp else None,
-        "epsilon_per_round": [r["epsilon"] for r in state.rows],
+        "epsilon_per_round": [r["epsilon"] if dp else None for r in state.rows],
+        "dropped_per_round": {r["round"]: r["dropped"] for r in state.rows if r["dropped"]},
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
-        "wall_seconds": round(time.time() - state.started, 2),
+        "wall_seconds": round(time.time() - started, 2),
         "config": cfg.to_flat(),
     }
-    results.write_json(state.run_dir / results.SUMMARY, summary)
+    results.write_json(run_dir / results.SUMMARY, summary)
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from logging import INFO
 from pathlib import Path
 
@@ -32,11 +33,14 @@ def build_server_app(
     run_dir: Path | None = None,
     on_round: RoundCallback = log_round,
     started: float | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config``, or for the run config when ``config`` is None.
 
     ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config, so
-    ``fedsim run`` builds the app around its validated config instead.
+    ``fedsim run`` builds the app around its validated config instead. A ``run_dir``
+    holding a checkpoint resumes that run; setting ``stop`` ends the run after the
+    current round.
     """
     app = ServerApp()
 
@@ -44,7 +48,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = config or parse_config(dict(context.run_config))
         out = run_dir or results.default_run_dir(cfg.out_dir, cfg.name)
-        run_federation(grid, cfg, run_dir=out, on_round=on_round, started=started)
+        run_federation(grid, cfg, run_dir=out, on_round=on_round, started=started, stop=stop)
         report.plot_run(out)
         log(INFO, "fedsim results in %s", out)
 

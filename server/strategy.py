@@ -3,7 +3,7 @@
 Flower's FedAvg samples nodes with an unseeded ``random.sample`` and averages replies in
 arrival order, so two runs with one seed differ. ``SeededFedAvg`` samples clients by
 (seed, round) and averages in client order. ``PrivacyLedger`` wraps any strategy, as
-Flower's DP wrappers do, and records what each client's DP-SGD spent.
+Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
 """
 
 from __future__ import annotations
@@ -15,8 +15,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedsim.errors import FedsimError
-from fedsim.messages import ARRAYS, CONFIG, METRICS, ROUND_KEY, WEIGHT_KEY, decode_train_report
+from fedsim.messages import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    ROUND_KEY,
+    WEIGHT_KEY,
+    PrivacySpent,
+    decode_train_report,
+)
 from server.privacy import Ledger, record
 
 
@@ -64,15 +71,27 @@ class SeededFedAvg(FedAvg):
 
 
 class PrivacyLedger(Strategy):
-    """Wrap a strategy; record each training reply's privacy spending in ``ledger``.
+    """Wrap a strategy; record what every sampled client spent in ``ledger``.
 
-    A failed client stops the run here with its reason rather than being averaged out
-    silently: its data may have been used, and the ledger must say so.
+    A client that replied is charged what its DP optimizer reported. A client that was
+    sent the model but whose reply is missing, failed or was rejected is charged its full
+    prescribed spend (``expected``): its data may have been used, and the ledger must
+    never undercount.
     """
 
-    def __init__(self, inner: Strategy, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        ledger: Ledger,
+        *,
+        client_of_node: dict[int, int],
+        expected: dict[int, PrivacySpent],
+    ) -> None:
         self.inner = inner
         self.ledger = ledger
+        self.client_of_node = client_of_node
+        self.expected = expected
+        self.sampled: dict[int, list[int]] = {}
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -81,22 +100,24 @@ class PrivacyLedger(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        """Delegate, remembering which clients this round's data may come from."""
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = [self.client_of_node[m.metadata.dst_node_id] for m in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record every reply's privacy spending, then delegate aggregation."""
+        """Record every sampled client's spending, then delegate aggregation."""
         replies = list(replies)
+        reported = {}
         for msg in replies:
-            if msg.has_error():
-                raise FedsimError(
-                    f"round {server_round}: node {msg.metadata.src_node_id} failed: "
-                    f"{_first_line(msg.error.reason)}"
-                )
-            report = decode_train_report(msg.content)
-            record(self.ledger, report.partition_id, server_round, report.spent)
+            if msg.has_content():
+                report = decode_train_report(msg.content)
+                reported[report.partition_id] = report.spent
+        for client in self.sampled.pop(server_round, []):
+            spent = reported.get(client, self.expected.get(client, PrivacySpent()))
+            record(self.ledger, client, server_round, spent)
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(
@@ -110,8 +131,3 @@ class PrivacyLedger(Strategy):
     ) -> MetricRecord | None:
         """Delegate to the wrapped strategy."""
         return self.inner.aggregate_evaluate(server_round, replies)
-
-
-def _first_line(reason: str | None) -> str:
-    lines = [line for line in (reason or "unknown error").strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"

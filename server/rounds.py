@@ -1,0 +1,89 @@
+"""The round loop: train, screen replies, aggregate, evaluate, checkpoint.
+
+Flower's ``Strategy.start`` always counts rounds from 1 and keeps no state between
+calls; this loop can start at any round (resume) and stop cleanly after one (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim.errors import FedsimError
+from fedsim.messages import ARRAYS
+
+EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
+
+
+class RunInterrupted(Exception):
+    """The user asked the run to stop; the last finished round is checkpointed."""
+
+
+def _reason(reason: str | None) -> str:
+    """The client's own message out of Flower's "<class ...>:<'... Message: ...'>" wrapping."""
+    text = (reason or "").rsplit("Message: ", 1)[-1].strip().removesuffix("'>")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def screen_replies(
+    messages: list[Message], replies: list[Message], client_of_node: dict[int, int], timeout: float
+) -> tuple[list[Message], dict[int, str]]:
+    """Split replies into usable ones and ``{client: reason}`` for every client left out."""
+    by_node = {m.metadata.src_node_id: m for m in replies}
+    good, dropped = [], {}
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        client = client_of_node[node]
+        reply = by_node.get(node)
+        if reply is None:
+            dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
+        elif reply.has_error():
+            dropped[client] = _reason(reply.error.reason)
+        elif not all(np.isfinite(a.numpy()).all() for a in reply.content[ARRAYS].values()):
+            dropped[client] = "returned non-finite (NaN or infinite) weights"
+        else:
+            good.append(reply)
+    return good, dropped
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    rounds: range,
+    train_config: ConfigRecord,
+    client_of_node: dict[int, int],
+    timeout: float,
+    min_clients: int,
+    on_round: EvalFn,
+    stop: threading.Event | None = None,
+) -> ArrayRecord:
+    """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
+
+    ``on_round`` gets (round, new arrays, dropped clients with reasons) after each round;
+    it evaluates and checkpoints. A round with fewer than ``min_clients`` usable replies
+    stops the run with the reasons.
+    """
+    for server_round in rounds:
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        good, dropped = screen_replies(messages, replies, client_of_node, timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, good)
+        if len(good) < min_clients or new_arrays is None:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))
+            raise FedsimError(
+                f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
+                f"min-clients is {min_clients} ({reasons})"
+            )
+        arrays = new_arrays
+        on_round(server_round, arrays, dropped)
+        if stop is not None and stop.is_set() and server_round != rounds[-1]:
+            raise RunInterrupted(f"stopped after round {server_round}")
+    return arrays
