@@ -29,7 +29,7 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     """Report this client's partition id, size and label counts."""
     config, _ = decode_config(msg.content)
-    info = client_info(config, partition_id(context, config))
+    info = client_info(config, partition_id(context, config), local_dir=local_data_dir(context))
     return Message(encode_client_info(info), reply_to=msg)
 
 
@@ -39,7 +39,9 @@ def train(msg: Message, context: Context) -> Message:
     config, server_round = decode_config(msg.content)
     pid = partition_id(context, config)
     state = msg.content[ARRAYS].to_torch_state_dict()
-    new_state, report = train_round(config, pid, server_round, state)
+    new_state, report = train_round(
+        config, pid, server_round, state, local_dir=local_data_dir(context)
+    )
     simulate_faults(config, pid, server_round)
     return Message(encode_train_reply(ArrayRecord(new_state), report), reply_to=msg)
 
@@ -58,16 +60,40 @@ def partition_id(context: Context, config: FedsimConfig) -> int:
     return int(node["partition-id"])
 
 
+def local_data_dir(context: Context) -> str | None:
+    """This node's own data folder, from ``--node-config 'data-dir=...'``, or None.
+
+    It overrides the run's ``data-dir`` on this node only: the client trains on all of
+    the local dataset instead of a partition of the shared one.
+    """
+    value = context.node_config.get("data-dir", "")
+    return str(value) if value != "" else None
+
+
 def train_round(
-    config: FedsimConfig, pid: int, server_round: int, state: dict[str, torch.Tensor]
+    config: FedsimConfig,
+    pid: int,
+    server_round: int,
+    state: dict[str, torch.Tensor],
+    *,
+    local_dir: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainReport]:
     """One client's local training in one round, seeded by (seed, round, client)."""
     torch.set_num_threads(max(1, int(config.client_cpus)))
     torch.manual_seed(_round_seed(config.seed, server_round, pid))
-    x, y = client_data(config, pid)
-    input_shape, num_classes = model_spec(config)
+    x, y = client_data(config, pid, local_dir=local_dir)
+    input_shape, num_classes = model_spec(config, local_dir=local_dir)
     model = build_model(config.model, input_shape=input_shape, num_classes=num_classes)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        if local_dir is None:
+            raise
+        raise FedsimError(
+            f"this node's data ({config.dataset} in {local_dir}) has input shape "
+            f"{input_shape} and {num_classes} classes, which do not fit the server's "
+            "model; give every node data of the server's dataset format"
+        ) from None
     device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
     loss, spent = train_local(
         model,

@@ -1,4 +1,9 @@
-"""A client's data: its partition, loaded once per worker process and reused every round."""
+"""A client's data, loaded once per worker process and reused every round.
+
+A client trains either on its partition of the run's dataset (``data-dir`` of the run
+config, split as in simulation) or, where its SuperNode was started with
+``--node-config 'data-dir=...'``, on every training example of its own local dataset.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +34,30 @@ def _partitions(
     return tuple(parts)
 
 
-def client_data(config: FedsimConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training arrays ``(x, y)`` of one client, cached across rounds in this process."""
+def client_data(
+    config: FedsimConfig, partition_id: int, *, local_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training arrays ``(x, y)`` of one client, cached across rounds in this process.
+
+    Parameters
+    ----------
+    config
+        The run's config (dataset, partitioning, seed).
+    partition_id
+        This client's id in 0..num-clients-1.
+    local_dir
+        The node's own data folder: the client then trains on all of that dataset's
+        training split, and ``partition_id`` only names it.
+
+    """
     if not 0 <= partition_id < config.num_clients:
         raise FedsimError(
             f"partition-id {partition_id} is outside 0..{config.num_clients - 1}; "
             "start as many SuperNodes as num-clients, with distinct partition ids"
         )
+    if local_dir is not None:
+        local = _dataset(config.dataset, local_dir)
+        return local.x_train, local.y_train
     dataset = _dataset(config.dataset, config.data_dir)
     parts = _partitions(
         config.dataset,
@@ -50,14 +72,18 @@ def client_data(config: FedsimConfig, partition_id: int) -> tuple[np.ndarray, np
     return dataset.x_train[idx], dataset.y_train[idx]
 
 
-def client_info(config: FedsimConfig, partition_id: int) -> ClientInfo:
-    """Size and label counts of a client's partition, for the server's records."""
-    _, y = client_data(config, partition_id)
-    num_classes = _dataset(config.dataset, config.data_dir).num_classes
+def client_info(
+    config: FedsimConfig, partition_id: int, *, local_dir: str | None = None
+) -> ClientInfo:
+    """Size and label counts of a client's data, for the server's records."""
+    _, y = client_data(config, partition_id, local_dir=local_dir)
+    num_classes = model_spec(config, local_dir=local_dir)[1]
     return ClientInfo(partition_id, len(y), tuple(label_counts(y, num_classes)))
 
 
-def model_spec(config: FedsimConfig) -> tuple[tuple[int, ...], int]:
-    """(input_shape, num_classes) of the configured dataset."""
-    dataset = _dataset(config.dataset, config.data_dir)
+def model_spec(
+    config: FedsimConfig, *, local_dir: str | None = None
+) -> tuple[tuple[int, ...], int]:
+    """(input_shape, num_classes) of the dataset this client reads."""
+    dataset = _dataset(config.dataset, config.data_dir if local_dir is None else local_dir)
     return dataset.input_shape, dataset.num_classes

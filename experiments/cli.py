@@ -1,4 +1,4 @@
-"""The ``fedsim`` command: ``fedsim run`` and ``fedsim report``."""
+"""The ``fedsim`` command: ``fedsim run``, ``fedsim deploy`` and ``fedsim report``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the unfinished run DIR")
     run.add_argument("--force", action="store_true", help="replace an existing results folder")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    from experiments.deploy import add_arguments
+
+    add_arguments(sub.add_parser("deploy", help="run one experiment on real Flower processes"))
     rep = sub.add_parser("report", help="rebuild tables and plots from result folders")
     rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
     return parser
@@ -58,6 +61,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε table."""
+    from experiments.deploy import cmd_deploy as deploy
+    from fedsim import report
+
+    run_dir = deploy(args)
+    summary, _ = report.load_run(run_dir)
+    print()
+    print(report.summary_line(summary))
+    print(f"results: {run_dir}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Print each run's table and rebuild its plot from its files."""
     from fedsim import report
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.rounds import RunInterrupted
 
     args = _parser().parse_args(argv)
-    handler = {"run": cmd_run, "report": cmd_report}[args.command]
+    handler = {"run": cmd_run, "deploy": cmd_deploy, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except RunInterrupted as exc:

@@ -38,6 +38,8 @@ def preflight(config: FedsimConfig) -> None:
         alpha=config.dirichlet_alpha,
         shards_per_client=config.shards_per_client,
     )
+    if config.ray_address:
+        return  # the cluster's resources count, not this machine's
     if config.client_gpus > 0:
         import torch
 
@@ -172,9 +174,16 @@ def _replace(staging: Path, run_dir: Path) -> None:
 
 
 def _backend_config(config: FedsimConfig, verbose: bool) -> dict:
+    """Ray settings: per-client resources, and which Ray to run on.
+
+    ``ray-address`` "" passes "local": a new Ray of this run's own, even where
+    ``RAY_ADDRESS`` is set or ``ray start`` left a cluster running on this machine (Ray
+    would join those otherwise). Any other value is handed to ``ray.init(address=...)``.
+    """
     return {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": {
+            "address": config.ray_address or "local",
             "logging_level": "INFO" if verbose else "ERROR",
             "log_to_driver": verbose,
             "include_dashboard": False,

@@ -8,6 +8,7 @@ sends to clients, so every entry point validates identically before any work sta
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,7 @@ class FedsimConfig(BaseModel):
     straggler_delay: float = Field(0.0, ge=0)
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
+    ray_address: str = ""
     out_dir: str = "results"
 
     @field_validator("model")
@@ -77,6 +79,16 @@ class FedsimConfig(BaseModel):
         from fedsim.data import DATASETS
 
         return _known(value, DATASETS, "dataset")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str) -> str:
+        if not re.fullmatch(r"|auto|(ray://)?\S+:\d{1,5}", value):
+            raise ValueError(
+                "ray-address must be empty (start a local Ray), 'auto' (the cluster "
+                "`ray start` made on this machine) or HOST:PORT of a Ray head"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> FedsimConfig:

@@ -6,6 +6,7 @@ calls; this loop can start at any round (resume) and stop cleanly after one (Ctr
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 
@@ -25,8 +26,12 @@ class RunInterrupted(Exception):
 
 
 def _reason(reason: str | None) -> str:
-    """The client's own message out of Flower's "<class ...>:<'... Message: ...'>" wrapping."""
+    """The client's own message out of Flower's "<class ...>:<'... Message: ...'>" wrapping.
+
+    The deployment engine leaves out the "Message: " part: "<class '...'>:<'...'>".
+    """
     text = (reason or "").rsplit("Message: ", 1)[-1].strip().removesuffix("'>")
+    text = re.sub(r"^<class '[^']*'>:<'", "", text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
 

@@ -1,0 +1,344 @@
+"""``fedsim deploy``: a whole federation of real processes on this machine.
+
+It starts a SuperLink and one SuperNode per client, submits this project's app with
+``flwr run``, prints one line per finished round, stops every process it started and
+leaves the results folder the ServerApp wrote, exactly as ``fedsim run`` does.
+``README.md`` ("Deploy on several machines") has the same steps one machine at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from experiments.certs import make_certificates, make_supernode_keys
+from experiments.localfed import LocalFederation, flower_bin, is_loopback, tail
+from experiments.run import preflight, print_round, staging_dir
+from fedsim import results
+from fedsim.config import FedsimConfig, parse_config, parse_override, read_toml
+from fedsim.data import load_dataset
+from fedsim.errors import FedsimError
+
+APP_DIR = Path(__file__).resolve().parents[1]
+POLL_S = 0.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedsim deploy``."""
+    parser.add_argument("--config", type=Path, help="experiment TOML, as for fedsim run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable)",
+    )
+    parser.add_argument(
+        "--num-nodes", type=int, metavar="N", help="SuperNodes to start (sets num-clients)"
+    )
+    parser.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the SuperLink listens on (default 127.0.0.1; others mean TLS and auth)",
+    )
+    secure = "on unless --host is loopback"
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        help=f"TLS with generated test certificates ({secure})",
+    )
+    parser.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        help=f"SuperNode authentication with generated, registered key pairs ({secure})",
+    )
+    parser.add_argument(
+        "--node-data-dir",
+        dest="node_data_dirs",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="one per SuperNode, in order: its own local dataset instead of a partition",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, metavar="S", help="give up after S seconds"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Flower's log stream")
+
+
+def cmd_deploy(args: argparse.Namespace) -> Path:
+    """``fedsim deploy``: validate, deploy, return the results folder."""
+    num_nodes = args.num_nodes
+    if num_nodes is None and args.node_data_dirs:
+        num_nodes = len(args.node_data_dirs)
+    if num_nodes is not None and num_nodes < 1:
+        raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
+    config = deploy_config(args.config, args.overrides, num_nodes)
+    local = is_loopback(args.host)
+    tls = not local if args.tls is None else args.tls
+    auth = not local if args.auth is None else args.auth
+    if not local and not (tls and auth):
+        print(f"fedsim: warning: SuperLink on {args.host} without TLS and auth", flush=True)
+    return deploy(
+        config,
+        out=args.out,
+        tls=tls,
+        auth=auth,
+        host=args.host,
+        node_data_dirs=tuple(args.node_data_dirs),
+        timeout=args.timeout,
+        verbose=args.verbose,
+    )
+
+
+def deploy_config(path: Path | None, overrides: list[str], num_nodes: int | None) -> FedsimConfig:
+    """The run's config; ``num_nodes`` sets ``num-clients`` (one SuperNode per client).
+
+    Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
+    """
+    values: dict[str, Any] = read_toml(path) if path else {}
+    values.update(parse_override(item) for item in overrides)
+    if num_nodes is not None:
+        if values.get("num-clients", num_nodes) != num_nodes:
+            raise FedsimError(
+                f"--num-nodes {num_nodes} disagrees with num-clients={values['num-clients']}; "
+                "give only one of them"
+            )
+        values["num-clients"] = num_nodes
+        default = FedsimConfig.model_fields["clients_per_round"].default
+        values.setdefault("clients-per-round", min(default, num_nodes))
+    config = parse_config(values)
+    if config.data_dir:  # the ServerApp and ClientApps run in other folders
+        config = config.model_copy(update={"data_dir": str(Path(config.data_dir).resolve())})
+    return config
+
+
+def deploy(
+    config: FedsimConfig,
+    *,
+    out: Path | None = None,
+    tls: bool = False,
+    auth: bool = False,
+    host: str = "127.0.0.1",
+    node_data_dirs: tuple[Path, ...] = (),
+    timeout: float = 0.0,
+    verbose: bool = False,
+) -> Path:
+    """Run ``config`` on a SuperLink and ``num-clients`` SuperNodes; return the results.
+
+    Parameters
+    ----------
+    config
+        The experiment; one SuperNode is started per client.
+    out
+        Results folder (default ``<out-dir>/<name>-<time>``).
+    tls, auth
+        TLS with freshly made test certificates; SuperNode authentication with freshly
+        made, registered key pairs (needs ``tls``).
+    host
+        Where the SuperLink listens; anything but loopback lets other machines in.
+    node_data_dirs
+        One folder per SuperNode: each trains on all of its own local dataset there
+        instead of a partition of the run's dataset.
+    timeout
+        Stop everything if the run has not finished after this many seconds (0: never).
+    verbose
+        Echo Flower's log stream of the run.
+
+    """
+    if auth and not tls:
+        raise FedsimError(
+            "--auth needs --tls: Flower's SuperLink refuses SuperNode auth without TLS"
+        )
+    if node_data_dirs and len(node_data_dirs) != config.num_clients:
+        raise FedsimError(
+            f"{len(node_data_dirs)} --node-data-dir for {config.num_clients} SuperNodes; "
+            "give one per SuperNode, or none"
+        )
+    flower_bin()
+    run_dir = (out or results.default_run_dir(config.out_dir, config.name)).resolve()
+    staging = staging_dir(run_dir)
+    for path in (run_dir, staging):
+        if path.exists():
+            raise FedsimError(f"{path} already exists; choose another --out or remove it")
+    _preflight(config, node_data_dirs)
+    work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
+    staging.mkdir(parents=True)
+    done = False
+    try:
+        with LocalFederation(work, auth=auth, host=host) as fed, _sigterm_as_interrupt():
+            if tls:
+                fed.certs = make_certificates(work / "certs", () if is_loopback(host) else (host,))
+            _start(fed, config, node_data_dirs)
+            print(
+                f"fedsim: SuperLink at {fed.address}, {config.num_clients} SuperNodes", flush=True
+            )
+            _run(fed, config, staging, timeout, verbose)
+        _finish(staging, run_dir)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if done:
+            shutil.rmtree(work, ignore_errors=True)
+    return run_dir
+
+
+def _preflight(config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
+    if not node_data_dirs:
+        preflight(config)
+        return
+    load_dataset(config.dataset, config.data_dir)  # the server evaluates on its test split
+    for folder in node_data_dirs:
+        if len(load_dataset(config.dataset, folder).y_train) == 0:
+            raise FedsimError(f"{folder} holds no training examples; give every node some data")
+
+
+def _start(fed: LocalFederation, config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
+    """SuperLink, then (keys registered where auth is on) one SuperNode per client."""
+    fed.start_superlink()
+    keys = []
+    if fed.auth:
+        keys = [
+            private for private, _ in make_supernode_keys(fed.work / "keys", config.num_clients)
+        ]
+        for private in keys:
+            fed.register(private.with_suffix(".pub"))
+    for i in range(config.num_clients):
+        node: dict[str, int | str] = {"partition-id": i, "num-partitions": config.num_clients}
+        if node_data_dirs:
+            node["data-dir"] = str(Path(node_data_dirs[i]).resolve())
+        fed.start_supernode(f"supernode-{i}", node, keys[i] if keys else None)
+
+
+def _run(
+    fed: LocalFederation, config: FedsimConfig, staging: Path, timeout: float, verbose: bool
+) -> None:
+    """Submit the run, print rounds as the ServerApp writes them, check how it ended."""
+    run_config = fed.work / "run-config.toml"
+    run_config.write_text(_toml({**config.to_flat(), "out-dir": str(staging)}))
+    run = fed.submit(APP_DIR, run_config)
+    watch = _Watch(fed, config, staging, time.monotonic() + timeout if timeout else None)
+    while run.poll() is None:
+        watch.check(verbose)
+        time.sleep(POLL_S)
+    watch.check(verbose)
+    log = fed.work / "flwr-run.log"
+    found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
+    if found is None:
+        raise FedsimError(f"flwr run could not submit the run: {tail(log)}; logs in {fed.work}")
+    status, details = fed.run_status(found.group(1))
+    if status != "finished:completed" or not list(staging.glob(f"*/{results.SUMMARY}")):
+        reason = _server_error(log) or details
+        raise FedsimError(f"the run ended as {status}: {reason}; logs in {fed.work}")
+
+
+class _Watch:
+    """Progress lines from ``rounds.csv``, and a close eye on every process."""
+
+    def __init__(self, fed: LocalFederation, config: FedsimConfig, staging: Path, deadline):
+        self.fed, self.config, self.staging, self.deadline = fed, config, staging, deadline
+        self.printed, self.gone, self.echoed = 0, set(), 0
+        self.on_round = print_round(config)
+
+    def check(self, verbose: bool) -> None:
+        rows = self._rows()
+        for row in rows[self.printed :]:
+            self.on_round(row)
+        self.printed = len(rows)
+        if verbose:
+            self._echo()
+        link = self.fed.procs["superlink"]
+        if link.poll() is not None:
+            raise FedsimError(
+                f"the SuperLink exited (code {link.returncode}): "
+                f"{tail(self.fed.work / 'superlink.log')}; logs in {self.fed.work}"
+            )
+        self._check_nodes(started=bool(rows))
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise FedsimError(f"the run did not finish within --timeout; logs in {self.fed.work}")
+
+    def _check_nodes(self, started: bool) -> None:
+        for name, proc in self.fed.procs.items():
+            if not name.startswith("supernode-") or name in self.gone or proc.poll() is None:
+                continue
+            self.gone.add(name)
+            why = f"{name} exited (code {proc.returncode}): {tail(self.fed.work / f'{name}.log')}"
+            if not started:
+                raise FedsimError(f"{why}; logs in {self.fed.work}")
+            print(f"fedsim: {why}; rounds go on without it", flush=True)
+
+    def _rows(self) -> list[dict]:
+        csvs = list(self.staging.glob(f"*/{results.ROUNDS}"))
+        if not csvs:
+            return []
+        rows = results.read_csv(csvs[0])
+        for row in rows:
+            row.update(
+                round=int(row["round"]),
+                accuracy=float(row["accuracy"]),
+                loss=float(row["loss"]),
+                epsilon=float(row["epsilon"]),
+                seconds=float(row["seconds"]),
+            )
+        return rows
+
+    def _echo(self) -> None:
+        text = (self.fed.work / "flwr-run.log").read_text(errors="replace")
+        print(text[self.echoed :], end="", flush=True)
+        self.echoed = len(text)
+
+
+def _server_error(log: Path) -> str:
+    """The ServerApp's own error message from the run's log stream, if it raised one."""
+    text = log.read_text(errors="replace")
+    errors = re.findall(r"(?:FedsimError|Error|Exception): (.+)", text)
+    return errors[-1].strip() if errors else ""
+
+
+def _finish(staging: Path, run_dir: Path) -> None:
+    """Move the ServerApp's folder out of ``staging`` to ``run_dir``, without checkpoint."""
+    folders = [p for p in staging.iterdir() if (p / results.SUMMARY).is_file()]
+    if len(folders) != 1:
+        raise FedsimError(f"expected one finished run in {staging}, found {len(folders)}")
+    (folders[0] / results.CHECKPOINT).unlink(missing_ok=True)
+    folders[0].rename(run_dir)
+
+
+def _toml(values: dict[str, Any]) -> str:
+    """A flat TOML table; JSON strings are valid TOML basic strings."""
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a `kill`, a CI timeout) cleans up like Ctrl-C does."""
+
+    def handler(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

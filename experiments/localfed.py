@@ -1,0 +1,302 @@
+"""A Flower federation of real processes on this machine: SuperLink, SuperNodes, ``flwr``.
+
+Each process starts in a session of its own and is stopped with everything it started
+(SIGTERM, then SIGKILL after a grace period). Flower's SuperLink and SuperNodes start
+``flower-superexec`` in yet another session, and a child outlives a killed parent, so
+neither a process group nor the process tree finds them all: every child also carries
+an environment tag (``FEDSIM_PROCESS_TAG``), inherited by everything it starts, and
+stopping kills the tree and every process with the tag. :class:`LocalFederation` stops
+all it started when its ``with`` block ends, by success, an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsim.errors import FedsimError
+
+FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+START_TIMEOUT_S = 60.0
+STOP_GRACE_S = 5.0
+TAG_VAR = "FEDSIM_PROCESS_TAG"
+
+
+def flower_bin() -> Path:
+    """The folder of Flower's commands: the one holding the running Python."""
+    bindir = Path(sys.executable).parent
+    missing = [tool for tool in FLOWER_TOOLS if not (bindir / tool).is_file()]
+    if missing:
+        raise FedsimError(
+            f"{', '.join(missing)} not found in {bindir}; run fedsim from the environment "
+            "flwr is installed in (./install.sh sets one up in .venv)"
+        )
+    return bindir
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses: nothing outside this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree, read from /proc (or ``ps``)."""
+    parent_of = _parent_map()
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [child for child, parent in parent_of.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _parent_map() -> dict[int, int]:
+    if Path("/proc/self/stat").exists():
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # the command name may hold spaces and parentheses: split after the last ')'
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                parents[int(stat.parent.name)] = int(fields[1])
+        return parents
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    return {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
+
+
+def tagged(tag: str) -> list[int]:
+    """Processes whose environment holds ``FEDSIM_PROCESS_TAG=tag`` (Linux; else none)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str], tag: str) -> subprocess.Popen:
+    """Start ``args`` in a new session, output to ``log``, tagged with ``tag``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, TAG_VAR: tag},
+            start_new_session=True,
+        )
+
+
+def stop_tree(proc: subprocess.Popen, tag: str = "", grace: float = STOP_GRACE_S) -> None:
+    """Stop ``proc``, its process tree and every process tagged ``tag``.
+
+    SIGTERM first, SIGKILL for whatever is left after ``grace`` seconds; ``grace`` 0
+    sends SIGKILL at once, as a crash would.
+    """
+    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []
+    pids += [pid for pid in (tagged(tag) if tag else []) if pid not in pids]
+    if grace > 0:
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pids):
+            proc.poll()  # reap our own child so it stops counting as alive
+            time.sleep(0.1)
+    _signal_all(_alive(pids), signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(grace, 1.0))
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    living = _parent_map()
+    return [pid for pid in pids if pid in living]
+
+
+def tail(path: Path, lines: int = 1) -> str:
+    """The last non-empty ``lines`` of a log file, or "" where there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
+@dataclass
+class LocalFederation:
+    """SuperLink, SuperNodes and ``flwr`` commands under one work folder.
+
+    Each process gets its own ``FLWR_HOME`` and log file in ``work``. The ``flwr`` CLI
+    reaches the SuperLink through the connection ``local`` in ``work/cli/config.toml``.
+    """
+
+    work: Path
+    certs: dict[str, Path] | None = None  # "ca", "cert", "key": TLS when given
+    auth: bool = False
+    host: str = "127.0.0.1"
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop_all()
+
+    @property
+    def address(self) -> str:
+        """Where clients on this machine reach the SuperLink."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def env(self, home: str) -> dict[str, str]:
+        """Environment of a child: Flower's tools on PATH, no dependency installs."""
+        env = dict(os.environ)
+        env["PATH"] = f"{flower_bin()}{os.pathsep}{env.get('PATH', '')}"
+        env["FLWR_HOME"] = str(self.work / home)
+        # Flower would otherwise `uv sync` the app into a new environment (GBs of CUDA)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+        return env
+
+    @property
+    def tag(self) -> str:
+        """The environment tag of this federation's processes."""
+        return str(self.work)
+
+    def spawn(self, name: str, args: list[str], home: str = "") -> subprocess.Popen:
+        """Start Flower command ``args`` as ``name`` (log ``name.log``, home ``home-name``)."""
+        command = [str(flower_bin() / args[0]), *args[1:]]
+        env = self.env(home or f"home-{name}")
+        proc = spawn(command, self.work / f"{name}.log", env, f"{self.tag}/{name}")
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink on a free port and wait until it accepts connections."""
+        self.port = free_port(self.host or "127.0.0.1")
+        args = ["flower-superlink", "--host", self.host, "--port", str(self.port)]
+        if self.certs is None:
+            args.append("--insecure")
+        else:
+            args += ["--ssl-ca-certfile", str(self.certs["ca"])]
+            args += ["--ssl-certfile", str(self.certs["cert"])]
+            args += ["--ssl-keyfile", str(self.certs["key"])]
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        proc = self.spawn("superlink", [*args, "--disable-runtime-dependency-installation"])
+        self._wait_listening(proc, "superlink")
+        self._write_cli_config()
+
+    def _wait_listening(self, proc: subprocess.Popen, name: str) -> None:
+        host, port = self.address.rsplit(":", 1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise FedsimError(
+                    f"the {name} exited at start-up (code {proc.returncode}): "
+                    f"{tail(self.work / f'{name}.log')}; logs in {self.work}"
+                )
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise FedsimError(f"the {name} did not listen within {START_TIMEOUT_S:.0f} s")
+
+    def _write_cli_config(self) -> None:
+        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]"]
+        lines.append(f"address = {json.dumps(self.address)}")
+        if self.certs is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f"root-certificates = {json.dumps(str(self.certs['ca']))}")
+        (self.work / "home-cli").mkdir(parents=True, exist_ok=True)
+        (self.work / "home-cli" / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run one ``flwr`` command against this SuperLink; fail with its last line."""
+        result = subprocess.run(
+            [str(flower_bin() / "flwr"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env("home-cli"),
+            stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:]
+            raise FedsimError(f"flwr {args[0]} failed: {' '.join(last) or 'no output'}")
+        return result
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (SuperNode auth)."""
+        self.flwr("supernode", "register", str(public_key), "local")
+
+    def start_supernode(
+        self, name: str, node_config: dict[str, int | str], private_key: Path | None = None
+    ) -> subprocess.Popen:
+        """Start a SuperNode with ``--node-config`` built from ``node_config``."""
+        pairs = " ".join(
+            f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items()
+        )
+        args = ["flower-supernode", "--superlink", self.address, "--node-config", pairs]
+        args += ["--port", str(free_port())]
+        if self.certs is None:
+            args.append("--insecure")
+        else:
+            args += ["--root-certificates", str(self.certs["ca"])]
+        if private_key is not None:
+            args += ["--auth-supernode-private-key", str(private_key)]
+        return self.spawn(name, args)
+
+    def submit(self, app: Path, run_config: Path) -> subprocess.Popen:
+        """``flwr run APP local --run-config FILE --stream``; it exits when the run ends."""
+        args = ["flwr", "run", str(app), "local", "--run-config", str(run_config), "--stream"]
+        return self.spawn("flwr-run", args, home="home-cli")
+
+    def run_status(self, run_id: str) -> tuple[str, str]:
+        """(status, details) of a run, e.g. ("finished:completed", "N/A")."""
+        out = self.flwr("ls", "local", "--run-id", run_id, "--format", "json").stdout
+        run = json.loads(out[out.index("{") :])["runs"][0]
+        return run["status"], run.get("status-details", "")
+
+    def stop(self, name: str, grace: float = STOP_GRACE_S) -> None:
+        """Stop one process and all it started; ``grace`` 0 kills it as a crash would."""
+        stop_tree(self.procs[name], f"{self.tag}/{name}", grace)
+
+    def stop_all(self) -> None:
+        """Stop every process, SuperNodes and the run first, the SuperLink last."""
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):
+            self.stop(name)
