@@ -182,8 +182,10 @@ def deploy(
             if tls:
                 fed.certs = make_certificates(work / "certs", () if is_loopback(host) else (host,))
             _start(fed, config, node_data_dirs)
+            mode = ("TLS, SuperNode auth" if auth else "TLS") if tls else "insecure"
             print(
-                f"fedsim: SuperLink at {fed.address}, {config.num_clients} SuperNodes", flush=True
+                f"fedsim: SuperLink at {fed.address} ({mode}), {config.num_clients} SuperNodes",
+                flush=True,
             )
             _run(fed, config, staging, timeout, verbose)
         _finish(staging, run_dir)

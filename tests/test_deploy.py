@@ -1,0 +1,220 @@
+"""Flower's deployment engine with real processes on loopback, and a Ray cluster.
+
+Every process a test starts carries an environment tag under that test's tmp_path; each
+test checks, also when it fails (fixture finalizers), that no tagged process is left.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.certs import make_certificates, make_supernode_keys
+from experiments.localfed import TAG_VAR, LocalFederation, flower_bin, free_port, spawn, stop_tree
+from fedsim.results import read_csv
+from tests.conftest import ROOT
+from tests.test_data import fake_mnist
+
+pytestmark = pytest.mark.slow
+RESULT_FILES = ("summary.json", "rounds.csv", "privacy.json", "partition.csv", "model.pt")
+
+
+def leftovers(prefix) -> list[int]:
+    """Live processes tagged with a tag under ``prefix``."""
+    needle = f"{TAG_VAR}={prefix}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if any(entry.startswith(needle) for entry in environ.read_bytes().split(b"\0")):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_all_stopped(prefix, within=15.0):
+    deadline = time.monotonic() + within
+    while leftovers(prefix) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leftovers(prefix), f"processes left running: {leftovers(prefix)}"
+
+
+def fedsim(*args, tmp_path, timeout=600):
+    """``fedsim`` with the venv's bin NOT on PATH, temporary files under tmp_path."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+        "TMPDIR": str(tmp_path),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def check_results(out, num_rounds):
+    for name in RESULT_FILES:
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy_unit"] == "sample" and summary["accountant"] == "rdp"
+    assert 0 < summary["epsilon"] <= summary["config"]["target-epsilon"]
+    rounds = read_csv(out / "rounds.csv")
+    assert [int(r["round"]) for r in rounds] == list(range(num_rounds + 1))
+    return summary, rounds
+
+
+def test_deploy_insecure_on_loopback(tmp_path):
+    result = fedsim(
+        "deploy", "--num-nodes", "2", "--set", "num-rounds=2", "--out", "out", "--timeout", "500",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"SuperLink at 127\.0\.0\.1:\d+ \(insecure\), 2 SuperNodes", result.stdout)
+    summary, rounds = check_results(tmp_path / "out", 2)
+    assert summary["num_clients"] == 2
+    assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
+    progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+    assert len(progress) == 3
+    # every process stopped, the work folder removed, no partial results left
+    assert_all_stopped(tmp_path)
+    assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
+    sizes = {"server": 40, "a": 120, "b": 80}
+    for name, n in sizes.items():
+        (tmp_path / name).mkdir()
+        fake_mnist(tmp_path / name, n=n)
+    result = fedsim(
+        "deploy", "--tls", "--auth", "--set", "num-rounds=1", "--set", "dataset=mnist",
+        "--set", "data-dir=server", "--node-data-dir", "a", "--node-data-dir", "b",
+        "--out", "out", "--timeout", "500",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(TLS, SuperNode auth), 2 SuperNodes" in result.stdout
+    check_results(tmp_path / "out", 1)
+    # each node trained on all of its own data, not on a partition of the server's
+    partition = read_csv(tmp_path / "out" / "partition.csv")
+    assert [int(r["num_examples"]) for r in partition] == [sizes["a"], sizes["b"]]
+    assert_all_stopped(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--auth", "--no-tls"], "--auth needs --tls"),
+        (["--num-nodes", "2", "--set", "num-clients=3"], "disagrees with num-clients"),
+        (["--node-data-dir", "x", "--num-nodes", "2"], "1 --node-data-dir for 2 SuperNodes"),
+        (["--set", "ray-address=nowhere"], "ray-address"),
+    ],
+)
+def test_deploy_bad_input_one_line(tmp_path, args, needle):
+    result = fedsim("deploy", *args, tmp_path=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_flower_tools_named(tmp_path, monkeypatch):
+    from fedsim.errors import FedsimError
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(FedsimError, match=r"flower-superlink, .*flwr not found in"):
+        flower_bin()
+
+
+@pytest.fixture
+def secure_link(tmp_path):
+    """A SuperLink with TLS and SuperNode authentication, and three key pairs."""
+    certs = make_certificates(tmp_path / "certs")
+    keys = make_supernode_keys(tmp_path / "keys", 3)
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        with LocalFederation(work, certs=certs, auth=True) as fed:
+            fed.start_superlink()
+            yield fed, keys
+    finally:
+        assert_all_stopped(tmp_path)
+
+
+def node_status(fed):
+    out = fed.flwr("supernode", "ls", "local", "--format", "json").stdout
+    return [n["status"] for n in json.loads(out[out.index("{") :])["nodes"]]
+
+
+def test_unregistered_supernode_is_refused(secure_link):
+    fed, keys = secure_link
+    fed.register(keys[0][1])
+    fed.start_supernode("registered", {"partition-id": 0}, keys[0][0])
+    stranger = fed.start_supernode("stranger", {"partition-id": 1}, keys[1][0])
+    assert stranger.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (fed.work / "stranger.log").read_text()
+    assert fed.procs["registered"].poll() is None
+    deadline = time.monotonic() + 60
+    while node_status(fed) != ["online"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert node_status(fed) == ["online"]
+
+
+def test_tls_superlink_rejects_plaintext(secure_link, tmp_path):
+    fed, _ = secure_link
+    config = fed.work / "home-cli" / "config.toml"
+    config.write_text(re.sub(r"root-certificates = .*", "insecure = true", config.read_text()))
+    with pytest.raises(Exception, match="flwr supernode failed"):
+        fed.flwr("supernode", "ls", "local", timeout=60)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head of this test's own (``ray start --head --block``), stopped afterwards."""
+    # Ray's socket paths must stay short: its temp folder goes directly under /tmp
+    temp = Path(tempfile.mkdtemp(prefix="fedsim-ray-", dir="/tmp"))
+    port = free_port()
+    args = [str(flower_bin() / "ray"), "start", "--head", "--block", "--port", str(port)]
+    args += ["--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--num-cpus", "2"]
+    args += ["--include-dashboard=false", "--disable-usage-stats"]
+    args += ["--ray-client-server-port", str(free_port())]
+    args += ["--dashboard-agent-listen-port", str(free_port())]
+    head = spawn(args, tmp_path / "ray.log", dict(os.environ), f"{tmp_path}/ray")
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in (tmp_path / "ray.log").read_text():
+            assert head.poll() is None, (tmp_path / "ray.log").read_text()
+            assert time.monotonic() < deadline, "the Ray head did not start in 120 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        stop_tree(head, f"{tmp_path}/ray")
+        assert_all_stopped(tmp_path)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_simulation_on_existing_ray_cluster(ray_head, tmp_path):
+    address, temp = ray_head
+    drivers = list(temp.glob("session_latest/logs/python-core-driver-*"))
+    result = fedsim(
+        "run", "--out", "out", "--set", "num-clients=2", "--set", "clients-per-round=2",
+        "--set", "num-rounds=1", "--set", f"ray-address='{address}'",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_results(tmp_path / "out", 1)
+    # the run's driver and its client workers ran in this cluster, not in a Ray of its own
+    assert len(list(temp.glob("session_latest/logs/python-core-driver-*"))) == len(drivers) + 1
+    assert list(temp.glob("session_latest/logs/worker-*-01000000-*.out"))
