@@ -39,13 +39,21 @@ def _reason(reason: str | None) -> str:
 def screen_replies(
     messages: list[Message], replies: list[Message], client_of_node: dict[int, int], timeout: float
 ) -> tuple[list[Message], dict[int, str]]:
-    """Split replies into usable ones and ``{client: reason}`` for every client left out."""
+    """Split replies into usable ones and ``{client: reason}`` for every client left out.
+
+    Replies are matched to messages by message id: where a SuperNode stopped sending
+    heartbeats, the reply is the SuperLink's own error ("Node Unavailable"), sent from
+    the SuperLink's node id, not from the client's.
+    """
+    by_message = {m.metadata.reply_to_message_id: m for m in replies}
     by_node = {m.metadata.src_node_id: m for m in replies}
     good, dropped = [], {}
     for msg in messages:
         node = msg.metadata.dst_node_id
         client = client_of_node[node]
-        reply = by_node.get(node)
+        reply = by_message.get(msg.metadata.message_id) if msg.metadata.message_id else None
+        if reply is None:
+            reply = by_node.get(node)
         if reply is None:
             dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
         elif reply.has_error():

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from experiments.certs import make_certificates, make_supernode_keys
+from experiments.deploy import APP_DIR, deploy_config
+from experiments.deploy import _toml as toml_table
 from experiments.localfed import TAG_VAR, LocalFederation, flower_bin, free_port, spawn, stop_tree
 from fedsim.results import read_csv
 from tests.conftest import ROOT
@@ -67,7 +69,6 @@ def fedsim(*args, tmp_path, timeout=600):
 def check_results(out, num_rounds):
     for name in RESULT_FILES:
         assert (out / name).is_file(), name
-    assert not (out / "checkpoint.pt").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_unit"] == "sample" and summary["accountant"] == "rdp"
     assert 0 < summary["epsilon"] <= summary["config"]["target-epsilon"]
@@ -89,6 +90,7 @@ def test_deploy_insecure_on_loopback(tmp_path):
     progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
     assert len(progress) == 3
     # every process stopped, the work folder removed, no partial results left
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
     assert_all_stopped(tmp_path)
     assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob(".*.partial"))
 
@@ -218,3 +220,52 @@ def test_simulation_on_existing_ray_cluster(ray_head, tmp_path):
     # the run's driver and its client workers ran in this cluster, not in a Ray of its own
     assert len(list(temp.glob("session_latest/logs/python-core-driver-*"))) == len(drivers) + 1
     assert list(temp.glob("session_latest/logs/worker-*-01000000-*.out"))
+
+
+@pytest.fixture
+def insecure_link(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        with LocalFederation(work) as fed:
+            fed.start_superlink()
+            yield fed
+    finally:
+        assert_all_stopped(tmp_path)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.5)
+
+
+def test_killed_supernode_run_goes_on_without_it(insecure_link, tmp_path):
+    fed = insecure_link
+    staging = tmp_path / "staging"
+    # round-timeout well above a round's time on a loaded machine: the SuperLink itself
+    # reports the dead node after two missed heartbeats (Flower's interval is 30 s)
+    config = deploy_config(None, ["num-rounds=2", "round-timeout=120", "min-clients=1"], 2)
+    run_config = fed.work / "run-config.toml"
+    run_config.write_text(toml_table({**config.to_flat(), "out-dir": str(staging)}))
+    for i in range(2):
+        fed.start_supernode(f"supernode-{i}", {"partition-id": i, "num-partitions": 2})
+    run = fed.submit(APP_DIR, run_config)
+    wait_for(lambda: list(staging.glob("*/rounds.csv")), 300, "round 0")
+    fed.stop("supernode-1", grace=0)  # SIGKILL while round 1 trains: a crash
+    killed = time.monotonic()
+    run.wait(timeout=400)
+    run_id = re.search(r"started run (\d+)", (fed.work / "flwr-run.log").read_text()).group(1)
+    assert fed.run_status(run_id)[0] == "finished:completed"
+    assert time.monotonic() - killed < 300
+    out = next(staging.iterdir())
+    check_results(out, 2)
+    rounds = read_csv(out / "rounds.csv")
+    assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
+    # reported by the SuperLink after two missed heartbeats, before round-timeout
+    assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds
+    # the dead client is charged its full prescribed spend for every round it was sent
+    ledger = json.loads((out / "privacy.json").read_text())
+    assert [e["round"] for e in ledger["clients"]["1"]] == [1, 2]
+    assert [e["round"] for e in ledger["clients"]["0"]] == [1, 2]
