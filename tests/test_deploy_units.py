@@ -1,0 +1,151 @@
+"""Deployment pieces without a federation: certificates, configs, processes, replies."""
+
+import os
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Error, MessageType, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+from experiments.certs import main as certs_main
+from experiments.certs import make_certificates, make_supernode_keys
+from experiments.deploy import _toml, deploy_config
+from experiments.localfed import is_loopback, spawn, stop_tree, tagged
+from experiments.run import _backend_config
+from fedsim.config import parse_config
+from fedsim.errors import FedsimError
+from server.rounds import screen_replies
+
+
+def test_server_certificate_chains_to_ca_and_names_hosts(tmp_path):
+    paths = make_certificates(tmp_path, ("10.0.0.7", "link.example.org"))
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "link.example.org"} <= set(names.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {
+        "127.0.0.1",
+        "10.0.0.7",
+    }
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert oct(paths["key"].stat().st_mode & 0o777) == "0o600"
+
+
+def test_supernode_keys_load_the_way_flower_loads_them(tmp_path):
+    private, public = make_supernode_keys(tmp_path, 1)[0]
+    key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode does
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(public)  # as `flwr supernode register` does
+    assert oct(private.stat().st_mode & 0o777) == "0o600"
+
+
+def test_certs_command_never_overwrites_and_writes_nothing_on_refusal(tmp_path, capsys):
+    assert certs_main([str(tmp_path), "--supernodes", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before) == 8
+    (tmp_path / "supernode-1").unlink()
+    assert certs_main([str(tmp_path), "--supernodes", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / "supernode-1").exists()  # nothing written, not even the free name
+    assert certs_main([str(tmp_path), "--supernodes", "-1"]) == 2
+
+
+def test_num_nodes_sets_clients_and_caps_clients_per_round(tmp_path):
+    config = deploy_config(None, [], 2)
+    assert (config.num_clients, config.clients_per_round) == (2, 2)
+    assert deploy_config(None, ["clients-per-round=1"], 3).clients_per_round == 1
+    with pytest.raises(FedsimError, match="disagrees"):
+        deploy_config(None, ["num-clients=4"], 2)
+    relative = deploy_config(None, ["data-dir=somewhere"], 2).data_dir
+    assert os.path.isabs(relative) and relative.endswith("somewhere")
+
+
+def test_run_config_file_round_trips():
+    config = parse_config({"lr": 0.25, "delta": 1e-5, "data-dir": '/x y/"z"\\w'})
+    flat = config.to_flat()
+    assert tomllib.loads(_toml(flat)) == flat
+
+
+def test_ray_address_goes_to_ray_init():
+    assert _backend_config(parse_config({}), False)["init_args"]["address"] == "local"
+    config = parse_config({"ray-address": "10.0.0.2:6379", "client-gpus": 0.25})
+    backend = _backend_config(config, False)
+    assert backend["init_args"]["address"] == "10.0.0.2:6379"
+    assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    for bad in ("nowhere", "10.0.0.2", "auto:x"):
+        with pytest.raises(FedsimError, match="ray-address"):
+            parse_config({"ray-address": bad})
+
+
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_loopback(host, local):
+    assert is_loopback(host) is local
+
+
+def test_stop_tree_stops_children_that_left_their_parent(tmp_path):
+    # the child starts a grandchild in a new session and exits: only the tag finds it
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],"
+        " start_new_session=True)\n"
+        "time.sleep(300)\n"
+    )
+    tag = f"{tmp_path}/t"
+    proc = spawn([sys.executable, "-c", script], tmp_path / "log", dict(os.environ), tag)
+    deadline = time.monotonic() + 30
+    while len(tagged(tag)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(tagged(tag)) == 2
+    os.kill(proc.pid, 9)  # the parent dies; the grandchild is re-parented and lives on
+    proc.wait()
+    assert len(tagged(tag)) == 1
+    stop_tree(proc, tag, grace=2)
+    assert tagged(tag) == []
+
+
+def _message(message_id, src, dst, reply_to="", error=None):
+    meta = Metadata(1, message_id, src, dst, reply_to, "", time.time(), 60.0, MessageType.TRAIN)
+    return make_message(meta, content=None if error else RecordDict(), error=error)
+
+
+def test_superlink_error_for_a_dead_node_names_its_client():
+    sent = [_message("m-a", 1, 11), _message("m-b", 1, 12)]
+    # the SuperLink's own reply for a node that missed its heartbeats (src: SuperLink)
+    unavailable = create_message_error_unavailable_res_message(sent[1].metadata, "node_unavail")
+    failed = _message("r-a", 11, 1, "m-a", Error(0, "<class 'X'>:<'disk full'>"))
+    good, dropped = screen_replies(sent, [unavailable, failed], {11: 0, 12: 1}, timeout=5)
+    assert good == []
+    assert dropped[1].startswith("Error: Node Unavailable")
+    assert dropped[0] == "disk full"
+    _, dropped = screen_replies(sent, [], {11: 0, 12: 1}, timeout=5)
+    assert dropped == {0: "no reply within round-timeout (5 s)", 1: dropped[0]}
+
+
+def test_cli_lists_deploy():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "deploy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    for flag in ("--num-nodes", "--tls", "--auth", "--node-data-dir", "--host", "--timeout"):
+        assert flag in result.stdout
