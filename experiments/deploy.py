@@ -11,25 +11,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from experiments.certs import make_certificates, make_supernode_keys
-from experiments.localfed import LocalFederation, flower_bin, is_loopback, tail
-from experiments.run import preflight, print_round, staging_dir
+from experiments.localfed import LocalFederation, flower_bin, is_loopback
+from experiments.run import preflight, staging_dir
+from experiments.watch import follow_run
 from fedsim import results
 from fedsim.config import FedsimConfig, parse_config, parse_override, read_toml
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 
 APP_DIR = Path(__file__).resolve().parents[1]
-POLL_S = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +166,11 @@ def deploy(
             "give one per SuperNode, or none"
         )
     flower_bin()
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FedsimError(
+            f"{APP_DIR} has no pyproject.toml: fedsim deploy submits the app from a source "
+            "checkout; install fedsim from its repository with ./install.sh"
+        )
     run_dir = (out or results.default_run_dir(config.out_dir, config.name)).resolve()
     staging = staging_dir(run_dir)
     for path in (run_dir, staging):
@@ -176,25 +179,47 @@ def deploy(
     _preflight(config, node_data_dirs)
     work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
     staging.mkdir(parents=True)
-    done = False
     try:
         with LocalFederation(work, auth=auth, host=host) as fed, _sigterm_as_interrupt():
             if tls:
-                fed.certs = make_certificates(work / "certs", () if is_loopback(host) else (host,))
+                fed.certs = make_certificates(work / "certs", _cert_hosts(host))
             _start(fed, config, node_data_dirs)
-            mode = ("TLS, SuperNode auth" if auth else "TLS") if tls else "insecure"
-            print(
-                f"fedsim: SuperLink at {fed.address} ({mode}), {config.num_clients} SuperNodes",
-                flush=True,
-            )
-            _run(fed, config, staging, timeout, verbose)
+            _submit_and_follow(fed, config, staging, timeout=timeout, verbose=verbose)
         _finish(staging, run_dir)
-        done = True
+    except FedsimError as exc:  # keep the work folder: its logs tell what went wrong
+        if str(work) not in str(exc):
+            raise FedsimError(f"{exc}; logs in {work}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if done:
-            shutil.rmtree(work, ignore_errors=True)
     return run_dir
+
+
+def _cert_hosts(host: str) -> tuple[str, ...]:
+    """Names the SuperLink certificate needs beyond loopback (none for 0.0.0.0 or ::)."""
+    return () if is_loopback(host) or host in ("0.0.0.0", "::", "") else (host,)
+
+
+def _submit_and_follow(
+    fed: LocalFederation, config: FedsimConfig, staging: Path, *, timeout: float, verbose: bool
+) -> None:
+    """``flwr run`` with the resolved config; the ServerApp writes into ``staging``."""
+    mode = "insecure"
+    if fed.certs is not None:
+        mode = "TLS, SuperNode auth" if fed.auth else "TLS"
+    print(
+        f"fedsim: SuperLink at {fed.address} ({mode}), {config.num_clients} SuperNodes",
+        flush=True,
+    )
+    run_config = fed.work / "run-config.toml"
+    run_config.write_text(toml_table({**config.to_flat(), "out-dir": str(staging)}))
+    run = fed.submit(APP_DIR, run_config)
+    follow_run(fed, run, config, staging, timeout=timeout, verbose=verbose)
 
 
 def _preflight(config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
@@ -224,91 +249,6 @@ def _start(fed: LocalFederation, config: FedsimConfig, node_data_dirs: tuple[Pat
         fed.start_supernode(f"supernode-{i}", node, keys[i] if keys else None)
 
 
-def _run(
-    fed: LocalFederation, config: FedsimConfig, staging: Path, timeout: float, verbose: bool
-) -> None:
-    """Submit the run, print rounds as the ServerApp writes them, check how it ended."""
-    run_config = fed.work / "run-config.toml"
-    run_config.write_text(_toml({**config.to_flat(), "out-dir": str(staging)}))
-    run = fed.submit(APP_DIR, run_config)
-    watch = _Watch(fed, config, staging, time.monotonic() + timeout if timeout else None)
-    while run.poll() is None:
-        watch.check(verbose)
-        time.sleep(POLL_S)
-    watch.check(verbose)
-    log = fed.work / "flwr-run.log"
-    found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
-    if found is None:
-        raise FedsimError(f"flwr run could not submit the run: {tail(log)}; logs in {fed.work}")
-    status, details = fed.run_status(found.group(1))
-    if status != "finished:completed" or not list(staging.glob(f"*/{results.SUMMARY}")):
-        reason = _server_error(log) or details
-        raise FedsimError(f"the run ended as {status}: {reason}; logs in {fed.work}")
-
-
-class _Watch:
-    """Progress lines from ``rounds.csv``, and a close eye on every process."""
-
-    def __init__(self, fed: LocalFederation, config: FedsimConfig, staging: Path, deadline):
-        self.fed, self.config, self.staging, self.deadline = fed, config, staging, deadline
-        self.printed, self.gone, self.echoed = 0, set(), 0
-        self.on_round = print_round(config)
-
-    def check(self, verbose: bool) -> None:
-        rows = self._rows()
-        for row in rows[self.printed :]:
-            self.on_round(row)
-        self.printed = len(rows)
-        if verbose:
-            self._echo()
-        link = self.fed.procs["superlink"]
-        if link.poll() is not None:
-            raise FedsimError(
-                f"the SuperLink exited (code {link.returncode}): "
-                f"{tail(self.fed.work / 'superlink.log')}; logs in {self.fed.work}"
-            )
-        self._check_nodes(started=bool(rows))
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise FedsimError(f"the run did not finish within --timeout; logs in {self.fed.work}")
-
-    def _check_nodes(self, started: bool) -> None:
-        for name, proc in self.fed.procs.items():
-            if not name.startswith("supernode-") or name in self.gone or proc.poll() is None:
-                continue
-            self.gone.add(name)
-            why = f"{name} exited (code {proc.returncode}): {tail(self.fed.work / f'{name}.log')}"
-            if not started:
-                raise FedsimError(f"{why}; logs in {self.fed.work}")
-            print(f"fedsim: {why}; rounds go on without it", flush=True)
-
-    def _rows(self) -> list[dict]:
-        csvs = list(self.staging.glob(f"*/{results.ROUNDS}"))
-        if not csvs:
-            return []
-        rows = results.read_csv(csvs[0])
-        for row in rows:
-            row.update(
-                round=int(row["round"]),
-                accuracy=float(row["accuracy"]),
-                loss=float(row["loss"]),
-                epsilon=float(row["epsilon"]),
-                seconds=float(row["seconds"]),
-            )
-        return rows
-
-    def _echo(self) -> None:
-        text = (self.fed.work / "flwr-run.log").read_text(errors="replace")
-        print(text[self.echoed :], end="", flush=True)
-        self.echoed = len(text)
-
-
-def _server_error(log: Path) -> str:
-    """The ServerApp's own error message from the run's log stream, if it raised one."""
-    text = log.read_text(errors="replace")
-    errors = re.findall(r"(?:FedsimError|Error|Exception): (.+)", text)
-    return errors[-1].strip() if errors else ""
-
-
 def _finish(staging: Path, run_dir: Path) -> None:
     """Move the ServerApp's folder out of ``staging`` to ``run_dir``, without checkpoint."""
     folders = [p for p in staging.iterdir() if (p / results.SUMMARY).is_file()]
@@ -318,7 +258,7 @@ def _finish(staging: Path, run_dir: Path) -> None:
     folders[0].rename(run_dir)
 
 
-def _toml(values: dict[str, Any]) -> str:
+def toml_table(values: dict[str, Any]) -> str:
     """A flat TOML table; JSON strings are valid TOML basic strings."""
     lines = []
     for key, value in values.items():

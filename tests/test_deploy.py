@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from experiments.certs import make_certificates, make_supernode_keys
-from experiments.deploy import APP_DIR, deploy_config
-from experiments.deploy import _toml as toml_table
-from experiments.localfed import TAG_VAR, LocalFederation, flower_bin, free_port, spawn, stop_tree
+from experiments.deploy import APP_DIR, deploy_config, toml_table
+from experiments.localfed import LocalFederation, flower_bin
+from experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
 from tests.conftest import ROOT
 from tests.test_data import fake_mnist
@@ -113,6 +114,25 @@ def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
     partition = read_csv(tmp_path / "out" / "partition.csv")
     assert [int(r["num_examples"]) for r in partition] == [sizes["a"], sizes["b"]]
     assert_all_stopped(tmp_path)
+
+
+def test_deploy_interrupted_stops_everything(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    args = [sys.executable, "-m", "experiments.cli", "deploy", "--num-nodes", "2", "--out", "out"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        first = proc.stdout.readline()
+        assert "SuperLink at" in first, first + proc.stderr.read()
+        assert leftovers(tmp_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        assert "interrupted" in proc.stderr.read()
+    finally:
+        stop_tree(proc)
+    assert_all_stopped(tmp_path)
+    assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob("*out*"))
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from experiments.certs import main as certs_main
 from experiments.certs import make_certificates, make_supernode_keys
-from experiments.deploy import _toml, deploy_config
-from experiments.localfed import is_loopback, spawn, stop_tree, tagged
+from experiments.deploy import deploy_config, toml_table
+from experiments.localfed import is_loopback
+from experiments.procs import spawn, stop_tree, tagged
 from experiments.run import _backend_config
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
@@ -72,7 +73,7 @@ def test_num_nodes_sets_clients_and_caps_clients_per_round(tmp_path):
 def test_run_config_file_round_trips():
     config = parse_config({"lr": 0.25, "delta": 1e-5, "data-dir": '/x y/"z"\\w'})
     flat = config.to_flat()
-    assert tomllib.loads(_toml(flat)) == flat
+    assert tomllib.loads(toml_table(flat)) == flat
 
 
 def test_ray_address_goes_to_ray_init():

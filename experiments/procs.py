@@ -1,0 +1,121 @@
+"""Processes that are stopped with everything they started.
+
+Each process starts in a session of its own and is stopped with everything it started
+(SIGTERM, then SIGKILL after a grace period). Flower's SuperLink and SuperNodes start
+``flower-superexec`` in yet another session, and a child outlives a killed parent, so
+neither a process group nor the process tree finds them all: every child also carries
+an environment tag (``FEDSIM_PROCESS_TAG``), inherited by everything it starts, and
+stopping kills the tree and every process with the tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+STOP_GRACE_S = 5.0
+TAG_VAR = "FEDSIM_PROCESS_TAG"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree, read from /proc (or ``ps``)."""
+    parent_of = _parent_map()
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [child for child, parent in parent_of.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _parent_map() -> dict[int, int]:
+    if Path("/proc/self/stat").exists():
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # the command name may hold spaces and parentheses: split after the last ')'
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                parents[int(stat.parent.name)] = int(fields[1])
+        return parents
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    return {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
+
+
+def tagged(tag: str) -> list[int]:
+    """Processes whose environment holds ``FEDSIM_PROCESS_TAG=tag`` (Linux; else none)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str], tag: str) -> subprocess.Popen:
+    """Start ``args`` in a new session, output to ``log``, tagged with ``tag``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, TAG_VAR: tag},
+            start_new_session=True,
+        )
+
+
+def stop_tree(proc: subprocess.Popen, tag: str = "", grace: float = STOP_GRACE_S) -> None:
+    """Stop ``proc``, its process tree and every process tagged ``tag``.
+
+    SIGTERM first, SIGKILL for whatever is left after ``grace`` seconds; ``grace`` 0
+    sends SIGKILL at once, as a crash would.
+    """
+    pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []
+    pids += [pid for pid in (tagged(tag) if tag else []) if pid not in pids]
+    if grace > 0:
+        _signal_all(pids, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pids):
+            proc.poll()  # reap our own child so it stops counting as alive
+            time.sleep(0.1)
+    _signal_all(_alive(pids), signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=max(grace, 1.0))
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    living = _parent_map()
+    return [pid for pid in pids if pid in living]
+
+
+def tail(path: Path, lines: int = 1) -> str:
+    """The last non-empty ``lines`` of a log file, or "" where there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])

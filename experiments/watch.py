@@ -1,0 +1,118 @@
+"""Following a submitted run: progress lines, the processes' health, how it ended."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from experiments.localfed import LocalFederation
+from experiments.procs import tail
+from experiments.run import print_round
+from fedsim import results
+from fedsim.config import FedsimConfig
+from fedsim.errors import FedsimError
+
+POLL_S = 0.5
+
+
+def follow_run(
+    fed: LocalFederation,
+    run: subprocess.Popen,
+    config: FedsimConfig,
+    staging: Path,
+    *,
+    timeout: float = 0.0,
+    verbose: bool = False,
+) -> str:
+    """Print rounds as the ServerApp writes them into ``staging``; check how the run ended.
+
+    ``run`` is the ``flwr run --stream`` process; it exits when the run ends. A SuperNode
+    that exits before round 0, the SuperLink exiting, a run that does not complete or
+    one that outlives ``timeout`` seconds (0: no limit) raise :class:`FedsimError`.
+
+    Returns
+    -------
+    str
+        The run id.
+
+    """
+    watch = RunWatch(fed, config, staging, time.monotonic() + timeout if timeout else None)
+    while run.poll() is None:
+        watch.check(verbose)
+        time.sleep(POLL_S)
+    watch.check(verbose)
+    log = fed.work / "flwr-run.log"
+    found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
+    if found is None:
+        raise FedsimError(f"flwr run could not submit the run: {tail(log)}; logs in {fed.work}")
+    status, details = fed.run_status(found.group(1))
+    if status != "finished:completed" or not list(staging.glob(f"*/{results.SUMMARY}")):
+        reason = server_error(log) or details
+        raise FedsimError(f"the run ended as {status}: {reason}; logs in {fed.work}")
+    return found.group(1)
+
+
+class RunWatch:
+    """Progress lines from ``rounds.csv``, and a close eye on every process."""
+
+    def __init__(self, fed: LocalFederation, config: FedsimConfig, staging: Path, deadline):
+        self.fed, self.config, self.staging, self.deadline = fed, config, staging, deadline
+        self.printed, self.gone, self.echoed = 0, set(), 0
+        self.on_round = print_round(config)
+
+    def check(self, verbose: bool) -> None:
+        """Print new rounds (and, if ``verbose``, new log lines); raise on a fatal exit."""
+        rows = self._rows()
+        for row in rows[self.printed :]:
+            self.on_round(row)
+        self.printed = len(rows)
+        if verbose:
+            self._echo()
+        link = self.fed.procs["superlink"]
+        if link.poll() is not None:
+            raise FedsimError(
+                f"the SuperLink exited (code {link.returncode}): "
+                f"{tail(self.fed.work / 'superlink.log')}; logs in {self.fed.work}"
+            )
+        self._check_nodes(started=bool(rows))
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise FedsimError(f"the run did not finish within --timeout; logs in {self.fed.work}")
+
+    def _check_nodes(self, started: bool) -> None:
+        for name, proc in self.fed.procs.items():
+            if not name.startswith("supernode-") or name in self.gone or proc.poll() is None:
+                continue
+            self.gone.add(name)
+            why = f"{name} exited (code {proc.returncode}): {tail(self.fed.work / f'{name}.log')}"
+            if not started:
+                raise FedsimError(f"{why}; logs in {self.fed.work}")
+            print(f"fedsim: {why}; rounds go on without it", flush=True)
+
+    def _rows(self) -> list[dict]:
+        csvs = list(self.staging.glob(f"*/{results.ROUNDS}"))
+        if not csvs:
+            return []
+        rows = results.read_csv(csvs[0])
+        for row in rows:
+            row.update(
+                round=int(row["round"]),
+                accuracy=float(row["accuracy"]),
+                loss=float(row["loss"]),
+                epsilon=float(row["epsilon"]),
+                seconds=float(row["seconds"]),
+            )
+        return rows
+
+    def _echo(self) -> None:
+        text = (self.fed.work / "flwr-run.log").read_text(errors="replace")
+        print(text[self.echoed :], end="", flush=True)
+        self.echoed = len(text)
+
+
+def server_error(log: Path) -> str:
+    """The ServerApp's own error message from the run's log stream, if it raised one."""
+    text = log.read_text(errors="replace")
+    errors = re.findall(r"(?:FedsimError|Error|Exception): (.+)", text)
+    return errors[-1].strip() if errors else ""
