@@ -37,17 +37,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, run it, print the accuracy-against-ε table."""
-    from experiments.run import run_experiment
+    from experiments.run import resume_target, run_experiment
     from fedsim import report
     from fedsim.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    out = args.out
+    if args.resume is not None:
+        if args.config or args.overrides or args.out:
+            raise FedsimError(
+                "--resume continues a run exactly as it was; drop --config/--set/--out"
+            )
+        out, config = resume_target(args.resume)
+    else:
+        config = load_config(args.config, args.overrides)
     print(
-        f"fedsim: {config.name}: {config.model} on {config.dataset}, "
-        f"{config.num_clients} clients, {config.num_rounds} rounds, dp={config.dp}",
+        f"fedsim: {config.name}: {config.model} on {config.dataset}, {config.num_clients} "
+        f"clients, {config.num_rounds} rounds, dp={config.dp}",
         flush=True,
     )
-    run_dir = run_experiment(config, out=args.out, verbose=args.verbose)
+    run_dir = run_experiment(
+        config, out=out, resume=args.resume is not None, force=args.force, verbose=args.verbose
+    )
     summary, rounds = report.load_run(run_dir)
     print()
     print(report.round_table(rounds))
@@ -94,6 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"fedsim: internal error: {type(exc).__name__}: {_first_line(exc)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":
