@@ -113,7 +113,7 @@ def test_summary_epsilon_equals_independent_composition(two_runs):
     ledger = json.loads((base / "a" / "privacy.json").read_text())
     assert ledger["accountant"] == summary["accountant"] == "rdp"
     epsilons = []
-    for entries in ledger["clients"].values():
+    for entries in ledger["units"]["sample"]["clients"].values():
         acc = rdp.RdpAccountant(RDP_ORDERS)
         for e in entries:
             event = dp_accounting.PoissonSampledDpEvent(
@@ -125,7 +125,7 @@ def test_summary_epsilon_equals_independent_composition(two_runs):
     assert summary["epsilon"] <= 4.0
     # every round a client trained in is in its ledger
     rounds = read_csv(base / "a" / "rounds.csv")[1:]
-    for client, entries in ledger["clients"].items():
+    for client, entries in ledger["units"]["sample"]["clients"].items():
         trained = [int(r["round"]) for r in rounds if client in r["clients"].split()]
         assert [e["round"] for e in entries] == trained
 
@@ -136,7 +136,7 @@ def test_dropout_finishes_and_records_dropped_clients(two_runs):
     dropped = {int(r["round"]): r["dropped"] for r in rounds if r["dropped"]}
     assert dropped, "with seed 0, 30% dropout drops someone in these rounds"
     assert all("dropped out (simulated, client-dropout=0.3)" in d for d in dropped.values())
-    ledger = json.loads((out / "privacy.json").read_text())["clients"]
+    ledger = json.loads((out / "privacy.json").read_text())["units"]["sample"]["clients"]
     # a dropped client trained before dropping: its spend is in the ledger all the same
     for r, text in dropped.items():
         for client in re.findall(r"(\d+): dropped out", text):
