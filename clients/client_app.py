@@ -103,7 +103,7 @@ def train_round(
         batch_size=config.batch_size,
         lr=config.lr,
         momentum=config.momentum,
-        noise_multiplier=config.noise_multiplier if config.dp == "sample" else None,
+        noise_multiplier=config.noise_multiplier if config.dp in ("sample", "both") else None,
         max_grad_norm=config.max_grad_norm,
         device=device,
     )

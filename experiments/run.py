@@ -25,6 +25,7 @@ from fedsim.config import FedsimConfig, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.partition import partition
+from server.rounds import RunInterrupted
 
 
 def preflight(config: FedsimConfig) -> None:
@@ -111,6 +112,8 @@ def run_experiment(
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     try:
         _simulate(config, staging, started, verbose, client_app)
+    except RunInterrupted as exc:
+        raise RunInterrupted(f"{exc}; continue with: fedsim run --resume {run_dir}") from None
     except BaseException:
         if results.load_checkpoint(staging) is None:
             shutil.rmtree(staging, ignore_errors=True)

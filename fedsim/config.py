@@ -26,13 +26,20 @@ class FedsimConfig(BaseModel):
     """A complete experiment. Defaults are the default experiment (digits, CNN, ε ≤ 8).
 
     Keys are kebab-case (``num-clients``) as in Flower's run config; ``noise-multiplier``
-    0 means "solve it from ``target-epsilon`` before round 1". A round goes on with the
+    0 means "solve it from ``target-epsilon`` before round 1". ``dp``: ``sample`` protects one
+    training example (DP-SGD in each client), ``user`` one client's whole data (DP-FedAvg:
+    server-side clipping to ``max-update-norm`` and noise, ``user-*`` keys), ``both`` both
+    at once. A round goes on with the
     clients that replied within ``round-timeout`` seconds while at least ``min-clients``
     did; ``client-dropout`` and ``straggler-*`` simulate clients that fail or are slow.
     """
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, alias_generator=_kebab, populate_by_name=True
+        extra="forbid",
+        frozen=True,
+        alias_generator=_kebab,
+        populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     name: str = Field("digits-cnn", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
@@ -49,12 +56,20 @@ class FedsimConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(0.5, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
-    dp: Literal["none", "sample"] = "sample"
+    dp: Literal["none", "sample", "user", "both"] = "sample"
     target_epsilon: float = Field(8.0, gt=0)
     noise_multiplier: float = Field(0.0, ge=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    user_target_epsilon: float = Field(8.0, gt=0)
+    user_noise_multiplier: float = Field(0.0, ge=0)
+    max_update_norm: float = Field(1.0, gt=0)
+    clip_quantile: float = Field(0.0, ge=0, lt=1)
+    clip_lr: float = Field(0.2, gt=0)
+    clip_count_noise: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
     seed: int = Field(0, ge=0)
     round_timeout: float = Field(600.0, gt=0)
     min_clients: int = Field(1, ge=1)
@@ -101,6 +116,11 @@ class FedsimConfig(BaseModel):
             raise ValueError(
                 f"min-clients ({self.min_clients}) exceeds clients-per-round "
                 f"({self.clients_per_round}); a round could never succeed"
+            )
+        if self.dp in ("user", "both") and self.clip_quantile > 0 and self.clip_count_noise == 0:
+            raise ValueError(
+                "adaptive clipping (clip-quantile > 0) needs clip-count-noise > 0; "
+                "Andrew et al. suggest clients-per-round / 20"
             )
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")

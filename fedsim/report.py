@@ -39,13 +39,17 @@ def round_table(rounds: list[dict]) -> str:
 
 
 def summary_line(summary: dict) -> str:
-    """One line: final accuracy and ε with its unit, δ and accountant."""
+    """One line: final accuracy and each ε with its unit, δ and accountant."""
     if summary["privacy_unit"] == "none":
         return f"accuracy {summary['accuracy']:.4f} without differential privacy (ε = ∞)"
+    sigma = {"sample": summary["noise_multiplier"], "user": summary.get("user_noise_multiplier")}
+    parts = [
+        f"ε = {eps:.3f} for one {unit} (σ = {sigma[unit]:.4f})"
+        for unit, eps in summary["epsilon_by_unit"].items()
+    ]
     return (
-        f"accuracy {summary['accuracy']:.4f} at ε = {summary['epsilon']:.3f} "
-        f"(δ = {summary['delta']:g}, unit: one {summary['privacy_unit']}, "
-        f"accountant: {summary['accountant']}, σ = {summary['noise_multiplier']:.4f})"
+        f"accuracy {summary['accuracy']:.4f} at {', '.join(parts)} "
+        f"(δ = {summary['delta']:g}, accountant: {summary['accountant']})"
     )
 
 

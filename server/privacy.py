@@ -13,16 +13,21 @@ so the ε is valid even if that choice were public.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+import dp_accounting
+from dp_accounting import pld
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
+from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
 
 PRIVACY_UNIT_SAMPLE = "sample"
+PRIVACY_UNIT_USER = "user"
 SAMPLING = "poisson sampling of examples within each client; client selection not amplified"
+USER_SAMPLING = "poisson sampling of clients, rate clients-per-round / num-clients"
+MAX_SIGMA = 1e4
 # Opacus's default orders stop at 63, which is loose for few steps at large ε; any order
 # gives a valid bound, so more orders can only tighten ε, never make it optimistic.
 RDP_ORDERS = (
@@ -62,19 +67,41 @@ def _history(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
     return [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items())]
 
 
-def history_epsilon(
-    history: list[tuple[float, float, int]], *, delta: float, accountant: str
-) -> float:
-    """ε of one composed (σ, q, steps) history under an Opacus accountant."""
+History = list[tuple[float, float, int]]
+
+
+def _opacus_epsilon(name: str) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        acc = create_accountant(mechanism=name)
+        acc.history = list(history)
+        extra = {"alphas": RDP_ORDERS} if name == "rdp" else {}
+        return float(acc.get_epsilon(delta=delta, **extra))
+
+    return epsilon
+
+
+def _pld_epsilon(history: History, delta: float) -> float:
+    """dp-accounting's PLD accountant; its default (pessimistic) discretization over-reports."""
+    acc = pld.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(event, steps)
+    return float(acc.get_epsilon(delta))
+
+
+# name -> ε of a (σ, q, steps) history of Poisson-subsampled Gaussian mechanisms
+ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
+    "rdp": _opacus_epsilon("rdp"),
+    "prv": _opacus_epsilon("prv"),
+    "pld": _pld_epsilon,
+}
+
+
+def history_epsilon(history: History, *, delta: float, accountant: str) -> float:
+    """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
         return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta, **_orders(accountant)))
-
-
-def _orders(accountant: str) -> dict:
-    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+    return ACCOUNTANTS[accountant](list(history), delta)
 
 
 def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:
@@ -116,19 +143,25 @@ def solve_noise_multiplier(
         One (sample rate, total steps over the whole run) per client.
 
     """
-    sigmas = [
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
-            **_orders(accountant),
+    unique = sorted(set(schedules))
+
+    def worst(sigma: float) -> float:
+        return max(
+            history_epsilon([(sigma, q, t)], delta=delta, accountant=accountant) for q, t in unique
         )
-        for q, steps in sorted(set(schedules))
-    ]
-    return max(sigmas)
+
+    low, high = 0.0, 1.0
+    while worst(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise FedsimError(
+                f"target ε {target_epsilon} needs a noise multiplier above {MAX_SIGMA:g}; "
+                "raise the target, or train fewer rounds or epochs"
+            )
+    while high - low > 1e-3 * high:  # ε(high) ≤ target always holds
+        mid = (low + high) / 2
+        low, high = (low, mid) if worst(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 def ledger_to_json(ledger: Ledger) -> dict[str, list[dict]]:

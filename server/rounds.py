@@ -76,26 +76,29 @@ def run_rounds(
     timeout: float,
     min_clients: int,
     on_round: EvalFn,
+    server_step: Callable[[ArrayRecord, ArrayRecord], ArrayRecord] | None = None,
     stop: threading.Event | None = None,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
     ``on_round`` gets (round, new arrays, dropped clients with reasons) after each round;
-    it evaluates and checkpoints. A round with fewer than ``min_clients`` usable replies
-    stops the run with the reasons.
+    it evaluates and checkpoints. ``server_step`` maps (old, aggregated) arrays to the next
+    global model (a server optimizer). A round with fewer than ``min_clients`` usable
+    replies stops the run with the reasons; a Poisson cohort may be empty, and then the
+    strategy alone decides.
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         good, dropped = screen_replies(messages, replies, client_of_node, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
-        if len(good) < min_clients or new_arrays is None:
+        if len(good) < min(min_clients, len(messages)) or new_arrays is None:
             reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))
             raise FedsimError(
                 f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
                 f"min-clients is {min_clients} ({reasons})"
             )
-        arrays = new_arrays
+        arrays = server_step(arrays, new_arrays) if server_step else new_arrays
         on_round(server_round, arrays, dropped)
         if stop is not None and stop.is_set() and server_round != rounds[-1]:
             raise RunInterrupted(f"stopped after round {server_round}")

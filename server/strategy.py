@@ -27,9 +27,18 @@ from fedsim.messages import (
 from server.privacy import Ledger, record
 
 
-def sample_clients(num_clients: int, per_round: int, *, seed: int, server_round: int) -> list[int]:
-    """The sorted client ids that train in ``server_round``; a pure function of its inputs."""
+def sample_clients(
+    num_clients: int, per_round: int, *, seed: int, server_round: int, poisson: bool = False
+) -> list[int]:
+    """The sorted client ids that train in ``server_round``; a pure function of its inputs.
+
+    Fixed-size sampling without replacement by default; with ``poisson`` each client is
+    in independently with probability ``per_round / num_clients`` (what user-level DP
+    accounting assumes), so the cohort size varies.
+    """
     rng = np.random.default_rng([seed, server_round])
+    if poisson:
+        return np.flatnonzero(rng.random(num_clients) < per_round / num_clients).tolist()
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
 
 
@@ -40,7 +49,9 @@ def _client_of(msg: Message) -> int:
 class SeededFedAvg(FedAvg):
     """FedAvg over a fixed map of client (partition) ids to Flower node ids."""
 
-    def __init__(self, *, nodes: dict[int, int], clients_per_round: int, seed: int) -> None:
+    def __init__(
+        self, *, nodes: dict[int, int], clients_per_round: int, seed: int, poisson: bool = False
+    ) -> None:
         super().__init__(
             fraction_evaluate=0.0,
             min_available_nodes=len(nodes),
@@ -51,6 +62,7 @@ class SeededFedAvg(FedAvg):
         self.nodes = nodes
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.poisson = poisson
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -59,7 +71,11 @@ class SeededFedAvg(FedAvg):
         config[ROUND_KEY] = server_round
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
         chosen = sample_clients(
-            len(self.nodes), self.clients_per_round, seed=self.seed, server_round=server_round
+            len(self.nodes),
+            self.clients_per_round,
+            seed=self.seed,
+            server_round=server_round,
+            poisson=self.poisson,
         )
         return [Message(content, self.nodes[c], MessageType.TRAIN) for c in chosen]
 
@@ -115,7 +131,7 @@ class PrivacyLedger(Strategy):
             if msg.has_content():
                 report = decode_train_report(msg.content)
                 reported[report.partition_id] = report.spent
-        for client in self.sampled.pop(server_round, []):
+        for client in self.sampled.get(server_round, []):
             spent = reported.get(client, self.expected.get(client, PrivacySpent()))
             record(self.ledger, client, server_round, spent)
         return self.inner.aggregate_train(server_round, replies)

@@ -287,5 +287,6 @@ def test_killed_supernode_run_goes_on_without_it(insecure_link, tmp_path):
     assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds
     # the dead client is charged its full prescribed spend for every round it was sent
     ledger = json.loads((out / "privacy.json").read_text())
-    assert [e["round"] for e in ledger["clients"]["1"]] == [1, 2]
-    assert [e["round"] for e in ledger["clients"]["0"]] == [1, 2]
+    clients = ledger["units"]["sample"]["clients"]
+    assert [e["round"] for e in clients["1"]] == [1, 2]
+    assert [e["round"] for e in clients["0"]] == [1, 2]

@@ -2,9 +2,12 @@
 
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import dp_accounting
 import pytest
@@ -21,6 +24,7 @@ SMALL = [
     "num-rounds=3",
     "batch-size=64",
     "target-epsilon=4",
+    "client-dropout=0.3",
 ]
 
 
@@ -36,6 +40,17 @@ def fedsim_run(out, *sets):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def resume(out):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "run", "--resume", str(out)],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +113,7 @@ def test_summary_epsilon_equals_independent_composition(two_runs):
     ledger = json.loads((base / "a" / "privacy.json").read_text())
     assert ledger["accountant"] == summary["accountant"] == "rdp"
     epsilons = []
-    for entries in ledger["clients"].values():
+    for entries in ledger["units"]["sample"]["clients"].values():
         acc = rdp.RdpAccountant(RDP_ORDERS)
         for e in entries:
             event = dp_accounting.PoissonSampledDpEvent(
@@ -110,6 +125,82 @@ def test_summary_epsilon_equals_independent_composition(two_runs):
     assert summary["epsilon"] <= 4.0
     # every round a client trained in is in its ledger
     rounds = read_csv(base / "a" / "rounds.csv")[1:]
-    for client, entries in ledger["clients"].items():
+    for client, entries in ledger["units"]["sample"]["clients"].items():
         trained = [int(r["round"]) for r in rounds if client in r["clients"].split()]
         assert [e["round"] for e in entries] == trained
+
+
+def test_dropout_finishes_and_records_dropped_clients(two_runs):
+    out = two_runs[0] / "a"
+    rounds = read_csv(out / "rounds.csv")[1:]
+    dropped = {int(r["round"]): r["dropped"] for r in rounds if r["dropped"]}
+    assert dropped, "with seed 0, 30% dropout drops someone in these rounds"
+    assert all("dropped out (simulated, client-dropout=0.3)" in d for d in dropped.values())
+    ledger = json.loads((out / "privacy.json").read_text())["units"]["sample"]["clients"]
+    # a dropped client trained before dropping: its spend is in the ledger all the same
+    for r, text in dropped.items():
+        for client in re.findall(r"(\d+): dropped out", text):
+            assert r in [e["round"] for e in ledger[client]]
+
+
+def run_until(out, round_no, sig, tmp_path):
+    """Start a run, send ``sig`` to its process group once ``round_no`` is printed."""
+    args = [a for s in SMALL for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "experiments.cli", "run", "--out", str(out), *args]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"round {round_no:>3}/"):
+                os.killpg(proc.pid, sig)
+                break
+        proc.wait(timeout=120)
+    finally:
+        leftovers = _session_processes(proc.pid)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    return proc, leftovers
+
+
+def _session_processes(sid):
+    time.sleep(3)  # let Ray's processes finish exiting
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
+
+
+def without_seconds(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]
+
+
+@pytest.fixture(scope="module")
+def reference(two_runs):
+    return without_seconds(two_runs[0] / "a" / "rounds.csv")
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, reference):
+    out = tmp_path / "run"
+    proc, _ = run_until(out, random.randint(1, 2), signal.SIGKILL, tmp_path)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() and (tmp_path / ".run.partial" / "checkpoint.pt").exists()
+    result = resume(out)
+    assert result.returncode == 0, result.stderr
+    assert without_seconds(out / "rounds.csv") == reference
+    assert not (tmp_path / ".run.partial").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
+    out = tmp_path / "run"
+    proc, leftovers = run_until(out, 1, signal.SIGINT, tmp_path)
+    assert proc.returncode == 130, proc.stderr.read()
+    assert "continue with: fedsim run --resume" in proc.stderr.read()
+    assert leftovers == [], "Ray or worker processes outlived the run"
+    result = resume(out)
+    assert result.returncode == 0, result.stderr
+    assert without_seconds(out / "rounds.csv") == reference

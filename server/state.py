@@ -1,0 +1,74 @@
+"""What a run accumulates, and its checkpoint form (plain data and tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fedsim.config import FedsimConfig, parse_config
+from fedsim.messages import ClientInfo
+from server import privacy
+
+
+@dataclass
+class RunState:
+    """Everything a run needs to continue after its last finished round.
+
+    Every random choice in a run is derived from (seed, round, client), so no generator
+    state needs saving: a resumed run makes the same choices as an uninterrupted one.
+    """
+
+    config: FedsimConfig
+    infos: list[ClientInfo]
+    ledger: privacy.Ledger = field(default_factory=dict)  # sample unit, per client
+    user_ledger: list[privacy.LedgerEntry] = field(default_factory=list)  # user unit, per round
+    rows: list[dict] = field(default_factory=list)
+    arrays: dict[str, torch.Tensor] | None = None  # global model after the last round
+    velocity: dict[str, torch.Tensor] | None = None  # server momentum buffer
+    clip_norm: float | None = None  # user-level clip norm (moves under adaptive clipping)
+
+    def to_checkpoint(self) -> dict:
+        """Plain data for :func:`fedsim.results.save_checkpoint`."""
+        return {
+            "config": self.config.to_flat(),
+            "infos": [asdict(i) for i in self.infos],
+            "ledger": privacy.ledger_to_json(self.ledger),
+            "user_ledger": [asdict(e) for e in self.user_ledger],
+            "rows": self.rows,
+            "arrays": self.arrays,
+            "velocity": self.velocity,
+            "clip_norm": self.clip_norm,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> RunState:
+        """Inverse of :meth:`to_checkpoint`."""
+        infos = [
+            ClientInfo(i["partition_id"], i["num_examples"], tuple(i["label_counts"]))
+            for i in data["infos"]
+        ]
+        return cls(
+            config=parse_config(data["config"]),
+            infos=infos,
+            ledger=privacy.ledger_from_json(data["ledger"]),
+            user_ledger=[privacy.LedgerEntry(**e) for e in data["user_ledger"]],
+            rows=list(data["rows"]),
+            arrays=data["arrays"],
+            velocity=data["velocity"],
+            clip_norm=data["clip_norm"],
+        )
+
+    def epsilons(self) -> dict[str, float]:
+        """ε so far under each privacy unit the run protects."""
+        cfg = self.config
+        out = {}
+        if cfg.dp in ("sample", "both"):
+            out["sample"] = privacy.run_epsilon(
+                self.ledger, delta=cfg.delta, accountant=cfg.accountant
+            )[0]
+        if cfg.dp in ("user", "both"):
+            out["user"] = privacy.client_epsilon(
+                self.user_ledger, delta=cfg.delta, accountant=cfg.accountant
+            )
+        return out

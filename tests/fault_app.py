@@ -1,0 +1,39 @@
+"""A ClientApp for tests: fedsim's own, except client 1 raises and client 2 sends NaNs."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import client_app as real
+from fedsim.messages import ARRAYS
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return real.query(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    pid = int(context.node_config["partition-id"])
+    if pid == 1:
+        raise RuntimeError("disk full on client 1")
+    reply = real.train(msg, context)
+    if pid == 2:
+        arrays = reply.content[ARRAYS]
+        key = next(iter(arrays))
+        arrays[key] = Array(np.full(arrays[key].numpy().shape, np.nan, dtype=np.float32))
+    return reply
+
+
+if __name__ == "__main__":
+    from experiments.run import run_experiment
+    from fedsim.config import load_config
+
+    config = load_config(None, sys.argv[2:])
+    run_experiment(config, out=Path(sys.argv[1]), client_app=app)

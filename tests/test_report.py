@@ -1,0 +1,76 @@
+"""Reports and frontiers are rebuilt from result files alone."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments.sweep import grid_points
+from fedsim import frontier, results
+from fedsim.config import FedsimConfig
+from fedsim.errors import FedsimError
+from tests.conftest import ROOT
+
+
+def fake_run(path, *, eps, acc, seed, dp="sample"):
+    """A results folder as `fedsim run` writes it (only the files report code reads)."""
+    path.mkdir(parents=True)
+    cfg = FedsimConfig(seed=seed, dp=dp, target_epsilon=eps or 1.0).to_flat()
+    unit = "none" if dp == "none" else "sample"
+    summary = {
+        "accuracy": acc, "loss": 0.3, "epsilon": eps, "delta": 1e-5 if eps else None,
+        "privacy_unit": unit, "accountant": "rdp" if eps else None,
+        "epsilon_by_unit": {"sample": eps} if eps else {}, "noise_multiplier": 1.1,
+        "max_grad_norm": 1.0, "user_noise_multiplier": None, "max_update_norm": None,
+        "num_rounds": 30, "num_clients": 5, "config": cfg,
+    }  # fmt: skip
+    results.write_json(path / results.SUMMARY, summary)
+    rows = [{"round": 0, "accuracy": 0.1, "loss": 2.3, "epsilon": 0.0, "seconds": 0.1,
+             "clients": "", "dropped": ""},
+            {"round": 1, "accuracy": acc, "loss": 0.3, "epsilon": eps if eps else math.inf,
+             "seconds": 1.0, "clients": "0 1", "dropped": ""}]  # fmt: skip
+    results.write_csv(path / results.ROUNDS, rows, results.ROUND_FIELDS)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for seed, (a1, a8) in enumerate([(0.70, 0.90), (0.74, 0.92)]):
+        fake_run(tmp_path / f"e1_s{seed}", eps=1.0, acc=a1, seed=seed)
+        fake_run(tmp_path / f"e8_s{seed}", eps=8.0, acc=a8, seed=seed)
+        fake_run(tmp_path / f"nodp_s{seed}", eps=None, acc=0.97, seed=seed, dp="none")
+    return tmp_path
+
+
+def test_frontier_pools_seeds_and_sorts_by_epsilon(sweep):
+    rows = frontier.frontier(frontier.find_runs([sweep]))
+    assert [(r["unit"], r["epsilon"], r["seeds"]) for r in rows] == [
+        ("sample", 1.0, 2), ("sample", 8.0, 2), ("none", math.inf, 2)]  # fmt: skip
+    assert rows[0]["accuracy_mean"] == pytest.approx(0.72)
+    assert rows[0]["accuracy_std"] == pytest.approx(0.0283, abs=1e-4)
+    written = frontier.write_frontier(rows, sweep)
+    assert all(p.stat().st_size > 0 for p in written)
+    assert (
+        "| sample | 1 | 1e-05 | rdp | 0.7200 ± 0.0283 | 2 |" in (sweep / "frontier.md").read_text()
+    )
+
+
+def test_report_command_rebuilds_from_files(sweep):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "report", str(sweep)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "0.7200 ± 0.0283" in result.stdout
+    assert (sweep / "e1_s0" / results.PLOT).is_file()
+    assert json.loads((sweep / "e1_s0" / results.SUMMARY).read_text())["accuracy"] == 0.70
+
+
+def test_grid_points_product_with_no_dp_baseline():
+    points = grid_points(["target-epsilon=1,none", "lr=0.1,0.5"], [0, 1])
+    assert len(points) == 8
+    assert points["nodp_lr=0.5_seed=1"] == ["dp=none", "lr=0.5", "seed=1"]
+    assert points["target-epsilon=1_lr=0.1_seed=0"] == ["target-epsilon=1", "lr=0.1", "seed=0"]
+    with pytest.raises(FedsimError, match="no values"):
+        grid_points(["lr="], [0])

@@ -1,0 +1,127 @@
+"""User-level DP (DP-FedAvg): clipping, noise, fixed denominator, adaptive clipping."""
+
+import math
+from types import SimpleNamespace
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from flwr.app import Array, ArrayRecord
+
+from fedsim.messages import ARRAYS
+from server import privacy
+from server.user_dp import UserLevelDP, clip, noisy_mean, update_std
+
+
+class Inner:
+    """Stands in for the wrapped strategy; aggregation must never reach it."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        raise AssertionError("UserLevelDP must not delegate aggregation")
+
+
+def record(arrays):
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+
+
+def reply(arrays):
+    # only .content is read; a real Message needs a running Flower task to be built
+    return SimpleNamespace(content={ARRAYS: record(arrays)})
+
+
+def wrapper(**kw):
+    args = dict(
+        ledger=[],
+        sample_rate=0.1,
+        noise_multiplier=1e-9,
+        clip_norm=1.0,
+        expected_cohort=4.0,
+        seed=0,
+    )
+    args.update(kw)
+    return UserLevelDP(Inner(), **args)
+
+
+def test_clip_scales_only_long_updates():
+    long, norm = clip({"w": np.array([3.0, 4.0])}, 1.0)
+    assert norm == 5.0 and np.allclose(long["w"], [0.6, 0.8])
+    short, _ = clip({"w": np.array([0.3, 0.4])}, 1.0)
+    assert np.allclose(short["w"], [0.3, 0.4])
+
+
+def test_noisy_mean_uses_fixed_denominator():
+    updates = [{"w": np.ones(3)}, {"w": 2 * np.ones(3)}]
+    rng = np.random.default_rng(0)
+    mean = noisy_mean(updates, {"w": np.zeros(3)}, std=0.0, denominator=10.0, rng=rng)
+    assert np.allclose(mean["w"], 0.3)  # (1 + 2) / 10, not / 2
+
+
+def test_aggregate_is_clipped_unweighted_sum_over_expected_cohort():
+    dp = wrapper()
+    base = {"w": np.zeros(2)}
+    dp.configure_train(1, record(base), None, None)
+    replies = [reply({"w": [3.0, 4.0]}), reply({"w": [0.0, 0.5]})]
+    new, metrics = dp.aggregate_train(1, replies)
+    expected = (np.array([0.6, 0.8]) + np.array([0.0, 0.5])) / 4.0
+    assert np.allclose(new["w"].numpy(), expected, atol=1e-6)
+    assert metrics["cohort"] == 2
+    assert dp.ledger == [privacy.LedgerEntry(1, 1e-9, 0.1, 1)]
+
+
+def test_noise_std_matches_sigma_clip_over_cohort():
+    dp = wrapper(noise_multiplier=2.0, clip_norm=0.5, expected_cohort=10.0)
+    base = {"w": np.zeros(200_000)}
+    dp.configure_train(3, record(base), None, None)
+    new, _ = dp.aggregate_train(3, [])  # an empty Poisson cohort still releases noise
+    assert np.std(new["w"].numpy()) == pytest.approx(2.0 * 0.5 / 10.0, rel=0.02)
+
+
+@pytest.mark.parametrize(("update_norm", "direction"), [(0.01, -1), (100.0, +1)])
+def test_adaptive_clip_moves_toward_quantile(update_norm, direction):
+    dp = wrapper(
+        noise_multiplier=0.01, clip_quantile=0.5, clip_lr=0.2, count_noise=0.01, expected_cohort=3.0
+    )
+    base = {"w": np.zeros(2)}
+    dp.configure_train(1, record(base), None, None)
+    dp.aggregate_train(1, [reply({"w": [update_norm, 0.0]})] * 3)
+    # all updates fit (fraction 1 > 0.5): C must shrink; none fit (0 < 0.5): C must grow
+    assert math.copysign(1, dp.clip_norm - 1.0) == direction
+    fraction = 1.0 if direction < 0 else 0.0
+    assert dp.clip_norm == pytest.approx(math.exp(-0.2 * (fraction - 0.5)), rel=1e-2)
+
+
+def test_update_std_splits_noise_between_update_and_count():
+    assert update_std(1.0, 0.0) == 1.0
+    assert update_std(1.0, 10.0) == pytest.approx((1 - 1 / 400) ** -0.5)
+    # the pair of releases is accounted as one Gaussian with noise multiplier z
+    z, sb = 1.3, 2.0
+    assert update_std(z, sb) ** -2 + (2 * sb) ** -2 == pytest.approx(z**-2)
+    with pytest.raises(Exception, match="clip-count-noise"):
+        update_std(1.0, 0.4)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
+def test_user_ledger_epsilon_against_dp_accounting(accountant):
+    z, q, rounds = 1.1, 0.05, 200
+    ledger = [privacy.LedgerEntry(r, z, q, 1) for r in range(1, rounds + 1)]
+    ours = privacy.client_epsilon(ledger, delta=1e-5, accountant=accountant)
+    acc = rdp.RdpAccountant(privacy.RDP_ORDERS)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
+    independent_rdp = acc.get_epsilon(1e-5)
+    if accountant == "rdp":
+        assert ours == pytest.approx(independent_rdp, rel=1e-3)
+    else:  # tighter than RDP, never optimistic by more than discretization
+        assert ours <= independent_rdp
+        assert ours >= 0.75 * independent_rdp
+
+
+def test_solve_user_noise_meets_target():
+    sigma = privacy.solve_noise_multiplier(
+        target_epsilon=2.0, delta=1e-5, accountant="rdp", schedules=[(0.1, 100)]
+    )
+    eps = privacy.history_epsilon([(sigma, 0.1, 100)], delta=1e-5, accountant="rdp")
+    assert 2.0 * 0.99 <= eps <= 2.0
