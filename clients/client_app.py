@@ -62,8 +62,7 @@ def train_round(
     torch.set_num_threads(max(1, int(config.client_cpus)))
     torch.manual_seed(_round_seed(config.seed, server_round, pid))
     x, y = client_data(config, pid)
-    input_shape, num_classes = model_spec(config)
-    model = build_model(config.model, input_shape=input_shape, num_classes=num_classes)
+    model = build_model(config.model, **model_spec(config), dp=config.dp == "sample")
     model.load_state_dict(state)
     device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
     loss, spent = train_local(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -10,7 +11,8 @@ from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo
-from fedsim.partition import label_counts, partition
+from fedsim.models import model_kwargs
+from fedsim.partition import label_counts, partition_dataset
 
 
 @lru_cache(maxsize=4)
@@ -19,14 +21,10 @@ def _dataset(name: str, data_dir: str) -> Dataset:
 
 
 @lru_cache(maxsize=4)
-def _partitions(
-    name: str, data_dir: str, num_clients: int, method: str, seed: int, alpha: float, spc: int
-) -> tuple[np.ndarray, ...]:
-    labels = _dataset(name, data_dir).y_train
-    parts = partition(
-        labels, num_clients, method=method, seed=seed, alpha=alpha, shards_per_client=spc
-    )
-    return tuple(parts)
+def _partitions(config: FedsimConfig) -> tuple[np.ndarray, ...]:
+    # keyed by the whole (frozen) config: within a run it changes at most once, when
+    # the server fixes σ, and recomputing a partition is cheap next to loading data
+    return tuple(partition_dataset(_dataset(config.dataset, config.data_dir), config))
 
 
 def client_data(config: FedsimConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,16 +35,7 @@ def client_data(config: FedsimConfig, partition_id: int) -> tuple[np.ndarray, np
             "start as many SuperNodes as num-clients, with distinct partition ids"
         )
     dataset = _dataset(config.dataset, config.data_dir)
-    parts = _partitions(
-        config.dataset,
-        config.data_dir,
-        config.num_clients,
-        config.partition,
-        config.seed,
-        config.dirichlet_alpha,
-        config.shards_per_client,
-    )
-    idx = parts[partition_id]
+    idx = _partitions(config)[partition_id]
     return dataset.x_train[idx], dataset.y_train[idx]
 
 
@@ -57,7 +46,6 @@ def client_info(config: FedsimConfig, partition_id: int) -> ClientInfo:
     return ClientInfo(partition_id, len(y), tuple(label_counts(y, num_classes)))
 
 
-def model_spec(config: FedsimConfig) -> tuple[tuple[int, ...], int]:
-    """(input_shape, num_classes) of the configured dataset."""
-    dataset = _dataset(config.dataset, config.data_dir)
-    return dataset.input_shape, dataset.num_classes
+def model_spec(config: FedsimConfig) -> dict[str, Any]:
+    """Keywords of ``build_model`` for the configured dataset: shape, classes, task, vocab."""
+    return model_kwargs(_dataset(config.dataset, config.data_dir))

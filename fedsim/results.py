@@ -17,6 +17,7 @@ PRIVACY = "privacy.json"
 PARTITION = "partition.csv"
 PLOT = "accuracy_epsilon.png"
 MODEL = "model.pt"
+VOCAB = "vocab.json"
 ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon", "seconds", "clients")
 
 

@@ -13,11 +13,12 @@ from flwr.serverapp import Grid
 
 from fedsim import results
 from fedsim.config import FedsimConfig
-from fedsim.data import load_dataset
+from fedsim.data import Dataset, load_dataset, vocab_record
 from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
-from fedsim.models import build_model
+from fedsim.models import build_model, model_kwargs
+from fedsim.partition import partition_dataset
 from server import privacy
 from server.strategy import PrivacyLedger, SeededFedAvg, sample_clients
 
@@ -104,14 +105,15 @@ def run_federation(
     state = RunState(config, run_dir, started or time.time())
     clients = discover_clients(grid, config)
     infos = [clients[c][1] for c in sorted(clients)]
-    write_partition(run_dir, infos)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    write_partition(run_dir, infos, natural_users(dataset, config))
+    if dataset.vocab is not None:
+        results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
     config = state.config = resolve_noise(config, infos)
 
-    dataset = load_dataset(config.dataset, config.data_dir)
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes
-    )
+    # evaluation needs no per-sample gradients; the DP layers share this state_dict
+    model = build_model(config.model, **model_kwargs(dataset), dp=False)
     inner = SeededFedAvg(
         nodes={c: clients[c][0] for c in clients},
         clients_per_round=config.clients_per_round,
@@ -165,12 +167,22 @@ def round_row(state: RunState, server_round: int, loss: float, acc: float) -> di
     return row
 
 
-def write_partition(run_dir: Path, infos: list[ClientInfo]) -> None:
-    """``partition.csv``: one row per client with its size and label counts."""
+def natural_users(dataset: Dataset, config: FedsimConfig) -> list[str] | None:
+    """The user (e.g. speaking role) behind each client of a natural partition."""
+    if config.partition != "natural" or dataset.users is None or dataset.client_ids is None:
+        return None
+    parts = partition_dataset(dataset, config)
+    return [dataset.users[dataset.client_ids[part[0]]] for part in parts]
+
+
+def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | None) -> None:
+    """``partition.csv``: one row per client with its user, size and label counts."""
     num_classes = max(len(i.label_counts) for i in infos)
-    fields = ("client", "num_examples", *(f"label_{k}" for k in range(num_classes)))
+    user_field = ("user",) if users else ()
+    fields = ("client", *user_field, "num_examples", *(f"label_{k}" for k in range(num_classes)))
     rows = [
         {"client": i.partition_id, "num_examples": i.num_examples}
+        | ({"user": users[i.partition_id]} if users else {})
         | {f"label_{k}": n for k, n in enumerate(i.label_counts)}
         for i in infos
     ]

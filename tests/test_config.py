@@ -66,3 +66,28 @@ def test_validation_is_not_assert_based():
     # python -O strips asserts; a frozen, validated model must still refuse bad values
     with pytest.raises(FedsimError):
         parse_config({"batch-size": -4})
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"model": "cnn", "dataset": "sst2"}, "model cnn cannot learn dataset sst2"),
+        ({"partition": "natural"}, "partition natural needs a dataset with natural users"),
+        ({"min-samples": 10}, "applies only to partition natural"),
+        (
+            {
+                "dataset": "shakespeare",
+                "model": "lstm",
+                "partition": "natural",
+                "min-samples": 10,
+                "max-samples": 5,
+            },
+            "max-samples (5) is below min-samples (10)",
+        ),
+        ({"max-samples": -1}, "max-samples"),
+    ],
+)
+def test_pairing_and_partition_errors(values, needle):
+    with pytest.raises(FedsimError) as info:
+        parse_config(values)
+    assert needle in str(info.value) and "\n" not in str(info.value)
