@@ -76,6 +76,7 @@ def train_round(
         noise_multiplier=config.noise_multiplier if config.dp == "sample" else None,
         max_grad_norm=config.max_grad_norm,
         device=device,
+        all_positions=config.next_char_loss == "all",
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, TrainReport(pid, len(y), loss, spent)

@@ -42,6 +42,7 @@ class FedsimConfig(BaseModel):
     shards_per_client: int = Field(2, ge=1)
     min_samples: int = Field(1, ge=1)
     max_samples: int = Field(0, ge=0)
+    next_char_loss: Literal["last", "all"] = "last"
     num_rounds: int = Field(30, ge=1)
     clients_per_round: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
@@ -76,7 +77,7 @@ class FedsimConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> FedsimConfig:
         _check_pairing(self.model, self.dataset)
-        _check_partition(self)
+        _check_options(self)
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
@@ -104,9 +105,14 @@ def _check_pairing(model: str, dataset: str) -> None:
         )
 
 
-def _check_partition(config: FedsimConfig) -> None:
-    from fedsim.data import NATURAL_USERS
+def _check_options(config: FedsimConfig) -> None:
+    from fedsim.data import DATASET_TASKS, NATURAL_USERS, NEXT_CHAR
 
+    if config.next_char_loss != "last" and DATASET_TASKS[config.dataset] != NEXT_CHAR:
+        raise ValueError(
+            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
+            f"(shakespeare), not {config.dataset}; remove it"
+        )
     if config.partition == "natural" and config.dataset not in NATURAL_USERS:
         raise ValueError(
             f"partition natural needs a dataset with natural users "
@@ -115,10 +121,6 @@ def _check_partition(config: FedsimConfig) -> None:
         )
     if config.partition != "natural" and config.min_samples != 1:
         raise ValueError("min-samples selects users and applies only to partition natural")
-    if 0 < config.max_samples < config.min_samples:
-        raise ValueError(
-            f"max-samples ({config.max_samples}) is below min-samples ({config.min_samples})"
-        )
 
 
 def _known(value: str, registry: dict[str, Any], what: str) -> str:

@@ -141,10 +141,12 @@ class LSTMNet(nn.Module):
         self.lstm = lstm_layer(dim, LSTM_HIDDEN, LSTM_LAYERS, dp=dp)
         self.head = nn.Linear(LSTM_HIDDEN, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes)."""
+    def forward(self, x: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
+        """Logits (N, num_classes), or (N, num_classes, T) at every position if asked."""
         features, _, last = self.inputs(x)
         out, _ = self.lstm(features)  # (N, T, hidden); causal, so padding after `last` is moot
+        if all_positions:
+            return self.head(out).transpose(1, 2)
         return self.head(out[torch.arange(len(out), device=out.device), last])
 
 
@@ -158,11 +160,11 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attend from every position to the real (``mask``) positions of its sample."""
+        """Attend where the boolean ``mask`` (N, 1, T or 1, T) allows."""
         n, t, width = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, width // self.heads).unbind(2)
         attended = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None]
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
         return self.out(attended.transpose(1, 2).reshape(n, t, width))
 
@@ -185,8 +187,9 @@ class EncoderBlock(nn.Module):
 class TransformerNet(nn.Module):
     """Input + learned positions -> encoder blocks -> pooled -> classes.
 
-    Next-char reads the last position (it sees the whole window); classification
-    averages the real positions.
+    Next-char attends causally (each position sees itself and what precedes it) and
+    reads the last position, which sees the whole window; classification attends to all
+    real positions and averages them.
     """
 
     def __init__(
@@ -212,14 +215,20 @@ class TransformerNet(nn.Module):
         self.norm = nn.LayerNorm(TF_WIDTH)
         self.head = nn.Linear(TF_WIDTH, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes)."""
+    def forward(self, x: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
+        """Logits (N, num_classes), or (N, num_classes, T) at every position if asked."""
         features, mask, last = self.inputs(x)
-        steps = torch.arange(features.shape[1], device=x.device).expand(len(x), -1)
+        t = features.shape[1]
+        steps = torch.arange(t, device=x.device).expand(len(x), -1)
         h = features + self.positions(steps)
+        attend = mask[:, None, None, :]  # (N, 1, 1, T): real keys only
+        if self.task == NEXT_CHAR:
+            attend = attend & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         for block in self.blocks:
-            h = block(h, mask)
+            h = block(h, attend)
         h = self.norm(h)
+        if all_positions:
+            return self.head(h).transpose(1, 2)
         if self.task == NEXT_CHAR:
             pooled = h[torch.arange(len(h), device=h.device), last]
         else:

@@ -28,7 +28,7 @@ from fedsim.errors import FedsimError
 
 SEQ_LEN = 80
 TEST_FRACTION = 0.2
-MAX_TEST = 8000
+MAX_TEST = 2000
 PAD, UNK = "<pad>", "<unk>"
 PLAIN_SPEAKER = re.compile(r"([^\s:][^:]*):")
 MD_SPEAKER = re.compile(r"\*\*([^*]+)\*\*")

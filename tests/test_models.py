@@ -103,3 +103,33 @@ def test_wrong_pairing_is_one_config_line():
                 with pytest.raises(FedsimError, match=f"model {model} cannot learn") as info:
                     parse_config(values)
                 assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_next_char_positions_are_causal(name):
+    torch.manual_seed(0)
+    model = build(name, NEXT_CHAR, dp=False).eval()
+    x, _ = batch(NEXT_CHAR, n=2)
+    x = torch.from_numpy(x).clone()
+    x[:, 10:] = 3  # no padding in next-char windows
+    every = model(x, all_positions=True)
+    assert every.shape == (2, VOCAB, 20)
+    assert torch.allclose(every[:, :, -1], model(x), atol=1e-5)  # the last is the prediction
+    changed = x.clone()
+    changed[:, 15] = 7
+    # position t only sees positions <= t: what comes later changes nothing before it
+    assert torch.allclose(
+        model(changed, all_positions=True)[:, :, :15], every[:, :, :15], atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_dp_step_on_every_position(name):
+    torch.manual_seed(0)
+    model = build(name, NEXT_CHAR, dp=True)
+    x, y = batch(NEXT_CHAR)
+    x[:] = np.maximum(x, 2)
+    loss, spent = train_local(
+        model, x, y, epochs=1, batch_size=24, lr=0.1, noise_multiplier=1.0, all_positions=True
+    )
+    assert np.isfinite(loss) and spent.steps == (1,)

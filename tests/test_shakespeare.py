@@ -5,7 +5,13 @@ import pytest
 
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
-from fedsim.shakespeare import SEQ_LEN, parse_markdown_play, parse_plain_text, role_windows
+from fedsim.shakespeare import (
+    MAX_TEST,
+    SEQ_LEN,
+    parse_markdown_play,
+    parse_plain_text,
+    role_windows,
+)
 
 PLAY = """# A Play
 
@@ -93,6 +99,6 @@ def test_plays_by_play_and_role(shared_data):
     assert not any(c in text for _, text in speeches for c in "_*[]\\")
     ds = load_dataset("shakespeare", folder / "tragedies")
     assert "hamlet/HAMLET" in ds.users and all(u.count("/") == 1 for u in ds.users)
-    assert len(ds.y_test) == 8000  # capped, spread over all roles
+    assert len(ds.y_test) == MAX_TEST  # capped, spread over all roles
     hamlet = ds.users.index("hamlet/HAMLET")
     assert np.count_nonzero(ds.client_ids == hamlet) > 40_000
