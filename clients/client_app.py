@@ -82,8 +82,8 @@ def train_round(
     torch.set_num_threads(max(1, int(config.client_cpus)))
     torch.manual_seed(_round_seed(config.seed, server_round, pid))
     x, y = client_data(config, pid, local_dir=local_dir)
-    input_shape, num_classes = model_spec(config, local_dir=local_dir)
-    model = build_model(config.model, input_shape=input_shape, num_classes=num_classes)
+    spec = model_spec(config, local_dir=local_dir)
+    model = build_model(config.model, **spec, dp=config.dp in ("sample", "both"))
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -91,8 +91,8 @@ def train_round(
             raise
         raise FedsimError(
             f"this node's data ({config.dataset} in {local_dir}) has input shape "
-            f"{input_shape} and {num_classes} classes, which do not fit the server's "
-            "model; give every node data of the server's dataset format"
+            f"{spec['input_shape']} and {spec['num_classes']} classes, which do not fit the "
+            "server's model; give every node data of the server's dataset format"
         ) from None
     device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
     loss, spent = train_local(
@@ -106,6 +106,7 @@ def train_round(
         noise_multiplier=config.noise_multiplier if config.dp in ("sample", "both") else None,
         max_grad_norm=config.max_grad_norm,
         device=device,
+        all_positions=config.next_char_loss == "all",
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, TrainReport(pid, len(y), loss, spent)

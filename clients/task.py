@@ -8,6 +8,7 @@ config, split as in simulation) or, where its SuperNode was started with
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo
-from fedsim.partition import label_counts, partition
+from fedsim.models import model_kwargs
+from fedsim.partition import label_counts, partition_dataset
 
 
 @lru_cache(maxsize=4)
@@ -24,14 +26,10 @@ def _dataset(name: str, data_dir: str) -> Dataset:
 
 
 @lru_cache(maxsize=4)
-def _partitions(
-    name: str, data_dir: str, num_clients: int, method: str, seed: int, alpha: float, spc: int
-) -> tuple[np.ndarray, ...]:
-    labels = _dataset(name, data_dir).y_train
-    parts = partition(
-        labels, num_clients, method=method, seed=seed, alpha=alpha, shards_per_client=spc
-    )
-    return tuple(parts)
+def _partitions(config: FedsimConfig) -> tuple[np.ndarray, ...]:
+    # keyed by the whole (frozen) config: within a run it changes at most once, when
+    # the server fixes σ, and recomputing a partition is cheap next to loading data
+    return tuple(partition_dataset(_dataset(config.dataset, config.data_dir), config))
 
 
 def client_data(
@@ -59,16 +57,7 @@ def client_data(
         local = _dataset(config.dataset, local_dir)
         return local.x_train, local.y_train
     dataset = _dataset(config.dataset, config.data_dir)
-    parts = _partitions(
-        config.dataset,
-        config.data_dir,
-        config.num_clients,
-        config.partition,
-        config.seed,
-        config.dirichlet_alpha,
-        config.shards_per_client,
-    )
-    idx = parts[partition_id]
+    idx = _partitions(config)[partition_id]
     return dataset.x_train[idx], dataset.y_train[idx]
 
 
@@ -77,13 +66,12 @@ def client_info(
 ) -> ClientInfo:
     """Size and label counts of a client's data, for the server's records."""
     _, y = client_data(config, partition_id, local_dir=local_dir)
-    num_classes = model_spec(config, local_dir=local_dir)[1]
+    num_classes = model_spec(config, local_dir=local_dir)["num_classes"]
     return ClientInfo(partition_id, len(y), tuple(label_counts(y, num_classes)))
 
 
-def model_spec(
-    config: FedsimConfig, *, local_dir: str | None = None
-) -> tuple[tuple[int, ...], int]:
-    """(input_shape, num_classes) of the dataset this client reads."""
-    dataset = _dataset(config.dataset, config.data_dir if local_dir is None else local_dir)
-    return dataset.input_shape, dataset.num_classes
+def model_spec(config: FedsimConfig, *, local_dir: str | None = None) -> dict[str, Any]:
+    """Keywords of ``build_model`` for the dataset this client reads: shape, classes, task."""
+    return model_kwargs(
+        _dataset(config.dataset, config.data_dir if local_dir is None else local_dir)
+    )

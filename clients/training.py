@@ -28,6 +28,7 @@ def train_local(
     noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
     device: str = "cpu",
+    all_positions: bool = False,
 ) -> tuple[float, PrivacySpent]:
     """Train ``model`` in place for ``epochs`` over ``(x, y)``.
 
@@ -37,6 +38,11 @@ def train_local(
         ``None`` trains without DP. A number trains with DP-SGD: Poisson sampling at rate
         ``1 / ceil(len(x) / batch_size)``, per-sample clipping to ``max_grad_norm`` and
         Gaussian noise of std ``noise_multiplier × max_grad_norm``.
+    all_positions
+        Next-character windows only: train every position of a window to predict the
+        character after it (the window's own next characters, then the label ``y``),
+        not the last position alone. One window's loss is the mean over its positions,
+        so DP-SGD still clips one gradient per sample.
 
     Returns
     -------
@@ -63,7 +69,7 @@ def train_local(
     for _ in range(epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
+            loss = _loss(model, xb.to(device), yb.to(device), all_positions=all_positions)
             loss.backward()
             optimizer.step()
             if len(yb):
@@ -78,3 +84,12 @@ def train_local(
     )
     model._close()  # drop Opacus's hooks from the module we were given
     return float(np.mean(losses)) if losses else float("nan"), spent
+
+
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, all_positions: bool
+) -> torch.Tensor:
+    if not all_positions:
+        return nn.functional.cross_entropy(model(x), y)
+    targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (N, T): the next characters
+    return nn.functional.cross_entropy(model(x, all_positions=True), targets)

@@ -24,21 +24,13 @@ from fedsim import report, results
 from fedsim.config import FedsimConfig, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
-from fedsim.partition import partition
+from fedsim.partition import partition_dataset
 from server.rounds import RunInterrupted
 
 
 def preflight(config: FedsimConfig) -> None:
     """Check what the schema cannot: data files, partition feasibility, devices."""
-    dataset = load_dataset(config.dataset, config.data_dir)
-    partition(
-        dataset.y_train,
-        config.num_clients,
-        method=config.partition,
-        seed=config.seed,
-        alpha=config.dirichlet_alpha,
-        shards_per_client=config.shards_per_client,
-    )
+    partition_dataset(load_dataset(config.dataset, config.data_dir), config)
     if config.ray_address:
         return  # the cluster's resources count, not this machine's
     if config.client_gpus > 0:

@@ -47,9 +47,12 @@ class FedsimConfig(BaseModel):
     dataset: str = "digits"
     data_dir: str = ""
     num_clients: int = Field(5, ge=1)
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, ge=1)
+    min_samples: int = Field(1, ge=1)
+    max_samples: int = Field(0, ge=0)
+    next_char_loss: Literal["last", "all"] = "last"
     num_rounds: int = Field(30, ge=1)
     clients_per_round: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
@@ -107,6 +110,8 @@ class FedsimConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FedsimConfig:
+        _check_pairing(self.model, self.dataset)
+        _check_options(self)
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
@@ -129,6 +134,37 @@ class FedsimConfig(BaseModel):
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case dict of plain scalars: a TOML table, run config or ConfigRecord."""
         return self.model_dump(by_alias=True)
+
+
+def _check_pairing(model: str, dataset: str) -> None:
+    from fedsim.data import DATASET_TASKS
+    from fedsim.models import MODEL_TASKS
+
+    task = DATASET_TASKS[dataset]
+    if task not in MODEL_TASKS[model]:
+        fits = sorted(m for m, tasks in MODEL_TASKS.items() if task in tasks)
+        raise ValueError(
+            f"model {model} cannot learn dataset {dataset} ({task}); "
+            f"use model {' or '.join(fits)} for it, or an image dataset for {model}"
+        )
+
+
+def _check_options(config: FedsimConfig) -> None:
+    from fedsim.data import DATASET_TASKS, NATURAL_USERS, NEXT_CHAR
+
+    if config.next_char_loss != "last" and DATASET_TASKS[config.dataset] != NEXT_CHAR:
+        raise ValueError(
+            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
+            f"(shakespeare), not {config.dataset}; remove it"
+        )
+    if config.partition == "natural" and config.dataset not in NATURAL_USERS:
+        raise ValueError(
+            f"partition natural needs a dataset with natural users "
+            f"({', '.join(sorted(NATURAL_USERS))}); dataset {config.dataset} has none, "
+            "use iid, dirichlet or shards"
+        )
+    if config.partition != "natural" and config.min_samples != 1:
+        raise ValueError("min-samples selects users and applies only to partition natural")
 
 
 def _known(value: str, registry: dict[str, Any], what: str) -> str:

@@ -1,12 +1,15 @@
 """Dataset registry: each loader returns train and held-out test arrays in memory.
 
 Loaders read only from the paths they are given (``data-dir``); nothing is downloaded
-at run time. ``digits`` ships inside scikit-learn and is the embedded default.
+at run time. ``digits`` ships inside scikit-learn and is the embedded default. File
+formats live in their own modules (``images``, ``text``, ``shakespeare``, ``hf``), which
+this registry imports only when their dataset is loaded, so validating a config stays
+cheap.
 """
 
 from __future__ import annotations
 
-import gzip
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +18,13 @@ import numpy as np
 
 from fedsim.errors import FedsimError
 
-IDX_FILES = {
-    "x_train": "train-images-idx3-ubyte",
-    "y_train": "train-labels-idx1-ubyte",
-    "x_test": "t10k-images-idx3-ubyte",
-    "y_test": "t10k-labels-idx1-ubyte",
-}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# What a dataset asks of a model. Images are float (C, H, W); text is int token ids of a
+# fixed length, right-padded with PAD_ID; next-char samples are windows of characters
+# whose label is the character that follows.
+IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR = "image", "text-classification", "next-char"
+TASKS = (IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR)
+PAD_ID, UNK_ID = 0, 1
+HF_PREFIX = "hf:"
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,14 @@ class Dataset:
     """Arrays of one dataset, split into train and held-out test.
 
     ``x_*`` have shape (N, *input_shape); ``y_*`` are int64 class ids in [0, num_classes).
+    Images are float32. Token ids (text tasks) are integers, ``PAD_ID`` (0) pads on the
+    right and ``UNK_ID`` (1) stands for tokens outside ``vocab``; they are uint8 when
+    the vocabulary fits in a byte (characters: 4 million 80-character windows then take
+    330 MB, not 2.6 GB) and int64 otherwise. Models cast them to int64.
+
+    ``client_ids`` gives each training sample's natural user (an index into ``users``,
+    e.g. a speaking role) where the data has users, else None. ``vocab`` lists the
+    tokens by id (``vocab[0]`` is the padding token) for text, else None.
     """
 
     name: str
@@ -38,89 +49,127 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     input_shape: tuple[int, ...]
+    task: str = IMAGE
+    client_ids: np.ndarray | None = None
+    users: tuple[str, ...] | None = None
+    vocab: tuple[str, ...] | None = None
 
 
 def load_digits(data_dir: Path | None = None) -> Dataset:
     """Load scikit-learn's 8×8 digits with a fixed stratified 80/20 split.
 
     The split does not depend on the experiment seed, so runs with different seeds are
-    evaluated on the same 360 test images.
+    evaluated on the same 360 test images. ``lstm`` and ``transformer`` read each image
+    as a sequence of its 8 rows of 8 pixels.
     """
     from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sk_digits()
     x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
     y = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=0
-    )
+    x_train, x_test, y_train, y_test = stratified_split(x, y)
     return Dataset("digits", x_train, y_train, x_test, y_test, 10, (1, 8, 8))
 
 
-def read_idx(path: Path, *, ndim: int) -> np.ndarray:
-    """Read one IDX file (gzipped or not), checking its magic number and size."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as exc:
-        raise FedsimError(f"{path}: cannot read ({exc}); replace the file") from None
-    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
-        raise FedsimError(f"{path}: not an IDX file of {ndim} dimension(s) of bytes")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
-        raise FedsimError(
-            f"{path}: header says {shape} but holds {body.size} values; the file is "
-            "truncated or corrupt, download it again"
-        )
-    return body.reshape(shape)
+def stratified_split(
+    x: np.ndarray, y: np.ndarray, test_size: float = 0.2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed (seed-independent) stratified split: x_train, x_test, y_train, y_test."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
 
 
-def _idx_path(data_dir: Path, stem: str) -> Path:
-    for name in (stem, f"{stem}.gz"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    raise FedsimError(f"{data_dir}: missing {stem}[.gz]; point data-dir at the folder holding it")
+def _lazy(module: str, function: str, **kwargs: str) -> Callable[[Path | None], Dataset]:
+    """A loader that imports ``fedsim.<module>`` only when it is called."""
 
+    def load(data_dir: Path | None) -> Dataset:
+        return getattr(importlib.import_module(f"fedsim.{module}"), function)(data_dir, **kwargs)
 
-def load_mnist_like(data_dir: Path | None, name: str = "mnist") -> Dataset:
-    """MNIST or Fashion-MNIST from the four standard IDX files in ``data_dir``."""
-    if data_dir is None:
-        raise FedsimError(f"dataset {name} needs data-dir: the folder with its four IDX files")
-    arrays = {
-        key: read_idx(_idx_path(data_dir, stem), ndim=3 if key.startswith("x") else 1)
-        for key, stem in IDX_FILES.items()
-    }
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if len(x) != len(y):
-            raise FedsimError(f"{data_dir}: {split} has {len(x)} images but {len(y)} labels")
-        if y.max(initial=0) > 9:
-            raise FedsimError(f"{data_dir}: {split} labels outside 0..9; wrong label file?")
-    norm = {
-        k: ((v.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]  # (N, 1, 28, 28)
-        if k.startswith("x")
-        else v.astype(np.int64)
-        for k, v in arrays.items()
-    }
-    shape = tuple(norm["x_train"].shape[1:])
-    return Dataset(
-        name, norm["x_train"], norm["y_train"], norm["x_test"], norm["y_test"], 10, shape
-    )
+    load.__name__ = f"{function}({', '.join(kwargs.values())})"
+    return load
 
 
 DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
     "digits": load_digits,
-    "mnist": load_mnist_like,
-    "fashion-mnist": lambda data_dir: load_mnist_like(data_dir, "fashion-mnist"),
+    "mnist": _lazy("images", "load_mnist_like", name="mnist"),
+    "fashion-mnist": _lazy("images", "load_mnist_like", name="fashion-mnist"),
+    "cifar10": _lazy("images", "load_cifar10"),
+    "shakespeare": _lazy("shakespeare", "load_shakespeare"),
+    "sst2": _lazy("text", "load_sst2"),
+    "sms-spam": _lazy("text", "load_sms_spam"),
+    "hf-image": _lazy("hf", "load_hf", task=IMAGE),
+    "hf-text": _lazy("hf", "load_hf", task=TEXT_CLASSIFICATION),
 }
+
+# Known from the name alone, so a config is checked before any file is read.
+DATASET_TASKS: dict[str, str] = {
+    "digits": IMAGE,
+    "mnist": IMAGE,
+    "fashion-mnist": IMAGE,
+    "cifar10": IMAGE,
+    "shakespeare": NEXT_CHAR,
+    "sst2": TEXT_CLASSIFICATION,
+    "sms-spam": TEXT_CLASSIFICATION,
+    "hf-image": IMAGE,
+    "hf-text": TEXT_CLASSIFICATION,
+}
+
+# Datasets whose samples belong to natural users, and what one user is.
+NATURAL_USERS: dict[str, str] = {"shakespeare": "speaking role"}
 
 
 def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
-    """Load a registered dataset by name, from ``data_dir`` where it needs files."""
-    path = Path(data_dir).expanduser() if str(data_dir) else None
+    """Load a registered dataset by name, from ``data_dir`` where it needs files.
+
+    ``hf-image`` and ``hf-text`` also take ``hf:<owner>/<name>``, a Hugging Face hub
+    dataset, instead of a folder.
+    """
+    raw = str(data_dir)
+    if raw.startswith(HF_PREFIX):
+        if not name.startswith("hf-"):
+            raise FedsimError(
+                f"data-dir {raw} names a Hugging Face dataset; use dataset hf-image or hf-text"
+            )
+        return DATASETS[name](Path(raw))
+    path = Path(raw).expanduser() if raw else None
     if path is not None and not path.is_dir():
         raise FedsimError(f"data-dir {path} is not a folder; set data-dir to an existing folder")
     return DATASETS[name](path)
+
+
+TOKENIZATION = {
+    NEXT_CHAR: "characters: one token per character",
+    TEXT_CLASSIFICATION: (
+        "words: lower-cased, then runs of word characters and apostrophes, or one "
+        "punctuation mark (fedsim.text.tokenize)"
+    ),
+}
+
+
+def vocab_record(dataset: Dataset) -> dict:
+    """What turns text into this dataset's inputs: tokenization, length, ids; for vocab.json."""
+    return {
+        "dataset": dataset.name,
+        "task": dataset.task,
+        "tokenization": TOKENIZATION[dataset.task],
+        "seq_len": dataset.input_shape[0],
+        "padding": "right",
+        "pad_id": PAD_ID,
+        "unk_id": UNK_ID,
+        "tokens": list(dataset.vocab or ()),
+    }
+
+
+def token_array(rows: list[list[int]] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids in the smallest dtype ``Dataset`` allows: uint8 if they fit, else int64."""
+    return np.asarray(rows, dtype=np.uint8 if vocab_size <= 256 else np.int64)
+
+
+def check_labels(y: np.ndarray, num_classes: int, where: Path | str) -> None:
+    """Raise naming ``where`` if a label is outside ``0..num_classes-1``."""
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise FedsimError(
+            f"{where}: labels outside 0..{num_classes - 1} (found {y.min()}..{y.max()}); "
+            "the file is corrupt or not this dataset"
+        )

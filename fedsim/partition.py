@@ -7,10 +7,15 @@ same seed gives the same partition on any machine.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedsim.errors import FedsimError
+
+if TYPE_CHECKING:
+    from fedsim.config import FedsimConfig
+    from fedsim.data import Dataset
 
 MAX_DIRICHLET_TRIES = 100
 
@@ -64,10 +69,33 @@ def shards(
     return [np.sort(np.concatenate([pieces[s] for s in row])) for row in dealt]
 
 
+def natural(
+    client_ids: np.ndarray | None, num_clients: int, rng: np.random.Generator, *, min_samples: int
+) -> list[np.ndarray]:
+    """One client per natural user (LEAF): all of that user's samples.
+
+    Users with fewer than ``min_samples`` samples are left out. With fewer clients than
+    eligible users, a seeded sample of users takes part. Clients are in user order.
+    """
+    if client_ids is None:
+        raise FedsimError("partition natural needs a dataset whose samples name their users")
+    order = np.argsort(client_ids, kind="stable")  # each user's indices stay sorted
+    users, starts, counts = np.unique(client_ids[order], return_index=True, return_counts=True)
+    eligible = np.flatnonzero(counts >= min_samples)
+    if num_clients > len(eligible):
+        raise FedsimError(
+            f"num-clients ({num_clients}) exceeds the {len(eligible)} users with at least "
+            f"{min_samples} samples (of {len(users)}); lower num-clients or min-samples"
+        )
+    chosen = np.sort(rng.choice(eligible, num_clients, replace=False))
+    return [order[starts[u] : starts[u] + counts[u]] for u in chosen]
+
+
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": iid,
     "dirichlet": dirichlet,
     "shards": shards,
+    "natural": natural,
 }
 
 
@@ -79,19 +107,61 @@ def partition(
     seed: int,
     alpha: float = 0.5,
     shards_per_client: int = 2,
+    client_ids: np.ndarray | None = None,
+    min_samples: int = 1,
+    max_samples: int = 0,
 ) -> list[np.ndarray]:
-    """Split sample indices among clients with a named, seeded partitioner."""
-    if num_clients > len(labels):
+    """Split sample indices among clients with a named, seeded partitioner.
+
+    Parameters
+    ----------
+    client_ids
+        Each sample's natural user, for ``natural``.
+    min_samples
+        ``natural`` only: users with fewer samples take no part.
+    max_samples
+        Above 0, a client with more samples keeps a seeded random ``max_samples`` of them.
+
+    """
+    rng = np.random.default_rng(seed)
+    if method == "natural":
+        parts = natural(client_ids, num_clients, rng, min_samples=min_samples)
+    elif num_clients > len(labels):
         raise FedsimError(
             f"num-clients ({num_clients}) exceeds the {len(labels)} training samples; "
             "lower num-clients"
         )
-    rng = np.random.default_rng(seed)
-    if method == "dirichlet":
-        return dirichlet(labels, num_clients, rng, alpha=alpha)
-    if method == "shards":
-        return shards(labels, num_clients, rng, shards_per_client=shards_per_client)
-    return PARTITIONERS[method](labels, num_clients, rng)
+    elif method == "dirichlet":
+        parts = dirichlet(labels, num_clients, rng, alpha=alpha)
+    elif method == "shards":
+        parts = shards(labels, num_clients, rng, shards_per_client=shards_per_client)
+    else:
+        parts = PARTITIONERS[method](labels, num_clients, rng)
+    if max_samples > 0:  # drawn after the split, so the split itself does not change
+        parts = [cap(p, max_samples, rng) for p in parts]
+    return parts
+
+
+def partition_dataset(dataset: Dataset, config: FedsimConfig) -> list[np.ndarray]:
+    """The training-sample indices of each client, as ``config`` asks."""
+    return partition(
+        dataset.y_train,
+        config.num_clients,
+        method=config.partition,
+        seed=config.seed,
+        alpha=config.dirichlet_alpha,
+        shards_per_client=config.shards_per_client,
+        client_ids=dataset.client_ids,
+        min_samples=config.min_samples,
+        max_samples=config.max_samples,
+    )
+
+
+def cap(indices: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded random ``max_samples`` of ``indices`` (sorted), or all if fewer."""
+    if len(indices) <= max_samples:
+        return indices
+    return np.sort(rng.choice(indices, max_samples, replace=False))
 
 
 def label_counts(labels: np.ndarray, num_classes: int) -> list[int]:

@@ -18,6 +18,7 @@ PARTITION = "partition.csv"
 PLOT = "accuracy_epsilon.png"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
+VOCAB = "vocab.json"
 ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon", "seconds", "clients", "dropped")
 
 

@@ -14,11 +14,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim import results
 from fedsim.config import FedsimConfig
-from fedsim.data import load_dataset
+from fedsim.data import Dataset, load_dataset, vocab_record
 from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate
 from fedsim.messages import ClientInfo, PrivacySpent, decode_client_info, encode_config
-from fedsim.models import build_model
+from fedsim.models import build_model, model_kwargs
+from fedsim.partition import partition_dataset
 from server import outputs, privacy
 from server.rounds import run_rounds
 from server.state import RunState
@@ -153,7 +154,10 @@ def start_state(grid: Grid, config: FedsimConfig, run_dir: Path) -> tuple[RunSta
     if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
         return RunState.from_checkpoint(checkpoint), clients
     infos = [clients[c][1] for c in sorted(clients)]
-    outputs.write_partition(run_dir, infos)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    outputs.write_partition(run_dir, infos, natural_users(dataset, config))
+    if dataset.vocab is not None:
+        results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
     return RunState(resolve_noise(config, infos), infos), clients
 
 
@@ -180,7 +184,8 @@ def run_federation(
     cfg = state.config
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes)
+    # evaluation needs no per-sample gradients; the DP layers share this state_dict
+    model = build_model(cfg.model, **model_kwargs(dataset), dp=False)
     if state.arrays is not None:
         model.load_state_dict(state.arrays)
     strategy, user_dp = build_strategy(state, clients)
@@ -226,3 +231,11 @@ def run_federation(
     )
     torch.save(state.arrays, run_dir / results.MODEL)
     return outputs.write_final(state, run_dir, started)
+
+
+def natural_users(dataset: Dataset, config: FedsimConfig) -> list[str] | None:
+    """The user (e.g. speaking role) behind each client of a natural partition."""
+    if config.partition != "natural" or dataset.users is None or dataset.client_ids is None:
+        return None
+    parts = partition_dataset(dataset, config)
+    return [dataset.users[dataset.client_ids[part[0]]] for part in parts]

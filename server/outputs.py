@@ -35,12 +35,14 @@ def round_row(state: RunState, server_round: int, loss: float, acc: float, **ext
     }
 
 
-def write_partition(run_dir: Path, infos: list[ClientInfo]) -> None:
-    """``partition.csv``: one row per client with its size and label counts."""
+def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | None) -> None:
+    """``partition.csv``: one row per client with its user, size and label counts."""
     num_classes = max(len(i.label_counts) for i in infos)
-    fields = ("client", "num_examples", *(f"label_{k}" for k in range(num_classes)))
+    user_field = ("user",) if users else ()
+    fields = ("client", *user_field, "num_examples", *(f"label_{k}" for k in range(num_classes)))
     rows = [
         {"client": i.partition_id, "num_examples": i.num_examples}
+        | ({"user": users[i.partition_id]} if users else {})
         | {f"label_{k}": n for k, n in enumerate(i.label_counts)}
         for i in infos
     ]

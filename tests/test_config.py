@@ -66,3 +66,25 @@ def test_validation_is_not_assert_based():
     # python -O strips asserts; a frozen, validated model must still refuse bad values
     with pytest.raises(FedsimError):
         parse_config({"batch-size": -4})
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"model": "cnn", "dataset": "sst2"}, "model cnn cannot learn dataset sst2"),
+        ({"partition": "natural"}, "partition natural needs a dataset with natural users"),
+        ({"min-samples": 10}, "applies only to partition natural"),
+        ({"max-samples": -1}, "max-samples"),
+    ],
+)
+def test_pairing_and_partition_errors(values, needle):
+    with pytest.raises(FedsimError) as info:
+        parse_config(values)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_next_char_loss_only_for_next_char():
+    with pytest.raises(FedsimError, match="applies only to next-char datasets"):
+        parse_config({"next-char-loss": "all"})
+    cfg = parse_config({"dataset": "shakespeare", "model": "lstm", "next-char-loss": "all"})
+    assert cfg.next_char_loss == "all"

@@ -3,8 +3,9 @@ import gzip
 import numpy as np
 import pytest
 
-from fedsim.data import load_dataset, read_idx
+from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
+from fedsim.images import read_idx
 
 
 def write_idx(path, array, *, gz=False):
@@ -68,3 +69,15 @@ def test_real_mnist(shared_data):
     ds = load_dataset("mnist", shared_data / "mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and len(ds.y_test) == 10000
     assert abs(float(ds.x_train.mean())) < 1e-2 and abs(float(ds.x_train.std()) - 1) < 1e-2
+
+
+def test_registry_knows_every_task_without_loading():
+    from fedsim.data import DATASET_TASKS, DATASETS, TASKS
+
+    assert set(DATASET_TASKS) == set(DATASETS)
+    assert set(DATASET_TASKS.values()) <= set(TASKS)
+
+
+def test_hf_source_needs_an_hf_dataset():
+    with pytest.raises(FedsimError, match="use dataset hf-image or hf-text"):
+        load_dataset("mnist", "hf:ylecun/mnist")

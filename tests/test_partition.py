@@ -49,3 +49,62 @@ def test_shards_give_few_classes():
 def test_more_clients_than_samples():
     with pytest.raises(FedsimError, match="exceeds the"):
         partition(LABELS[:5], 6, method="iid", seed=0)
+
+
+def users(num_users=12, seed=0):
+    """Client ids of a LEAF-like dataset: users of very different sizes, interleaved."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.repeat(np.arange(num_users), np.arange(1, num_users + 1) * 5))
+
+
+def natural(ids, num_clients, **kw):
+    return partition(
+        np.zeros(len(ids), dtype=np.int64),
+        num_clients,
+        method="natural",
+        seed=kw.pop("seed", 0),
+        client_ids=ids,
+        **kw,
+    )
+
+
+def test_natural_one_client_per_user_disjoint_complete_seeded():
+    ids = users()
+    parts = natural(ids, 12)
+    joined = np.concatenate(parts)
+    assert np.array_equal(np.sort(joined), np.arange(len(ids)))  # complete and disjoint
+    assert [len(np.unique(ids[p])) for p in parts] == [1] * 12  # one user each
+    assert [int(ids[p[0]]) for p in parts] == list(range(12))  # in user order
+    assert all(np.array_equal(p, np.sort(p)) for p in parts)
+    again = natural(ids, 12)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_natural_samples_users_by_seed():
+    ids = users()
+    picks = [tuple(int(ids[p[0]]) for p in natural(ids, 4, seed=s)) for s in range(6)]
+    assert len(set(picks)) > 1 and picks[0] == tuple(int(ids[p[0]]) for p in natural(ids, 4))
+    for part in natural(ids, 4, seed=3):
+        assert np.array_equal(part, np.flatnonzero(ids == ids[part[0]]))  # whole users
+
+
+def test_natural_min_and_max_samples():
+    ids = users()  # user u has 5·(u+1) samples
+    parts = natural(ids, 3, min_samples=50, max_samples=52)
+    assert all(len(np.unique(ids[p])) == 1 and int(ids[p[0]]) >= 9 for p in parts)
+    assert [len(p) for p in parts] == [50, 52, 52]
+    assert len(np.unique(np.concatenate(parts))) == 154  # still disjoint
+    with pytest.raises(
+        FedsimError, match=r"exceeds the 3 users with at least 50 samples \(of 12\)"
+    ):
+        natural(ids, 4, min_samples=50)
+    with pytest.raises(FedsimError, match="natural needs a dataset"):
+        partition(LABELS, 3, method="natural", seed=0)
+
+
+def test_max_samples_caps_every_partitioner_without_moving_it():
+    for method in ("iid", "dirichlet", "shards"):
+        full = partition(LABELS, 5, method=method, seed=1)
+        capped = partition(LABELS, 5, method=method, seed=1, max_samples=100)
+        for whole, part in zip(full, capped, strict=True):
+            assert len(part) == min(100, len(whole)) and np.isin(part, whole).all()

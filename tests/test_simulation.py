@@ -204,3 +204,29 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
     result = resume(out)
     assert result.returncode == 0, result.stderr
     assert without_seconds(out / "rounds.csv") == reference
+
+
+def test_natural_partition_text_run_records_users_and_vocab(tmp_path, shared_data):
+    """LSTM with DP on Shakespeare by role: DPLSTM clients, a plain-LSTM server."""
+    out = tmp_path / "roles"
+    fedsim_run(
+        out,
+        "model='lstm'",
+        "dataset='shakespeare'",
+        f"data-dir='{shared_data / 'tinyshakespeare'}'",
+        "partition='natural'",
+        "min-samples=2000",
+        "max-samples=16",
+        "batch-size=8",
+        "num-rounds=1",
+    )
+    partition = read_csv(out / "partition.csv")
+    assert len({r["user"] for r in partition}) == 3
+    assert all(int(r["num_examples"]) == 16 for r in partition)
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert vocab["tokens"][:2] == ["<pad>", "<unk>"] and vocab["seq_len"] == 80
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["partition"] == "natural" and summary["epsilon"] <= 4.0
+    ledger = json.loads((out / "privacy.json").read_text())
+    clients = ledger["units"]["sample"]["clients"]
+    assert sum(len(v) for v in clients.values()) == 2  # 2 clients in the one round

@@ -15,7 +15,7 @@ DIGITS = load_digits()
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_models_valid_for_opacus(name, shape):
-    model = build_model(name, input_shape=shape, num_classes=10)
+    model = build_model(name, input_shape=shape, num_classes=10, dp=True)
     assert ModuleValidator.validate(model, strict=False) == []
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
 

@@ -1,0 +1,133 @@
+"""Text classification from TSV files, with a deterministic word vocabulary.
+
+Tokenization: lower-case, then runs of word characters (apostrophes kept inside words,
+``don't``, ``'s``) and single punctuation marks, in order. The vocabulary is built from
+the training texts only: ``<pad>`` (id 0), ``<unk>`` (id 1), then every token seen at least
+``MIN_COUNT`` times, most frequent first, ties in alphabetical order, at most
+``MAX_VOCAB`` entries in all. Each text becomes its first ``SEQ_LEN`` token ids, padded
+on the right with 0. The same rule applies to ``hf-text``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.data import PAD_ID, TEXT_CLASSIFICATION, UNK_ID, Dataset, stratified_split, token_array
+from fedsim.errors import FedsimError
+
+SEQ_LEN = 64
+MIN_COUNT = 2
+MAX_VOCAB = 8192
+PAD, UNK = "<pad>", "<unk>"
+TOKEN = re.compile(r"[\w']+|[^\w\s]")
+SST2_LABELS = {"0": 0, "1": 1}
+SMS_LABELS = {"ham": 0, "spam": 1}
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words (apostrophes kept) and punctuation marks, in order."""
+    return TOKEN.findall(text.lower())
+
+
+def build_vocab(texts: Sequence[str]) -> tuple[str, ...]:
+    """The vocabulary of ``texts``: pad, unk, then tokens by count (≥ MIN_COUNT), then name."""
+    counts = Counter(token for text in texts for token in tokenize(text))
+    frequent = sorted(
+        (t for t, n in counts.items() if n >= MIN_COUNT), key=lambda t: (-counts[t], t)
+    )
+    return (PAD, UNK, *frequent[: MAX_VOCAB - 2])
+
+
+def encode(texts: Sequence[str], vocab: Sequence[str], seq_len: int = SEQ_LEN) -> np.ndarray:
+    """Token ids (N, seq_len): each text's first ``seq_len`` tokens, right-padded with 0."""
+    lookup = {token: i for i, token in enumerate(vocab)}
+    rows = np.full((len(texts), seq_len), PAD_ID, dtype=np.int64)
+    for row, text in zip(rows, texts, strict=True):
+        ids = [lookup.get(token, UNK_ID) for token in tokenize(text)[:seq_len]]
+        row[: len(ids)] = ids
+    return token_array(rows, len(vocab))
+
+
+def text_dataset(
+    name: str,
+    train: tuple[list[str], np.ndarray],
+    test: tuple[list[str], np.ndarray],
+    num_classes: int,
+) -> Dataset:
+    """A text-classification ``Dataset`` from raw (texts, labels) train and test splits."""
+    vocab = build_vocab(train[0])
+    x_train, x_test = encode(train[0], vocab), encode(test[0], vocab)
+    return Dataset(
+        name,
+        x_train,
+        train[1],
+        x_test,
+        test[1],
+        num_classes,
+        (SEQ_LEN,),
+        TEXT_CLASSIFICATION,
+        vocab=vocab,
+    )
+
+
+def read_labelled_tsv(path: Path, labels: dict[str, int]) -> tuple[list[str], np.ndarray]:
+    """Rows ``label<TAB>text`` of ``path``; CRLF or LF line ends; blank lines skipped.
+
+    A first row whose first column is ``label`` is a header and is skipped.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FedsimError(f"{path}: missing; point data-dir at the folder holding it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FedsimError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+    header = bool(lines) and lines[0].partition("\t")[0].strip().lower() == "label"
+    texts, ys = [], []
+    for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
+        if not line.strip():
+            continue
+        label, sep, text = line.partition("\t")
+        if not sep or label.strip() not in labels:
+            raise FedsimError(
+                f"{path}, line {number}: expected '<label><TAB><text>' with a label in "
+                f"{{{', '.join(labels)}}}, got {line[:40]!r}"
+            )
+        if not text.strip():
+            raise FedsimError(f"{path}, line {number}: empty text")
+        texts.append(text.strip())
+        ys.append(labels[label.strip()])
+    if not texts:
+        raise FedsimError(f"{path}: no labelled rows")
+    return texts, np.asarray(ys, dtype=np.int64)
+
+
+def load_sst2(data_dir: Path | None) -> Dataset:
+    """SST-2 sentiment: ``train.tsv`` to train, ``test.tsv`` (else ``dev.tsv``) to test.
+
+    Each file has a header row and columns ``label`` (0 or 1) and the sentence.
+    """
+    if data_dir is None:
+        raise FedsimError("dataset sst2 needs data-dir: the folder with train.tsv and test.tsv")
+    test_path = data_dir / "test.tsv"
+    if not test_path.is_file():
+        test_path = data_dir / "dev.tsv"
+    train = read_labelled_tsv(data_dir / "train.tsv", SST2_LABELS)
+    test = read_labelled_tsv(test_path, SST2_LABELS)
+    return text_dataset("sst2", train, test, 2)
+
+
+def load_sms_spam(data_dir: Path | None) -> Dataset:
+    """UCI SMS Spam Collection: ``sms.tsv``, rows ``ham|spam<TAB>text``, no header.
+
+    The 80/20 train/test split is stratified and fixed (independent of the seed).
+    """
+    if data_dir is None:
+        raise FedsimError("dataset sms-spam needs data-dir: the folder with sms.tsv")
+    texts, labels = read_labelled_tsv(data_dir / "sms.tsv", SMS_LABELS)
+    x_train, x_test, y_train, y_test = stratified_split(np.asarray(texts, dtype=object), labels)
+    return text_dataset("sms-spam", (list(x_train), y_train), (list(x_test), y_test), 2)

@@ -1,0 +1,135 @@
+"""Every model on every task it supports: Opacus-valid as built, forward, backward, DP step."""
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from clients.training import train_local
+from fedsim.config import parse_config
+from fedsim.data import DATASET_TASKS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
+from fedsim.errors import FedsimError
+from fedsim.models import MODEL_TASKS, MODELS, build_model
+
+VOCAB = 40
+SPECS = {  # task -> (input_shape, num_classes)
+    IMAGE: ((1, 8, 8), 10),
+    TEXT_CLASSIFICATION: ((12,), 2),
+    NEXT_CHAR: ((20,), VOCAB),
+}
+CASES = [(m, t) for m in sorted(MODELS) for t in sorted(MODEL_TASKS[m])]
+
+
+def batch(task, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    shape, classes = SPECS[task]
+    if task == IMAGE:
+        x = rng.normal(size=(n, *shape)).astype(np.float32)
+    else:
+        x = rng.integers(2, VOCAB, (n, *shape)).astype(np.uint8)
+        x[: n // 2, shape[0] // 2 :] = 0  # right padding
+    return x, rng.integers(0, classes, n)
+
+
+def build(name, task, *, dp):
+    shape, classes = SPECS[task]
+    return build_model(
+        name, input_shape=shape, num_classes=classes, task=task, vocab_size=VOCAB, dp=dp
+    )
+
+
+@pytest.mark.parametrize(("name", "task"), CASES)
+def test_valid_for_opacus_forward_backward(name, task):
+    model = build(name, task, dp=True)
+    assert ModuleValidator.validate(model, strict=False) == []
+    x, y = batch(task)
+    logits = model(torch.from_numpy(x))
+    assert logits.shape == (len(x), SPECS[task][1])
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "task"), CASES)
+def test_one_dp_step(name, task):
+    torch.manual_seed(0)
+    model = build(name, task, dp=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batch(task)
+    loss, spent = train_local(
+        model, x, y, epochs=1, batch_size=24, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    assert np.isfinite(loss) and spent.steps == (1,) and spent.noise_multiplier == (1.0,)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # what a DP client sends back loads into the server's plain model, and back again
+    plain = build(name, task, dp=False)
+    plain.load_state_dict(after)
+    build(name, task, dp=True).load_state_dict(plain.state_dict())
+
+
+def test_padding_does_not_change_predictions():
+    torch.manual_seed(0)
+    for name in ("lstm", "transformer"):
+        model = build(name, TEXT_CLASSIFICATION, dp=False).eval()
+        short = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+        more = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0], [9] * 12])
+        assert torch.allclose(model(short)[0], model(more)[0], atol=1e-5)
+
+
+def test_lstm_is_leafs():
+    model = build("lstm", NEXT_CHAR, dp=False)
+    assert model.inputs.encode.embedding_dim == 8
+    assert (model.lstm.hidden_size, model.lstm.num_layers) == (256, 2)
+    assert type(build("lstm", NEXT_CHAR, dp=True).lstm).__name__ == "DPLSTM"
+
+
+def test_cnn_sized_by_input():
+    for shape in [(1, 8, 8), (1, 28, 28), (3, 32, 32)]:
+        model = build_model("cnn", input_shape=shape, num_classes=10, dp=True)
+        assert ModuleValidator.validate(model, strict=False) == []
+        assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+def test_wrong_pairing_is_one_config_line():
+    with pytest.raises(FedsimError, match="model cnn does not support task") as info:
+        build("cnn", TEXT_CLASSIFICATION, dp=False)
+    assert "\n" not in str(info.value)
+    for dataset, task in DATASET_TASKS.items():
+        for model, tasks in MODEL_TASKS.items():
+            values = {"model": model, "dataset": dataset}
+            if task in tasks:
+                parse_config(values)
+            else:
+                with pytest.raises(FedsimError, match=f"model {model} cannot learn") as info:
+                    parse_config(values)
+                assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_next_char_positions_are_causal(name):
+    torch.manual_seed(0)
+    model = build(name, NEXT_CHAR, dp=False).eval()
+    x, _ = batch(NEXT_CHAR, n=2)
+    x = torch.from_numpy(x).clone()
+    x[:, 10:] = 3  # no padding in next-char windows
+    every = model(x, all_positions=True)
+    assert every.shape == (2, VOCAB, 20)
+    assert torch.allclose(every[:, :, -1], model(x), atol=1e-5)  # the last is the prediction
+    changed = x.clone()
+    changed[:, 15] = 7
+    # position t only sees positions <= t: what comes later changes nothing before it
+    assert torch.allclose(
+        model(changed, all_positions=True)[:, :, :15], every[:, :, :15], atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_dp_step_on_every_position(name):
+    torch.manual_seed(0)
+    model = build(name, NEXT_CHAR, dp=True)
+    x, y = batch(NEXT_CHAR)
+    x[:] = np.maximum(x, 2)
+    loss, spent = train_local(
+        model, x, y, epochs=1, batch_size=24, lr=0.1, noise_multiplier=1.0, all_positions=True
+    )
+    assert np.isfinite(loss) and spent.steps == (1,)

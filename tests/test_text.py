@@ -1,0 +1,69 @@
+"""Text classification TSVs (SST-2, SMS spam): real files, corrupt ones, tokenization."""
+
+import numpy as np
+import pytest
+
+from fedsim.data import PAD_ID, UNK_ID, load_dataset, vocab_record
+from fedsim.errors import FedsimError
+from fedsim.text import SEQ_LEN, build_vocab, encode, tokenize
+
+
+def test_tokenize_and_vocab_are_deterministic():
+    assert tokenize("Don't STOP, it's 2 good!") == ["don't", "stop", ",", "it's", "2", "good", "!"]
+    texts = ["b a a", "c b a", "d"]
+    assert build_vocab(texts) == ("<pad>", "<unk>", "a", "b")  # by count, then name; c, d once
+    assert build_vocab(list(reversed(texts))) == build_vocab(texts)
+    ids = encode(["a b c", ""], build_vocab(texts), seq_len=4)
+    assert ids.tolist() == [[2, 3, UNK_ID, PAD_ID], [PAD_ID] * 4]
+
+
+def test_sst2_real(shared_data):
+    ds = load_dataset("sst2", shared_data / "sst2")
+    assert (len(ds.y_train), len(ds.y_test)) == (67349, 1821)  # the header rows are skipped
+    assert ds.x_train.shape == (67349, SEQ_LEN) and ds.task == "text-classification"
+    assert ds.vocab[:2] == ("<pad>", "<unk>") and len(ds.vocab) <= 8192
+    assert set(np.unique(ds.y_train)) == {0, 1}
+    first = [ds.vocab[i] for i in ds.x_train[0] if i != PAD_ID]  # CRLF: no '\r' token
+    assert first == ["hide", "new", "<unk>", "from", "the", "parental", "<unk>"]  # rare: unknown
+    record = vocab_record(ds)
+    assert record["tokens"] == list(ds.vocab) and record["seq_len"] == SEQ_LEN
+
+
+def test_sms_spam_real(shared_data):
+    ds = load_dataset("sms-spam", shared_data / "sms-spam")
+    assert len(ds.y_train) + len(ds.y_test) == 5574
+    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == [4827, 747]
+    again = load_dataset("sms-spam", shared_data / "sms-spam")
+    assert np.array_equal(ds.x_test, again.x_test) and ds.vocab == again.vocab
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("ham\tfine\nmaybe\tnot a label\n", "line 2: expected '<label><TAB><text>'"),
+        ("ham\tfine\nspam\t   \n", "line 2: empty text"),
+        ("ham fine, no tab\n", "line 1: expected"),
+        ("", "no labelled rows"),
+    ],
+)
+def test_corrupt_tsv_names_file_and_line(tmp_path, content, needle):
+    (tmp_path / "sms.tsv").write_text(content)
+    with pytest.raises(FedsimError, match=needle) as info:
+        load_dataset("sms-spam", tmp_path)
+    assert "sms.tsv" in str(info.value)
+
+
+def test_sst2_crlf_header_and_missing_files(tmp_path):
+    rows = "label\tsentence\r\n" + "".join(f"{i % 2}\tword{i % 3} and more\r\n" for i in range(20))
+    (tmp_path / "train.tsv").write_bytes(rows.encode())
+    with pytest.raises(FedsimError, match=r"dev.tsv: missing"):
+        load_dataset("sst2", tmp_path)
+    (tmp_path / "dev.tsv").write_bytes(rows.encode())
+    ds = load_dataset("sst2", tmp_path)
+    assert len(ds.y_train) == 20 and "\r" not in "".join(ds.vocab)
+    (tmp_path / "dev.tsv").write_bytes(b"label\tsentence\n2\tbad label\n")
+    with pytest.raises(FedsimError, match=r"dev.tsv, line 2"):
+        load_dataset("sst2", tmp_path)
+    (tmp_path / "dev.tsv").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(FedsimError, match=r"dev.tsv: cannot read as UTF-8"):
+        load_dataset("sst2", tmp_path)
