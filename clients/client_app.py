@@ -76,6 +76,7 @@ def train_round(
         momentum=config.momentum,
         noise_multiplier=config.noise_multiplier if config.dp == "sample" else None,
         max_grad_norm=config.max_grad_norm,
+        grad_sample=config.grad_sample,
         device=device,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -52,6 +52,7 @@ class FedsimConfig(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample: Literal["fast", "hooks", "ghost"] = "fast"
     seed: int = Field(0, ge=0)
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)

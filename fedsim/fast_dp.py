@@ -14,7 +14,7 @@ steps the accountant), the data loader is Opacus's Poisson ``DPDataLoader``, all
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from opacus import PrivacyEngine
@@ -176,3 +176,53 @@ def make_private_fast(
         return ClippedLoss(clipper, nn.functional.cross_entropy(output, target, reduction="none"))
 
     return module, dp_optimizer, criterion, dp_loader, clipper
+
+
+GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost")
+
+
+class PrivateTraining(NamedTuple):
+    """What DP-SGD trains with: use these in place of the plain objects, then ``close()``."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[Tensor, Tensor], Any]
+    data_loader: DataLoader
+    close: Callable[[], None]
+
+
+def make_private(
+    engine: PrivacyEngine,
+    *,
+    grad_sample: str,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+) -> PrivateTraining:
+    """DP-SGD with Poisson sampling and cross-entropy loss, per-sample clipping by mode.
+
+    Parameters
+    ----------
+    grad_sample
+        ``fast``: one backward pass with ``fedsim.clip_rules`` (exact, the default);
+        ``hooks``: Opacus's per-sample gradients (the reference); ``ghost``: Opacus's
+        ghost clipping (two backward passes). The optimizer, noise and accountant are
+        Opacus's in every mode.
+
+    """
+    if grad_sample not in GRAD_SAMPLE_MODES:
+        raise FedsimError(f"grad-sample must be one of {', '.join(GRAD_SAMPLE_MODES)}")
+    dp = {"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm}
+    plain = {"module": module, "optimizer": optimizer, "data_loader": data_loader}
+    if grad_sample == "fast":
+        model, opt, criterion, loader, clipper = make_private_fast(engine, **plain, **dp)
+        return PrivateTraining(model, opt, criterion, loader, clipper.close)
+    if grad_sample == "ghost":
+        model, opt, criterion, loader = engine.make_private(
+            **plain, **dp, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost"
+        )
+        return PrivateTraining(model, opt, criterion, loader, model._close)
+    model, opt, loader = engine.make_private(**plain, **dp, grad_sample_mode="hooks")
+    return PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
