@@ -257,3 +257,12 @@ def test_layers_without_a_rule_fail_before_training():
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
+
+
+def test_bench_prints_a_table(capsys):
+    from experiments import bench
+
+    bench.main(["--repeats", "1", "--models", "project-cnn"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[2].strip() for line in lines if line.startswith("| project-cnn")]
+    assert rows == ["none", "hooks", "ghost", "fast"]
