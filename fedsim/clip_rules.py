@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fedsim.errors import FedsimError
 from fedsim.fast_lstm import LSTMGates
-from fedsim.per_sample import outer_sum, scaled, sq, weight_sq_norms
+from fedsim.per_sample import outer_weight, scaled, sq
 
 Grads = dict[nn.Parameter, Tensor]
 ClipFn = Callable[[Tensor], Grads]
@@ -51,23 +51,17 @@ def _outer_rule(
     pairs: list[tuple[nn.Parameter, Tensor]], biases: list[nn.Parameter | None], g: Tensor
 ) -> tuple[Tensor, ClipFn]:
     """Weights with gradient ``sum_t g_t a_t^T``, biases with ``sum_t g_t``; all ``(B, T, .)``."""
-    pairs = [(w, a) for w, a in pairs if w.requires_grad]
+    weights = [(w, outer_weight(a, g)) for w, a in pairs if w.requires_grad]
     biases = [b for b in biases if b is not None and b.requires_grad]
     total = g.new_zeros(g.shape[0])
-    for _, a in pairs:
-        total = total + weight_sq_norms(a, g)
+    for _, (sq_norms, _) in weights:
+        total = total + sq_norms
     bias_sum = g.sum(1) if biases else None
     if biases:
         total = total + len(biases) * sq(bias_sum, 1)
 
     def clip(coef: Tensor) -> Grads:
-        out = {}
-        for w, a in pairs:  # scale whichever factor is smaller
-            out[w] = (
-                outer_sum(scaled(g, coef), a)
-                if g.numel() <= a.numel()
-                else outer_sum(g, scaled(a, coef))
-            )
+        out = {w: weight_clip(coef) for w, (_, weight_clip) in weights}
         if biases:
             summed = coef.to(g.dtype) @ bias_sum
             out.update({b: summed for b in biases})

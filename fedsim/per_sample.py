@@ -6,8 +6,15 @@ gradient ``G_b = sum_t g[b, t] a[b, t]^T`` with ``g`` = dl_b/d(output) and ``a``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+# Per-sample gradients up to this many elements (32 MB in float32) are kept and summed with
+# weights; above it, fresh allocations cost page faults and memory traffic that the Gram
+# form and one matrix product avoid.
+PER_SAMPLE_BUDGET = 1 << 23
 
 
 def sq(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
@@ -40,3 +47,25 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
         gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
         return gram.sum((1, 2)).clamp(min=0)
     return sq(torch.bmm(g.transpose(1, 2), a), (1, 2))
+
+
+def outer_weight(a: Tensor, g: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``|G_b|^2`` for every b, and ``coef -> sum_b coef_b G_b``; ``a``, ``g`` ``(B, T, .)``.
+
+    Either materialises the per-sample gradients (one ``bmm``, then a weighted sum) or
+    never does (norms as above, the clipped sum as one matrix product with ``g`` scaled per
+    sample), whichever costs fewer operations within ``PER_SAMPLE_BUDGET``.
+    """
+    batch, steps, n_in = a.shape
+    n_out = g.shape[2]
+    gram_cost = steps * steps * (n_in + n_out) if steps > 1 else 0
+    if steps > 1 and batch * n_in * n_out <= PER_SAMPLE_BUDGET and 4 * n_in * n_out < gram_cost:
+        grads = torch.bmm(g.transpose(1, 2), a)
+        return sq(grads, (1, 2)), lambda coef: torch.tensordot(coef.to(g.dtype), grads, dims=1)
+
+    def clip(coef: Tensor) -> Tensor:  # scale whichever factor is smaller
+        if g.numel() <= a.numel():
+            return outer_sum(scaled(g, coef), a)
+        return outer_sum(g, scaled(a, coef))
+
+    return weight_sq_norms(a, g), clip

@@ -7,6 +7,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 
 from clients.training import train_local
+from fedsim import per_sample
 from fedsim.errors import FedsimError
 from fedsim.fast_dp import FastClipper, make_private
 from fedsim.fast_lstm import FastDPLSTM
@@ -104,7 +105,10 @@ def rel(a, b):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_norms_and_clipped_sums_equal_opacus(case, dtype, tol):
+@pytest.mark.parametrize("budget", ["default", 0])  # 0: Gram norms and one GEMM everywhere
+def test_norms_and_clipped_sums_equal_opacus(case, dtype, tol, budget, monkeypatch):
+    if budget == 0:
+        monkeypatch.setattr(per_sample, "PER_SAMPLE_BUDGET", 0)
     make_model, make_x = CASES[case]
     torch.manual_seed(0)
     reference, model = make_model().to(dtype), make_model().to(dtype)
