@@ -105,6 +105,7 @@ def train_round(
         momentum=config.momentum,
         noise_multiplier=config.noise_multiplier if config.dp in ("sample", "both") else None,
         max_grad_norm=config.max_grad_norm,
+        grad_sample=config.grad_sample,
         device=device,
         all_positions=config.next_char_loss == "all",
     )

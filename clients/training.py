@@ -13,6 +13,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedsim.fast_dp import make_private
 from fedsim.messages import PrivacySpent
 
 
@@ -27,6 +28,7 @@ def train_local(
     momentum: float = 0.0,
     noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
+    grad_sample: str = "fast",
     device: str = "cpu",
     all_positions: bool = False,
 ) -> tuple[float, PrivacySpent]:
@@ -43,6 +45,9 @@ def train_local(
         character after it (the window's own next characters, then the label ``y``),
         not the last position alone. One window's loss is the mean over its positions,
         so DP-SGD still clips one gradient per sample.
+    grad_sample
+        How per-sample gradients are clipped: ``fast``, ``hooks`` or ``ghost``
+        (``fedsim.fast_dp.make_private``); the same DP-SGD step in every mode.
 
     Returns
     -------
@@ -54,22 +59,25 @@ def train_local(
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = DataLoader(data, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    engine = None
+    engine, criterion = None, nn.CrossEntropyLoss()
     if noise_multiplier is not None:
         engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, loader = engine.make_private(
+        model, optimizer, criterion, loader, close = make_private(
+            engine,
+            grad_sample=grad_sample,
             module=model,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
         )
     losses = []
     for _ in range(epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, xb.to(device), yb.to(device), all_positions=all_positions)
+            loss = _loss(
+                model, xb.to(device), yb.to(device), criterion, all_positions=all_positions
+            )
             loss.backward()
             optimizer.step()
             if len(yb):
@@ -82,14 +90,14 @@ def train_local(
         sample_rate=tuple(float(h[1]) for h in history),
         steps=tuple(int(h[2]) for h in history),
     )
-    model._close()  # drop Opacus's hooks from the module we were given
+    close()  # drop the per-sample hooks from the module we were given
     return float(np.mean(losses)) if losses else float("nan"), spent
 
 
 def _loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, all_positions: bool
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion, *, all_positions: bool
 ) -> torch.Tensor:
     if not all_positions:
-        return nn.functional.cross_entropy(model(x), y)
+        return criterion(model(x), y)
     targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (N, T): the next characters
-    return nn.functional.cross_entropy(model(x, all_positions=True), targets)
+    return criterion(model(x, all_positions=True), targets)

@@ -73,6 +73,7 @@ class FedsimConfig(BaseModel):
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    grad_sample: Literal["fast", "hooks", "ghost"] = "fast"
     seed: int = Field(0, ge=0)
     round_timeout: float = Field(600.0, gt=0)
     min_clients: int = Field(1, ge=1)

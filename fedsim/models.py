@@ -58,13 +58,21 @@ def cnn(*, input_shape: tuple[int, ...], num_classes: int, **_: object) -> nn.Mo
 def lstm_layer(input_size: int, hidden_size: int, num_layers: int, *, dp: bool) -> nn.Module:
     """The one place that picks the recurrent layer (batch-first, nn.LSTM's state_dict).
 
-    Opacus's ``DPLSTM`` computes per-sample gradients but is many times slower than
-    ``nn.LSTM``, which has no per-sample gradients; training without DP needs none.
-    Both give the same state_dict keys, so a model trained with one loads into the other
-    and DP clients average with a plain server model.
+    Training without DP uses ``nn.LSTM``, which has no per-sample gradients. DP-SGD uses
+    ``FastDPLSTM``: per-sample gradients (or norms) from whole-sequence products instead
+    of Opacus's ``DPLSTM`` per-step hooks, equal to Opacus's within 1e-5 in float64
+    (tests/test_fast_lstm.py) and many times faster (docs/benchmarks.md). Both give
+    ``nn.LSTM``'s state_dict keys, so DP clients average with a plain server model.
     """
     if not dp:
         return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+    from fedsim.fast_lstm import FastDPLSTM
+
+    return FastDPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
+
+
+def opacus_lstm_layer(input_size: int, hidden_size: int, num_layers: int) -> nn.Module:
+    """Opacus's ``DPLSTM`` with ``nn.LSTM``'s state_dict keys: the reference layer."""
     from opacus.layers import DPLSTM
 
     layer = DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)

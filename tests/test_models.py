@@ -9,7 +9,7 @@ from clients.training import train_local
 from fedsim.config import parse_config
 from fedsim.data import DATASET_TASKS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
 from fedsim.errors import FedsimError
-from fedsim.models import MODEL_TASKS, MODELS, build_model
+from fedsim.models import MODEL_TASKS, MODELS, build_model, opacus_lstm_layer
 
 VOCAB = 40
 SPECS = {  # task -> (input_shape, num_classes)
@@ -80,7 +80,13 @@ def test_lstm_is_leafs():
     model = build("lstm", NEXT_CHAR, dp=False)
     assert model.inputs.encode.embedding_dim == 8
     assert (model.lstm.hidden_size, model.lstm.num_layers) == (256, 2)
-    assert type(build("lstm", NEXT_CHAR, dp=True).lstm).__name__ == "DPLSTM"
+    fast = build("lstm", NEXT_CHAR, dp=True).lstm
+    assert type(fast).__name__ == "FastDPLSTM"
+    # Opacus's DPLSTM, the reference, shares nn.LSTM's state_dict with the fast layer
+    reference = opacus_lstm_layer(8, 256, 2)
+    assert type(reference).__name__ == "DPLSTM"
+    reference.load_state_dict(fast.state_dict())
+    assert set(reference.state_dict()) == set(fast.state_dict())
 
 
 def test_cnn_sized_by_input():

@@ -1,0 +1,213 @@
+"""DP step time ÷ non-DP step time, per model and per-sample-gradient mode, in one process.
+
+    python -m experiments.bench [--repeats 5] [--models cnn,lstm,transformer] [--threads 1]
+
+Each model's steps (one batch of 64: zero_grad, forward, loss, backward, optimizer step)
+run round-robin: every repeat times every mode once, so a neighbour's load on a shared
+machine hits all modes alike; the table gives medians over the repeats. CPU time is this
+process's (robust to being descheduled); wall time is what a user waits. Modes: ``none``
+(no DP), Opacus 1.6's ``hooks`` (its default), ``ghost``, ``functorch`` and ``ew``, and fedsim's
+``fast`` (one backward pass, ``fedsim.fast_dp``). The LSTM rows also time the fused
+``nn.LSTM`` without DP, the denominator of its ratios, and Opacus's ``DPLSTM``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import opacus
+import torch
+from opacus import PrivacyEngine
+from opacus.layers import DPLSTM
+from torch import nn
+
+from fedsim.fast_dp import make_private_fast
+from fedsim.fast_lstm import FastDPLSTM
+from fedsim.models import cnn as project_cnn
+
+BATCH, STEPS, VOCAB = 64, 80, 80
+Step = Callable[[], None]
+
+
+def fedavg_cnn() -> nn.Module:
+    """The FedAvg paper's MNIST CNN: two 5x5 conv layers (32, 64), a 512-unit layer."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+class CharLSTM(nn.Module):
+    """LEAF Shakespeare: 8-dim embedding, 2-layer LSTM of 256, next character of 80."""
+
+    def __init__(self, lstm: type[nn.Module]) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.lstm = lstm(8, 256, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(256, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the character after each sequence."""
+        out, _ = self.lstm(self.emb(x))
+        return self.fc(out[:, -1])
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm encoder block: attention (nn.Linear projections) and a 4x MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d)`` -> ``(B, T, d)``."""
+        b, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        att = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class Encoder(nn.Module):
+    """2-layer Transformer encoder, d = 128, 4 heads, mean-pooled classifier."""
+
+    def __init__(self, d: int = 128, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(STEPS, d)
+        self.blocks = nn.Sequential(*[EncoderBlock(d, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` -> logits."""
+        positions = torch.arange(x.shape[1]).repeat(x.shape[0], 1)
+        return self.head(self.norm(self.blocks(self.emb(x) + self.pos(positions))).mean(1))
+
+
+def make_step(build: Callable[[], nn.Module], mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """One training step of a fresh model in ``mode`` on the fixed batch ``(x, y)``."""
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    criterion = nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "poisson_sampling": False}
+    if mode == "fast":
+        model, optimizer, criterion, _, _ = make_private_fast(
+            PrivacyEngine(), module=model, optimizer=optimizer, data_loader=loader, **dp
+        )
+    elif mode != "none":
+        private = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            grad_sample_mode=mode, **dp,
+        )  # fmt: skip
+        model, optimizer = private[0], private[1]
+        criterion = private[2] if mode == "ghost" else criterion
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def cases(name: str) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], torch.Tensor]:
+    """(label, model builder, mode) rows of one model and its input; row 0 is the denominator."""
+    if name == "cnn":
+        modes = ["none", "hooks", "ghost", "functorch", "ew", "fast"]
+        return [(f"{m}", fedavg_cnn, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
+    if name == "project-cnn":
+        build = lambda: project_cnn(input_shape=(1, 28, 28), num_classes=10)  # noqa: E731
+        modes = ["none", "hooks", "ghost", "fast"]
+        return [(m, build, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
+    tokens = torch.randint(0, VOCAB, (BATCH, STEPS))
+    if name == "transformer":
+        modes = ["none", "hooks", "ghost", "functorch", "ew", "fast"]
+        return [(m, Encoder, m) for m in modes], tokens
+    rows = [("nn.LSTM none", lambda: CharLSTM(nn.LSTM), "none")]
+    rows += [("DPLSTM hooks", lambda: CharLSTM(DPLSTM), "hooks")]
+    rows += [
+        (f"FastDPLSTM {m}", lambda: CharLSTM(FastDPLSTM), m)
+        for m in ("none", "hooks", "ghost", "fast")
+    ]
+    return rows, tokens
+
+
+def measure(name: str, repeats: int) -> list[tuple[str, float, float, float, float]]:
+    """(label, CPU ms, CPU ratio, wall ms, wall ratio) per row, medians over ``repeats``."""
+    rows, x = cases(name)
+    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (BATCH,))
+    steps = {}
+    for label, build, mode in rows:
+        try:
+            steps[label] = make_step(build, mode, x, y)
+            steps[label]()  # warm up (allocations, lazy initialisation)
+        except Exception as exc:  # a mode Opacus does not support for this model
+            print(f"  {name} {label}: not run ({type(exc).__name__}: {str(exc)[:80]})")
+            steps.pop(label, None)
+    cpu: dict[str, list[float]] = {label: [] for label in steps}
+    wall: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            step()
+            cpu[label].append(time.process_time() - c0)
+            wall[label].append(time.perf_counter() - w0)
+    base = rows[0][0]
+    c_base, w_base = statistics.median(cpu[base]), statistics.median(wall[base])
+    return [
+        (label, 1e3 * statistics.median(cpu[label]), statistics.median(cpu[label]) / c_base,
+         1e3 * statistics.median(wall[label]), statistics.median(wall[label]) / w_base)
+        for label in steps
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print one table of step times and ratios for the chosen models."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
+    cpu_name = _cpu_name()
+    print(f"# {datetime.date.today()}  {cpu_name}  torch {torch.__version__}  "
+          f"opacus {opacus.__version__}  threads {args.threads}  batch {BATCH}  "
+          f"median of {args.repeats}, interleaved")  # fmt: skip
+    print("| model | mode | CPU ms/step | CPU ratio | wall ms/step | wall ratio |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.models.split(","):
+        for label, c_ms, c_ratio, w_ms, w_ratio in measure(name, args.repeats):
+            print(f"| {name} | {label} | {c_ms:.0f} | {c_ratio:.2f} | {w_ms:.0f} | {w_ratio:.2f} |")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
+        return f"{names[0]} x{len(names)}"
+    except (OSError, IndexError):
+        return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

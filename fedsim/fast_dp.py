@@ -1,0 +1,228 @@
+"""DP-SGD with per-sample clipping in one backward pass; Opacus adds the noise and counts.
+
+Opacus computes per-sample gradients (``hooks``: materialised, ``B`` copies of every
+weight) or runs two backward passes (``ghost``). ``make_private_fast`` does one backward
+pass that asks autograd only for dl/d(output) of every trainable layer, never for the
+ordinary parameter gradients. Per-layer rules (``fedsim.clip_rules``) turn those into
+per-sample gradient norms and, once the clipping coefficients are known, into the clipped
+gradient sum, which becomes ``p.grad``. From there Opacus's own objects take over: the
+optimizer is Opacus's ``DPOptimizerFastGradientClipping`` (adds the Gaussian noise, scales,
+steps the accountant), the data loader is Opacus's Poisson ``DPDataLoader``, all built by
+``PrivacyEngine.make_private``, so the privacy accounting is exactly Opacus's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from opacus import PrivacyEngine
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fedsim.clip_rules import rule_for
+from fedsim.errors import FedsimError
+
+
+class FastClipper:
+    """Clips per-sample gradients of ``module`` to ``max_grad_norm`` in one backward pass.
+
+    Forward hooks on every layer with trainable parameters keep its inputs and output;
+    ``backward(per_sample_loss)`` sets each trainable parameter's ``.grad`` to
+    ``sum_b c_b grad_b l_b`` with ``c_b = min(1, C / (|grad_b| + 1e-6))`` (Opacus's formula).
+    """
+
+    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.layers = [m for m in module.modules() if _trainable(m)]
+        owned = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
+        if len(owned) != len(self.params):
+            raise FedsimError(
+                "grad-sample 'fast': every trainable parameter must belong to "
+                "a layer with a per-sample rule (shared parameters are not "
+                "supported); use grad-sample 'hooks'"
+            )
+        for layer in self.layers:
+            rule_for(layer)  # fail before training, not mid-way
+        self._calls: list[tuple[nn.Module, tuple, Tensor, int]] = []
+        self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
+        self.per_sample_norms: Tensor | None = None  # of the last batch, before clipping
+
+    def _capture(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
+        if not (layer.training and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor):
+            raise FedsimError(f"grad-sample 'fast': {type(layer).__name__} must return a tensor")
+        self._calls.append((layer, inputs, output, output._version))
+
+    def close(self) -> None:
+        """Remove the hooks; the module is a plain module again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._calls = [], []
+
+    def backward(self, per_sample_loss: Tensor) -> None:
+        """Accumulate the clipped per-sample gradient sum into ``p.grad``."""
+        calls, self._calls = self._calls, []
+        batch = per_sample_loss.shape[0]
+        if batch == 0 or not calls:  # an empty Poisson batch: only noise will be added
+            self._accumulate({})
+            return
+        _check_calls(calls)
+        outputs = [out for _, _, out, _ in calls]
+        grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
+        sq = per_sample_loss.new_zeros(batch, dtype=self.params[0].dtype)
+        clips: list[Callable[[Tensor], dict]] = []
+        for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
+            if grad is not None:
+                layer_sq, clip = rule_for(layer)(layer, inputs, grad)
+                sq = sq + layer_sq
+                clips.append(clip)
+        self.per_sample_norms = sq.sqrt()
+        coef = (self.max_grad_norm / (self.per_sample_norms + 1e-6)).clamp(max=1.0)
+        summed: dict[nn.Parameter, Tensor] = {}
+        for clip in clips:
+            for param, grad in clip(coef).items():
+                summed[param] = summed[param] + grad if param in summed else grad
+        self._accumulate(summed)
+
+    def _accumulate(self, summed: dict[nn.Parameter, Tensor]) -> None:
+        for p in self.params:
+            grad = summed.get(p)
+            grad = torch.zeros_like(p) if grad is None else grad.to(p.dtype).view_as(p)
+            p.grad = grad if p.grad is None else p.grad + grad
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _check_calls(calls: list[tuple[nn.Module, tuple, Tensor, int]]) -> None:
+    seen = set()
+    for layer, _, output, version in calls:
+        name = type(layer).__name__
+        if id(layer) in seen:
+            raise FedsimError(
+                f"grad-sample 'fast': {name} ran twice in one forward pass "
+                "(shared weights); use grad-sample 'hooks'"
+            )
+        seen.add(id(layer))
+        if output._version != version:
+            raise FedsimError(
+                f"grad-sample 'fast': the output of {name} was modified in "
+                "place (e.g. ReLU(inplace=True)); use an out-of-place op"
+            )
+
+
+class ClippedLoss:
+    """What ``criterion(output, target)`` returns: ``.backward()`` clips per sample."""
+
+    def __init__(self, clipper: FastClipper, per_sample: Tensor) -> None:
+        self.clipper, self.per_sample = clipper, per_sample
+
+    def backward(self) -> None:
+        """Clip per sample and accumulate into ``p.grad`` (one backward pass)."""
+        self.clipper.backward(self.per_sample)
+
+    def item(self) -> float:
+        """Mean loss of the batch."""
+        return float(self.per_sample.detach().mean())
+
+
+def make_private_fast(
+    engine: PrivacyEngine,
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+) -> tuple[
+    nn.Module,
+    torch.optim.Optimizer,
+    Callable[[Tensor, Tensor], ClippedLoss],
+    DataLoader,
+    FastClipper,
+]:
+    """Like ``engine.make_private(..., grad_sample_mode="ghost")``, with one backward pass.
+
+    Returns
+    -------
+    tuple
+        The module (unchanged, with forward hooks), Opacus's DP optimizer, a cross-entropy
+        criterion whose result's ``.backward()`` clips, Opacus's data loader, and the
+        clipper (``close()`` it after training).
+
+    """
+    # Opacus builds and validates everything; its per-layer hooks are then replaced by ours
+    hooks, dp_optimizer, _, dp_loader = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode="ghost",
+        wrap_model=False,
+    )
+    hooks.cleanup()
+    clipper = FastClipper(module, max_grad_norm=max_grad_norm)
+
+    def criterion(output: Tensor, target: Tensor) -> ClippedLoss:
+        return ClippedLoss(clipper, nn.functional.cross_entropy(output, target, reduction="none"))
+
+    return module, dp_optimizer, criterion, dp_loader, clipper
+
+
+GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost")
+
+
+class PrivateTraining(NamedTuple):
+    """What DP-SGD trains with: use these in place of the plain objects, then ``close()``."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[Tensor, Tensor], Any]
+    data_loader: DataLoader
+    close: Callable[[], None]
+
+
+def make_private(
+    engine: PrivacyEngine,
+    *,
+    grad_sample: str,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+) -> PrivateTraining:
+    """DP-SGD with Poisson sampling and cross-entropy loss, per-sample clipping by mode.
+
+    Parameters
+    ----------
+    grad_sample
+        ``fast``: one backward pass with ``fedsim.clip_rules`` (exact, the default);
+        ``hooks``: Opacus's per-sample gradients (the reference); ``ghost``: Opacus's
+        ghost clipping (two backward passes). The optimizer, noise and accountant are
+        Opacus's in every mode.
+
+    """
+    if grad_sample not in GRAD_SAMPLE_MODES:
+        raise FedsimError(f"grad-sample must be one of {', '.join(GRAD_SAMPLE_MODES)}")
+    dp = {"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm}
+    plain = {"module": module, "optimizer": optimizer, "data_loader": data_loader}
+    if grad_sample == "fast":
+        model, opt, criterion, loader, clipper = make_private_fast(engine, **plain, **dp)
+        return PrivateTraining(model, opt, criterion, loader, clipper.close)
+    if grad_sample == "ghost":
+        model, opt, criterion, loader = engine.make_private(
+            **plain, **dp, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost"
+        )
+        return PrivateTraining(model, opt, criterion, loader, model._close)
+    model, opt, loader = engine.make_private(**plain, **dp, grad_sample_mode="hooks")
+    return PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)

@@ -1,0 +1,71 @@
+"""Exact per-sample quantities of weights whose gradient is a sum of outer products.
+
+A linear layer over a sequence (or an LSTM's gate weights) has, for sample b, the weight
+gradient ``G_b = sum_t g[b, t] a[b, t]^T`` with ``g`` = dl_b/d(output) and ``a`` the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# Per-sample gradients up to this many elements (32 MB in float32) are kept and summed with
+# weights; above it, fresh allocations cost page faults and memory traffic that the Gram
+# form and one matrix product avoid.
+PER_SAMPLE_BUDGET = 1 << 23
+
+
+def sq(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """Sums of squares over ``dim`` (``vector_norm`` is several times faster than squaring)."""
+    return torch.linalg.vector_norm(t, dim=dim).square()
+
+
+def scaled(t: Tensor, coef: Tensor) -> Tensor:
+    """``t`` with sample b (dimension 0) multiplied by ``coef[b]``."""
+    return t * coef.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+
+
+def outer_sum(g: Tensor, a: Tensor) -> Tensor:
+    """``sum_{b,t} g[b, t] a[b, t]^T`` as one matrix product (einsum copies far more here)."""
+    if not g.is_contiguous() and g.transpose(0, 1).is_contiguous():  # stored time-major
+        g, a = g.transpose(0, 1), a.transpose(0, 1)
+    return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+
+
+def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``|G_b|^2`` for every b, for ``a`` and ``g`` of shape ``(B, T, .)``.
+
+    Takes the cheaper exact form: row norms when T = 1, else T x T Gram matrices
+    (``|G_b|^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)``) or the per-sample gradients themselves.
+    """
+    steps, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
+    if steps == 1:
+        return sq(a, (1, 2)) * sq(g, (1, 2))
+    if steps * (n_in + n_out) < n_in * n_out:
+        gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
+        return gram.sum((1, 2)).clamp(min=0)
+    return sq(torch.bmm(g.transpose(1, 2), a), (1, 2))
+
+
+def outer_weight(a: Tensor, g: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``|G_b|^2`` for every b, and ``coef -> sum_b coef_b G_b``; ``a``, ``g`` ``(B, T, .)``.
+
+    Either materialises the per-sample gradients (one ``bmm``, then a weighted sum) or
+    never does (norms as above, the clipped sum as one matrix product with ``g`` scaled per
+    sample), whichever costs fewer operations within ``PER_SAMPLE_BUDGET``.
+    """
+    batch, steps, n_in = a.shape
+    n_out = g.shape[2]
+    gram_cost = steps * steps * (n_in + n_out) if steps > 1 else 0
+    if steps > 1 and batch * n_in * n_out <= PER_SAMPLE_BUDGET and 4 * n_in * n_out < gram_cost:
+        grads = torch.bmm(g.transpose(1, 2), a)
+        return sq(grads, (1, 2)), lambda coef: torch.tensordot(coef.to(g.dtype), grads, dims=1)
+
+    def clip(coef: Tensor) -> Tensor:  # scale whichever factor is smaller
+        if g.numel() <= a.numel():
+            return outer_sum(scaled(g, coef), a)
+        return outer_sum(g, scaled(a, coef))
+
+    return weight_sq_norms(a, g), clip

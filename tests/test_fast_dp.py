@@ -1,0 +1,272 @@
+"""grad-sample 'fast': the same clipped gradients as Opacus, in one backward pass."""
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from torch import nn
+
+from clients.training import train_local
+from fedsim import per_sample
+from fedsim.errors import FedsimError
+from fedsim.fast_dp import FastClipper, make_private
+from fedsim.fast_lstm import FastDPLSTM
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+BATCH = 6
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 4, stride=2, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(2))
+
+
+class TinyTransformer(nn.Module):
+    """Embeddings, attention from nn.Linear, LayerNorm; wide and narrow linear layers so
+    both the Gram and the per-sample form of the linear rule run."""
+
+    def __init__(self, vocab=11, d=8, steps=9, wide=40):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d, padding_idx=0), nn.Embedding(steps, d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, wide), nn.Linear(wide, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        z = self.emb(x) + self.pos(torch.arange(x.shape[1]).repeat(x.shape[0], 1))
+        q, k, v = self.qkv(z).chunk(3, dim=2)
+        z = z + self.out(nn.functional.scaled_dot_product_attention(q, k, v))
+        z = z + self.down(torch.tanh(self.up(self.norm(z))))
+        return self.head(z.sum(1))
+
+
+class LstmNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5)
+        self.lstm = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(14, 3)
+
+    def forward(self, x, lengths=None):
+        out, _ = self.lstm(self.emb(x), lengths=lengths)
+        return self.fc(out.sum(1))
+
+
+CASES = {
+    "cnn": (small_cnn, lambda: torch.randn(BATCH, 2, 8, 8)),
+    "conv1d": (Conv1dNet, lambda: torch.randn(BATCH, 3, 10)),
+    "transformer": (TinyTransformer, lambda: torch.randint(0, 11, (BATCH, 9))),
+    "lstm": (LstmNet, lambda: torch.randint(0, 11, (BATCH, 9))),
+}
+
+
+def opacus_reference(model, x, y):
+    """Per-sample gradients from Opacus hooks mode; for the padding row of an embedding,
+    PyTorch's gradient (zero) is the definition, which Opacus 1.6 does not follow."""
+    gsm = GradSampleModule(model)
+    nn.functional.cross_entropy(gsm(x), y).backward()
+    grads = [p.grad_sample.clone() for p in model.parameters()]
+    gsm._close()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            index = [p is module.weight for p in model.parameters()].index(True)
+            grads[index][:, module.padding_idx] = 0
+    return grads
+
+
+def clipped(grads, max_norm):
+    norms = torch.stack([g.reshape(BATCH, -1).norm(dim=1) for g in grads], 1).norm(dim=1)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return norms, [torch.einsum("b,b...->...", coef, g) for g in grads]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("budget", ["default", 0])  # 0: Gram norms and one GEMM everywhere
+def test_norms_and_clipped_sums_equal_opacus(case, dtype, tol, budget, monkeypatch):
+    if budget == 0:
+        monkeypatch.setattr(per_sample, "PER_SAMPLE_BUDGET", 0)
+    make_model, make_x = CASES[case]
+    torch.manual_seed(0)
+    reference, model = make_model().to(dtype), make_model().to(dtype)
+    model.load_state_dict(reference.state_dict())
+    x = make_x()
+    x = x.to(dtype) if x.is_floating_point() else x
+    y = torch.randint(0, 3, (BATCH,))
+    grads = opacus_reference(reference, x, y)
+    max_norm = float(clipped(grads, 1.0)[0].median())  # some samples clipped, some not
+    norms, expected = clipped(grads, max_norm)
+    clipper = FastClipper(model, max_grad_norm=max_norm)
+    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert rel(clipper.per_sample_norms, norms) <= tol
+    for param, want in zip(model.parameters(), expected, strict=True):
+        assert rel(param.grad, want) <= tol
+
+
+def brute_force_clipped(model, x, y, lengths, max_norm):
+    """Clipped sum by definition: one backward pass per sample."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        n = int(lengths[i])
+        loss = nn.functional.cross_entropy(model(x[i : i + 1, :n]), y[i : i + 1])
+        loss.backward()
+        rows.append([p.grad.clone() for p in model.parameters()])
+    return clipped([torch.stack(c) for c in zip(*rows, strict=True)], max_norm)
+
+
+def test_variable_length_sequences_match_the_definition():
+    torch.manual_seed(0)
+    model = LstmNet().double()
+    x, y = torch.randint(0, 11, (BATCH, 9)), torch.randint(0, 3, (BATCH,))
+    lengths = torch.tensor([9, 3, 5, 9, 1, 7])
+    norms, expected = brute_force_clipped(model, x, y, lengths, 0.5)
+    model.zero_grad(set_to_none=True)
+    clipper = FastClipper(model, max_grad_norm=0.5)
+    clipper.backward(nn.functional.cross_entropy(model(x, lengths), y, reduction="none"))
+    assert rel(clipper.per_sample_norms, norms) <= 1e-10
+    for param, want in zip(model.parameters(), expected, strict=True):
+        assert rel(param.grad, want) <= 1e-10
+
+
+def digits_like(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 2, 8, 8)).astype(np.float32), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("grad_sample", ["fast", "ghost"])
+def test_training_without_noise_equals_opacus_hooks(grad_sample):
+    # same Poisson batches (same seed), σ = 0: every mode must take the same steps
+    x, y = digits_like()
+    results = {}
+    for mode in ("hooks", grad_sample):
+        torch.manual_seed(0)
+        model = small_cnn()
+        torch.manual_seed(1)
+        _, spent = train_local(
+            model,
+            x,
+            y,
+            epochs=2,
+            batch_size=16,
+            lr=0.5,
+            noise_multiplier=0.0,
+            max_grad_norm=0.1,
+            grad_sample=mode,
+        )
+        results[mode] = (torch.cat([p.detach().flatten() for p in model.parameters()]), spent)
+    (a, spent_a), (b, spent_b) = results["hooks"], results[grad_sample]
+    assert spent_a == spent_b and spent_a.steps == (8,)
+    assert rel(b, a) <= 1e-5
+
+
+def test_fast_dp_step_adds_noise_and_counts_steps():
+    x, y = digits_like()
+    engine = PrivacyEngine(accountant="rdp")
+    data = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    model = small_cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    private = make_private(
+        engine,
+        grad_sample="fast",
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=torch.utils.data.DataLoader(data, batch_size=20),
+        noise_multiplier=50.0,
+        max_grad_norm=1.0,
+    )
+    for xb, yb in private.data_loader:
+        private.optimizer.zero_grad()
+        private.criterion(model(xb), yb).backward()
+        private.optimizer.step()
+    private.close()
+    assert engine.accountant.history == [(50.0, 1 / 3, 3)]
+    moved = torch.cat(
+        [(p.detach() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    assert moved.norm() > 1.0  # σ C / B = 2.5 per coordinate: noise, not the gradient
+    assert not model._forward_hooks and not model[0]._forward_hooks
+
+
+class SharedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.fc(x))
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).relu_()
+
+
+class RawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    ("module", "needle"),
+    [(SharedLayer(), "ran twice"), (InPlace(), "in place")],
+)
+def test_unsupported_forward_passes_fail_clearly(module, needle):
+    clipper = FastClipper(module, max_grad_norm=1.0)
+    with pytest.raises(FedsimError, match=needle):
+        clipper.backward(module(torch.randn(3, 4)).sum(1))
+
+
+def test_layers_without_a_rule_fail_before_training():
+    with pytest.raises(FedsimError, match="no per-sample rule for RawParameter"):
+        FastClipper(RawParameter(), max_grad_norm=1.0)
+    with pytest.raises(FedsimError, match="grad-sample must be one of"):
+        make_private(
+            PrivacyEngine(),
+            grad_sample="slow",
+            module=nn.Linear(2, 2),
+            optimizer=None,
+            data_loader=None,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+
+
+def test_bench_prints_a_table(capsys):
+    from experiments import bench
+
+    bench.main(["--repeats", "1", "--models", "project-cnn"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[2].strip() for line in lines if line.startswith("| project-cnn")]
+    assert rows == ["none", "hooks", "ghost", "fast"]
