@@ -46,7 +46,15 @@ def assert_all_stopped(prefix, within=15.0):
     deadline = time.monotonic() + within
     while leftovers(prefix) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not leftovers(prefix), f"processes left running: {leftovers(prefix)}"
+    left = {pid: _cmdline(pid) for pid in leftovers(prefix)}
+    assert not left, f"processes left running: {left}"
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
 
 
 def fedsim(*args, tmp_path, timeout=600):
@@ -116,7 +124,8 @@ def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
     assert_all_stopped(tmp_path)
 
 
-def test_deploy_interrupted_stops_everything(tmp_path):
+@pytest.mark.parametrize("after", [0.0, 12.0])  # as the run is submitted; while it starts
+def test_deploy_interrupted_stops_everything(tmp_path, after):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     args = [sys.executable, "-m", "experiments.cli", "deploy", "--num-nodes", "2", "--out", "out"]
     proc = subprocess.Popen(
@@ -125,6 +134,7 @@ def test_deploy_interrupted_stops_everything(tmp_path):
     try:
         first = proc.stdout.readline()
         assert "SuperLink at" in first, first + proc.stderr.read()
+        time.sleep(after)
         assert leftovers(tmp_path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
