@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.procs import STOP_GRACE_S, free_port, spawn, stop_tree, tail
+from experiments.procs import STOP_GRACE_S, free_port, kill_tagged, spawn, stop_tree, tail
 from fedsim.errors import FedsimError
 
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
@@ -191,6 +191,11 @@ class LocalFederation:
         stop_tree(self.procs[name], f"{self.tag}/{name}", grace)
 
     def stop_all(self) -> None:
-        """Stop every process, SuperNodes and the run first, the SuperLink last."""
+        """Stop every process, SuperNodes and the run first, the SuperLink last.
+
+        A last sweep kills whatever still carries this federation's tag: a child whose
+        start was interrupted (Ctrl-C inside ``Popen``) never made it into ``procs``.
+        """
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
             self.stop(name)
+        kill_tagged(f"{self.tag}/", prefix=True)

@@ -56,17 +56,32 @@ def _parent_map() -> dict[int, int]:
     return {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
 
 
-def tagged(tag: str) -> list[int]:
-    """Processes whose environment holds ``FEDSIM_PROCESS_TAG=tag`` (Linux; else none)."""
+def tagged(tag: str, *, prefix: bool = False) -> list[int]:
+    """Processes tagged ``FEDSIM_PROCESS_TAG=tag`` (or a tag starting with it); Linux only."""
     needle = f"{TAG_VAR}={tag}".encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if needle in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
+            entries = environ.read_bytes().split(b"\0")
         except OSError:
             continue
+        if any(e == needle or (prefix and e.startswith(needle)) for e in entries):
+            found.append(int(environ.parent.name))
     return found
+
+
+def kill_tagged(tag: str, *, prefix: bool = False, rounds: int = 5) -> None:
+    """SIGKILL every process tagged ``tag``, again until none is left.
+
+    Repeated because a process may start a child (a ClientApp, a SuperExec) while its
+    siblings are being killed; the child inherits the tag, so the next pass finds it.
+    """
+    for _ in range(rounds):
+        left = tagged(tag, prefix=prefix)
+        if not left:
+            return
+        _signal_all(left, signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def spawn(args: list[str], log: Path, env: dict[str, str], tag: str) -> subprocess.Popen:
@@ -97,6 +112,8 @@ def stop_tree(proc: subprocess.Popen, tag: str = "", grace: float = STOP_GRACE_S
             proc.poll()  # reap our own child so it stops counting as alive
             time.sleep(0.1)
     _signal_all(_alive(pids), signal.SIGKILL)
+    if tag:
+        kill_tagged(tag)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=max(grace, 1.0))
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from experiments.certs import make_certificates, make_supernode_keys
-from experiments.deploy import APP_DIR, deploy_config, toml_table
 from experiments.localfed import LocalFederation, flower_bin
 from experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
@@ -46,24 +45,25 @@ def assert_all_stopped(prefix, within=15.0):
     deadline = time.monotonic() + within
     while leftovers(prefix) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not leftovers(prefix), f"processes left running: {leftovers(prefix)}"
+    left = {pid: _cmdline(pid) for pid in leftovers(prefix)}
+    assert not left, f"processes left running: {left}"
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
 
 
 def fedsim(*args, tmp_path, timeout=600):
-    """``fedsim`` with the venv's bin NOT on PATH, temporary files under tmp_path."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "PATH": "/usr/bin:/bin",
-        "TMPDIR": str(tmp_path),
-    }
     return subprocess.run(
         [sys.executable, "-m", "experiments.cli", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=deploy_env(tmp_path),
     )
 
 
@@ -78,18 +78,62 @@ def check_results(out, num_rounds):
     return summary, rounds
 
 
-def test_deploy_insecure_on_loopback(tmp_path):
-    result = fedsim(
-        "deploy", "--num-nodes", "2", "--set", "num-rounds=2", "--out", "out", "--timeout", "500",
-        tmp_path=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"SuperLink at 127\.0\.0\.1:\d+ \(insecure\), 2 SuperNodes", result.stdout)
+def deploy_env(tmp_path):
+    """The venv's bin NOT on PATH (fedsim deploy must cope), temporary files in tmp_path."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+
+
+def kill_supernode(tmp_path, name):
+    """SIGKILL a SuperNode of a running ``fedsim deploy`` and all it started: a crash."""
+    needle = f"/{name}".encode()
+    killed = 0
+    for pid in leftovers(tmp_path):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if any(e.startswith(TAG_VAR.encode()) and e.endswith(needle) for e in environ):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    assert killed, f"no process of {name} found"
+
+
+def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
+    # round-timeout well above a round's time on a loaded machine: the SuperLink itself
+    # reports the dead node after two missed heartbeats (Flower's interval is 30 s)
+    args = ["deploy", "--num-nodes", "2", "--out", "out", "--timeout", "500"]
+    args += ["--set", "num-rounds=2", "--set", "round-timeout=120", "--set", "min-clients=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=tmp_path,
+        env=deploy_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        while not (line := proc.stdout.readline()).startswith("round   0/2"):
+            assert line, "".join(lines) + proc.stderr.read()
+            lines.append(line)
+        kill_supernode(tmp_path, "supernode-1")  # while round 1 trains
+        out, err = proc.communicate(timeout=500)
+    finally:
+        stop_tree(proc)
+    stdout = "".join(lines) + line + out
+    assert proc.returncode == 0, stdout + err
+    assert re.search(r"SuperLink at 127\.0\.0\.1:\d+ \(insecure\), 2 SuperNodes", stdout)
+    assert "supernode-1 exited (code -9)" in stdout and "rounds go on without it" in stdout
     summary, rounds = check_results(tmp_path / "out", 2)
     assert summary["num_clients"] == 2
     assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
-    progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
-    assert len(progress) == 3
+    # reported by the SuperLink after two missed heartbeats, before round-timeout
+    assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds
+    # the dead client is charged its full prescribed spend for every round it was sent
+    ledger = json.loads((tmp_path / "out" / "privacy.json").read_text())
+    clients = ledger["units"]["sample"]["clients"]
+    assert [e["round"] for e in clients["1"]] == [1, 2]
+    assert [e["round"] for e in clients["0"]] == [1, 2]
     # every process stopped, the work folder removed, no partial results left
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
     assert_all_stopped(tmp_path)
@@ -116,15 +160,21 @@ def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
     assert_all_stopped(tmp_path)
 
 
-def test_deploy_interrupted_stops_everything(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+@pytest.mark.parametrize("after", [0.0, 12.0])  # as the run is submitted; while it starts
+def test_deploy_interrupted_stops_everything(tmp_path, after):
     args = [sys.executable, "-m", "experiments.cli", "deploy", "--num-nodes", "2", "--out", "out"]
     proc = subprocess.Popen(
-        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args,
+        cwd=tmp_path,
+        env=deploy_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         first = proc.stdout.readline()
         assert "SuperLink at" in first, first + proc.stderr.read()
+        time.sleep(after)
         assert leftovers(tmp_path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
@@ -240,53 +290,3 @@ def test_simulation_on_existing_ray_cluster(ray_head, tmp_path):
     # the run's driver and its client workers ran in this cluster, not in a Ray of its own
     assert len(list(temp.glob("session_latest/logs/python-core-driver-*"))) == len(drivers) + 1
     assert list(temp.glob("session_latest/logs/worker-*-01000000-*.out"))
-
-
-@pytest.fixture
-def insecure_link(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    try:
-        with LocalFederation(work) as fed:
-            fed.start_superlink()
-            yield fed
-    finally:
-        assert_all_stopped(tmp_path)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.5)
-
-
-def test_killed_supernode_run_goes_on_without_it(insecure_link, tmp_path):
-    fed = insecure_link
-    staging = tmp_path / "staging"
-    # round-timeout well above a round's time on a loaded machine: the SuperLink itself
-    # reports the dead node after two missed heartbeats (Flower's interval is 30 s)
-    config = deploy_config(None, ["num-rounds=2", "round-timeout=120", "min-clients=1"], 2)
-    run_config = fed.work / "run-config.toml"
-    run_config.write_text(toml_table({**config.to_flat(), "out-dir": str(staging)}))
-    for i in range(2):
-        fed.start_supernode(f"supernode-{i}", {"partition-id": i, "num-partitions": 2})
-    run = fed.submit(APP_DIR, run_config)
-    wait_for(lambda: list(staging.glob("*/rounds.csv")), 300, "round 0")
-    fed.stop("supernode-1", grace=0)  # SIGKILL while round 1 trains: a crash
-    killed = time.monotonic()
-    run.wait(timeout=400)
-    run_id = re.search(r"started run (\d+)", (fed.work / "flwr-run.log").read_text()).group(1)
-    assert fed.run_status(run_id)[0] == "finished:completed"
-    assert time.monotonic() - killed < 300
-    out = next(staging.iterdir())
-    check_results(out, 2)
-    rounds = read_csv(out / "rounds.csv")
-    assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
-    # reported by the SuperLink after two missed heartbeats, before round-timeout
-    assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds
-    # the dead client is charged its full prescribed spend for every round it was sent
-    ledger = json.loads((out / "privacy.json").read_text())
-    clients = ledger["units"]["sample"]["clients"]
-    assert [e["round"] for e in clients["1"]] == [1, 2]
-    assert [e["round"] for e in clients["0"]] == [1, 2]
