@@ -37,16 +37,15 @@ class FastClipper:
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.layers = [m for m in module.modules() if _trainable(m)]
-        owned = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
-        if len(owned) != len(self.params):
+        owned = [id(p) for m in self.layers for p in m.parameters(recurse=False)]
+        if len(owned) != len(set(owned)):  # per-layer norms would miss the cross terms
             raise FedsimError(
-                "grad-sample 'fast': every trainable parameter must belong to "
-                "a layer with a per-sample rule (shared parameters are not "
-                "supported); use grad-sample 'hooks'"
+                "grad-sample 'fast' does not support parameters shared between layers "
+                "(tied weights); use grad-sample 'hooks'"
             )
         for layer in self.layers:
             rule_for(layer)  # fail before training, not mid-way
-        self._calls: list[tuple[nn.Module, tuple, Tensor, int]] = []
+        self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
         self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
         self.per_sample_norms: Tensor | None = None  # of the last batch, before clipping
 
@@ -55,7 +54,7 @@ class FastClipper:
             return
         if not isinstance(output, Tensor):
             raise FedsimError(f"grad-sample 'fast': {type(layer).__name__} must return a tensor")
-        self._calls.append((layer, inputs, output, output._version))
+        self._calls.append((layer, inputs, output, _versions(inputs, output)))
 
     def close(self) -> None:
         """Remove the hooks; the module is a plain module again."""
@@ -99,9 +98,15 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def _check_calls(calls: list[tuple[nn.Module, tuple, Tensor, int]]) -> None:
+def _versions(inputs: tuple, output: Tensor) -> tuple[int, ...]:
+    """Version counters of the tensors a rule reads that autograd also tracks."""
+    tracked = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    return tuple(t._version for t in [*tracked, output])
+
+
+def _check_calls(calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]]) -> None:
     seen = set()
-    for layer, _, output, version in calls:
+    for layer, inputs, output, versions in calls:
         name = type(layer).__name__
         if id(layer) in seen:
             raise FedsimError(
@@ -109,9 +114,9 @@ def _check_calls(calls: list[tuple[nn.Module, tuple, Tensor, int]]) -> None:
                 "(shared weights); use grad-sample 'hooks'"
             )
         seen.add(id(layer))
-        if output._version != version:
+        if _versions(inputs, output) != versions:
             raise FedsimError(
-                f"grad-sample 'fast': the output of {name} was modified in "
+                f"grad-sample 'fast': the input or output of {name} was modified in "
                 "place (e.g. ReLU(inplace=True)); use an out-of-place op"
             )
 

@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ({"num-client": 3}, "did you mean 'num-clients'"),
         ({"lr": "fast"}, "lr"),
         ({"delta": 1.5}, "delta"),
+        ({"grad-sample": "slow"}, "grad-sample"),
     ],
 )
 def test_bad_values_give_one_line(values, needle):

@@ -229,6 +229,28 @@ class InPlace(nn.Module):
         return self.fc(x).relu_()
 
 
+class InPlaceInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.first(x) * 1.0  # only the second layer's input: autograd saves nothing of it
+        out = self.second(h)
+        h.mul_(2)  # what the second layer's rule would read is no longer its input
+        return out
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
 class RawParameter(nn.Module):
     def __init__(self):
         super().__init__()
@@ -240,7 +262,7 @@ class RawParameter(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "needle"),
-    [(SharedLayer(), "ran twice"), (InPlace(), "in place")],
+    [(SharedLayer(), "ran twice"), (InPlace(), "in place"), (InPlaceInput(), "in place")],
 )
 def test_unsupported_forward_passes_fail_clearly(module, needle):
     clipper = FastClipper(module, max_grad_norm=1.0)
@@ -249,6 +271,8 @@ def test_unsupported_forward_passes_fail_clearly(module, needle):
 
 
 def test_layers_without_a_rule_fail_before_training():
+    with pytest.raises(FedsimError, match="tied weights"):
+        FastClipper(Tied(), max_grad_norm=1.0)
     with pytest.raises(FedsimError, match="no per-sample rule for RawParameter"):
         FastClipper(RawParameter(), max_grad_norm=1.0)
     with pytest.raises(FedsimError, match="grad-sample must be one of"):
