@@ -8,10 +8,11 @@ covers; Flower's DP wrappers noise a sample-size-weighted mean instead, whose se
 the noise does not cover.
 
 Adaptive clipping follows Andrew et al. (2021): each client contributes the bit
-``‖Δ‖ ≤ C``, the bit sum gets its own noise (std σ_b), and C moves toward the target
-quantile γ: C ← C·exp(−η (b̄ − γ)), so C *shrinks* when more than γ of the updates already
-fit. Noise is split so that the pair of releases is a Gaussian mechanism with the
-accounted noise multiplier z: σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2).
+``‖Δ‖ ≤ C`` centred to ±1/2 (sensitivity 1/2), the sum of these gets its own noise
+(std σ_b), and C moves toward the target quantile γ: C ← C·exp(−η (b̄ − γ)), so C
+*shrinks* when more than γ of the updates already fit. Noise is split so that the pair
+of releases is a Gaussian mechanism with the accounted noise multiplier z:
+σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2).
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def update_std(z: float, count_noise: float) -> float:
             f"raise clip-count-noise above {z / 2:.3f}"
         )
     return rest**-0.5
+
+
+def clip_fraction(
+    unclipped: int, replies: int, *, std: float, cohort: float, rng: np.random.Generator
+) -> float:
+    """Noisy fraction of updates that fit the clip norm, from bits centred to ±1/2.
+
+    Centring (Andrew et al. 2021, as in TF Privacy's quantile estimator) makes one
+    client move the released sum by at most 1/2, which is what :func:`update_std`'s split
+    of the noise assumes; raw 0/1 bits would have sensitivity 1 and leave the pair of
+    releases less private than the accounted noise multiplier.
+    """
+    centred = unclipped - replies / 2 + rng.normal(0.0, std)
+    return centred / cohort + 0.5
 
 
 class UserLevelDP(Strategy):
@@ -140,8 +155,9 @@ class UserLevelDP(Strategy):
         )
         used_clip = self.clip_norm
         if self.quantile > 0:
-            noisy_bits = unclipped + rng.normal(0.0, self.count_noise)
-            fraction = noisy_bits / self.expected_cohort
+            fraction = clip_fraction(
+                unclipped, len(clipped), std=self.count_noise, cohort=self.expected_cohort, rng=rng
+            )
             self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.quantile))
         # one Poisson-subsampled Gaussian release per round, whoever replied
         self.ledger.append(LedgerEntry(server_round, self.z, self.sample_rate, 1))

@@ -125,3 +125,43 @@ def test_solve_user_noise_meets_target():
     )
     eps = privacy.history_epsilon([(sigma, 0.1, 100)], delta=1e-5, accountant="rdp")
     assert 2.0 * 0.99 <= eps <= 2.0
+
+
+class NoNoise:
+    """A generator without noise: what remains of a release is its sensitive part."""
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return loc if size is None else np.full(size, loc, dtype=float)
+
+
+def noiseless_release(monkeypatch, updates, *, z, count_noise, cohort=4.0, lr=0.2):
+    """(sum of clipped updates, count statistic) that an adaptive round releases."""
+    monkeypatch.setattr(np.random, "default_rng", lambda *a, **k: NoNoise())
+    dp = wrapper(
+        noise_multiplier=z,
+        clip_quantile=0.5,
+        clip_lr=lr,
+        count_noise=count_noise,
+        expected_cohort=cohort,
+    )
+    dp.configure_train(1, record({"w": np.zeros(2)}), None, None)
+    new, _ = dp.aggregate_train(1, [reply({"w": u}) for u in updates])
+    # C' = C·exp(−η (b̄ − γ)) with C = 1 and γ = 0.5: invert it for the released b̄
+    released_fraction = 0.5 - math.log(dp.clip_norm) / lr
+    return new["w"].numpy().astype(float) * cohort, released_fraction * cohort
+
+
+@pytest.mark.parametrize("extra", [[0.6, 0.79], [0.0, 0.1], [30.0, 40.0]])
+def test_adaptive_round_is_a_gaussian_mechanism_with_multiplier_z(monkeypatch, extra):
+    # Andrew et al.'s split σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) holds only if one client moves
+    # the count by at most 1/2 (bits centred to ±1/2). Adding one client to the cohort
+    # must move (sum/σ_Δ·C, count/σ_b) by at most 1/z in L2 norm.
+    z, sb = 1.0, 0.6
+    base = [[0.1, 0.0], [0.0, 3.0]]
+    sum_a, count_a = noiseless_release(monkeypatch, base, z=z, count_noise=sb)
+    sum_b, count_b = noiseless_release(monkeypatch, [*base, extra], z=z, count_noise=sb)
+    sigma_update = update_std(z, sb)
+    moved = math.hypot(
+        float(np.linalg.norm(sum_b - sum_a)) / sigma_update, (count_b - count_a) / sb
+    )
+    assert moved <= (1 / z) * (1 + 1e-5)
