@@ -22,6 +22,7 @@ from fedsim.errors import FedsimError
 
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 START_TIMEOUT_S = 60.0
+CONNECTION = "fedsim-deploy"  # the SuperLink connection's name in the CLI's config.toml
 
 
 def flower_bin() -> Path:
@@ -51,7 +52,7 @@ class LocalFederation:
     """SuperLink, SuperNodes and ``flwr`` commands under one work folder.
 
     Each process gets its own ``FLWR_HOME`` and log file in ``work``. The ``flwr`` CLI
-    reaches the SuperLink through the connection ``local`` in ``work/home-cli/config.toml``.
+    reaches the SuperLink through the connection ``fedsim-deploy`` in ``work/home-cli/config.toml``.
     """
 
     work: Path
@@ -130,7 +131,14 @@ class LocalFederation:
         raise FedsimError(f"the {name} did not listen within {START_TIMEOUT_S:.0f} s")
 
     def _write_cli_config(self) -> None:
-        lines = ["[superlink]", 'default = "local"', "", "[superlink.local]"]
+        # not Flower's own name "local": for that one, `flwr` starts a simulation SuperLink
+        # of its own in the background when the file is missing
+        lines = [
+            "[superlink]",
+            f"default = {json.dumps(CONNECTION)}",
+            "",
+            f"[superlink.{CONNECTION}]",
+        ]
         lines.append(f"address = {json.dumps(self.address)}")
         if self.certs is None:
             lines.append("insecure = true")
@@ -156,7 +164,7 @@ class LocalFederation:
 
     def register(self, public_key: Path) -> None:
         """Register a SuperNode's public key with the SuperLink (SuperNode auth)."""
-        self.flwr("supernode", "register", str(public_key), "local")
+        self.flwr("supernode", "register", str(public_key), CONNECTION)
 
     def start_supernode(
         self, name: str, node_config: dict[str, int | str], private_key: Path | None = None
@@ -176,13 +184,13 @@ class LocalFederation:
         return self.spawn(name, args)
 
     def submit(self, app: Path, run_config: Path) -> subprocess.Popen:
-        """``flwr run APP local --run-config FILE --stream``; it exits when the run ends."""
-        args = ["flwr", "run", str(app), "local", "--run-config", str(run_config), "--stream"]
+        """``flwr run APP fedsim-deploy --run-config FILE --stream``; it exits when the run ends."""
+        args = ["flwr", "run", str(app), CONNECTION, "--run-config", str(run_config), "--stream"]
         return self.spawn("flwr-run", args, home="home-cli")
 
     def run_status(self, run_id: str) -> tuple[str, str]:
         """(status, details) of a run, e.g. ("finished:completed", "N/A")."""
-        out = self.flwr("ls", "local", "--run-id", run_id, "--format", "json").stdout
+        out = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout
         run = json.loads(out[out.index("{") :])["runs"][0]
         return run["status"], run.get("status-details", "")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from experiments.certs import make_certificates, make_supernode_keys
-from experiments.localfed import LocalFederation, flower_bin
+from experiments.localfed import CONNECTION, LocalFederation, flower_bin
 from experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
 from tests.conftest import ROOT
@@ -226,7 +226,7 @@ def secure_link(tmp_path):
 
 
 def node_status(fed):
-    out = fed.flwr("supernode", "ls", "local", "--format", "json").stdout
+    out = fed.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout
     return [n["status"] for n in json.loads(out[out.index("{") :])["nodes"]]
 
 
@@ -249,7 +249,7 @@ def test_tls_superlink_rejects_plaintext(secure_link, tmp_path):
     config = fed.work / "home-cli" / "config.toml"
     config.write_text(re.sub(r"root-certificates = .*", "insecure = true", config.read_text()))
     with pytest.raises(Exception, match="flwr supernode failed"):
-        fed.flwr("supernode", "ls", "local", timeout=60)
+        fed.flwr("supernode", "ls", CONNECTION, timeout=60)
 
 
 @pytest.fixture
