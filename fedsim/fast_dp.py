@@ -88,9 +88,11 @@ class FastClipper:
         self._accumulate(summed)
 
     def _accumulate(self, summed: dict[nn.Parameter, Tensor]) -> None:
+        # the rules run with autograd on (under no_grad, glibc gave freed blocks back to the
+        # OS and the CNN's next step page-faulted them in again: +20 ms), hence the detach
         for p in self.params:
             grad = summed.get(p)
-            grad = torch.zeros_like(p) if grad is None else grad.to(p.dtype).view_as(p)
+            grad = torch.zeros_like(p) if grad is None else grad.detach().to(p.dtype).view_as(p)
             p.grad = grad if p.grad is None else p.grad + grad
 
 
