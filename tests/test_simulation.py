@@ -170,9 +170,14 @@ def run_until(out, round_no, sig, tmp_path):
 
 
 def _session_processes(sid):
-    time.sleep(3)  # let Ray's processes finish exiting
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
+    """Processes still in the run's session after up to 30 s for Ray's to finish exiting."""
+    deadline = time.monotonic() + 30
+    while True:
+        ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+        alive = [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
 
 
 def without_seconds(path):
