@@ -48,6 +48,10 @@ def load_shakespeare(data_dir: Path | None) -> Dataset:
         )
     plays = sorted(p for p in data_dir.rglob("*.md") if not p.name.upper().startswith("README"))
     texts = sorted(data_dir.glob("*.txt"))
+    stems = [p.stem for p in plays]
+    if len(set(stems)) < len(stems):
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        raise FedsimError(f"{data_dir}: two plays named {twice[0]}.md; roles are named by play")
     if plays:
         roles = _merge(parse_markdown_play(p) for p in plays)
     elif texts:

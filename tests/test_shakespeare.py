@@ -62,6 +62,11 @@ def test_markdown_without_speakers_names_the_file(tmp_path):
     (tmp_path / "comedies" / "empty.md").write_text("# Title\n\n_Enter nobody_\n")
     with pytest.raises(FedsimError, match=r"empty.md: no speeches found"):
         load_dataset("shakespeare", tmp_path)
+    (tmp_path / "comedies" / "empty.md").write_text(PLAY)
+    (tmp_path / "empty.md").write_text(PLAY)
+    with pytest.raises(FedsimError, match=r"two plays named empty\.md"):
+        load_dataset("shakespeare", tmp_path)
+    (tmp_path / "empty.md").unlink()
     (tmp_path / "comedies" / "empty.md").unlink()
     with pytest.raises(FedsimError, match="no Shakespeare here"):
         load_dataset("shakespeare", tmp_path)

@@ -212,11 +212,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
 
 
 def test_natural_partition_text_run_records_users_and_vocab(tmp_path, shared_data):
-    """LSTM with DP on Shakespeare by role: DPLSTM clients, a plain-LSTM server."""
+    """DP on Shakespeare by role: one client per speaker, the vocabulary saved."""
     out = tmp_path / "roles"
     fedsim_run(
         out,
-        "model='lstm'",
+        "model='transformer'",
         "dataset='shakespeare'",
         f"data-dir='{shared_data / 'tinyshakespeare'}'",
         "partition='natural'",
