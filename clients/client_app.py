@@ -19,6 +19,7 @@ from fedsim.messages import (
     decode_config,
     encode_client_info,
     encode_train_reply,
+    named_partition,
 )
 from fedsim.models import build_model
 
@@ -37,7 +38,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition for one round."""
     config, server_round = decode_config(msg.content)
-    pid = partition_id(context, config)
+    pid = train_partition(context, config, named_partition(msg.content))
     state = msg.content[ARRAYS].to_torch_state_dict()
     new_state, report = train_round(
         config, pid, server_round, state, local_dir=local_data_dir(context)
@@ -58,6 +59,22 @@ def partition_id(context: Context, config: FedsimConfig) -> int:
             f"{config.num_clients}; make them equal"
         )
     return int(node["partition-id"])
+
+
+def train_partition(context: Context, config: FedsimConfig, named: int | None) -> int:
+    """The partition to train: the one the message names, else this node's own.
+
+    In a simulation the nodes are workers and every message names its client. A node
+    with its own data trains only that, so it refuses any other client's id.
+    """
+    if named is None:
+        return partition_id(context, config)
+    if local_data_dir(context) is not None and named != partition_id(context, config):
+        raise FedsimError(
+            f"asked to train client {named}, but this node holds only its own data "
+            f"(partition-id {partition_id(context, config)})"
+        )
+    return named
 
 
 def local_data_dir(context: Context) -> str | None:

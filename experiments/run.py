@@ -118,6 +118,7 @@ def run_experiment(
 def _simulate(config, staging, started, verbose, client_app) -> None:
     from flwr.simulation import run_simulation
 
+    from server.federation import simulation_nodes
     from server.server_app import build_server_app
 
     if client_app is None:
@@ -125,13 +126,18 @@ def _simulate(config, staging, started, verbose, client_app) -> None:
     _quiet_logs(verbose)
     stop = threading.Event()
     server_app = build_server_app(
-        config, run_dir=staging, on_round=print_round(config), started=started, stop=stop
+        config,
+        run_dir=staging,
+        on_round=print_round(config),
+        started=started,
+        stop=stop,
+        node_per_client=False,
     )
     with _stop_on_sigint(stop):
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=config.num_clients,
+            num_supernodes=simulation_nodes(config),
             backend_config=_backend_config(config, verbose),
         )
     if not (staging / results.SUMMARY).exists():

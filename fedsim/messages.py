@@ -19,6 +19,8 @@ CONFIG = "config"
 METRICS = "metrics"
 PRIVACY = "privacy"
 ROUND_KEY = "server-round"
+# in a train message: the client (partition) to train, so simulation nodes are workers
+PARTITION_KEY = "partition-id"
 WEIGHT_KEY = "num-examples"
 
 
@@ -64,14 +66,21 @@ def decode_config(content: RecordDict) -> tuple[FedsimConfig, int]:
     """Client side of :func:`encode_config`: validated config and server round."""
     values = dict(content[CONFIG])
     server_round = int(values.pop(ROUND_KEY, 0))
+    values.pop(PARTITION_KEY, None)
     return parse_config(values), server_round
+
+
+def named_partition(content: RecordDict) -> int | None:
+    """The client (partition id) a train message names, or None: the node's own."""
+    value = content[CONFIG].get(PARTITION_KEY)
+    return None if value is None else int(value)
 
 
 def encode_client_info(info: ClientInfo) -> RecordDict:
     """Client -> server reply to a query message."""
     metrics = MetricRecord(
         {
-            "partition-id": info.partition_id,
+            PARTITION_KEY: info.partition_id,
             WEIGHT_KEY: info.num_examples,
             "label-counts": list(info.label_counts),
         }
@@ -83,7 +92,7 @@ def decode_client_info(content: RecordDict) -> ClientInfo:
     """Server side of :func:`encode_client_info`."""
     metrics = content[METRICS]
     return ClientInfo(
-        partition_id=int(metrics["partition-id"]),
+        partition_id=int(metrics[PARTITION_KEY]),
         num_examples=int(metrics[WEIGHT_KEY]),
         label_counts=tuple(int(c) for c in metrics["label-counts"]),
     )
@@ -93,7 +102,7 @@ def encode_train_reply(arrays: ArrayRecord, report: TrainReport) -> RecordDict:
     """Client -> server reply to a train message."""
     metrics = MetricRecord(
         {
-            "partition-id": report.partition_id,
+            PARTITION_KEY: report.partition_id,
             WEIGHT_KEY: report.num_examples,
             "train-loss": report.train_loss,
         }
@@ -118,7 +127,7 @@ def decode_train_report(content: RecordDict) -> TrainReport:
         steps=tuple(int(t) for t in privacy["steps"]),
     )
     return TrainReport(
-        partition_id=int(metrics["partition-id"]),
+        partition_id=int(metrics[PARTITION_KEY]),
         num_examples=int(metrics[WEIGHT_KEY]),
         train_loss=float(metrics["train-loss"]),
         spent=spent,

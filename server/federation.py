@@ -19,7 +19,7 @@ from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate
 from fedsim.messages import ClientInfo, PrivacySpent, decode_client_info, encode_config
 from fedsim.models import build_model, model_kwargs
-from fedsim.partition import partition_dataset
+from fedsim.partition import label_counts, partition_dataset
 from server import outputs, privacy
 from server.rounds import run_rounds
 from server.state import RunState
@@ -30,16 +30,31 @@ RoundCallback = Callable[[dict], None]
 CONNECT_TIMEOUT_S = 300.0
 
 
-def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, ClientInfo]]:
-    """Ask every node for its partition; map partition id -> (node id, info)."""
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """The sorted ids of the first ``count`` Flower nodes, once that many are connected."""
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while len(nodes := sorted(grid.get_node_ids())) < config.num_clients:
+    while len(nodes := sorted(grid.get_node_ids())) < count:
         if time.monotonic() > deadline:
             raise FedsimError(
-                f"only {len(nodes)} of {config.num_clients} clients connected in "
+                f"only {len(nodes)} of {count} clients connected in "
                 f"{CONNECT_TIMEOUT_S:.0f} s; start more SuperNodes or lower num-clients"
             )
         time.sleep(0.5)
+    return nodes[:count]
+
+
+def partition_infos(dataset: Dataset, config: FedsimConfig) -> list[ClientInfo]:
+    """Every client's size and label counts, from the server's own copy of the data."""
+    num_classes = model_kwargs(dataset)["num_classes"]
+    return [
+        ClientInfo(c, len(idx), tuple(label_counts(dataset.y_train[idx], num_classes)))
+        for c, idx in enumerate(partition_dataset(dataset, config))
+    ]
+
+
+def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, ClientInfo]]:
+    """Ask every node for its partition; map partition id -> (node id, info)."""
+    nodes = wait_for_nodes(grid, config.num_clients)
     content = encode_config(config)
     replies = grid.send_and_receive(
         [Message(content, node, MessageType.QUERY) for node in nodes], timeout=CONNECT_TIMEOUT_S
@@ -95,13 +110,18 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
 
 
 def build_strategy(
-    state: RunState, clients: dict[int, tuple[int, ClientInfo]]
+    state: RunState, nodes: list[int], *, bound: bool
 ) -> tuple[PrivacyLedger, UserLevelDP | None]:
-    """Seeded FedAvg, wrapped by user-level DP and the sample-level ledger as configured."""
+    """Seeded FedAvg, wrapped by user-level DP and the sample-level ledger as configured.
+
+    ``nodes`` and ``bound`` place clients on Flower nodes (:func:`server.strategy.place`).
+    """
     cfg = state.config
     user = cfg.dp in ("user", "both")
     strategy: Strategy = SeededFedAvg(
-        nodes={c: node for c, (node, _) in clients.items()},
+        num_clients=cfg.num_clients,
+        nodes=nodes,
+        bound=bound,
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         poisson=user,
@@ -123,8 +143,7 @@ def build_strategy(
     ledger = PrivacyLedger(
         strategy,
         state.ledger,
-        client_of_node={node: c for c, (node, _) in clients.items()},
-        expected={info.partition_id: expected_spend(cfg, info) for info in state.infos},
+        expected=lambda client: expected_spend(cfg, state.infos[client]),
     )
     return ledger, user_dp
 
@@ -147,18 +166,41 @@ def server_step(state: RunState) -> Callable[[ArrayRecord, ArrayRecord], ArrayRe
     return step
 
 
-def start_state(grid: Grid, config: FedsimConfig, run_dir: Path) -> tuple[RunState, dict]:
-    """A fresh run's state, or the checkpointed one in ``run_dir``; and the client map."""
-    clients = discover_clients(grid, config)
+def start_state(
+    grid: Grid, config: FedsimConfig, run_dir: Path, *, node_per_client: bool
+) -> tuple[RunState, list[int]]:
+    """A fresh run's state, or the checkpointed one in ``run_dir``; and the node list.
+
+    With ``node_per_client`` (SuperNodes, each with its partition or its own data) every
+    node is asked what it holds, and ``nodes[c]`` is client c's node. Otherwise (a
+    simulation) the nodes are workers: the server reads the partition sizes from its own
+    copy of the data and asks no node anything.
+    """
+    dataset = load_dataset(config.dataset, config.data_dir)
+    if node_per_client:
+        clients = discover_clients(grid, config)
+        infos = [clients[c][1] for c in sorted(clients)]
+        nodes = [clients[c][0] for c in sorted(clients)]
+    else:
+        infos = partition_infos(dataset, config)
+        nodes = wait_for_nodes(grid, simulation_nodes(config))
     checkpoint = results.load_checkpoint(run_dir)
     if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
-        return RunState.from_checkpoint(checkpoint), clients
-    infos = [clients[c][1] for c in sorted(clients)]
-    dataset = load_dataset(config.dataset, config.data_dir)
+        return RunState.from_checkpoint(checkpoint, infos), nodes
     outputs.write_partition(run_dir, infos, natural_users(dataset, config))
     if dataset.vocab is not None:
         results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
-    return RunState(resolve_noise(config, infos), infos), clients
+    return RunState(resolve_noise(config, infos), infos), nodes
+
+
+def simulation_nodes(config: FedsimConfig) -> int:
+    """Flower nodes a simulation needs: one per client of a round, not one per client.
+
+    Flower's simulation engine polls every node for messages ten times a second, so a
+    node per client makes each round cost O(num-clients). A Poisson cohort larger than
+    ``clients-per-round`` puts two clients on some node; they still run in parallel.
+    """
+    return min(config.num_clients, config.clients_per_round)
 
 
 def run_federation(
@@ -169,8 +211,11 @@ def run_federation(
     on_round: RoundCallback,
     started: float | None = None,
     stop: threading.Event | None = None,
+    node_per_client: bool = True,
 ) -> dict:
     """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
+
+    ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes.
 
     Returns
     -------
@@ -180,7 +225,7 @@ def run_federation(
     """
     started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    state, clients = start_state(grid, config, run_dir)
+    state, nodes = start_state(grid, config, run_dir, node_per_client=node_per_client)
     cfg = state.config
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)
@@ -188,7 +233,7 @@ def run_federation(
     model = build_model(cfg.model, **model_kwargs(dataset), dp=False)
     if state.arrays is not None:
         model.load_state_dict(state.arrays)
-    strategy, user_dp = build_strategy(state, clients)
+    strategy, user_dp = build_strategy(state, nodes, bound=node_per_client)
     clock = [time.time()]
 
     def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
@@ -222,7 +267,6 @@ def run_federation(
         ArrayRecord(model.state_dict()),
         rounds=range(len(state.rows), cfg.num_rounds + 1),
         train_config=ConfigRecord(cfg.to_flat()),
-        client_of_node={node: c for c, (node, _) in clients.items()},
         timeout=cfg.round_timeout,
         min_clients=cfg.min_clients,
         on_round=after_round,

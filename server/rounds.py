@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
+from server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
 
@@ -37,7 +38,7 @@ def _reason(reason: str | None) -> str:
 
 
 def screen_replies(
-    messages: list[Message], replies: list[Message], client_of_node: dict[int, int], timeout: float
+    messages: list[Message], replies: list[Message], timeout: float
 ) -> tuple[list[Message], dict[int, str]]:
     """Split replies into usable ones and ``{client: reason}`` for every client left out.
 
@@ -46,14 +47,17 @@ def screen_replies(
     the SuperLink's node id, not from the client's.
     """
     by_message = {m.metadata.reply_to_message_id: m for m in replies}
-    by_node = {m.metadata.src_node_id: m for m in replies}
+    sent = {m.metadata.message_id for m in messages}
+    by_node: dict[int, list[Message]] = {}  # replies that name no message sent
+    for m in replies:
+        if m.metadata.reply_to_message_id not in sent:
+            by_node.setdefault(m.metadata.src_node_id, []).append(m)
     good, dropped = [], {}
     for msg in messages:
-        node = msg.metadata.dst_node_id
-        client = client_of_node[node]
+        node, client = msg.metadata.dst_node_id, client_of(msg)
         reply = by_message.get(msg.metadata.message_id) if msg.metadata.message_id else None
-        if reply is None:
-            reply = by_node.get(node)
+        if reply is None and len(by_node.get(node, [])) == 1:
+            reply = by_node[node][0]
         if reply is None:
             dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
         elif reply.has_error():
@@ -72,7 +76,6 @@ def run_rounds(
     *,
     rounds: range,
     train_config: ConfigRecord,
-    client_of_node: dict[int, int],
     timeout: float,
     min_clients: int,
     on_round: EvalFn,
@@ -90,7 +93,7 @@ def run_rounds(
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        good, dropped = screen_replies(messages, replies, client_of_node, timeout)
+        good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)) or new_arrays is None:
             reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))

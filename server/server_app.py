@@ -34,13 +34,15 @@ def build_server_app(
     on_round: RoundCallback = log_round,
     started: float | None = None,
     stop: threading.Event | None = None,
+    node_per_client: bool = True,
 ) -> ServerApp:
     """A ServerApp for ``config``, or for the run config when ``config`` is None.
 
     ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config, so
     ``fedsim run`` builds the app around its validated config instead. A ``run_dir``
     holding a checkpoint resumes that run; setting ``stop`` ends the run after the
-    current round.
+    current round. ``node_per_client`` False: the nodes are simulation workers
+    (:func:`server.federation.simulation_nodes`), not one SuperNode per client.
     """
     app = ServerApp()
 
@@ -48,7 +50,15 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         cfg = config or parse_config(dict(context.run_config))
         out = run_dir or results.default_run_dir(cfg.out_dir, cfg.name)
-        run_federation(grid, cfg, run_dir=out, on_round=on_round, started=started, stop=stop)
+        run_federation(
+            grid,
+            cfg,
+            run_dir=out,
+            on_round=on_round,
+            started=started,
+            stop=stop,
+            node_per_client=node_per_client,
+        )
         report.plot_run(out)
         log(INFO, "fedsim results in %s", out)
 

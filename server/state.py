@@ -32,7 +32,6 @@ class RunState:
         """Plain data for :func:`fedsim.results.save_checkpoint`."""
         return {
             "config": self.config.to_flat(),
-            "infos": [asdict(i) for i in self.infos],
             "ledger": privacy.ledger_to_json(self.ledger),
             "user_ledger": [asdict(e) for e in self.user_ledger],
             "rows": self.rows,
@@ -42,12 +41,12 @@ class RunState:
         }
 
     @classmethod
-    def from_checkpoint(cls, data: dict) -> RunState:
-        """Inverse of :meth:`to_checkpoint`."""
-        infos = [
-            ClientInfo(i["partition_id"], i["num_examples"], tuple(i["label_counts"]))
-            for i in data["infos"]
-        ]
+    def from_checkpoint(cls, data: dict, infos: list[ClientInfo]) -> RunState:
+        """Inverse of :meth:`to_checkpoint`; ``infos`` come from the clients or the data.
+
+        They are not checkpointed: with a large population they would be most of every
+        round's checkpoint, and they are the same on resume.
+        """
         return cls(
             config=parse_config(data["config"]),
             infos=infos,

@@ -8,7 +8,7 @@ Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -19,6 +19,7 @@ from fedsim.messages import (
     ARRAYS,
     CONFIG,
     METRICS,
+    PARTITION_KEY,
     ROUND_KEY,
     WEIGHT_KEY,
     PrivacySpent,
@@ -42,15 +43,40 @@ def sample_clients(
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
 
 
-def _client_of(msg: Message) -> int:
-    return int(msg.content[METRICS]["partition-id"]) if msg.has_content() else -1
+def client_of(msg: Message) -> int:
+    """The client (partition id) a train message is for, or a train reply is from; -1: none."""
+    if not msg.has_content():
+        return -1
+    if CONFIG in msg.content and PARTITION_KEY in msg.content[CONFIG]:
+        return int(msg.content[CONFIG][PARTITION_KEY])
+    return int(msg.content[METRICS][PARTITION_KEY])
+
+
+def place(chosen: list[int], nodes: list[int], *, bound: bool) -> list[int]:
+    """The Flower node that runs each chosen client.
+
+    ``bound``: ``nodes[c]`` holds client c's data (SuperNodes, one per client). Otherwise
+    the nodes are interchangeable simulation workers: the cohort is spread over them in
+    turn, and each message names its client, so a population of any size needs only as
+    many nodes as a round has clients.
+    """
+    if bound:
+        return [nodes[c] for c in chosen]
+    return [nodes[i % len(nodes)] for i in range(len(chosen))]
 
 
 class SeededFedAvg(FedAvg):
-    """FedAvg over a fixed map of client (partition) ids to Flower node ids."""
+    """FedAvg over ``num_clients`` clients placed on Flower nodes by :func:`place`."""
 
     def __init__(
-        self, *, nodes: dict[int, int], clients_per_round: int, seed: int, poisson: bool = False
+        self,
+        *,
+        num_clients: int,
+        nodes: list[int],
+        bound: bool,
+        clients_per_round: int,
+        seed: int,
+        poisson: bool = False,
     ) -> None:
         super().__init__(
             fraction_evaluate=0.0,
@@ -59,7 +85,9 @@ class SeededFedAvg(FedAvg):
             arrayrecord_key=ARRAYS,
             configrecord_key=CONFIG,
         )
+        self.num_clients = num_clients
         self.nodes = nodes
+        self.bound = bound
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.poisson = poisson
@@ -68,22 +96,26 @@ class SeededFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model to this round's seeded sample of clients."""
-        config[ROUND_KEY] = server_round
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
         chosen = sample_clients(
-            len(self.nodes),
+            self.num_clients,
             self.clients_per_round,
             seed=self.seed,
             server_round=server_round,
             poisson=self.poisson,
         )
-        return [Message(content, self.nodes[c], MessageType.TRAIN) for c in chosen]
+        messages = []
+        for client, node in zip(chosen, place(chosen, self.nodes, bound=self.bound), strict=True):
+            # one ConfigRecord per message (it names the client); the arrays are shared
+            record = ConfigRecord({**config, ROUND_KEY: server_round, PARTITION_KEY: client})
+            content = RecordDict({ARRAYS: arrays, CONFIG: record})
+            messages.append(Message(content, node, MessageType.TRAIN))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg in client order, so float sums do not depend on arrival order."""
-        return super().aggregate_train(server_round, sorted(replies, key=_client_of))
+        return super().aggregate_train(server_round, sorted(replies, key=client_of))
 
 
 class PrivacyLedger(Strategy):
@@ -100,12 +132,10 @@ class PrivacyLedger(Strategy):
         inner: Strategy,
         ledger: Ledger,
         *,
-        client_of_node: dict[int, int],
-        expected: dict[int, PrivacySpent],
+        expected: Callable[[int], PrivacySpent],
     ) -> None:
         self.inner = inner
         self.ledger = ledger
-        self.client_of_node = client_of_node
         self.expected = expected
         self.sampled: dict[int, list[int]] = {}
 
@@ -118,7 +148,7 @@ class PrivacyLedger(Strategy):
     ) -> Iterable[Message]:
         """Delegate, remembering which clients this round's data may come from."""
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.sampled[server_round] = [self.client_of_node[m.metadata.dst_node_id] for m in messages]
+        self.sampled[server_round] = [client_of(m) for m in messages]
         return messages
 
     def aggregate_train(
@@ -132,7 +162,7 @@ class PrivacyLedger(Strategy):
                 report = decode_train_report(msg.content)
                 reported[report.partition_id] = report.spent
         for client in self.sampled.get(server_round, []):
-            spent = reported.get(client, self.expected.get(client, PrivacySpent()))
+            spent = reported[client] if client in reported else self.expected(client)
             record(self.ledger, client, server_round, spent)
         return self.inner.aggregate_train(server_round, replies)
 

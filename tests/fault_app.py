@@ -8,7 +8,7 @@ from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import client_app as real
-from fedsim.messages import ARRAYS
+from fedsim.messages import ARRAYS, named_partition
 
 app = ClientApp()
 
@@ -20,7 +20,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    pid = int(context.node_config["partition-id"])
+    pid = named_partition(msg.content)  # simulation nodes are workers: the message names it
     if pid == 1:
         raise RuntimeError("disk full on client 1")
     reply = real.train(msg, context)

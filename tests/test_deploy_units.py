@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from flwr.app import Error, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
@@ -23,6 +23,7 @@ from experiments.procs import spawn, stop_tree, tagged
 from experiments.run import _backend_config
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
+from fedsim.messages import ARRAYS, CONFIG, PARTITION_KEY
 from server.rounds import screen_replies
 
 
@@ -122,22 +123,37 @@ def test_stop_tree_stops_children_that_left_their_parent(tmp_path):
     assert tagged(tag) == []
 
 
-def _message(message_id, src, dst, reply_to="", error=None):
+def _message(message_id, src, dst, reply_to="", error=None, client=None):
     meta = Metadata(1, message_id, src, dst, reply_to, "", time.time(), 60.0, MessageType.TRAIN)
-    return make_message(meta, content=None if error else RecordDict(), error=error)
+    content = RecordDict()
+    if client is not None:  # a train message names its client
+        content = RecordDict({CONFIG: ConfigRecord({PARTITION_KEY: client})})
+    return make_message(meta, content=None if error else content, error=error)
 
 
 def test_superlink_error_for_a_dead_node_names_its_client():
-    sent = [_message("m-a", 1, 11), _message("m-b", 1, 12)]
+    sent = [_message("m-a", 1, 11, client=0), _message("m-b", 1, 12, client=1)]
     # the SuperLink's own reply for a node that missed its heartbeats (src: SuperLink)
     unavailable = create_message_error_unavailable_res_message(sent[1].metadata, "node_unavail")
     failed = _message("r-a", 11, 1, "m-a", Error(0, "<class 'X'>:<'disk full'>"))
-    good, dropped = screen_replies(sent, [unavailable, failed], {11: 0, 12: 1}, timeout=5)
+    good, dropped = screen_replies(sent, [unavailable, failed], timeout=5)
     assert good == []
     assert dropped[1].startswith("Error: Node Unavailable")
     assert dropped[0] == "disk full"
-    _, dropped = screen_replies(sent, [], {11: 0, 12: 1}, timeout=5)
+    _, dropped = screen_replies(sent, [], timeout=5)
     assert dropped == {0: "no reply within round-timeout (5 s)", 1: dropped[0]}
+
+
+def test_two_clients_on_one_worker_node_are_told_apart_by_message_id():
+    sent = [_message("m-a", 1, 11, client=4), _message("m-b", 1, 11, client=9)]
+    ok = _message("r-b", 11, 1, "m-b")
+    ok.content[ARRAYS] = ArrayRecord()
+    failed = _message("r-a", 11, 1, "m-a", Error(0, "<class 'X'>:<'disk full'>"))
+    good, dropped = screen_replies(sent, [ok, failed], timeout=5)
+    assert good == [ok] and dropped == {4: "disk full"}
+    # one reply for a node with two clients: not guessed by node, the other is missing
+    _, dropped = screen_replies(sent, [ok], timeout=5)
+    assert dropped == {4: "no reply within round-timeout (5 s)"}
 
 
 def test_cli_lists_deploy():
