@@ -11,6 +11,7 @@ from fedsim import per_sample
 from fedsim.errors import FedsimError
 from fedsim.fast_dp import FastClipper, make_private
 from fedsim.fast_lstm import FastDPLSTM
+from fedsim.models import tanh_cnn_28
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 BATCH = 6
@@ -73,6 +74,10 @@ class LstmNet(nn.Module):
 
 CASES = {
     "cnn": (small_cnn, lambda: torch.randn(BATCH, 2, 8, 8)),
+    "tanh-cnn-28": (
+        lambda: tanh_cnn_28(channels=1, num_classes=10),
+        lambda: torch.randn(BATCH, 1, 28, 28),
+    ),
     "conv1d": (Conv1dNet, lambda: torch.randn(BATCH, 3, 10)),
     "transformer": (TinyTransformer, lambda: torch.randint(0, 11, (BATCH, 9))),
     "lstm": (LstmNet, lambda: torch.randint(0, 11, (BATCH, 9))),

@@ -94,6 +94,12 @@ def test_cnn_sized_by_input():
         model = build_model("cnn", input_shape=shape, num_classes=10, dp=True)
         assert ModuleValidator.validate(model, strict=False) == []
         assert model(torch.zeros(2, *shape)).shape == (2, 10)
+    # 28×28: the small tanh CNN of Opacus's MNIST example; 8×8 keeps the default run's model
+    mnist = build_model("cnn", input_shape=(1, 28, 28), num_classes=10)
+    assert sum(p.numel() for p in mnist.parameters()) == 26_010
+    assert any(isinstance(m, torch.nn.Tanh) for m in mnist.modules())
+    digits = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+    assert sum(p.numel() for p in digits.parameters()) == 13_802
 
 
 def test_wrong_pairing_is_one_config_line():
