@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import dp_accounting
 from dp_accounting import pld
 from opacus.accountants import create_accountant
+from threadpoolctl import threadpool_limits
 
 from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
@@ -101,7 +102,11 @@ def history_epsilon(history: History, *, delta: float, accountant: str) -> float
     """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
         return 0.0
-    return ACCOUNTANTS[accountant](list(history), delta)
+    # Opacus's PRV discretization runs BLAS on large arrays; inside a busy Flower + Ray
+    # process OpenBLAS's thread pool was seen spinning in exec_blas for minutes. One
+    # BLAS thread is as fast for these sizes and cannot wait on its pool.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return ACCOUNTANTS[accountant](list(history), delta)
 
 
 def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:
