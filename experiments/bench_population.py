@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--populations", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--model", default="lstm")
+    parser.add_argument("--model", default="transformer")
     parser.add_argument("--dp", default="none")
     args = parser.parse_args()
     print(f"model {args.model}, dp {args.dp}, 100 clients a round, {args.samples} windows each, "
