@@ -24,6 +24,7 @@ from fedsim.messages import (
     WEIGHT_KEY,
     PrivacySpent,
     decode_train_report,
+    named_partition,
 )
 from server.privacy import Ledger, record
 
@@ -47,8 +48,8 @@ def client_of(msg: Message) -> int:
     """The client (partition id) a train message is for, or a train reply is from; -1: none."""
     if not msg.has_content():
         return -1
-    if CONFIG in msg.content and PARTITION_KEY in msg.content[CONFIG]:
-        return int(msg.content[CONFIG][PARTITION_KEY])
+    if CONFIG in msg.content and (named := named_partition(msg.content)) is not None:
+        return named
     return int(msg.content[METRICS][PARTITION_KEY])
 
 
@@ -118,7 +119,46 @@ class SeededFedAvg(FedAvg):
         return super().aggregate_train(server_round, sorted(replies, key=client_of))
 
 
-class PrivacyLedger(Strategy):
+class StrategyWrapper(Strategy):
+    """A strategy around ``inner`` that delegates every step; wrappers override some.
+
+    This is how DP is added here, as in Flower's DP wrappers: around a strategy, not as
+    a subclass of it.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class PrivacyLedger(StrategyWrapper):
     """Wrap a strategy; record what every sampled client spent in ``ledger``.
 
     A client that replied is charged what its DP optimizer reported. A client that was
@@ -134,14 +174,10 @@ class PrivacyLedger(Strategy):
         *,
         expected: Callable[[int], PrivacySpent],
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ledger = ledger
         self.expected = expected
         self.sampled: dict[int, list[int]] = {}
-
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -165,15 +201,3 @@ class PrivacyLedger(Strategy):
             spent = reported[client] if client in reported else self.expected(client)
             record(self.ledger, client, server_round, spent)
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)

@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
 from server.privacy import LedgerEntry
+from server.strategy import StrategyWrapper
 
 Arrays = dict[str, np.ndarray]
 
@@ -87,7 +88,7 @@ def clip_fraction(
     return centred / cohort + 0.5
 
 
-class UserLevelDP(Strategy):
+class UserLevelDP(StrategyWrapper):
     """Wrap a strategy: replace its aggregation by clipped, noised, fixed-denominator sums.
 
     The wrapped strategy still samples the cohort and configures clients; it must sample
@@ -110,7 +111,7 @@ class UserLevelDP(Strategy):
         clip_lr: float = 0.2,
         count_noise: float = 0.0,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ledger = ledger
         self.sample_rate = sample_rate
         self.z = noise_multiplier
@@ -122,10 +123,6 @@ class UserLevelDP(Strategy):
         self.count_noise = count_noise if clip_quantile > 0 else 0.0
         self.sigma_update = update_std(noise_multiplier, self.count_noise)
         self.current: ArrayRecord | None = None
-
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -164,15 +161,3 @@ class UserLevelDP(Strategy):
         new = {k: (base[k] + mean[k]).astype(np.float32) for k in base}
         metrics = MetricRecord({"clip-norm": used_clip, "cohort": len(clipped)})
         return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)
