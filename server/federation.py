@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
@@ -43,12 +44,12 @@ def wait_for_nodes(grid: Grid, count: int) -> list[int]:
     return nodes[:count]
 
 
-def partition_infos(dataset: Dataset, config: FedsimConfig) -> list[ClientInfo]:
+def partition_infos(dataset: Dataset, parts: list[np.ndarray]) -> list[ClientInfo]:
     """Every client's size and label counts, from the server's own copy of the data."""
     num_classes = model_kwargs(dataset)["num_classes"]
     return [
         ClientInfo(c, len(idx), tuple(label_counts(dataset.y_train[idx], num_classes)))
-        for c, idx in enumerate(partition_dataset(dataset, config))
+        for c, idx in enumerate(parts)
     ]
 
 
@@ -167,7 +168,7 @@ def server_step(state: RunState) -> Callable[[ArrayRecord, ArrayRecord], ArrayRe
 
 
 def start_state(
-    grid: Grid, config: FedsimConfig, run_dir: Path, *, node_per_client: bool
+    grid: Grid, config: FedsimConfig, dataset: Dataset, run_dir: Path, *, node_per_client: bool
 ) -> tuple[RunState, list[int]]:
     """A fresh run's state, or the checkpointed one in ``run_dir``; and the node list.
 
@@ -176,18 +177,19 @@ def start_state(
     simulation) the nodes are workers: the server reads the partition sizes from its own
     copy of the data and asks no node anything.
     """
-    dataset = load_dataset(config.dataset, config.data_dir)
+    parts = None
     if node_per_client:
         clients = discover_clients(grid, config)
         infos = [clients[c][1] for c in sorted(clients)]
         nodes = [clients[c][0] for c in sorted(clients)]
     else:
-        infos = partition_infos(dataset, config)
+        parts = partition_dataset(dataset, config)
+        infos = partition_infos(dataset, parts)
         nodes = wait_for_nodes(grid, simulation_nodes(config))
     checkpoint = results.load_checkpoint(run_dir)
     if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
         return RunState.from_checkpoint(checkpoint, infos), nodes
-    outputs.write_partition(run_dir, infos, natural_users(dataset, config))
+    outputs.write_partition(run_dir, infos, natural_users(dataset, config, parts))
     if dataset.vocab is not None:
         results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
     return RunState(resolve_noise(config, infos), infos), nodes
@@ -225,9 +227,10 @@ def run_federation(
     """
     started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    state, nodes = start_state(grid, config, run_dir, node_per_client=node_per_client)
+    # one copy for partitions, partition.csv, vocab.json and evaluation
+    dataset = load_dataset(config.dataset, config.data_dir)
+    state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
     torch.manual_seed(cfg.seed)
     # evaluation needs no per-sample gradients; the DP layers share this state_dict
     model = build_model(cfg.model, **model_kwargs(dataset), dp=False)
@@ -277,9 +280,15 @@ def run_federation(
     return outputs.write_final(state, run_dir, started)
 
 
-def natural_users(dataset: Dataset, config: FedsimConfig) -> list[str] | None:
-    """The user (e.g. speaking role) behind each client of a natural partition."""
+def natural_users(
+    dataset: Dataset, config: FedsimConfig, parts: list[np.ndarray] | None = None
+) -> list[str] | None:
+    """The user (e.g. speaking role) behind each client of a natural partition.
+
+    ``parts``: the partition, where the caller has already computed it.
+    """
     if config.partition != "natural" or dataset.users is None or dataset.client_ids is None:
         return None
-    parts = partition_dataset(dataset, config)
+    if parts is None:
+        parts = partition_dataset(dataset, config)
     return [dataset.users[dataset.client_ids[part[0]]] for part in parts]

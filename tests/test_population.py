@@ -8,6 +8,7 @@ from clients.task import client_info
 from fedsim.config import parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
+from fedsim.partition import partition_dataset
 from server.federation import partition_infos, simulation_nodes
 from server.strategy import place, sample_clients
 
@@ -25,7 +26,8 @@ def test_a_simulation_needs_a_node_per_client_of_a_round_only():
 
 def test_server_reads_the_same_sizes_and_labels_the_clients_report():
     config = parse_config({"num-clients": 7, "partition": "dirichlet", "dirichlet-alpha": 0.3})
-    infos = partition_infos(load_dataset(config.dataset, config.data_dir), config)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    infos = partition_infos(dataset, partition_dataset(dataset, config))
     assert infos == [client_info(config, c) for c in range(7)]
 
 
