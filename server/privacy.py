@@ -12,6 +12,7 @@ so the ε is valid even if that choice were public.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 import dp_accounting
 from dp_accounting import pld
 from opacus.accountants import create_accountant
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
@@ -102,11 +103,19 @@ def history_epsilon(history: History, *, delta: float, accountant: str) -> float
     """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
         return 0.0
-    # Opacus's PRV discretization runs BLAS on large arrays; inside a busy Flower + Ray
-    # process OpenBLAS's thread pool was seen spinning in exec_blas for minutes. One
-    # BLAS thread is as fast for these sizes and cannot wait on its pool.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas().limit(limits=1, user_api="blas"):
         return ACCOUNTANTS[accountant](list(history), delta)
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's BLAS libraries, found once (a fresh search costs ~2 ms a call).
+
+    Opacus's PRV discretization runs BLAS on large arrays; inside a busy Flower + Ray
+    process OpenBLAS's thread pool was seen spinning in exec_blas for minutes. One BLAS
+    thread is as fast for these sizes and cannot wait on its pool.
+    """
+    return ThreadpoolController()
 
 
 def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:
