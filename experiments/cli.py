@@ -13,26 +13,19 @@ FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fe
 
 
 def _parser() -> argparse.ArgumentParser:
+    from experiments.run import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment in Flower's simulation engine")
-    run.add_argument("--config", type=Path, help="experiment TOML (experiments/configs/*.toml)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set num-rounds=5 (repeatable)",
-    )
+    add_config_arguments(run, "experiment TOML (experiments/configs/*.toml)")
     run.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the unfinished run DIR")
     run.add_argument("--force", action="store_true", help="replace an existing results folder")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sw = sub.add_parser("sweep", help="run a grid of experiments over seeds; write the frontier")
-    sw.add_argument("--config", type=Path, help="base experiment TOML")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(sw, "base experiment TOML")
     sw.add_argument(
         "--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
         help="a swept key, e.g. --grid target-epsilon=0.5,1,2,4,8,none (none: no DP)",

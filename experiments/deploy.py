@@ -20,10 +20,10 @@ from typing import Any
 
 from experiments.certs import make_certificates, make_supernode_keys
 from experiments.localfed import LocalFederation, flower_bin, is_loopback
-from experiments.run import preflight, staging_dir
+from experiments.run import add_config_arguments, preflight, staging_dir
 from experiments.watch import follow_run
 from fedsim import results
-from fedsim.config import FedsimConfig, parse_config, parse_override, read_toml
+from fedsim.config import FedsimConfig, config_values, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 
@@ -32,15 +32,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedsim deploy``."""
-    parser.add_argument("--config", type=Path, help="experiment TOML, as for fedsim run")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable)",
-    )
+    add_config_arguments(parser, "experiment TOML, as for fedsim run")
     parser.add_argument(
         "--num-nodes", type=int, metavar="N", help="SuperNodes to start (sets num-clients)"
     )
@@ -106,8 +98,7 @@ def deploy_config(path: Path | None, overrides: list[str], num_nodes: int | None
 
     Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
     """
-    values: dict[str, Any] = read_toml(path) if path else {}
-    values.update(parse_override(item) for item in overrides)
+    values = config_values(path, overrides)
     if num_nodes is not None:
         if values.get("num-clients", num_nodes) != num_nodes:
             raise FedsimError(

@@ -9,6 +9,7 @@ from it with ``fedsim run --resume``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -26,6 +27,19 @@ from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.partition import partition_dataset
 from server.rounds import RunInterrupted
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config`` and ``--set``, as every command that runs a config takes them."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set num-rounds=5 (repeatable)",
+    )
 
 
 def preflight(config: FedsimConfig) -> None:

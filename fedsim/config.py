@@ -203,13 +203,14 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         ``KEY=VALUE`` strings; values are TOML literals, or plain strings otherwise.
 
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(read_toml(path))
-    for item in overrides or []:
-        key, value = parse_override(item)
-        values[key] = value
-    return parse_config(values)
+    return parse_config(config_values(path, overrides))
+
+
+def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The unvalidated ``{key: value}`` of an optional TOML file and ``KEY=VALUE`` overrides."""
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
+    values.update(parse_override(item) for item in overrides or [])
+    return values
 
 
 def read_toml(path: Path) -> dict[str, Any]:
