@@ -29,26 +29,11 @@ from torch import nn
 
 from fedsim.fast_dp import make_private_fast
 from fedsim.fast_lstm import FastDPLSTM
-from fedsim.models import cnn as project_cnn
+from fedsim.image_models import cnn as project_cnn
+from fedsim.image_models import fedavg_cnn
 
 BATCH, STEPS, VOCAB = 64, 80, 80
 Step = Callable[[], None]
-
-
-def fedavg_cnn() -> nn.Module:
-    """The FedAvg paper's MNIST CNN: two 5x5 conv layers (32, 64), a 512-unit layer."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 512),
-        nn.ReLU(),
-        nn.Linear(512, 10),
-    )
 
 
 class CharLSTM(nn.Module):
@@ -133,7 +118,8 @@ def cases(name: str) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], to
     """(label, model builder, mode) rows of one model and its input; row 0 is the denominator."""
     if name == "cnn":
         modes = ["none", "hooks", "ghost", "functorch", "ew", "fast"]
-        return [(f"{m}", fedavg_cnn, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
+        build = lambda: fedavg_cnn(input_shape=(1, 28, 28), num_classes=10)  # noqa: E731
+        return [(m, build, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
     if name == "project-cnn":
         build = lambda: project_cnn(input_shape=(1, 28, 28), num_classes=10)  # noqa: E731
         modes = ["none", "hooks", "ghost", "fast"]

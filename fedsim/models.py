@@ -21,6 +21,7 @@ from torch import nn
 
 from fedsim.data import IMAGE, NEXT_CHAR, PAD_ID, TEXT_CLASSIFICATION, Dataset
 from fedsim.errors import FedsimError
+from fedsim.image_models import cnn, fedavg_cnn
 
 # LEAF's Shakespeare model: an 8-dim character embedding, 2 LSTM layers of 256 units.
 # Words get a 64-dim embedding; image rows a linear map to 64 values.
@@ -28,56 +29,6 @@ LSTM_HIDDEN, LSTM_LAYERS = 256, 2
 INPUT_DIM = {NEXT_CHAR: 8, TEXT_CLASSIFICATION: 64, IMAGE: 64}
 # A small pre-norm encoder: 2 blocks, width 64, 4 heads, feed-forward 128.
 TF_WIDTH, TF_HEADS, TF_LAYERS, TF_FF = 64, 4, 2, 128
-
-
-def cnn(*, input_shape: tuple[int, ...], num_classes: int, **_: object) -> nn.Module:
-    """Two conv blocks and a classifier head, sized by the input.
-
-    28×28 images (MNIST, Fashion-MNIST) get :func:`tanh_cnn_28`; other sizes get
-    (C, H, W) -> conv+GN+ReLU+pool -> (c1, H/2, W/2) -> conv+GN+ReLU+pool
-    -> (c2, H/4, W/4) -> flatten -> hidden -> num_classes.
-    """
-    channels, height, width = input_shape
-    if (height, width) == (28, 28):
-        return tanh_cnn_28(channels=channels, num_classes=num_classes)
-    small = height * width <= 64  # 8×8 digits need far fewer filters than 28×28 or 32×32
-    c1, c2, hidden = (16, 32, 64) if small else (32, 64, 128)
-    return nn.Sequential(
-        nn.Conv2d(channels, c1, kernel_size=3, padding=1),
-        nn.GroupNorm(min(8, c1 // 4), c1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, kernel_size=3, padding=1),
-        nn.GroupNorm(min(8, c2 // 4), c2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(c2 * (height // 4) * (width // 4), hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, num_classes),
-    )
-
-
-def tanh_cnn_28(*, channels: int, num_classes: int) -> nn.Module:
-    """The small tanh CNN for 28×28 images of Opacus's MNIST example and Tramèr & Boneh (2021).
-
-    (C, 28, 28) -> conv 16 k8 s2 + tanh + pool 2/1 -> (16, 13, 13) -> conv 32 k4 s2 + tanh
-    + pool 2/1 -> (32, 4, 4) -> fc 32 + tanh -> num_classes. 26k parameters, no
-    normalization: under DP-SGD a small model with bounded activations learns more per
-    unit of noise, and its per-sample gradients cost a tenth of a wider CNN's on a CPU.
-    """
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, kernel_size=8, stride=2, padding=3),
-        nn.Tanh(),
-        nn.MaxPool2d(2, stride=1),
-        nn.Conv2d(16, 32, kernel_size=4, stride=2),
-        nn.Tanh(),
-        nn.MaxPool2d(2, stride=1),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 32),
-        nn.Tanh(),
-        nn.Linear(32, num_classes),
-    )
 
 
 def lstm_layer(input_size: int, hidden_size: int, num_layers: int, *, dp: bool) -> nn.Module:
@@ -272,12 +223,14 @@ class TransformerNet(nn.Module):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
+    "fedavg-cnn": fedavg_cnn,
     "lstm": LSTMNet,
     "transformer": TransformerNet,
 }
 
 MODEL_TASKS: dict[str, frozenset[str]] = {
     "cnn": frozenset({IMAGE}),
+    "fedavg-cnn": frozenset({IMAGE}),
     "lstm": frozenset({IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR}),
     "transformer": frozenset({IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR}),
 }

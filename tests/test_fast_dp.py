@@ -11,7 +11,7 @@ from fedsim import per_sample
 from fedsim.errors import FedsimError
 from fedsim.fast_dp import FastClipper, make_private
 from fedsim.fast_lstm import FastDPLSTM
-from fedsim.models import tanh_cnn_28
+from fedsim.image_models import tanh_cnn_28
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 BATCH = 6

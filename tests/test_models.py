@@ -102,6 +102,15 @@ def test_cnn_sized_by_input():
     assert sum(p.numel() for p in digits.parameters()) == 13_802
 
 
+def test_fedavg_cnn_is_the_papers():
+    # McMahan et al. (2017): 1,663,370 parameters for MNIST
+    model = build_model("fedavg-cnn", input_shape=(1, 28, 28), num_classes=10, dp=True)
+    assert sum(p.numel() for p in model.parameters()) == 1_663_370
+    assert ModuleValidator.validate(model, strict=False) == []
+    cifar = build_model("fedavg-cnn", input_shape=(3, 32, 32), num_classes=10)
+    assert cifar(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_wrong_pairing_is_one_config_line():
     with pytest.raises(FedsimError, match="model cnn does not support task") as info:
         build("cnn", TEXT_CLASSIFICATION, dp=False)
