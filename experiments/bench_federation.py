@@ -1,11 +1,15 @@
 """Federation overhead: `fedsim run` against the same work in one plain loop.
 
     python -m experiments.bench_federation [--data-dir ../shared/data/mnist] [--rounds 30]
+        [--model fedavg-cnn] [--dp none,sample]
 
-The workload of issue 6: MNIST, 100 clients, 10 per round, 1 local epoch, batch 32,
-central evaluation every round; with and without DP. The plain loop does the same local
-steps (same partitions, seeds and library functions) and evaluations in one process with
-the same total torch threads; the ratio is the price of Flower, Ray and messaging.
+The workload of issue 6: MNIST, the FedAvg paper's CNN, 100 clients, 10 per round, 1 local
+epoch, batch 32, central evaluation every round; with and without DP. The plain loop does
+the same local steps (same partitions, seeds and library functions) and evaluations in one
+process with the same total torch threads; the ratio is the price of Flower, Ray and
+messaging. Each side runs as its own process and is timed from launch to exit, imports
+included: "per round" is the mean of rounds 2..N (round 1 also pays for the workers'
+warm-up), and "startup" is the rest of the total.
 """
 
 from __future__ import annotations
@@ -19,35 +23,45 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from clients.client_app import train_round
 from fedsim.config import FedsimConfig, parse_config
-from fedsim.data import load_dataset
-from fedsim.evaluation import evaluate
-from fedsim.models import build_model
-from server.strategy import sample_clients
+
+SIDES = ("plain loop", "fedsim run")
 
 
-def workload(data_dir: str, rounds: int, dp: str) -> FedsimConfig:
+def workload(data_dir: str, rounds: int, dp: str, model: str) -> FedsimConfig:
     """The benchmark's config (σ fixed so both sides do identical DP work)."""
     return parse_config(
-        {"name": f"bench-{dp}", "dataset": "mnist", "data-dir": data_dir, "num-clients": 100,
-         "clients-per-round": 10, "num-rounds": rounds, "local-epochs": 1, "batch-size": 32,
-         "lr": 0.05, "dp": dp, "noise-multiplier": 1.0 if dp == "sample" else 0.0}
+        {"name": f"bench-{dp}", "dataset": "mnist", "data-dir": data_dir, "model": model,
+         "num-clients": 100, "clients-per-round": 10, "num-rounds": rounds, "local-epochs": 1,
+         "batch-size": 32, "lr": 0.05, "dp": dp,
+         "noise-multiplier": 1.0 if dp == "sample" else 0.0}
     )  # fmt: skip
 
 
-def plain_loop(config: FedsimConfig) -> tuple[float, float, float]:
-    """(startup s, seconds per round, final accuracy) of the same work in one loop."""
-    start = time.perf_counter()
+def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
+    """Seconds of each round and the final accuracy of the same work in one loop.
+
+    Round 0 is loading the data and the first evaluation, as in ``fedsim run``.
+    """
+    import torch
+
+    from clients.client_app import train_round
+    from fedsim.data import load_dataset
+    from fedsim.evaluation import evaluate
+    from fedsim.models import build_model, model_kwargs
+    from server.strategy import sample_clients
+
+    clock = time.perf_counter()
     dataset = load_dataset(config.dataset, config.data_dir)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, input_shape=dataset.input_shape, num_classes=10)
+    model = build_model(config.model, **model_kwargs(dataset))
     evaluate(model, dataset.x_test, dataset.y_test)
-    setup = time.perf_counter() - start
+    seconds = [time.perf_counter() - clock]
     for r in range(1, config.num_rounds + 1):
-        chosen = sample_clients(100, 10, seed=config.seed, server_round=r)
+        clock = time.perf_counter()
+        chosen = sample_clients(config.num_clients, config.clients_per_round, seed=config.seed,
+                                server_round=r)  # fmt: skip
         states, sizes = [], []
         for c in chosen:
             state, report = train_round(config, c, r, model.state_dict())
@@ -57,49 +71,69 @@ def plain_loop(config: FedsimConfig) -> tuple[float, float, float]:
         model.load_state_dict(
             {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) for k in states[0]}
         )
-        evaluate(model, dataset.x_test, dataset.y_test)
-    per_round = (time.perf_counter() - start - setup) / config.num_rounds
-    return setup, per_round, evaluate(model, dataset.x_test, dataset.y_test)[1]
+        accuracy = evaluate(model, dataset.x_test, dataset.y_test)[1]
+        seconds.append(time.perf_counter() - clock)
+    return seconds, accuracy
 
 
-def simulation(config: FedsimConfig) -> tuple[float, float, float]:
-    """(startup s, seconds per round, final accuracy) of the same run through `fedsim run`."""
+def run_side(side: str, config: FedsimConfig) -> tuple[float, list[float], float]:
+    """(total wall s from launch to exit, seconds of rounds 0..N, final accuracy)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         sets = [a for k, v in config.to_flat().items() for a in ("--set", f"{k}={v}")]
+        if side == "fedsim run":
+            command = ["-m", "experiments.cli", "run", "--out", str(out), *sets]
+        else:
+            (Path(tmp) / "config.json").write_text(json.dumps(config.to_flat()))
+            command = ["-m", "experiments.bench_federation", "--plain", tmp]
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "experiments.cli", "run", "--out", str(out), *sets],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run([sys.executable, *command], check=True, capture_output=True)
         total = time.perf_counter() - start
-        rounds = [
-            float(line.split(",")[4]) for line in (out / "rounds.csv").read_text().splitlines()[2:]
-        ]
-        summary = json.loads((out / "summary.json").read_text())
-    per_round = sum(rounds) / len(rounds)
-    return total - sum(rounds), per_round, summary["accuracy"]
+        if side == "fedsim run":
+            rows = (out / "rounds.csv").read_text().splitlines()[1:]
+            seconds = [float(line.split(",")[4]) for line in rows]
+            accuracy = json.loads((out / "summary.json").read_text())["accuracy"]
+        else:
+            seconds, accuracy = json.loads((Path(tmp) / "plain.json").read_text())
+    return total, seconds, accuracy
 
 
-def main() -> None:
-    """Print the overhead table for dp=none and dp=sample."""
+def split_total(total: float, seconds: list[float]) -> tuple[float, float]:
+    """(startup s, steady s per round): the mean of rounds 2..N, the rest is startup."""
+    steady = seconds[2:] or seconds[1:]
+    per_round = sum(steady) / len(steady)
+    return total - per_round * (len(seconds) - 1), per_round
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the overhead table, one row per (dp, side)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--data-dir", default=str(Path(__file__).parents[1].parent / "shared/data/mnist")
     )
     parser.add_argument("--rounds", type=int, default=30)
-    args = parser.parse_args()
+    parser.add_argument("--model", default="fedavg-cnn")
+    parser.add_argument("--dp", default="none,sample", help="comma-separated dp modes")
+    parser.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run one plain loop
+    args = parser.parse_args(argv)
+    if args.plain:  # a folder holding config.json; the result goes to plain.json
+        config = parse_config(json.loads((Path(args.plain) / "config.json").read_text()))
+        (Path(args.plain) / "plain.json").write_text(json.dumps(plain_loop(config)))
+        return
     print("| dp | side | startup s | s/round | total s | accuracy | ratio/round | ratio total |")
     print("|---|---|---|---|---|---|---|---|")
-    for dp in ("none", "sample"):
-        config = workload(args.data_dir, args.rounds, dp)
+    for dp in args.dp.split(","):
+        config = workload(args.data_dir, args.rounds, dp, args.model)
         # the loop trains one client at a time on both cores; the simulation runs two
         # one-thread clients at once: the same two cores either way
-        floor = plain_loop(config.model_copy(update={"client_cpus": 2.0}))
-        sim = simulation(config)
-        for side, (setup, per_round, acc) in (("plain loop", floor), ("fedsim run", sim)):
-            total = setup + per_round * args.rounds
-            base = floor[0] + floor[1] * args.rounds
-            print(f"| {dp} | {side} | {setup:.1f} | {per_round:.2f} | {total:.0f} | {acc:.4f} "
-                  f"| {per_round / floor[1]:.3f} | {total / base:.3f} |", flush=True)  # fmt: skip
+        floor = run_side(SIDES[0], config.model_copy(update={"client_cpus": 2.0}))
+        base_round = split_total(floor[0], floor[1])[1]
+        sides = (floor, run_side(SIDES[1], config))
+        for side, (total, seconds, accuracy) in zip(SIDES, sides, strict=True):
+            startup, per_round = split_total(total, seconds)
+            print(f"| {dp} | {side} | {startup:.1f} | {per_round:.2f} | {total:.0f} "
+                  f"| {accuracy:.4f} | {per_round / base_round:.3f} | {total / floor[0]:.3f} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

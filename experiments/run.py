@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedsim import report, results
 from fedsim.config import FedsimConfig, parse_config
-from fedsim.data import load_dataset
+from fedsim.data import Dataset, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.partition import partition_dataset
 from server.rounds import RunInterrupted
@@ -42,11 +42,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> N
     )
 
 
-def preflight(config: FedsimConfig) -> None:
-    """Check what the schema cannot: data files, partition feasibility, devices."""
-    partition_dataset(load_dataset(config.dataset, config.data_dir), config)
+def preflight(config: FedsimConfig) -> Dataset:
+    """Check what the schema cannot: data files, partition feasibility, devices.
+
+    Returns the loaded dataset, for the server to reuse.
+    """
+    dataset = load_dataset(config.dataset, config.data_dir)
+    partition_dataset(dataset, config)
     if config.ray_address:
-        return  # the cluster's resources count, not this machine's
+        return dataset  # the cluster's resources count, not this machine's
     if config.client_gpus > 0:
         import torch
 
@@ -61,6 +65,7 @@ def preflight(config: FedsimConfig) -> None:
             f"client-cpus={config.client_cpus} exceeds this machine's {cpus} CPUs; "
             f"set client-cpus to at most {cpus}"
         )
+    return dataset
 
 
 def print_round(config: FedsimConfig):
@@ -113,11 +118,11 @@ def run_experiment(
             f"{run_dir} has an unfinished run; continue it with --resume {run_dir} "
             f"or remove {staging}"
         )
-    preflight(config)
+    dataset = preflight(config)
     staging.mkdir(parents=True, exist_ok=True)
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     try:
-        _simulate(config, staging, started, verbose, client_app)
+        _simulate(config, dataset, staging, started, verbose, client_app)
     except RunInterrupted as exc:
         raise RunInterrupted(f"{exc}; continue with: fedsim run --resume {run_dir}") from None
     except BaseException:
@@ -129,7 +134,7 @@ def run_experiment(
     return run_dir
 
 
-def _simulate(config, staging, started, verbose, client_app) -> None:
+def _simulate(config, dataset, staging, started, verbose, client_app) -> None:
     from flwr.simulation import run_simulation
 
     from server.federation import simulation_nodes
@@ -141,6 +146,7 @@ def _simulate(config, staging, started, verbose, client_app) -> None:
     stop = threading.Event()
     server_app = build_server_app(
         config,
+        dataset=dataset,
         run_dir=staging,
         on_round=print_round(config),
         started=started,

@@ -211,6 +211,7 @@ def run_federation(
     *,
     run_dir: Path,
     on_round: RoundCallback,
+    dataset: Dataset | None = None,
     started: float | None = None,
     stop: threading.Event | None = None,
     node_per_client: bool = True,
@@ -218,6 +219,7 @@ def run_federation(
     """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
 
     ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes.
+    ``dataset``: the config's data, where the caller has already loaded it.
 
     Returns
     -------
@@ -228,7 +230,8 @@ def run_federation(
     started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     # one copy for partitions, partition.csv, vocab.json and evaluation
-    dataset = load_dataset(config.dataset, config.data_dir)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir)
     state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
     torch.manual_seed(cfg.seed)

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim import report, results
 from fedsim.config import FedsimConfig, parse_config
+from fedsim.data import Dataset
 from server.federation import RoundCallback, run_federation
 
 
@@ -30,6 +31,7 @@ def log_round(row: dict) -> None:
 def build_server_app(
     config: FedsimConfig | None = None,
     *,
+    dataset: Dataset | None = None,
     run_dir: Path | None = None,
     on_round: RoundCallback = log_round,
     started: float | None = None,
@@ -41,8 +43,10 @@ def build_server_app(
     ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config, so
     ``fedsim run`` builds the app around its validated config instead. A ``run_dir``
     holding a checkpoint resumes that run; setting ``stop`` ends the run after the
-    current round. ``node_per_client`` False: the nodes are simulation workers
-    (:func:`server.federation.simulation_nodes`), not one SuperNode per client.
+    current round. ``dataset``: the config's data, where the caller has loaded it
+    already (it is loaded in the app otherwise). ``node_per_client`` False: the nodes
+    are simulation workers (:func:`server.federation.simulation_nodes`), not one
+    SuperNode per client.
     """
     app = ServerApp()
 
@@ -53,6 +57,7 @@ def build_server_app(
         run_federation(
             grid,
             cfg,
+            dataset=dataset if config is not None else None,
             run_dir=out,
             on_round=on_round,
             started=started,

@@ -35,6 +35,11 @@ def test_mnist_idx_plain_and_gzipped(tmp_path, gz):
     fake_mnist(tmp_path, gz=gz)
     ds = load_dataset("mnist", tmp_path)
     assert ds.x_train.shape == (20, 1, 28, 28) and ds.y_test.dtype == np.int64
+    assert ds.x_train.dtype == np.float32
+    # the usual MNIST normalization, (pixel / 255 - 0.1307) / 0.3081, from the raw bytes
+    raw = read_idx(tmp_path / f"train-images-idx3-ubyte{'.gz' if gz else ''}", ndim=3)
+    expected = (raw.astype(np.float64) / 255 - 0.1307) / 0.3081
+    np.testing.assert_allclose(ds.x_train[:, 0], expected, rtol=0, atol=1e-5)
 
 
 def test_truncated_idx_names_the_file(tmp_path):
