@@ -2,19 +2,28 @@
 # Set up ./.venv with fedsim and its dependencies. Safe to run again.
 #   ./install.sh         the library and the `fedsim` command
 #   ./install.sh --dev   also the test and lint tools
+#   ./install.sh --pfl   a second environment, ./.venv-pfl, with Apple's pfl-research for
+#                        the pfl side of `python -m experiments.bench_federation`
 # torch: an already installed torch is kept. Otherwise a machine with an NVIDIA GPU gets
 # PyPI's default (CUDA) build, and any other machine the CPU build, so a laptop never
 # downloads gigabytes of CUDA libraries. FEDSIM_TORCH="<pip arguments>" overrides.
-set -eu
+set -euf  # -f: no globbing, so "pfl[pytorch]" stays as written
 cd "$(dirname "$0")"
 TORCH_VERSION=2.13.0
+VENV=.venv
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+more=""
+case "${1:-}" in
+    --dev) extras="[dev]" ;;
+    --pfl) VENV=.venv-pfl; more="pfl[pytorch]==0.6.0" ;;  # pfl pins its own dependencies
+    "") ;;
+    *) echo "install.sh: unknown option ${1}; use --dev, --pfl or nothing" >&2; exit 2 ;;
+esac
 
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+[ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if [ -n "${FEDSIM_TORCH:-}" ]; then
         # shellcheck disable=SC2086
         pip install $FEDSIM_TORCH
@@ -27,5 +36,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
             || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-pip install -e ".$extras"
-echo "install.sh: ready: .venv/bin/fedsim"
+# the torch installed above stays: naming its exact version keeps pip from swapping it
+torch_pin="torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+# shellcheck disable=SC2086
+pip install -e ".$extras" $more "$torch_pin"
+echo "install.sh: ready: $VENV/bin/fedsim"

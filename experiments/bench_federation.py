@@ -15,7 +15,9 @@ warm-up), and "startup" is the rest of the total.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,8 @@ import numpy as np
 
 from fedsim.config import FedsimConfig, parse_config
 
-SIDES = ("plain loop", "fedsim run")
+PLAIN, FEDSIM, PFL = "plain loop", "fedsim run", "pfl 0.6"
+Side = tuple[float, list[float], float]
 
 
 def workload(data_dir: str, rounds: int, dp: str, model: str) -> FedsimConfig:
@@ -76,25 +79,30 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
     return seconds, accuracy
 
 
-def run_side(side: str, config: FedsimConfig) -> tuple[float, list[float], float]:
+def run_side(side: str, config: FedsimConfig, python: str = sys.executable) -> Side:
     """(total wall s from launch to exit, seconds of rounds 0..N, final accuracy)."""
+    root = Path(__file__).parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        folder = Path(tmp)
         sets = [a for k, v in config.to_flat().items() for a in ("--set", f"{k}={v}")]
-        if side == "fedsim run":
-            command = ["-m", "experiments.cli", "run", "--out", str(out), *sets]
-        else:
-            (Path(tmp) / "config.json").write_text(json.dumps(config.to_flat()))
-            command = ["-m", "experiments.bench_federation", "--plain", tmp]
+        (folder / "config.json").write_text(json.dumps(config.to_flat()))
+        command = {
+            PLAIN: ["-m", "experiments.bench_federation", "--plain", tmp],
+            FEDSIM: ["-m", "experiments.cli", "run", "--out", str(folder / "run"), *sets],
+            PFL: ["-m", "experiments.bench_pfl", tmp],
+        }[side]
+        env = {**os.environ, "PYTHONPATH": str(root)}  # pfl's environment finds fedsim here
         start = time.perf_counter()
-        subprocess.run([sys.executable, *command], check=True, capture_output=True)
+        done = subprocess.run([python, *command], capture_output=True, text=True, cwd=root, env=env)
         total = time.perf_counter() - start
-        if side == "fedsim run":
-            rows = (out / "rounds.csv").read_text().splitlines()[1:]
+        if done.returncode != 0:
+            sys.exit(f"bench_federation: the {side} side failed:\n{done.stderr[-3000:]}")
+        if side == FEDSIM:
+            rows = (folder / "run" / "rounds.csv").read_text().splitlines()[1:]
             seconds = [float(line.split(",")[4]) for line in rows]
-            accuracy = json.loads((out / "summary.json").read_text())["accuracy"]
+            accuracy = json.loads((folder / "run" / "summary.json").read_text())["accuracy"]
         else:
-            seconds, accuracy = json.loads((Path(tmp) / "plain.json").read_text())
+            seconds, accuracy = json.loads((folder / "result.json").read_text())
     return total, seconds, accuracy
 
 
@@ -114,11 +122,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--model", default="fedavg-cnn")
     parser.add_argument("--dp", default="none,sample", help="comma-separated dp modes")
+    parser.add_argument(
+        "--pfl-python",
+        default=sys.executable if importlib.util.find_spec("pfl") else None,
+        help="a Python with pfl[pytorch] (and fedsim's dependencies) installed: adds pfl's "
+        "row to the dp=none table (default: this Python, if it has pfl)",
+    )
     parser.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run one plain loop
     args = parser.parse_args(argv)
     if args.plain:  # a folder holding config.json; the result goes to plain.json
         config = parse_config(json.loads((Path(args.plain) / "config.json").read_text()))
-        (Path(args.plain) / "plain.json").write_text(json.dumps(plain_loop(config)))
+        (Path(args.plain) / "result.json").write_text(json.dumps(plain_loop(config)))
         return
     print("| dp | side | startup s | s/round | total s | accuracy | ratio/round | ratio total |")
     print("|---|---|---|---|---|---|---|---|")
@@ -126,10 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         config = workload(args.data_dir, args.rounds, dp, args.model)
         # the loop trains one client at a time on both cores; the simulation runs two
         # one-thread clients at once: the same two cores either way
-        floor = run_side(SIDES[0], config.model_copy(update={"client_cpus": 2.0}))
+        floor = run_side(PLAIN, config.model_copy(update={"client_cpus": 2.0}))
         base_round = split_total(floor[0], floor[1])[1]
-        sides = (floor, run_side(SIDES[1], config))
-        for side, (total, seconds, accuracy) in zip(SIDES, sides, strict=True):
+        sides = {PLAIN: floor, FEDSIM: run_side(FEDSIM, config)}
+        if args.pfl_python and dp == "none":  # pfl has no per-sample DP-SGD
+            sides[PFL] = run_side(PFL, config.model_copy(update={"client_cpus": 2.0}),
+                                  args.pfl_python)  # fmt: skip
+        for side, (total, seconds, accuracy) in sides.items():
             startup, per_round = split_total(total, seconds)
             print(f"| {dp} | {side} | {startup:.1f} | {per_round:.2f} | {total:.0f} "
                   f"| {accuracy:.4f} | {per_round / base_round:.3f} | {total / floor[0]:.3f} |",
