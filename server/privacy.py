@@ -103,6 +103,13 @@ def history_epsilon(history: History, *, delta: float, accountant: str) -> float
     """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
         return 0.0
+    return _epsilon(tuple(map(tuple, history)), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple, delta: float, accountant: str) -> float:
+    # every round asks again for the histories it asked for before (clients with the
+    # same size and participation count share one); a pure function, so remember them
     with _blas().limit(limits=1, user_api="blas"):
         return ACCOUNTANTS[accountant](list(history), delta)
 
@@ -126,13 +133,10 @@ def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str)
 def run_epsilon(ledger: Ledger, *, delta: float, accountant: str) -> tuple[float, int | None]:
     """(max ε over clients, the client that attains it). (0, None) for an empty ledger."""
     best, who = 0.0, None
-    cache: dict[tuple, float] = {}  # clients with equal histories share one computation
     for client in sorted(ledger):
-        key = tuple(_history(ledger[client]))
-        if key not in cache:
-            cache[key] = history_epsilon(list(key), delta=delta, accountant=accountant)
-        if cache[key] > best:
-            best, who = cache[key], client
+        eps = history_epsilon(_history(ledger[client]), delta=delta, accountant=accountant)
+        if eps > best:
+            best, who = eps, client
     return best, who
 
 
