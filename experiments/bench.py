@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="then issue 6's other tables with their defaults: federation overhead "
+        "(experiments.bench_federation, ~30 min) and population scale "
+        "(experiments.bench_population, ~3 min)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
@@ -184,6 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         for label, c_ms, c_ratio, w_ms, w_ratio in measure(name, args.repeats):
             print(f"| {name} | {label} | {c_ms:.0f} | {c_ratio:.2f} | {w_ms:.0f} | {w_ratio:.2f} |")
+    if args.all:
+        from experiments import bench_federation, bench_population
+
+        print("\n# federation overhead: fedsim run and pfl against a plain loop", flush=True)
+        bench_federation.main([])
+        print("\n# population scale", flush=True)
+        bench_population.main([])
 
 
 def _cpu_name() -> str:

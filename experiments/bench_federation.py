@@ -106,6 +106,14 @@ def run_side(side: str, config: FedsimConfig, python: str = sys.executable) -> S
     return total, seconds, accuracy
 
 
+def default_pfl_python() -> str | None:
+    """This Python if it can import pfl, else the one ``./install.sh --pfl`` made, else None."""
+    if importlib.util.find_spec("pfl"):
+        return sys.executable
+    made = Path(__file__).parents[1] / ".venv-pfl" / "bin" / "python"
+    return str(made) if made.exists() else None
+
+
 def split_total(total: float, seconds: list[float]) -> tuple[float, float]:
     """(startup s, steady s per round): the mean of rounds 2..N, the rest is startup."""
     steady = seconds[2:] or seconds[1:]
@@ -124,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp", default="none,sample", help="comma-separated dp modes")
     parser.add_argument(
         "--pfl-python",
-        default=sys.executable if importlib.util.find_spec("pfl") else None,
+        default=default_pfl_python(),
         help="a Python with pfl[pytorch] (and fedsim's dependencies) installed: adds pfl's "
-        "row to the dp=none table (default: this Python, if it has pfl)",
+        "row to the dp=none table (default: this Python if it has pfl, else "
+        ".venv-pfl/bin/python if ./install.sh --pfl made it)",
     )
     parser.add_argument("--plain", help=argparse.SUPPRESS)  # internal: run one plain loop
     args = parser.parse_args(argv)

@@ -61,7 +61,7 @@ def run(population: int, args: argparse.Namespace, out: Path) -> dict:
             "peak_mb": peak, "accuracy": summary["accuracy"], "total": total}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print one row per population, with ratios to the smallest."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--model", default="transformer")
     parser.add_argument("--dp", default="none")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"model {args.model}, dp {args.dp}, 100 clients a round, {args.samples} windows each, "
           f"{args.rounds} rounds")  # fmt: skip
     print("| clients | startup s | s/round (median, rounds 2+) | peak MB | round ratio | "
