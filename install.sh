@@ -23,7 +23,7 @@ esac
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null; then
     if [ -n "${FEDSIM_TORCH:-}" ]; then
         # shellcheck disable=SC2086
         pip install $FEDSIM_TORCH
@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     fi
 fi
 # the torch installed above stays: naming its exact version keeps pip from swapping it
-torch_pin="torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+torch_pin="torch==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
 # shellcheck disable=SC2086
 pip install -e ".$extras" $more "$torch_pin"
 echo "install.sh: ready: $VENV/bin/fedsim"
