@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.task import client_data, client_info, model_spec
 from clients.training import train_local
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, check_deployment
 from fedsim.errors import FedsimError
 from fedsim.messages import (
     ARRAYS,
@@ -22,22 +21,51 @@ from fedsim.messages import (
     named_partition,
 )
 from fedsim.models import build_model
+from fedsim.randomness import (
+    Purpose,
+    dp_randomness,
+    numpy_generator,
+    secure_root,
+    seeded_root,
+    stream_seed,
+)
 
-app = ClientApp()
+
+def build_client_app(*, deployment: bool) -> ClientApp:
+    """A ClientApp; ``deployment`` for SuperNodes, which never trust the server's seed.
+
+    Under the deployment engine the server is not trusted: a config with
+    ``secure-noise = false`` is refused, so the client's DP noise and Poisson masks always
+    come from its own operating system. In a simulation the run's config decides, so
+    seeded runs can be repeated.
+    """
+    app = ClientApp()
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context, deployment=deployment)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, deployment=deployment)
+
+    return app
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Report this client's partition id, size and label counts."""
+def query(msg: Message, context: Context, *, deployment: bool) -> Message:
+    """Report this client's partition id and size, and its label counts if shared."""
     config, _ = decode_config(msg.content)
+    if deployment:
+        check_deployment(config)
     info = client_info(config, partition_id(context, config), local_dir=local_data_dir(context))
     return Message(encode_client_info(info), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, *, deployment: bool) -> Message:
     """Train the received global model on the local partition for one round."""
     config, server_round = decode_config(msg.content)
+    if deployment:
+        check_deployment(config)
     pid = train_partition(context, config, named_partition(msg.content))
     state = msg.content[ARRAYS].to_torch_state_dict()
     new_state, report = train_round(
@@ -95,12 +123,21 @@ def train_round(
     *,
     local_dir: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainReport]:
-    """One client's local training in one round, seeded by (seed, round, client)."""
+    """One client's local training in one round.
+
+    Its randomness comes from streams keyed by (round, client) under a root that is
+    fresh from the operating system with ``secure-noise``, or the config's seed otherwise.
+    """
     torch.set_num_threads(max(1, int(config.client_cpus)))
-    torch.manual_seed(_round_seed(config.seed, server_round, pid))
+    device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
+    root = secure_root() if config.secure_noise else seeded_root(config.seed)
+    key = {"server_round": server_round, "client": pid}
+    # dropout and other non-DP randomness; torch's global seed keeps only 32 bits of it
+    torch.manual_seed(int.from_bytes(stream_seed(root, purpose=Purpose.LOCAL, **key)[:8], "little"))
+    randomness = dp_randomness(root, **key, device=device, secure=config.secure_noise)
     x, y = client_data(config, pid, local_dir=local_dir)
     spec = model_spec(config, local_dir=local_dir)
-    model = build_model(config.model, **spec, dp=config.dp in ("sample", "both"))
+    model = build_model(config.model, **spec, dp=config.dp_sample)
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -111,8 +148,7 @@ def train_round(
             f"{spec['input_shape']} and {spec['num_classes']} classes, which do not fit the "
             "server's model; give every node data of the server's dataset format"
         ) from None
-    device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
-    loss, spent = train_local(
+    _, spent = train_local(
         model,
         x,
         y,
@@ -120,29 +156,35 @@ def train_round(
         batch_size=config.batch_size,
         lr=config.lr,
         momentum=config.momentum,
-        noise_multiplier=config.noise_multiplier if config.dp in ("sample", "both") else None,
+        noise_multiplier=config.noise_multiplier if config.dp_sample else None,
         max_grad_norm=config.max_grad_norm,
         grad_sample=config.grad_sample,
         device=device,
         all_positions=config.next_char_loss == "all",
+        randomness=randomness,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return new_state, TrainReport(pid, len(y), loss, spent)
+    return new_state, TrainReport(pid, len(y), spent)
 
 
 def simulate_faults(config: FedsimConfig, pid: int, server_round: int) -> None:
     """Be a straggler or drop out, as configured, after training on local data.
 
     Dropping out *after* training is the worst case for privacy: the data was used but
-    the server never sees the spend, so the server charges the prescribed one.
+    the server never sees the spend, so the server charges the prescribed one. Faults
+    are part of an experiment's design, not of a DP mechanism: always seeded.
     """
-    rng = np.random.default_rng([config.seed, server_round, pid, 1])
-    straggle, drop = rng.random(2)
+    seed = stream_seed(
+        seeded_root(config.seed), purpose=Purpose.FAULTS, server_round=server_round, client=pid
+    )
+    straggle, drop = numpy_generator(seed).random(2)
     if straggle < config.straggler_prob:
         time.sleep(config.straggler_delay)
     if drop < config.client_dropout:
         raise FedsimError(f"dropped out (simulated, client-dropout={config.client_dropout:g})")
 
 
-def _round_seed(seed: int, server_round: int, pid: int) -> int:
-    return int(np.random.SeedSequence([seed, server_round, pid]).generate_state(1)[0])
+# the component that SuperNodes and `flwr run` load (pyproject.toml); `fedsim run` uses
+# simulation_app, whose clients follow the run's secure-noise
+app = build_client_app(deployment=True)
+simulation_app = build_client_app(deployment=False)

@@ -64,8 +64,10 @@ def client_data(
 def client_info(
     config: FedsimConfig, partition_id: int, *, local_dir: str | None = None
 ) -> ClientInfo:
-    """Size and label counts of a client's data, for the server's records."""
+    """Size of a client's data, and its label counts where ``share-label-counts`` is on."""
     _, y = client_data(config, partition_id, local_dir=local_dir)
+    if not config.share_label_counts:
+        return ClientInfo(partition_id, len(y), None)
     num_classes = model_spec(config, local_dir=local_dir)["num_classes"]
     return ClientInfo(partition_id, len(y), tuple(label_counts(y, num_classes)))
 

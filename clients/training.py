@@ -7,6 +7,9 @@ and the server composes it with every earlier round of the same client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from opacus import PrivacyEngine
@@ -15,6 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim.fast_dp import make_private
 from fedsim.messages import PrivacySpent
+from fedsim.randomness import DPRandomness, secure_dp_randomness
+from fedsim.schedule import poisson_schedule
 
 
 def train_local(
@@ -31,15 +36,17 @@ def train_local(
     grad_sample: str = "fast",
     device: str = "cpu",
     all_positions: bool = False,
+    randomness: DPRandomness | None = None,
 ) -> tuple[float, PrivacySpent]:
     """Train ``model`` in place for ``epochs`` over ``(x, y)``.
 
     Parameters
     ----------
     noise_multiplier
-        ``None`` trains without DP. A number trains with DP-SGD: Poisson sampling at rate
-        ``1 / ceil(len(x) / batch_size)``, per-sample clipping to ``max_grad_norm`` and
-        Gaussian noise of std ``noise_multiplier × max_grad_norm``.
+        ``None`` trains without DP. A number trains with DP-SGD on
+        :func:`fedsim.schedule.poisson_schedule`: Poisson sampling at rate
+        ``1 / ceil(len(x) / batch_size)`` for that many steps an epoch, per-sample clipping
+        to ``max_grad_norm`` and Gaussian noise of std ``noise_multiplier × max_grad_norm``.
     all_positions
         Next-character windows only: train every position of a window to predict the
         character after it (the window's own next characters, then the label ``y``),
@@ -48,6 +55,9 @@ def train_local(
     grad_sample
         How per-sample gradients are clipped: ``fast``, ``hooks`` or ``ghost``
         (``fedsim.fast_dp.make_private``); the same DP-SGD step in every mode.
+    randomness
+        DP-SGD's Poisson-mask and noise generators; by default fresh ones from the
+        operating system's CSPRNG, so that no seed anyone knows can rebuild the noise.
 
     Returns
     -------
@@ -57,20 +67,54 @@ def train_local(
     """
     model.to(device).train()
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    engine, criterion = None, nn.CrossEntropyLoss()
-    if noise_multiplier is not None:
-        engine = PrivacyEngine(accountant="rdp")
-        model, optimizer, criterion, loader, close = make_private(
-            engine,
-            grad_sample=grad_sample,
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
+    if noise_multiplier is None:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+        losses = _epochs(
+            model, optimizer, loader, nn.CrossEntropyLoss(), epochs, device, all_positions
         )
+        return float(np.mean(losses)), PrivacySpent()
+    engine = PrivacyEngine(accountant="rdp")
+    private = make_private(
+        engine,
+        grad_sample=grad_sample,
+        module=model,
+        optimizer=optimizer,
+        dataset=data,
+        schedule=poisson_schedule(len(y), batch_size=batch_size, epochs=epochs),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        randomness=randomness or secure_dp_randomness(device),
+    )
+    losses = _epochs(
+        private.module,
+        private.optimizer,
+        private.data_loader,
+        private.criterion,
+        epochs,
+        device,
+        all_positions,
+    )
+    history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps), ...]
+    spent = PrivacySpent(
+        noise_multiplier=tuple(float(h[0]) for h in history),
+        sample_rate=tuple(float(h[1]) for h in history),
+        steps=tuple(int(h[2]) for h in history),
+    )
+    private.close()  # drop the per-sample hooks from the module we were given
+    return float(np.mean(losses)) if losses else float("nan"), spent
+
+
+def _epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any],
+    epochs: int,
+    device: str,
+    all_positions: bool,
+) -> list[float]:
+    """Every step of ``epochs`` passes over ``loader``; the losses of non-empty batches."""
     losses = []
     for _ in range(epochs):
         for xb, yb in loader:
@@ -82,16 +126,7 @@ def train_local(
             optimizer.step()
             if len(yb):
                 losses.append(loss.item())
-    if engine is None:
-        return float(np.mean(losses)), PrivacySpent()
-    history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps), ...]
-    spent = PrivacySpent(
-        noise_multiplier=tuple(float(h[0]) for h in history),
-        sample_rate=tuple(float(h[1]) for h in history),
-        steps=tuple(int(h[2]) for h in history),
-    )
-    close()  # drop the per-sample hooks from the module we were given
-    return float(np.mean(losses)) if losses else float("nan"), spent
+    return losses
 
 
 def _loss(
@@ -100,4 +135,4 @@ def _loss(
     if not all_positions:
         return criterion(model(x), y)
     targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (N, T): the next characters
-    return criterion(model(x, all_positions=True), targets)
+    return criterion(model(x, all_positions=True), targets)  # logits (N, C, T)

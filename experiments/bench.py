@@ -93,15 +93,15 @@ def make_step(build: Callable[[], nn.Module], mode: str, x: torch.Tensor, y: tor
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion = nn.CrossEntropyLoss()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "poisson_sampling": False}
-    if mode == "fast":
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    if mode == "fast":  # fixed batches: the step's cost, not the sampling's
         model, optimizer, criterion, _, _ = make_private_fast(
             PrivacyEngine(), module=model, optimizer=optimizer, data_loader=loader, **dp
         )
     elif mode != "none":
         private = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            grad_sample_mode=mode, **dp,
+            grad_sample_mode=mode, poisson_sampling=False, **dp,
         )  # fmt: skip
         model, optimizer = private[0], private[1]
         criterion = private[2] if mode == "ghost" else criterion

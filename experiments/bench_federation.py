@@ -53,6 +53,7 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
     from fedsim.data import load_dataset
     from fedsim.evaluation import evaluate
     from fedsim.models import build_model, model_kwargs
+    from fedsim.randomness import seeded_root
     from server.strategy import sample_clients
 
     clock = time.perf_counter()
@@ -63,8 +64,8 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
     seconds = [time.perf_counter() - clock]
     for r in range(1, config.num_rounds + 1):
         clock = time.perf_counter()
-        chosen = sample_clients(config.num_clients, config.clients_per_round, seed=config.seed,
-                                server_round=r)  # fmt: skip
+        chosen = sample_clients(config.num_clients, config.clients_per_round,
+                                root=seeded_root(config.seed), server_round=r)  # fmt: skip
         states, sizes = [], []
         for c in chosen:
             state, report = train_round(config, c, r, model.state_dict())

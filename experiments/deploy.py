@@ -23,7 +23,7 @@ from experiments.localfed import LocalFederation, flower_bin, is_loopback
 from experiments.run import add_config_arguments, preflight, staging_dir
 from experiments.watch import follow_run
 from fedsim import results
-from fedsim.config import FedsimConfig, config_values, parse_config
+from fedsim.config import FedsimConfig, check_deployment, config_values, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 
@@ -97,8 +97,10 @@ def deploy_config(path: Path | None, overrides: list[str], num_nodes: int | None
     """The run's config; ``num_nodes`` sets ``num-clients`` (one SuperNode per client).
 
     Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
+    ``secure-noise`` is on unless given, and refused if turned off: the server must not
+    know its clients' noise.
     """
-    values = config_values(path, overrides)
+    values = {"secure-noise": True} | config_values(path, overrides)
     if num_nodes is not None:
         if values.get("num-clients", num_nodes) != num_nodes:
             raise FedsimError(
@@ -108,7 +110,7 @@ def deploy_config(path: Path | None, overrides: list[str], num_nodes: int | None
         values["num-clients"] = num_nodes
         default = FedsimConfig.model_fields["clients_per_round"].default
         values.setdefault("clients-per-round", min(default, num_nodes))
-    config = parse_config(values)
+    config = check_deployment(parse_config(values))
     if config.data_dir:  # the ServerApp and ClientApps run in other folders
         config = config.model_copy(update={"data_dir": str(Path(config.data_dir).resolve())})
     return config

@@ -72,7 +72,10 @@ def print_round(config: FedsimConfig):
     """Return a progress callback that prints one line per round."""
 
     def on_round(row: dict) -> None:
+        # under user-level DP the row names nobody: cohorts are private
         dropped = f"  dropped {row['dropped']}" if row["dropped"] else ""
+        if not dropped and int(row["failed"]):
+            dropped = f"  {row['failed']} of {row['cohort']} dropped"
         print(
             f"round {row['round']:>3}/{config.num_rounds}  accuracy {row['accuracy']:.4f}  "
             f"loss {row['loss']:.4f}  ε {report.format_epsilon(row['epsilon']):>6}  "
@@ -141,7 +144,7 @@ def _simulate(config, dataset, staging, started, verbose, client_app) -> None:
     from server.server_app import build_server_app
 
     if client_app is None:
-        from clients.client_app import app as client_app
+        from clients.client_app import simulation_app as client_app
     _quiet_logs(verbose)
     stop = threading.Event()
     server_app = build_server_app(

@@ -29,7 +29,9 @@ class FedsimConfig(BaseModel):
     0 means "solve it from ``target-epsilon`` before round 1". ``dp``: ``sample`` protects one
     training example (DP-SGD in each client), ``user`` one client's whole data (DP-FedAvg:
     server-side clipping to ``max-update-norm`` and noise, ``user-*`` keys), ``both`` both
-    at once. A round goes on with the
+    at once. ``secure-noise`` draws every DP noise value and sample from the operating
+    system's CSPRNG instead of from ``seed``; ``share-label-counts`` lets clients report
+    their label counts (published in ``partition.csv``). A round goes on with the
     clients that replied within ``round-timeout`` seconds while at least ``min-clients``
     did; ``client-dropout`` and ``straggler-*`` simulate clients that fail or are slow.
     """
@@ -73,6 +75,8 @@ class FedsimConfig(BaseModel):
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    secure_noise: bool = False
+    share_label_counts: bool = False
     grad_sample: Literal["fast", "hooks", "ghost"] = "fast"
     seed: int = Field(0, ge=0)
     round_timeout: float = Field(600.0, gt=0)
@@ -123,7 +127,7 @@ class FedsimConfig(BaseModel):
                 f"min-clients ({self.min_clients}) exceeds clients-per-round "
                 f"({self.clients_per_round}); a round could never succeed"
             )
-        if self.dp in ("user", "both") and self.clip_quantile > 0 and self.clip_count_noise == 0:
+        if self.dp_user and self.clip_quantile > 0 and self.clip_count_noise == 0:
             raise ValueError(
                 "adaptive clipping (clip-quantile > 0) needs clip-count-noise > 0; "
                 "Andrew et al. suggest clients-per-round / 20"
@@ -132,9 +136,34 @@ class FedsimConfig(BaseModel):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
         return self
 
+    @property
+    def dp_sample(self) -> bool:
+        """DP-SGD in each client protects one training example."""
+        return self.dp in ("sample", "both")
+
+    @property
+    def dp_user(self) -> bool:
+        """DP-FedAvg at the server protects one client's whole data."""
+        return self.dp in ("user", "both")
+
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case dict of plain scalars: a TOML table, run config or ConfigRecord."""
         return self.model_dump(by_alias=True)
+
+
+def check_deployment(config: FedsimConfig) -> FedsimConfig:
+    """``config``, if it fits the deployment engine; one error line otherwise.
+
+    The server is not trusted there: its clients' noise must not come from the seed
+    that the server sends them.
+    """
+    if not config.secure_noise:
+        raise FedsimError(
+            "config: secure-noise = false is refused under the deployment engine: the "
+            "server knows the seed, so seeded client noise would not protect against it; "
+            "set secure-noise = true (the default there)"
+        )
+    return config
 
 
 def _check_pairing(model: str, dataset: str) -> None:

@@ -7,8 +7,10 @@ ordinary parameter gradients. Per-layer rules (``fedsim.clip_rules``) turn those
 per-sample gradient norms and, once the clipping coefficients are known, into the clipped
 gradient sum, which becomes ``p.grad``. From there Opacus's own objects take over: the
 optimizer is Opacus's ``DPOptimizerFastGradientClipping`` (adds the Gaussian noise, scales,
-steps the accountant), the data loader is Opacus's Poisson ``DPDataLoader``, all built by
-``PrivacyEngine.make_private``, so the privacy accounting is exactly Opacus's.
+steps the accountant), built by ``PrivacyEngine.make_private``, and the data loader is
+Opacus's Poisson ``DPDataLoader`` on the schedule of ``fedsim.schedule``, so the ledger
+records exactly the (q, steps) the σ solver assumed. Masks and noise come from the
+generators the caller passes (``fedsim.randomness``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import Any, NamedTuple
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 from fedsim.clip_rules import rule_for
 from fedsim.errors import FedsimError
+from fedsim.randomness import DPRandomness
+from fedsim.schedule import Schedule
 
 
 class FastClipper:
@@ -143,25 +148,27 @@ def make_private_fast(
     *,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader,
+    data_loader: DPDataLoader,
     noise_multiplier: float,
     max_grad_norm: float,
-    poisson_sampling: bool = True,
+    noise_generator: torch.Generator | None = None,
 ) -> tuple[
     nn.Module,
     torch.optim.Optimizer,
     Callable[[Tensor, Tensor], ClippedLoss],
-    DataLoader,
+    DPDataLoader,
     FastClipper,
 ]:
     """Like ``engine.make_private(..., grad_sample_mode="ghost")``, with one backward pass.
+
+    ``data_loader`` is already the Poisson loader (:func:`poisson_loader`).
 
     Returns
     -------
     tuple
         The module (unchanged, with forward hooks), Opacus's DP optimizer, a cross-entropy
-        criterion whose result's ``.backward()`` clips, Opacus's data loader, and the
-        clipper (``close()`` it after training).
+        criterion whose result's ``.backward()`` clips, the data loader, and the clipper
+        (``close()`` it after training).
 
     """
     # Opacus builds and validates everything; its per-layer hooks are then replaced by ours
@@ -172,7 +179,8 @@ def make_private_fast(
         criterion=nn.CrossEntropyLoss(),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=poisson_sampling,
+        poisson_sampling=False,  # the loader samples already, on the schedule's steps
+        noise_generator=noise_generator,
         grad_sample_mode="ghost",
         wrap_model=False,
     )
@@ -180,9 +188,33 @@ def make_private_fast(
     clipper = FastClipper(module, max_grad_norm=max_grad_norm)
 
     def criterion(output: Tensor, target: Tensor) -> ClippedLoss:
-        return ClippedLoss(clipper, nn.functional.cross_entropy(output, target, reduction="none"))
+        return ClippedLoss(clipper, per_sample_cross_entropy(output, target))
 
     return module, dp_optimizer, criterion, dp_loader, clipper
+
+
+def per_sample_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """One loss per sample, ``(B,)``: the mean over positions where there are several.
+
+    ``output`` is ``(B, C)`` or ``(B, C, T)`` (one prediction per position), as for
+    ``nn.functional.cross_entropy``. Opacus's ``hooks`` mode with a mean-reduced loss
+    clips the gradient of this same per-sample mean.
+    """
+    losses = nn.functional.cross_entropy(output, target, reduction="none")
+    return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
+
+
+def poisson_loader(
+    dataset: TensorDataset, schedule: Schedule, generator: torch.Generator | None
+) -> DPDataLoader:
+    """Opacus's Poisson loader at rate ``schedule.sample_rate`` for exactly ``schedule.batches``.
+
+    Opacus derives the steps as ``int(1 / q)``, one short of ``⌈n / B⌉`` for some batch
+    counts; the schedule's own count is what the σ solver and the ledger assume.
+    """
+    loader = DPDataLoader(dataset, sample_rate=schedule.sample_rate, generator=generator)
+    loader.batch_sampler.steps = schedule.batches
+    return loader
 
 
 GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost")
@@ -194,7 +226,7 @@ class PrivateTraining(NamedTuple):
     module: nn.Module
     optimizer: torch.optim.Optimizer
     criterion: Callable[[Tensor, Tensor], Any]
-    data_loader: DataLoader
+    data_loader: DPDataLoader
     close: Callable[[], None]
 
 
@@ -204,11 +236,13 @@ def make_private(
     grad_sample: str,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader,
+    dataset: TensorDataset,
+    schedule: Schedule,
     noise_multiplier: float,
     max_grad_norm: float,
+    randomness: DPRandomness,
 ) -> PrivateTraining:
-    """DP-SGD with Poisson sampling and cross-entropy loss, per-sample clipping by mode.
+    """DP-SGD with Poisson sampling on ``schedule`` and cross-entropy loss.
 
     Parameters
     ----------
@@ -216,20 +250,48 @@ def make_private(
         ``fast``: one backward pass with ``fedsim.clip_rules`` (exact, the default);
         ``hooks``: Opacus's per-sample gradients (the reference); ``ghost``: Opacus's
         ghost clipping (two backward passes). The optimizer, noise and accountant are
-        Opacus's in every mode.
+        Opacus's in every mode, and so is the loss of a sample: its mean over positions.
+    randomness
+        The generators of the Poisson masks and of the noise.
 
     """
     if grad_sample not in GRAD_SAMPLE_MODES:
         raise FedsimError(f"grad-sample must be one of {', '.join(GRAD_SAMPLE_MODES)}")
+    loader = poisson_loader(dataset, schedule, randomness.batches)
     dp = {"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm}
-    plain = {"module": module, "optimizer": optimizer, "data_loader": data_loader}
+    plain = {"module": module, "optimizer": optimizer, "data_loader": loader}
+    rng = {"noise_generator": randomness.noise}
     if grad_sample == "fast":
-        model, opt, criterion, loader, clipper = make_private_fast(engine, **plain, **dp)
-        return PrivateTraining(model, opt, criterion, loader, clipper.close)
-    if grad_sample == "ghost":
-        model, opt, criterion, loader = engine.make_private(
-            **plain, **dp, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost"
+        model, opt, criterion, loader, clipper = make_private_fast(engine, **plain, **dp, **rng)
+        private = PrivateTraining(model, opt, criterion, loader, clipper.close)
+    elif grad_sample == "ghost":
+        model, opt, ghost, loader = engine.make_private(
+            **plain,
+            **dp,
+            **rng,
+            criterion=nn.CrossEntropyLoss(),
+            poisson_sampling=False,
+            grad_sample_mode="ghost",
         )
-        return PrivateTraining(model, opt, criterion, loader, model._close)
-    model, opt, loader = engine.make_private(**plain, **dp, grad_sample_mode="hooks")
-    return PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
+        private = PrivateTraining(model, opt, _per_sequence(ghost), loader, model._close)
+    else:
+        model, opt, loader = engine.make_private(
+            **plain, **dp, **rng, poisson_sampling=False, grad_sample_mode="hooks"
+        )
+        private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
+    # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
+    private.optimizer.secure_mode = randomness.secure
+    return private
+
+
+def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
+    """Opacus's ghost criterion, told the sequence shape so a sample's loss is its mean."""
+
+    def criterion(output: Tensor, target: Tensor) -> Any:
+        if output.dim() != 3:
+            return ghost(output, target)
+        batch, classes, steps = output.shape
+        flat = output.transpose(1, 2).reshape(batch * steps, classes)
+        return ghost(flat, target.reshape(-1), shape=(batch, steps, classes))
+
+    return criterion

@@ -12,7 +12,7 @@ from fedsim.report import format_epsilon, load_run
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
 FIELDS = (
     "unit", "epsilon", "delta", "accountant", "accuracy_mean", "accuracy_std", "seeds",
-    "noise_multiplier", "clip", "rounds", "clients_per_round", "num_clients", "runs",
+    "noise_multiplier", "clip", "rounds", "clients_per_round", "num_clients", "noise", "runs",
 )  # fmt: skip
 
 
@@ -61,6 +61,7 @@ def _row(group: list[dict]) -> dict:
         "rounds": first["num_rounds"],
         "clients_per_round": first["config"]["clients-per-round"],
         "num_clients": first["num_clients"],
+        "noise": first.get("noise", {}).get("kind", "seeded"),
         "runs": " ".join(sorted(s["_dir"] for s in group)),
     }
 
@@ -68,16 +69,20 @@ def _row(group: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     """The frontier as a Markdown table (what goes into docs and papers)."""
     cols = ["unit", "ε", "δ", "accountant", "accuracy (mean ± std)", "seeds", "σ", "clip"]
-    cols += ["rounds", "cohort", "clients"]
+    cols += ["rounds", "cohort", "clients", "noise"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append(
             f"| {r['unit']} | {format_epsilon(r['epsilon'])} | {r['delta']} | {r['accountant']} "
             f"| {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['seeds']} "
             f"| {r['noise_multiplier']} | {r['clip']} | {r['rounds']} "
-            f"| {r['clients_per_round']} | {r['num_clients']} |"
+            f"| {r['clients_per_round']} | {r['num_clients']} | {r['noise']} |"
         )
-    return "\n".join(lines) + "\n"
+    note = (
+        "\nnoise: secure = from the operating system; seeded = from the config's seed, so the ε "
+        "holds only against whoever does not know the seed.\n"
+    )
+    return "\n".join(lines) + "\n" + note
 
 
 def write_frontier(rows: list[dict], out_dir: Path) -> list[Path]:

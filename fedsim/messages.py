@@ -2,8 +2,10 @@
 
 This module is the whole contract between the two sides: neither imports the other.
 A train message carries the global model under ``ARRAYS`` and the resolved experiment
-config under ``CONFIG``; a train reply carries the local model, its metrics (weighted by
-``num-examples`` in FedAvg) and, under ``PRIVACY``, what the client's DP-SGD spent.
+config under ``CONFIG``; a train reply carries the local model, its example count (the
+FedAvg weight) and, under ``PRIVACY``, what the client's DP-SGD spent. A client sends
+nothing else about its data: no training loss, and its label counts only where the run
+sets ``share-label-counts``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ROUND_KEY = "server-round"
 # in a train message: the client (partition) to train, so simulation nodes are workers
 PARTITION_KEY = "partition-id"
 WEIGHT_KEY = "num-examples"
+LABELS_KEY = "label-counts"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ClientInfo:
 
     partition_id: int
     num_examples: int
-    label_counts: tuple[int, ...]
+    label_counts: tuple[int, ...] | None  # None: not shared (share-label-counts = false)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,6 @@ class TrainReport:
 
     partition_id: int
     num_examples: int
-    train_loss: float
     spent: PrivacySpent
 
 
@@ -78,35 +80,26 @@ def named_partition(content: RecordDict) -> int | None:
 
 def encode_client_info(info: ClientInfo) -> RecordDict:
     """Client -> server reply to a query message."""
-    metrics = MetricRecord(
-        {
-            PARTITION_KEY: info.partition_id,
-            WEIGHT_KEY: info.num_examples,
-            "label-counts": list(info.label_counts),
-        }
-    )
-    return RecordDict({METRICS: metrics})
+    values: dict = {PARTITION_KEY: info.partition_id, WEIGHT_KEY: info.num_examples}
+    if info.label_counts is not None:
+        values[LABELS_KEY] = list(info.label_counts)
+    return RecordDict({METRICS: MetricRecord(values)})
 
 
 def decode_client_info(content: RecordDict) -> ClientInfo:
     """Server side of :func:`encode_client_info`."""
     metrics = content[METRICS]
+    labels = metrics.get(LABELS_KEY)
     return ClientInfo(
         partition_id=int(metrics[PARTITION_KEY]),
         num_examples=int(metrics[WEIGHT_KEY]),
-        label_counts=tuple(int(c) for c in metrics["label-counts"]),
+        label_counts=None if labels is None else tuple(int(c) for c in labels),
     )
 
 
 def encode_train_reply(arrays: ArrayRecord, report: TrainReport) -> RecordDict:
     """Client -> server reply to a train message."""
-    metrics = MetricRecord(
-        {
-            PARTITION_KEY: report.partition_id,
-            WEIGHT_KEY: report.num_examples,
-            "train-loss": report.train_loss,
-        }
-    )
+    metrics = MetricRecord({PARTITION_KEY: report.partition_id, WEIGHT_KEY: report.num_examples})
     spent = report.spent
     privacy = ConfigRecord(
         {
@@ -129,6 +122,5 @@ def decode_train_report(content: RecordDict) -> TrainReport:
     return TrainReport(
         partition_id=int(metrics[PARTITION_KEY]),
         num_examples=int(metrics[WEIGHT_KEY]),
-        train_loss=float(metrics["train-loss"]),
         spent=spent,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from fedsim import results
@@ -47,10 +48,24 @@ def summary_line(summary: dict) -> str:
         f"ε = {eps:.3f} for one {unit} (σ = {sigma[unit]:.4f})"
         for unit, eps in summary["epsilon_by_unit"].items()
     ]
+    parts += [
+        f"ε = {g['epsilon']:.3f} for one example replaced ({g['accountant']})"
+        for g in summary.get("guarantees", [])
+        if g.get("implied_by") == "user"
+    ]
     return (
         f"accuracy {summary['accuracy']:.4f} at {', '.join(parts)} "
-        f"(δ = {summary['delta']:g}, accountant: {summary['accountant']})"
+        f"(δ = {summary['delta']:g}, accountant: {summary['accountant']}); {noise_words(summary)}"
     )
+
+
+def noise_words(summary: dict) -> str:
+    """Which noise the run used, and what that means for a reader."""
+    kind = summary.get("noise", {}).get("kind", "seeded")
+    if kind == "secure":
+        return "secure noise (from the OS; no one can recompute it)"
+    seed = summary["config"]["seed"]
+    return f"seeded noise (seed {seed}: whoever knows it can remove the noise)"
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -74,7 +89,8 @@ def plot_run(run_dir: Path) -> Path:
             f"ε (unit: {summary['privacy_unit']}, δ={summary['delta']:g}, {summary['accountant']})",
             color="tab:red",
         )
-    ax.set_title(f"{summary['config']['name']}: {summary_line(summary)[:60]}", fontsize=8)
+    title = f"{summary['config']['name']}: {summary_line(summary)}"
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     fig.tight_layout()
     out = run_dir / results.PLOT
     fig.savefig(out)

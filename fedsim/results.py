@@ -1,4 +1,10 @@
-"""Result files: atomic writes, so a crash never leaves a half-written file."""
+"""Result files: atomic writes, so a crash never leaves a half-written file.
+
+A run folder has a publishable part (every file at its top) and a private part,
+``private/``: what resuming needs (the checkpoint) and what would weaken a guarantee if
+published (under user-level DP, which clients trained in which round). ``fedsim report``
+never reads it.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,17 @@ PRIVACY = "privacy.json"
 PARTITION = "partition.csv"
 PLOT = "accuracy_epsilon.png"
 MODEL = "model.pt"
-CHECKPOINT = "checkpoint.pt"
 VOCAB = "vocab.json"
-ROUND_FIELDS = ("round", "accuracy", "loss", "epsilon", "seconds", "clients", "dropped")
+PRIVATE = "private"
+CHECKPOINT = f"{PRIVATE}/checkpoint.pt"
+PARTICIPATION = f"{PRIVATE}/participation.csv"
+PRIVATE_LEDGER = f"{PRIVATE}/ledger.json"
+PRIVATE_README = f"{PRIVATE}/README.txt"
+# cohort and failed are counts; clients and dropped name them (empty where that is private)
+ROUND_FIELDS = (
+    "round", "accuracy", "loss", "epsilon", "seconds", "cohort", "failed", "clients", "dropped",
+)  # fmt: skip
+PARTICIPATION_FIELDS = ("round", "clients", "dropped")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -63,6 +77,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
 
     buf = io.BytesIO()
     torch.save(state, buf)
+    (run_dir / PRIVATE).mkdir(exist_ok=True)
     write_atomic(run_dir / CHECKPOINT, buf.getvalue())
 
 

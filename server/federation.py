@@ -18,13 +18,15 @@ from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, load_dataset, vocab_record
 from fedsim.errors import FedsimError
 from fedsim.evaluation import evaluate
-from fedsim.messages import ClientInfo, PrivacySpent, decode_client_info, encode_config
+from fedsim.messages import ClientInfo, decode_client_info, encode_config
 from fedsim.models import build_model, model_kwargs
 from fedsim.partition import label_counts, partition_dataset
+from fedsim.randomness import secure_root, seeded_root
+from fedsim.schedule import poisson_schedule
 from server import outputs, privacy
 from server.rounds import run_rounds
 from server.state import RunState
-from server.strategy import PrivacyLedger, SeededFedAvg
+from server.strategy import PrivacyLedger, SampledFedAvg
 from server.user_dp import UserLevelDP
 
 RoundCallback = Callable[[dict], None]
@@ -44,11 +46,17 @@ def wait_for_nodes(grid: Grid, count: int) -> list[int]:
     return nodes[:count]
 
 
-def partition_infos(dataset: Dataset, parts: list[np.ndarray]) -> list[ClientInfo]:
-    """Every client's size and label counts, from the server's own copy of the data."""
+def partition_infos(
+    dataset: Dataset, parts: list[np.ndarray], *, share_labels: bool
+) -> list[ClientInfo]:
+    """Every client's size (and label counts, if shared), from the server's copy of the data."""
     num_classes = model_kwargs(dataset)["num_classes"]
     return [
-        ClientInfo(c, len(idx), tuple(label_counts(dataset.y_train[idx], num_classes)))
+        ClientInfo(
+            c,
+            len(idx),
+            tuple(label_counts(dataset.y_train[idx], num_classes)) if share_labels else None,
+        )
         for c, idx in enumerate(parts)
     ]
 
@@ -74,33 +82,25 @@ def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, C
     return found
 
 
-def expected_spend(config: FedsimConfig, info: ClientInfo) -> PrivacySpent:
-    """What one round of DP-SGD costs a client: charged when its reply is missing."""
-    if config.dp not in ("sample", "both"):
-        return PrivacySpent()
-    q, steps = privacy.dp_schedule(
-        info.num_examples, batch_size=config.batch_size, epochs=config.local_epochs
-    )
-    return PrivacySpent((config.noise_multiplier,), (q,), (steps,))
-
-
 def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig:
-    """Fix every σ left at 0 before round 1, so the run ends within its target ε."""
+    """Fix every σ left at 0 before round 1, so the run ends within its target ε.
+
+    The sample unit's σ is solved on the schedule each client's loader runs
+    (:func:`fedsim.schedule.poisson_schedule`), the one its ledger records.
+    """
     update = {}
-    if config.dp in ("sample", "both") and config.noise_multiplier == 0:
+    if config.dp_sample and config.noise_multiplier == 0:
         schedules = []
-        for info in infos:
-            q, steps = privacy.dp_schedule(
-                info.num_examples, batch_size=config.batch_size, epochs=config.local_epochs
-            )
-            schedules.append((q, steps * config.num_rounds))
+        for size in {info.num_examples for info in infos}:
+            s = poisson_schedule(size, batch_size=config.batch_size, epochs=config.local_epochs)
+            schedules.append((s.sample_rate, s.steps * config.num_rounds))
         update["noise_multiplier"] = privacy.solve_noise_multiplier(
             target_epsilon=config.target_epsilon,
             delta=config.delta,
             accountant=config.accountant,
             schedules=schedules,
         )
-    if config.dp in ("user", "both") and config.user_noise_multiplier == 0:
+    if config.dp_user and config.user_noise_multiplier == 0:
         update["user_noise_multiplier"] = privacy.solve_noise_multiplier(
             target_epsilon=config.user_target_epsilon,
             delta=config.delta,
@@ -111,24 +111,24 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
 
 
 def build_strategy(
-    state: RunState, nodes: list[int], *, bound: bool
+    state: RunState, nodes: list[int], *, bound: bool, root: bytes
 ) -> tuple[PrivacyLedger, UserLevelDP | None]:
-    """Seeded FedAvg, wrapped by user-level DP and the sample-level ledger as configured.
+    """FedAvg, wrapped by user-level DP and the sample-level ledger as configured.
 
-    ``nodes`` and ``bound`` place clients on Flower nodes (:func:`server.strategy.place`).
+    ``nodes`` and ``bound`` place clients on Flower nodes (:func:`server.strategy.place`);
+    ``root`` is the run's randomness root (``fedsim.randomness``) for cohorts and noise.
     """
     cfg = state.config
-    user = cfg.dp in ("user", "both")
-    strategy: Strategy = SeededFedAvg(
+    strategy: Strategy = SampledFedAvg(
         num_clients=cfg.num_clients,
         nodes=nodes,
         bound=bound,
         clients_per_round=cfg.clients_per_round,
-        seed=cfg.seed,
-        poisson=user,
+        root=root,
+        poisson=cfg.dp_user,
     )
     user_dp = None
-    if user:
+    if cfg.dp_user:
         strategy = user_dp = UserLevelDP(
             strategy,
             ledger=state.user_ledger,
@@ -136,16 +136,12 @@ def build_strategy(
             noise_multiplier=cfg.user_noise_multiplier,
             clip_norm=state.clip_norm or cfg.max_update_norm,
             expected_cohort=cfg.clients_per_round,
-            seed=cfg.seed,
+            root=root,
             clip_quantile=cfg.clip_quantile,
             clip_lr=cfg.clip_lr,
             count_noise=cfg.clip_count_noise,
         )
-    ledger = PrivacyLedger(
-        strategy,
-        state.ledger,
-        expected=lambda client: expected_spend(cfg, state.infos[client]),
-    )
+    ledger = PrivacyLedger(strategy, state.ledger, expected=lambda c: state.prescribed[c])
     return ledger, user_dp
 
 
@@ -184,7 +180,7 @@ def start_state(
         nodes = [clients[c][0] for c in sorted(clients)]
     else:
         parts = partition_dataset(dataset, config)
-        infos = partition_infos(dataset, parts)
+        infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
         nodes = wait_for_nodes(grid, simulation_nodes(config))
     checkpoint = results.load_checkpoint(run_dir)
     if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
@@ -218,7 +214,8 @@ def run_federation(
 ) -> dict:
     """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
 
-    ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes.
+    ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes;
+    True: the deployment engine, one SuperNode per client.
     ``dataset``: the config's data, where the caller has already loaded it.
 
     Returns
@@ -239,7 +236,9 @@ def run_federation(
     model = build_model(cfg.model, **model_kwargs(dataset), dp=False)
     if state.arrays is not None:
         model.load_state_dict(state.arrays)
-    strategy, user_dp = build_strategy(state, nodes, bound=node_per_client)
+    # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
+    root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
+    strategy, user_dp = build_strategy(state, nodes, bound=node_per_client, root=root)
     clock = [time.time()]
 
     def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
@@ -248,14 +247,13 @@ def run_federation(
         if user_dp is not None:
             state.clip_norm = user_dp.clip_norm
         loss, acc = evaluate(model, dataset.x_test, dataset.y_test)
-        row = outputs.round_row(
+        row, participation = outputs.round_rows(
             state,
             server_round,
             loss,
             acc,
-            seconds=0.0,
-            clients=" ".join(map(str, strategy.sampled.get(server_round, []))),
-            dropped="; ".join(f"{c}: {r}" for c, r in sorted(dropped.items())),
+            cohort=strategy.sampled.get(server_round, []),
+            dropped=dropped,
             clip_norm=state.clip_norm if user_dp is not None else "",
         )
         # seconds since the last round's row: training, aggregation, evaluation, accounting
@@ -263,6 +261,7 @@ def run_federation(
         now = time.time()
         row["seconds"], clock[0] = round(now - clock[0], 3), now
         state.rows.append(row)
+        state.participation.append(participation)
         state.arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
         results.write_csv(run_dir / results.ROUNDS, state.rows, outputs.ROUND_FIELDS)
         results.save_checkpoint(run_dir, state.to_checkpoint())
@@ -283,7 +282,8 @@ def run_federation(
         stop=stop,
     )
     torch.save(state.arrays, run_dir / results.MODEL)
-    return outputs.write_final(state, run_dir, started)
+    engine = "deployment" if node_per_client else "simulation"
+    return outputs.write_final(state, run_dir, started, engine=engine)
 
 
 def natural_users(

@@ -1,9 +1,15 @@
-"""Result rows and files written by the server: rounds.csv, partition, ledger, summary."""
+"""Result rows and files written by the server: rounds, partition, ledger, summary.
+
+What is published and what stays in ``private/`` is decided here. Under user-level DP
+the ε counts amplification by sampling the cohorts, which holds only while they stay
+secret: the published rows then give each round's cohort size and failure count, and
+``private/participation.csv`` names the clients.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedsim import results
@@ -12,55 +18,108 @@ from server import privacy
 from server.state import RunState
 
 ROUND_FIELDS = (*results.ROUND_FIELDS, "epsilon_sample", "epsilon_user", "clip_norm")
+# (unit, engine) -> (who must be trusted, who the ε protects against)
+TRUST = {
+    ("sample", "simulation"): ("the machine that runs the simulation", "readers of the results"),
+    ("sample", "deployment"): (
+        "each client's own machine",
+        "the server (honest but curious: it runs fedsim and reads all it receives) and "
+        "readers of the results",
+    ),
+    ("user", "simulation"): (
+        "the machine that runs the simulation",
+        "readers of the results, as long as private/ is not published",
+    ),
+    ("user", "deployment"): (
+        "the server: it sees every client's update before adding noise",
+        "readers of the results, as long as private/ is not published",
+    ),
+}
+RELATION = {
+    "sample": "zero out one training example of a client (its gradient counts as 0; for "
+    "Poisson sampling the same ε as adding or removing it; example counts are public)",
+    "user": "zero out one client's whole data (its update counts as 0; who takes part and "
+    "each client's example count are public)",
+    "replace": "replace one training example of a client by another, or change any of its "
+    "data: what the user-level guarantee implies for one example",
+}
 
 
 def primary_unit(dp: str) -> str:
-    """The unit whose ε heads reports: a user protects all their samples too."""
+    """The unit whose ε heads reports."""
     return {"none": "none", "sample": "sample", "user": "user", "both": "user"}[dp]
 
 
-def round_row(state: RunState, server_round: int, loss: float, acc: float, **extra) -> dict:
-    """One row of ``rounds.csv``; ``extra`` carries seconds, clients, dropped, clip_norm."""
+def round_rows(
+    state: RunState,
+    server_round: int,
+    loss: float,
+    acc: float,
+    *,
+    cohort: list[int],
+    dropped: dict[int, str],
+    clip_norm: float | str,
+) -> tuple[dict, dict]:
+    """One row of ``rounds.csv`` (``seconds`` still 0) and one of ``participation.csv``."""
     eps = state.epsilons()
     unit = primary_unit(state.config.dp)
     headline = float("inf") if unit == "none" and server_round > 0 else eps.get(unit, 0.0)
-    return {
+    clients = " ".join(map(str, cohort))
+    reasons = "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items()))
+    secret = state.config.dp_user
+    public = {
         "round": server_round,
         "accuracy": round(acc, 6),
         "loss": round(loss, 6),
         "epsilon": headline,
+        "seconds": 0.0,
+        "cohort": len(cohort),
+        "failed": len(dropped),
+        "clients": "" if secret else clients,
+        "dropped": "" if secret else reasons,
         "epsilon_sample": eps.get("sample", ""),
         "epsilon_user": eps.get("user", ""),
-        **extra,
+        "clip_norm": clip_norm,
     }
+    return public, {"round": server_round, "clients": clients, "dropped": reasons}
 
 
 def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | None) -> None:
-    """``partition.csv``: one row per client with its user, size and label counts."""
-    num_classes = max(len(i.label_counts) for i in infos)
+    """``partition.csv``: each client's user, size and label counts ("unknown": not shared)."""
+    num_classes = max((len(i.label_counts) for i in infos if i.label_counts), default=0)
     user_field = ("user",) if users else ()
-    fields = ("client", *user_field, "num_examples", *(f"label_{k}" for k in range(num_classes)))
-    rows = [
-        {"client": i.partition_id, "num_examples": i.num_examples}
-        | ({"user": users[i.partition_id]} if users else {})
-        | {f"label_{k}": n for k, n in enumerate(i.label_counts)}
-        for i in infos
-    ]
+    label_fields = tuple(f"label_{k}" for k in range(num_classes)) or ("labels",)
+    fields = ("client", *user_field, "num_examples", *label_fields)
+    rows = []
+    for i in infos:
+        counts = dict(zip(label_fields, i.label_counts or (), strict=False))
+        row = {"client": i.partition_id, "num_examples": i.num_examples}
+        row |= {"user": users[i.partition_id]} if users else {}
+        rows.append(row | {f: counts.get(f, "unknown") for f in label_fields})
     results.write_csv(run_dir / results.PARTITION, rows, fields)
 
 
-def privacy_record(state: RunState) -> dict:
-    """``privacy.json``: the full ledger of every unit the run protects."""
+def privacy_record(state: RunState, *, public: bool = True) -> dict:
+    """``privacy.json``: the ledger of every unit the run protects.
+
+    ``public`` with secret cohorts (user-level DP): the sample unit gives each client
+    size's schedule, charged for every round, instead of who trained when.
+    """
     cfg = state.config
-    record = {"accountant": cfg.accountant, "delta": cfg.delta, "units": {}}
-    if cfg.dp in ("sample", "both"):
-        record["units"]["sample"] = {
-            "sampling": privacy.SAMPLING,
-            "clients": privacy.ledger_to_json(state.ledger),
-        }
-    if cfg.dp in ("user", "both"):
+    record: dict = {"accountant": cfg.accountant, "delta": cfg.delta, "units": {}}
+    if cfg.dp_sample:
+        sample = {"sampling": privacy.SAMPLING, "relation": RELATION["sample"]}
+        if public and cfg.dp_user:
+            sample["charged"] = "every client, every round: cohorts are secret"
+            sample["rounds"] = [e.round for e in state.user_ledger]
+            sample["schedules"] = _schedules(state)
+        else:
+            sample["clients"] = privacy.ledger_to_json(state.ledger)
+        record["units"]["sample"] = sample
+    if cfg.dp_user:
         record["units"]["user"] = {
             "sampling": privacy.USER_SAMPLING,
+            "relation": RELATION["user"],
             "max_update_norm": cfg.max_update_norm,
             "clip_quantile": cfg.clip_quantile,
             "rounds": [asdict(e) for e in state.user_ledger],
@@ -68,13 +127,74 @@ def privacy_record(state: RunState) -> dict:
     return record
 
 
-def write_final(state: RunState, run_dir: Path, started: float) -> dict:
-    """Write ``privacy.json`` and ``summary.json``; return the summary."""
+def _schedules(state: RunState) -> list[dict]:
+    """Each distinct prescribed spend, with how many clients have it."""
+    counts: dict = {}
+    for spend in state.prescribed:
+        counts[spend] = counts.get(spend, 0) + 1
+    ordered = sorted(counts.items(), key=lambda item: item[0].sample_rate)
+    return [{"spend_per_round": asdict(s), "clients": n} for s, n in ordered]
+
+
+def noise_record(state: RunState) -> dict:
+    """Which kind of randomness the run's DP mechanisms used, in words."""
+    if state.config.secure_noise:
+        return {
+            "kind": "secure",
+            "meaning": "every noise value and sample came from the operating system's "
+            "random source; no one can recompute them",
+        }
+    return {
+        "kind": "seeded",
+        "meaning": f"noise and samples derive from the config's seed ({state.config.seed}, "
+        "written in this file): anyone who knows the seed can recompute and remove the "
+        "noise, so every ε here holds only against parties who do not know it; use "
+        "secure-noise = true for results you publish",
+    }
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """One ε, with what it protects, how it was counted and against whom it holds."""
+
+    unit: str
+    epsilon: float
+    delta: float
+    accountant: str
+    relation: str
+    trusted: str
+    protects_against: str
+    implied_by: str | None = None  # the unit whose guarantee this one follows from
+
+
+def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict]:
+    """Each ε with its unit, relation, accountant and who it protects against."""
+    cfg = state.config
+    out = [
+        Guarantee(unit, value, cfg.delta, cfg.accountant, RELATION[unit], *TRUST[(unit, engine)])
+        for unit, value in eps.items()
+    ]
+    if cfg.dp_user:
+        replace = privacy.client_epsilon(
+            state.user_ledger, delta=cfg.delta, accountant=privacy.REPLACE_ONE
+        )
+        trust = TRUST[("user", engine)]
+        relation = RELATION["replace"]
+        out.append(
+            Guarantee("sample", replace, cfg.delta, privacy.REPLACE_ONE, relation, *trust, "user")
+        )
+    return [asdict(g) for g in out]
+
+
+def write_final(state: RunState, run_dir: Path, started: float, *, engine: str) -> dict:
+    """Write ``privacy.json``, ``summary.json`` and the private part; return the summary."""
     cfg = state.config
     results.write_json(run_dir / results.PRIVACY, privacy_record(state))
     eps = state.epsilons()
     unit = primary_unit(cfg.dp)
-    _, worst = privacy.run_epsilon(state.ledger, delta=cfg.delta, accountant=cfg.accountant)
+    worst = None
+    if cfg.dp_sample and not cfg.dp_user:  # naming the client would reveal a cohort
+        worst = privacy.run_epsilon(state.ledger, delta=cfg.delta, accountant=cfg.accountant)[1]
     last = state.rows[-1]
     dp = unit != "none"
     summary = {
@@ -85,14 +205,17 @@ def write_final(state: RunState, run_dir: Path, started: float) -> dict:
         "privacy_unit": unit,
         "accountant": cfg.accountant if dp else None,
         "epsilon_by_unit": eps,
+        "guarantees": guarantees(state, eps, engine),
+        "noise": noise_record(state),
+        "engine": engine,
         "sampling": {"sample": privacy.SAMPLING, "user": privacy.USER_SAMPLING}.get(unit),
-        "epsilon_max_client": worst,
+        "client_with_max_epsilon": worst,
         "noise_multiplier": cfg.noise_multiplier if "sample" in eps else 0.0,
         "max_grad_norm": cfg.max_grad_norm if "sample" in eps else None,
         "user_noise_multiplier": cfg.user_noise_multiplier if "user" in eps else None,
         "max_update_norm": cfg.max_update_norm if "user" in eps else None,
         "epsilon_per_round": [r["epsilon"] if dp else None for r in state.rows],
-        "dropped_per_round": {r["round"]: r["dropped"] for r in state.rows if r["dropped"]},
+        "failed_per_round": {r["round"]: r["failed"] for r in state.rows if r["failed"]},
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
@@ -100,4 +223,26 @@ def write_final(state: RunState, run_dir: Path, started: float) -> dict:
         "config": cfg.to_flat(),
     }
     results.write_json(run_dir / results.SUMMARY, summary)
+    write_private(state, run_dir)
     return summary
+
+
+PRIVATE_NOTE = """Do not publish this folder.
+
+participation.csv names the clients that trained in each round, and why any dropped out.
+Under user-level DP (dp = user or both) the reported epsilon counts amplification by
+sampling the cohorts at random, which holds only while they stay secret. ledger.json is
+each client's own sample-level ledger, which shows the same. checkpoint.pt (while a run
+is unfinished) holds both.
+"""
+
+
+def write_private(state: RunState, run_dir: Path) -> None:
+    """``private/``: who trained when, and each client's own ledger under secret cohorts."""
+    (run_dir / results.PRIVATE).mkdir(exist_ok=True)
+    results.write_atomic(run_dir / results.PRIVATE_README, PRIVATE_NOTE)
+    results.write_csv(
+        run_dir / results.PARTICIPATION, state.participation, results.PARTICIPATION_FIELDS
+    )
+    if state.config.dp_sample and state.config.dp_user:
+        results.write_json(run_dir / results.PRIVATE_LEDGER, privacy_record(state, public=False))

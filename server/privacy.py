@@ -7,14 +7,20 @@ maximum over clients, since each client protects its own samples.
 
 Sampling assumption: Poisson sampling of examples inside each client's DP-SGD. The
 server's choice of which clients train in a round is *not* counted as amplification,
-so the ε is valid even if that choice were public.
+so the sample unit's ε is valid even if that choice were public. Where it must stay
+secret (user-level DP samples the cohorts), the published sample-unit ε charges every
+client for every round (:func:`all_rounds_epsilon`), so it reveals no cohort.
+
+Neighbouring relations: ``rdp``, ``prv`` and ``pld`` bound add-or-remove-one (equal, for
+Poisson sampling, to zeroing out one record: dp-accounting's REPLACE_SPECIAL).
+``pld-replace-one`` bounds replacing one record by another, which is what a guarantee
+for one client implies for one of its examples (or any other change of its data).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import dp_accounting
@@ -24,6 +30,7 @@ from threadpoolctl import ThreadpoolController
 
 from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
+from fedsim.schedule import poisson_schedule
 
 PRIVACY_UNIT_SAMPLE = "sample"
 PRIVACY_UNIT_USER = "user"
@@ -54,9 +61,13 @@ Ledger = dict[int, list[LedgerEntry]]
 
 def record(ledger: Ledger, client: int, server_round: int, spent: PrivacySpent) -> None:
     """Append what ``client`` spent in ``server_round`` to the ledger."""
-    entries = ledger.setdefault(client, [])
-    for sigma, q, steps in zip(spent.noise_multiplier, spent.sample_rate, spent.steps, strict=True):
-        entries.append(LedgerEntry(server_round, sigma, q, steps))
+    ledger.setdefault(client, []).extend(_entries(spent, [server_round]))
+
+
+def _entries(spent: PrivacySpent, rounds: Iterable[int]) -> list[LedgerEntry]:
+    """Ledger entries for spending ``spent`` in each of ``rounds``."""
+    runs = list(zip(spent.noise_multiplier, spent.sample_rate, spent.steps, strict=True))
+    return [LedgerEntry(r, sigma, q, steps) for r in rounds for sigma, q, steps in runs]
 
 
 def _history(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
@@ -82,20 +93,25 @@ def _opacus_epsilon(name: str) -> Callable[[History, float], float]:
     return epsilon
 
 
-def _pld_epsilon(history: History, delta: float) -> float:
-    """dp-accounting's PLD accountant; its default (pessimistic) discretization over-reports."""
-    acc = pld.PLDAccountant(value_discretization_interval=1e-3)
-    for sigma, q, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        acc.compose(event, steps)
-    return float(acc.get_epsilon(delta))
+def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        # the default (pessimistic) discretization over-reports, never under-reports
+        acc = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+        for sigma, q, steps in history:
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+            acc.compose(event, steps)
+        return float(acc.get_epsilon(delta))
+
+    return epsilon
 
 
+REPLACE_ONE = "pld-replace-one"
 # name -> ε of a (σ, q, steps) history of Poisson-subsampled Gaussian mechanisms
 ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
     "rdp": _opacus_epsilon("rdp"),
     "prv": _opacus_epsilon("prv"),
-    "pld": _pld_epsilon,
+    "pld": _pld_epsilon(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
+    REPLACE_ONE: _pld_epsilon(dp_accounting.NeighboringRelation.REPLACE_ONE),
 }
 
 
@@ -140,10 +156,36 @@ def run_epsilon(ledger: Ledger, *, delta: float, accountant: str) -> tuple[float
     return best, who
 
 
-def dp_schedule(num_examples: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sample rate, steps per round) that Opacus's Poisson loader uses for one client."""
-    batches = math.ceil(num_examples / batch_size)
-    return 1.0 / batches, epochs * batches
+def all_rounds_epsilon(
+    ledger: Ledger,
+    prescribed: Sequence[PrivacySpent],
+    rounds: Sequence[int],
+    *,
+    delta: float,
+    accountant: str,
+) -> float:
+    """Max ε over clients with every client charged for every round in ``rounds``.
+
+    A client is charged what it reported where it trained and its ``prescribed[client]``
+    spend elsewhere, so the value depends on the cohorts only where a report differs
+    from the prescribed spend: a bound that can be published while cohorts stay secret.
+    """
+    histories = [_entries(spend, rounds) for spend in set(prescribed)]
+    for client, entries in ledger.items():
+        trained = {e.round for e in entries}
+        missing = [r for r in rounds if r not in trained]
+        histories.append(entries + _entries(prescribed[client], missing))
+    return max(
+        (client_epsilon(h, delta=delta, accountant=accountant) for h in histories), default=0.0
+    )
+
+
+def prescribed_spend(
+    num_examples: int, *, noise_multiplier: float, batch_size: int, epochs: int
+) -> PrivacySpent:
+    """What one round of DP-SGD spends for a client of ``num_examples``: its schedule."""
+    schedule = poisson_schedule(num_examples, batch_size=batch_size, epochs=epochs)
+    return PrivacySpent((noise_multiplier,), (schedule.sample_rate,), (schedule.steps,))
 
 
 def solve_noise_multiplier(

@@ -11,7 +11,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim import report, results
-from fedsim.config import FedsimConfig, parse_config
+from fedsim.config import FedsimConfig, check_deployment, parse_config
 from fedsim.data import Dataset
 from server.federation import RoundCallback, run_federation
 
@@ -41,7 +41,8 @@ def build_server_app(
     """A ServerApp for ``config``, or for the run config when ``config`` is None.
 
     ``flwr.simulation.run_simulation`` gives the ServerApp an empty run config, so
-    ``fedsim run`` builds the app around its validated config instead. A ``run_dir``
+    ``fedsim run`` builds the app around its validated config instead. Without one the
+    app reads ``flwr run``'s run config, checked for the deployment engine. A ``run_dir``
     holding a checkpoint resumes that run; setting ``stop`` ends the run after the
     current round. ``dataset``: the config's data, where the caller has loaded it
     already (it is loaded in the app otherwise). ``node_per_client`` False: the nodes
@@ -52,7 +53,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = config or parse_config(dict(context.run_config))
+        cfg = config or check_deployment(parse_config(dict(context.run_config)))
         out = run_dir or results.default_run_dir(cfg.out_dir, cfg.name)
         run_federation(
             grid,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from fedsim.config import FedsimConfig, parse_config
-from fedsim.messages import ClientInfo
+from fedsim.messages import ClientInfo, PrivacySpent
 from server import privacy
 
 
@@ -15,8 +16,10 @@ from server import privacy
 class RunState:
     """Everything a run needs to continue after its last finished round.
 
-    Every random choice in a run is derived from (seed, round, client), so no generator
-    state needs saving: a resumed run makes the same choices as an uninterrupted one.
+    Every random choice in a run comes from a stream keyed by (round, client, purpose)
+    (``fedsim.randomness``), so no generator state needs saving: a seeded run resumes
+    with the same choices as an uninterrupted one. ``rows`` are published (rounds.csv);
+    ``participation`` (who trained, who dropped and why) is private under user-level DP.
     """
 
     config: FedsimConfig
@@ -24,6 +27,7 @@ class RunState:
     ledger: privacy.Ledger = field(default_factory=dict)  # sample unit, per client
     user_ledger: list[privacy.LedgerEntry] = field(default_factory=list)  # user unit, per round
     rows: list[dict] = field(default_factory=list)
+    participation: list[dict] = field(default_factory=list)
     arrays: dict[str, torch.Tensor] | None = None  # global model after the last round
     velocity: dict[str, torch.Tensor] | None = None  # server momentum buffer
     clip_norm: float | None = None  # user-level clip norm (moves under adaptive clipping)
@@ -35,6 +39,7 @@ class RunState:
             "ledger": privacy.ledger_to_json(self.ledger),
             "user_ledger": [asdict(e) for e in self.user_ledger],
             "rows": self.rows,
+            "participation": self.participation,
             "arrays": self.arrays,
             "velocity": self.velocity,
             "clip_norm": self.clip_norm,
@@ -53,20 +58,47 @@ class RunState:
             ledger=privacy.ledger_from_json(data["ledger"]),
             user_ledger=[privacy.LedgerEntry(**e) for e in data["user_ledger"]],
             rows=list(data["rows"]),
+            participation=list(data["participation"]),
             arrays=data["arrays"],
             velocity=data["velocity"],
             clip_norm=data["clip_norm"],
         )
 
-    def epsilons(self) -> dict[str, float]:
-        """ε so far under each privacy unit the run protects."""
+    @functools.cached_property
+    def prescribed(self) -> list[PrivacySpent]:
+        """Each client's DP-SGD spend in one round (what it is charged if it is silent)."""
+        cfg = self.config
+        if not cfg.dp_sample:
+            return [PrivacySpent() for _ in self.infos]
+        return [
+            privacy.prescribed_spend(
+                info.num_examples,
+                noise_multiplier=cfg.noise_multiplier,
+                batch_size=cfg.batch_size,
+                epochs=cfg.local_epochs,
+            )
+            for info in self.infos
+        ]
+
+    def epsilons(self, *, public: bool = True) -> dict[str, float]:
+        """ε so far under each privacy unit the run protects.
+
+        ``public``: where cohorts are secret (user-level DP), the sample unit's ε charges
+        every client for every round, so that it reveals no cohort; ``public=False`` gives
+        the ledger's own maximum, for the private part of the results.
+        """
         cfg = self.config
         out = {}
-        if cfg.dp in ("sample", "both"):
+        if cfg.dp_sample and public and cfg.dp_user:
+            rounds = [e.round for e in self.user_ledger]
+            out["sample"] = privacy.all_rounds_epsilon(
+                self.ledger, self.prescribed, rounds, delta=cfg.delta, accountant=cfg.accountant
+            )
+        elif cfg.dp_sample:
             out["sample"] = privacy.run_epsilon(
                 self.ledger, delta=cfg.delta, accountant=cfg.accountant
             )[0]
-        if cfg.dp in ("user", "both"):
+        if cfg.dp_user:
             out["user"] = privacy.client_epsilon(
                 self.user_ledger, delta=cfg.delta, accountant=cfg.accountant
             )

@@ -1,9 +1,10 @@
-"""Strategies: FedAvg with seeded client sampling, and a privacy-ledger wrapper.
+"""Strategies: FedAvg with client sampling from the run's streams, and a ledger wrapper.
 
 Flower's FedAvg samples nodes with an unseeded ``random.sample`` and averages replies in
-arrival order, so two runs with one seed differ. ``SeededFedAvg`` samples clients by
-(seed, round) and averages in client order. ``PrivacyLedger`` wraps any strategy, as
-Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
+arrival order, so two runs with one seed differ. ``SampledFedAvg`` samples clients from
+the run's cohort stream of each round (``fedsim.randomness``: the seed's, or the OS's
+with ``secure-noise``) and averages in client order. ``PrivacyLedger`` wraps any
+strategy, as Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
 """
 
 from __future__ import annotations
@@ -26,19 +27,21 @@ from fedsim.messages import (
     decode_train_report,
     named_partition,
 )
+from fedsim.randomness import Purpose, numpy_generator, stream_seed
 from server.privacy import Ledger, record
 
 
 def sample_clients(
-    num_clients: int, per_round: int, *, seed: int, server_round: int, poisson: bool = False
+    num_clients: int, per_round: int, *, root: bytes, server_round: int, poisson: bool = False
 ) -> list[int]:
     """The sorted client ids that train in ``server_round``; a pure function of its inputs.
 
     Fixed-size sampling without replacement by default; with ``poisson`` each client is
     in independently with probability ``per_round / num_clients`` (what user-level DP
-    accounting assumes), so the cohort size varies.
+    accounting assumes), so the cohort size varies. ``root``: the run's randomness root.
     """
-    rng = np.random.default_rng([seed, server_round])
+    seed = stream_seed(root, purpose=Purpose.COHORT, server_round=server_round)
+    rng = numpy_generator(seed)
     if poisson:
         return np.flatnonzero(rng.random(num_clients) < per_round / num_clients).tolist()
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
@@ -66,7 +69,7 @@ def place(chosen: list[int], nodes: list[int], *, bound: bool) -> list[int]:
     return [nodes[i % len(nodes)] for i in range(len(chosen))]
 
 
-class SeededFedAvg(FedAvg):
+class SampledFedAvg(FedAvg):
     """FedAvg over ``num_clients`` clients placed on Flower nodes by :func:`place`."""
 
     def __init__(
@@ -76,7 +79,7 @@ class SeededFedAvg(FedAvg):
         nodes: list[int],
         bound: bool,
         clients_per_round: int,
-        seed: int,
+        root: bytes,
         poisson: bool = False,
     ) -> None:
         super().__init__(
@@ -90,17 +93,17 @@ class SeededFedAvg(FedAvg):
         self.nodes = nodes
         self.bound = bound
         self.clients_per_round = clients_per_round
-        self.seed = seed
+        self.root = root
         self.poisson = poisson
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model to this round's seeded sample of clients."""
+        """Send the global model to this round's sample of clients."""
         chosen = sample_clients(
             self.num_clients,
             self.clients_per_round,
-            seed=self.seed,
+            root=self.root,
             server_round=server_round,
             poisson=self.poisson,
         )

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
+from fedsim.randomness import Purpose, numpy_generator, stream_seed
 from server.privacy import LedgerEntry
 from server.strategy import StrategyWrapper
 
@@ -93,8 +94,10 @@ class UserLevelDP(StrategyWrapper):
 
     The wrapped strategy still samples the cohort and configures clients; it must sample
     each client independently with rate ``sample_rate`` (Poisson), which is what the
-    accountant assumes. Each round appends one entry to ``ledger``: a Poisson-subsampled
-    Gaussian mechanism with noise multiplier z and rate ``sample_rate``.
+    accountant assumes, and the cohort must stay secret. The noise of each round comes
+    from its own stream under ``root`` (``fedsim.randomness``). Each round appends one
+    entry to ``ledger``: a Poisson-subsampled Gaussian mechanism with noise multiplier z
+    and rate ``sample_rate``.
     """
 
     def __init__(
@@ -106,7 +109,7 @@ class UserLevelDP(StrategyWrapper):
         noise_multiplier: float,
         clip_norm: float,
         expected_cohort: float,
-        seed: int,
+        root: bytes,
         clip_quantile: float = 0.0,
         clip_lr: float = 0.2,
         count_noise: float = 0.0,
@@ -117,7 +120,7 @@ class UserLevelDP(StrategyWrapper):
         self.z = noise_multiplier
         self.clip_norm = clip_norm
         self.expected_cohort = expected_cohort
-        self.seed = seed
+        self.root = root
         self.quantile = clip_quantile
         self.clip_lr = clip_lr
         self.count_noise = count_noise if clip_quantile > 0 else 0.0
@@ -142,7 +145,9 @@ class UserLevelDP(StrategyWrapper):
             update, norm = clip({k: local[k] - base[k] for k in base}, self.clip_norm)
             clipped.append(update)
             unclipped += norm <= self.clip_norm
-        rng = np.random.default_rng([self.seed, server_round, 7])
+        rng = numpy_generator(
+            stream_seed(self.root, purpose=Purpose.USER_NOISE, server_round=server_round)
+        )
         mean = noisy_mean(
             clipped,
             base,

@@ -9,7 +9,9 @@ from tests.conftest import ROOT
 
 def test_defaults_match_flower_app_config():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["tool"]["flwr"]["app"]["config"] == FedsimConfig().to_flat()
+    # flwr run runs the deployment apps, which refuse seeded noise
+    deployment_defaults = FedsimConfig().to_flat() | {"secure-noise": True}
+    assert pyproject["tool"]["flwr"]["app"]["config"] == deployment_defaults
 
 
 def test_experiment_configs_are_valid():

@@ -134,8 +134,12 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     clients = ledger["units"]["sample"]["clients"]
     assert [e["round"] for e in clients["1"]] == [1, 2]
     assert [e["round"] for e in clients["0"]] == [1, 2]
+    # deployed clients draw secure noise and keep their label counts to themselves
+    assert summary["noise"]["kind"] == "secure" and summary["engine"] == "deployment"
+    partition = read_csv(tmp_path / "out" / "partition.csv")
+    assert {r["labels"] for r in partition} == {"unknown"}
     # every process stopped, the work folder removed, no partial results left
-    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    assert not (tmp_path / "out" / "private" / "checkpoint.pt").exists()
     assert_all_stopped(tmp_path)
     assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob(".*.partial"))
 
@@ -192,6 +196,7 @@ def test_deploy_interrupted_stops_everything(tmp_path, after):
         (["--num-nodes", "2", "--set", "num-clients=3"], "disagrees with num-clients"),
         (["--node-data-dir", "x", "--num-nodes", "2"], "1 --node-data-dir for 2 SuperNodes"),
         (["--set", "ray-address=nowhere"], "ray-address"),
+        (["--set", "secure-noise=false"], "secure-noise = false is refused"),
     ],
 )
 def test_deploy_bad_input_one_line(tmp_path, args, needle):

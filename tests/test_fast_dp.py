@@ -12,6 +12,8 @@ from fedsim.errors import FedsimError
 from fedsim.fast_dp import FastClipper, make_private
 from fedsim.fast_lstm import FastDPLSTM
 from fedsim.image_models import tanh_cnn_28
+from fedsim.randomness import dp_randomness, seeded_root
+from fedsim.schedule import poisson_schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 BATCH = 6
@@ -170,7 +172,6 @@ def test_training_without_noise_equals_opacus_hooks(grad_sample):
     for mode in ("hooks", grad_sample):
         torch.manual_seed(0)
         model = small_cnn()
-        torch.manual_seed(1)
         _, spent = train_local(
             model,
             x,
@@ -181,11 +182,16 @@ def test_training_without_noise_equals_opacus_hooks(grad_sample):
             noise_multiplier=0.0,
             max_grad_norm=0.1,
             grad_sample=mode,
+            randomness=seeded_randomness(),
         )
         results[mode] = (torch.cat([p.detach().flatten() for p in model.parameters()]), spent)
     (a, spent_a), (b, spent_b) = results["hooks"], results[grad_sample]
     assert spent_a == spent_b and spent_a.steps == (8,)
     assert rel(b, a) <= 1e-5
+
+
+def seeded_randomness(seed=1):
+    return dp_randomness(seeded_root(seed), server_round=1, client=0, device="cpu", secure=False)
 
 
 def test_fast_dp_step_adds_noise_and_counts_steps():
@@ -199,9 +205,11 @@ def test_fast_dp_step_adds_noise_and_counts_steps():
         grad_sample="fast",
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=torch.utils.data.DataLoader(data, batch_size=20),
+        dataset=data,
+        schedule=poisson_schedule(len(y), batch_size=20, epochs=1),
         noise_multiplier=50.0,
         max_grad_norm=1.0,
+        randomness=seeded_randomness(),
     )
     for xb, yb in private.data_loader:
         private.optimizer.zero_grad()
@@ -286,9 +294,11 @@ def test_layers_without_a_rule_fail_before_training():
             grad_sample="slow",
             module=nn.Linear(2, 2),
             optimizer=None,
-            data_loader=None,
+            dataset=None,
+            schedule=None,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
+            randomness=None,
         )
 
 

@@ -9,6 +9,7 @@ from fedsim.config import parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.partition import partition_dataset
+from fedsim.randomness import seeded_root
 from server.federation import partition_infos, simulation_nodes
 from server.strategy import place, sample_clients
 
@@ -24,18 +25,24 @@ def test_a_simulation_needs_a_node_per_client_of_a_round_only():
     assert simulation_nodes(parse_config({"num-clients": 4, "clients-per-round": 4})) == 4
 
 
-def test_server_reads_the_same_sizes_and_labels_the_clients_report():
-    config = parse_config({"num-clients": 7, "partition": "dirichlet", "dirichlet-alpha": 0.3})
+@pytest.mark.parametrize("share", [True, False])
+def test_server_reads_the_same_sizes_and_labels_the_clients_report(share):
+    config = parse_config(
+        {"num-clients": 7, "partition": "dirichlet", "dirichlet-alpha": 0.3,
+         "share-label-counts": share}
+    )  # fmt: skip
     dataset = load_dataset(config.dataset, config.data_dir)
-    infos = partition_infos(dataset, partition_dataset(dataset, config))
+    infos = partition_infos(dataset, partition_dataset(dataset, config), share_labels=share)
     assert infos == [client_info(config, c) for c in range(7)]
+    assert all((info.label_counts is not None) == share for info in infos)
 
 
 def test_a_large_population_samples_the_right_cohort():
-    chosen = sample_clients(100_000, 100, seed=3, server_round=9)
+    root = seeded_root(3)
+    chosen = sample_clients(100_000, 100, root=root, server_round=9)
     assert len(chosen) == len(set(chosen)) == 100 and max(chosen) < 100_000
-    assert chosen == sample_clients(100_000, 100, seed=3, server_round=9)
-    poisson = sample_clients(100_000, 100, seed=3, server_round=9, poisson=True)
+    assert chosen == sample_clients(100_000, 100, root=root, server_round=9)
+    poisson = sample_clients(100_000, 100, root=root, server_round=9, poisson=True)
     assert 50 < len(poisson) < 150
 
 

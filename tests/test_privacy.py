@@ -99,9 +99,10 @@ def test_solved_sigma_meets_target_tightly(accountant):
     assert check <= 3.0
 
 
-def test_dp_schedule_matches_opacus_loader():
-    assert privacy.dp_schedule(100, batch_size=32, epochs=2) == (0.25, 8)
-    assert privacy.dp_schedule(64, batch_size=64, epochs=1) == (1.0, 1)
+def test_prescribed_spend_is_the_poisson_schedule():
+    spend = privacy.prescribed_spend(100, noise_multiplier=1.5, batch_size=32, epochs=2)
+    assert spend == PrivacySpent((1.5,), (0.25,), (8,))
+    assert privacy.prescribed_spend(64, noise_multiplier=1.0, batch_size=64, epochs=1).steps == (1,)
 
 
 def test_ledger_json_round_trip():

@@ -105,6 +105,8 @@ def test_same_seed_same_accuracies(two_runs):
     base, _ = two_runs
     acc = [[r["accuracy"] for r in read_csv(base / run / "rounds.csv")] for run in "ab"]
     assert acc[0] == acc[1]
+    summary = json.loads((base / "a" / "summary.json").read_text())
+    assert summary["noise"]["kind"] == "seeded" and "seed (0" in summary["noise"]["meaning"]
 
 
 def test_summary_epsilon_equals_independent_composition(two_runs):
@@ -189,15 +191,38 @@ def reference(two_runs):
     return without_seconds(two_runs[0] / "a" / "rounds.csv")
 
 
+PUBLISHABLE = ("summary.json", "rounds.csv", "privacy.json", "partition.csv")
+
+
+def test_user_level_run_publishes_no_cohort(tmp_path):
+    out = tmp_path / "user"
+    user = ["dp='user'", "num-clients=20", "clients-per-round=5", "secure-noise=true"]
+    fedsim_run(out, *user, "client-dropout=0")
+    cohorts = [r["clients"] for r in read_csv(out / "private" / "participation.csv")[1:]]
+    rounds = read_csv(out / "rounds.csv")
+    assert [int(r["cohort"]) for r in rounds[1:]] == [len(c.split()) for c in cohorts]
+    assert all(r["clients"] == "" and r["dropped"] == "" for r in rounds)
+    for name in PUBLISHABLE:
+        text = (out / name).read_text()
+        for ids in (c.split() for c in cohorts if len(c.split()) > 1):  # no cohort appears
+            assert " ".join(ids) not in text and json.dumps([int(i) for i in ids]) not in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["client_with_max_epsilon"] is None
+    assert summary["noise"]["kind"] == "secure"
+    units = json.loads((out / "privacy.json").read_text())["units"]
+    assert all("clients" not in unit for unit in units.values())
+
+
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "run"
     proc, _ = run_until(out, random.randint(1, 2), signal.SIGKILL, tmp_path)
     assert proc.returncode == -signal.SIGKILL
-    assert not out.exists() and (tmp_path / ".run.partial" / "checkpoint.pt").exists()
+    assert not out.exists() and (tmp_path / ".run.partial" / "private" / "checkpoint.pt").exists()
     result = resume(out)
     assert result.returncode == 0, result.stderr
     assert without_seconds(out / "rounds.csv") == reference
-    assert not (tmp_path / ".run.partial").exists() and not (out / "checkpoint.pt").exists()
+    assert not (tmp_path / ".run.partial").exists()
+    assert not (out / "private" / "checkpoint.pt").exists()
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):

@@ -10,6 +10,7 @@ from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord
 
 from fedsim.messages import ARRAYS
+from fedsim.randomness import seeded_root
 from server import privacy
 from server.user_dp import UserLevelDP, clip, noisy_mean, update_std
 
@@ -40,7 +41,7 @@ def wrapper(**kw):
         noise_multiplier=1e-9,
         clip_norm=1.0,
         expected_cohort=4.0,
-        seed=0,
+        root=seeded_root(0),
     )
     args.update(kw)
     return UserLevelDP(Inner(), **args)
