@@ -8,9 +8,17 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.task import client_data, client_info, model_spec
-from clients.training import train_local
+from fedsim.clients.task import client_data, client_info, model_spec
+from fedsim.clients.training import train_local
 from fedsim.config import FedsimConfig, check_deployment
+from fedsim.dp import (
+    Purpose,
+    dp_randomness,
+    numpy_generator,
+    secure_root,
+    seeded_root,
+    stream_seed,
+)
 from fedsim.errors import FedsimError
 from fedsim.messages import (
     ARRAYS,
@@ -21,14 +29,6 @@ from fedsim.messages import (
     named_partition,
 )
 from fedsim.models import build_model
-from fedsim.randomness import (
-    Purpose,
-    dp_randomness,
-    numpy_generator,
-    secure_root,
-    seeded_root,
-    stream_seed,
-)
 
 
 def build_client_app(*, deployment: bool) -> ClientApp:

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import FedsimConfig
-from fedsim.data import Dataset, load_dataset
+from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo
 from fedsim.models import model_kwargs
-from fedsim.partition import label_counts, partition_dataset
 
 
 @lru_cache(maxsize=4)

@@ -16,10 +16,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedsim.fast_dp import make_private
+from fedsim.dp import DPRandomness, make_private, poisson_schedule, secure_dp_randomness
 from fedsim.messages import PrivacySpent
-from fedsim.randomness import DPRandomness, secure_dp_randomness
-from fedsim.schedule import poisson_schedule
 
 
 def train_local(
@@ -44,7 +42,7 @@ def train_local(
     ----------
     noise_multiplier
         ``None`` trains without DP. A number trains with DP-SGD on
-        :func:`fedsim.schedule.poisson_schedule`: Poisson sampling at rate
+        :func:`fedsim.dp.schedule.poisson_schedule`: Poisson sampling at rate
         ``1 / ceil(len(x) / batch_size)`` for that many steps an epoch, per-sample clipping
         to ``max_grad_norm`` and Gaussian noise of std ``noise_multiplier × max_grad_norm``.
     all_positions
@@ -54,7 +52,7 @@ def train_local(
         so DP-SGD still clips one gradient per sample.
     grad_sample
         How per-sample gradients are clipped: ``fast``, ``hooks`` or ``ghost``
-        (``fedsim.fast_dp.make_private``); the same DP-SGD step in every mode.
+        (``fedsim.dp.fast_clip.make_private``); the same DP-SGD step in every mode.
     randomness
         DP-SGD's Poisson-mask and noise generators; by default fresh ones from the
         operating system's CSPRNG, so that no seed anyone knows can rebuild the noise.

@@ -1,6 +1,6 @@
 """Test certificates for a SuperLink and key pairs for SuperNode authentication.
 
-``python -m experiments.certs DIR [--host NAME_OR_IP ...] [--supernodes N]`` writes:
+``python -m fedsim.experiments.certs DIR [--host NAME_OR_IP ...] [--supernodes N]`` writes:
 
 - ``ca.crt``, ``ca.key``: a self-signed certificate authority (give ``ca.crt`` to every
   SuperNode and to the machine that runs ``flwr run``; keep ``ca.key`` private).
@@ -189,8 +189,8 @@ def write_all(out: Path, *, hosts: tuple[str, ...], supernodes: int, tls: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m experiments.certs DIR``: print what was written, one path a line."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.certs", description=__doc__)
+    """``python -m fedsim.experiments.certs DIR``: print what was written, one path a line."""
+    parser = argparse.ArgumentParser(prog="python -m fedsim.experiments.certs", description=__doc__)
     parser.add_argument("dir", type=Path, help="folder to write the files into")
     parser.add_argument(
         "--host",

@@ -13,7 +13,7 @@ FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fe
 
 
 def _parser() -> argparse.ArgumentParser:
-    from experiments.run import add_config_arguments
+    from fedsim.experiments.run import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     sw.add_argument("--jobs", type=int, default=0, help="runs at a time (default: by CPUs)")
     sw.add_argument("--out", type=Path, help="sweep folder; the same --out continues a sweep")
-    from experiments.deploy import add_arguments
+    from fedsim.experiments.deploy import add_arguments
 
     add_arguments(sub.add_parser("deploy", help="run one experiment on real Flower processes"))
     rep = sub.add_parser("report", help="rebuild tables and plots from result folders")
@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, run it, print the accuracy-against-ε table."""
-    from experiments.run import resume_target, run_experiment
-    from fedsim import report
     from fedsim.config import load_config
+    from fedsim.experiments.run import resume_target, run_experiment
+    from fedsim.results import report
 
     out = args.out
     if args.resume is not None:
@@ -77,8 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε line."""
-    from experiments.deploy import cmd_deploy as deploy
-    from fedsim import report
+    from fedsim.experiments.deploy import cmd_deploy as deploy
+    from fedsim.results import report
 
     run_dir = deploy(args)
     summary, _ = report.load_run(run_dir)
@@ -92,8 +92,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the grid, then print and write the frontier."""
     import time
 
-    from experiments.sweep import default_jobs, run_sweep
     from fedsim.config import load_config
+    from fedsim.experiments.sweep import default_jobs, run_sweep
 
     base = load_config(args.config, args.overrides)
     try:
@@ -110,7 +110,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild each run's table and plot, and the frontier of several, from files alone."""
-    from fedsim import frontier, report
+    from fedsim.results import frontier, report
 
     runs = frontier.find_runs(args.dirs)
     missing = [d for d in args.dirs if not d.is_dir()]
@@ -135,7 +135,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
-    from server.rounds import RunInterrupted
+    from fedsim.server.rounds import RunInterrupted
 
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "deploy": cmd_deploy, "sweep": cmd_sweep, "report": cmd_report}

@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from experiments.certs import make_certificates, make_supernode_keys
-from experiments.localfed import LocalFederation, flower_bin, is_loopback
-from experiments.run import add_config_arguments, preflight, staging_dir
-from experiments.watch import follow_run
 from fedsim import results
 from fedsim.config import FedsimConfig, check_deployment, config_values, parse_config
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
+from fedsim.experiments.certs import make_certificates, make_supernode_keys
+from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
+from fedsim.experiments.run import add_config_arguments, preflight, staging_dir
+from fedsim.experiments.watch import follow_run
 
 APP_DIR = Path(__file__).resolve().parents[1]
 

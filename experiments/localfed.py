@@ -1,7 +1,7 @@
 """A Flower federation of real processes on this machine: SuperLink, SuperNodes, ``flwr``.
 
 Every process gets its own ``FLWR_HOME`` and log file in one work folder, and is
-stopped with all it started (see :mod:`experiments.procs`). :class:`LocalFederation`
+stopped with all it started (see :mod:`fedsim.experiments.procs`). :class:`LocalFederation`
 stops everything when its ``with`` block ends, by success, an error or Ctrl-C.
 """
 
@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.procs import STOP_GRACE_S, free_port, kill_tagged, spawn, stop_tree, tail
 from fedsim.errors import FedsimError
+from fedsim.experiments.procs import STOP_GRACE_S, free_port, kill_tagged, spawn, stop_tree, tail
 
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 START_TIMEOUT_S = 60.0

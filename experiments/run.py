@@ -21,12 +21,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedsim import report, results
+from fedsim import results
 from fedsim.config import FedsimConfig, parse_config
-from fedsim.data import Dataset, load_dataset
+from fedsim.data import Dataset, load_dataset, partition_dataset
 from fedsim.errors import FedsimError
-from fedsim.partition import partition_dataset
-from server.rounds import RunInterrupted
+from fedsim.results import report
+from fedsim.server.rounds import RunInterrupted
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -140,11 +140,11 @@ def run_experiment(
 def _simulate(config, dataset, staging, started, verbose, client_app) -> None:
     from flwr.simulation import run_simulation
 
-    from server.federation import simulation_nodes
-    from server.server_app import build_server_app
+    from fedsim.server.federation import simulation_nodes
+    from fedsim.server.server_app import build_server_app
 
     if client_app is None:
-        from clients.client_app import simulation_app as client_app
+        from fedsim.clients.client_app import simulation_app as client_app
     _quiet_logs(verbose)
     stop = threading.Event()
     server_app = build_server_app(

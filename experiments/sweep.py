@@ -15,9 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedsim import frontier, results
+from fedsim import results
 from fedsim.config import load_config, parse_override
 from fedsim.errors import FedsimError
+from fedsim.results import frontier
 
 EPSILON_KEYS = {"target-epsilon", "user-target-epsilon"}
 
@@ -59,7 +60,7 @@ def run_point(out: Path, config: Path | None, sets: list[str]) -> tuple[bool, st
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         code = subprocess.call(
-            [sys.executable, "-m", "experiments.cli", "run", *args], stdout=fh, stderr=fh
+            [sys.executable, "-m", "fedsim.experiments.cli", "run", *args], stdout=fh, stderr=fh
         )
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith("accuracy ")]

@@ -7,12 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from experiments.localfed import LocalFederation
-from experiments.procs import tail
-from experiments.run import print_round
 from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
+from fedsim.experiments.localfed import LocalFederation
+from fedsim.experiments.procs import tail
+from fedsim.experiments.run import print_round
 
 POLL_S = 0.5
 

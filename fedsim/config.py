@@ -13,8 +13,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from fedsim import registry
 from fedsim.errors import FedsimError
 
 
@@ -49,7 +58,7 @@ class FedsimConfig(BaseModel):
     dataset: str = "digits"
     data_dir: str = ""
     num_clients: int = Field(5, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
+    partition: str = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, ge=1)
     min_samples: int = Field(1, ge=1)
@@ -89,19 +98,14 @@ class FedsimConfig(BaseModel):
     ray_address: str = ""
     out_dir: str = "results"
 
-    @field_validator("model")
+    @field_validator("model", "dataset", "partition")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        from fedsim.models import MODELS
-
-        return _known(value, MODELS, "model")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        from fedsim.data import DATASETS
-
-        return _known(value, DATASETS, "dataset")
+    def _known_part(cls, value: str, info: ValidationInfo) -> str:
+        what = info.field_name or "part"
+        try:  # a built-in name, or an import path whose object is importable
+            return registry.check_name(value, _PART_TABLES[what], what)
+        except FedsimError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("ray_address")
     @classmethod
@@ -115,7 +119,12 @@ class FedsimConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FedsimConfig:
-        _check_pairing(self.model, self.dataset)
+        task = registry.tasks_of(self.dataset, registry.DATASETS, "dataset")
+        try:  # a dataset of your own states its task once loaded: check_task then
+            if task:
+                check_task(self, task[0])
+        except FedsimError as exc:
+            raise ValueError(str(exc)) from None
         _check_options(self)
         if self.clients_per_round > self.num_clients:
             raise ValueError(
@@ -166,41 +175,39 @@ def check_deployment(config: FedsimConfig) -> FedsimConfig:
     return config
 
 
-def _check_pairing(model: str, dataset: str) -> None:
-    from fedsim.data import DATASET_TASKS
-    from fedsim.models import MODEL_TASKS
-
-    task = DATASET_TASKS[dataset]
-    if task not in MODEL_TASKS[model]:
-        fits = sorted(m for m, tasks in MODEL_TASKS.items() if task in tasks)
-        raise ValueError(
-            f"model {model} cannot learn dataset {dataset} ({task}); "
-            f"use model {' or '.join(fits)} for it, or an image dataset for {model}"
+def check_task(config: FedsimConfig, task: str) -> None:
+    """One error line if ``config``'s model cannot learn ``task``, or an option does not fit."""
+    tasks = registry.tasks_of(config.model, registry.MODELS, "model")
+    if tasks and task not in tasks:
+        fits = sorted(m for m, part in registry.MODELS.items() if task in part.tasks)
+        raise FedsimError(
+            f"model {config.model} cannot learn dataset {config.dataset} ({task}); "
+            f"use model {' or '.join(fits)} for it, or an image dataset for {config.model}"
+        )
+    if config.next_char_loss != "last" and task != registry.NEXT_CHAR:
+        raise FedsimError(
+            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
+            f"(shakespeare), not {config.dataset}; remove it"
         )
 
 
 def _check_options(config: FedsimConfig) -> None:
-    from fedsim.data import DATASET_TASKS, NATURAL_USERS, NEXT_CHAR
-
-    if config.next_char_loss != "last" and DATASET_TASKS[config.dataset] != NEXT_CHAR:
-        raise ValueError(
-            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
-            f"(shakespeare), not {config.dataset}; remove it"
-        )
-    if config.partition == "natural" and config.dataset not in NATURAL_USERS:
+    builtin = config.dataset in registry.DATASETS
+    if config.partition == "natural" and builtin and config.dataset not in registry.NATURAL_USERS:
         raise ValueError(
             f"partition natural needs a dataset with natural users "
-            f"({', '.join(sorted(NATURAL_USERS))}); dataset {config.dataset} has none, "
+            f"({', '.join(sorted(registry.NATURAL_USERS))}); dataset {config.dataset} has none, "
             "use iid, dirichlet or shards"
         )
     if config.partition != "natural" and config.min_samples != 1:
         raise ValueError("min-samples selects users and applies only to partition natural")
 
 
-def _known(value: str, registry: dict[str, Any], what: str) -> str:
-    if value not in registry:
-        raise ValueError(f"unknown {what} '{value}'; choose one of {', '.join(sorted(registry))}")
-    return value
+_PART_TABLES = {
+    "model": registry.MODELS,
+    "dataset": registry.DATASETS,
+    "partition": registry.PARTITIONS,
+}
 
 
 def parse_config(values: dict[str, Any]) -> FedsimConfig:

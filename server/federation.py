@@ -15,19 +15,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim import results
 from fedsim.config import FedsimConfig
-from fedsim.data import Dataset, load_dataset, vocab_record
+from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset, vocab_record
+from fedsim.dp import accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
-from fedsim.evaluation import evaluate
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
-from fedsim.models import build_model, model_kwargs
-from fedsim.partition import label_counts, partition_dataset
-from fedsim.randomness import secure_root, seeded_root
-from fedsim.schedule import poisson_schedule
-from server import outputs, privacy
-from server.rounds import run_rounds
-from server.state import RunState
-from server.strategy import PrivacyLedger, SampledFedAvg
-from server.user_dp import UserLevelDP
+from fedsim.models import build_model, evaluate, model_kwargs
+from fedsim.server import outputs
+from fedsim.server.rounds import run_rounds
+from fedsim.server.state import RunState
+from fedsim.server.strategy import PrivacyLedger, SampledFedAvg
+from fedsim.server.user_dp import UserLevelDP
 
 RoundCallback = Callable[[dict], None]
 CONNECT_TIMEOUT_S = 300.0
@@ -86,7 +83,7 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
     """Fix every σ left at 0 before round 1, so the run ends within its target ε.
 
     The sample unit's σ is solved on the schedule each client's loader runs
-    (:func:`fedsim.schedule.poisson_schedule`), the one its ledger records.
+    (:func:`fedsim.dp.schedule.poisson_schedule`), the one its ledger records.
     """
     update = {}
     if config.dp_sample and config.noise_multiplier == 0:
@@ -94,14 +91,14 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
         for size in {info.num_examples for info in infos}:
             s = poisson_schedule(size, batch_size=config.batch_size, epochs=config.local_epochs)
             schedules.append((s.sample_rate, s.steps * config.num_rounds))
-        update["noise_multiplier"] = privacy.solve_noise_multiplier(
+        update["noise_multiplier"] = accounting.solve_noise_multiplier(
             target_epsilon=config.target_epsilon,
             delta=config.delta,
             accountant=config.accountant,
             schedules=schedules,
         )
     if config.dp_user and config.user_noise_multiplier == 0:
-        update["user_noise_multiplier"] = privacy.solve_noise_multiplier(
+        update["user_noise_multiplier"] = accounting.solve_noise_multiplier(
             target_epsilon=config.user_target_epsilon,
             delta=config.delta,
             accountant=config.accountant,
@@ -116,7 +113,7 @@ def build_strategy(
     """FedAvg, wrapped by user-level DP and the sample-level ledger as configured.
 
     ``nodes`` and ``bound`` place clients on Flower nodes (:func:`server.strategy.place`);
-    ``root`` is the run's randomness root (``fedsim.randomness``) for cohorts and noise.
+    ``root`` is the run's randomness root (``fedsim.dp.randomness``) for cohorts and noise.
     """
     cfg = state.config
     strategy: Strategy = SampledFedAvg(

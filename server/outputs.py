@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedsim import results
+from fedsim.dp import accounting
 from fedsim.messages import ClientInfo
-from server import privacy
-from server.state import RunState
+from fedsim.server import privacy
+from fedsim.server.state import RunState
 
 ROUND_FIELDS = (*results.ROUND_FIELDS, "epsilon_sample", "epsilon_user", "clip_norm")
 # (unit, engine) -> (who must be trusted, who the ε protects against)
@@ -176,12 +177,14 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
     ]
     if cfg.dp_user:
         replace = privacy.client_epsilon(
-            state.user_ledger, delta=cfg.delta, accountant=privacy.REPLACE_ONE
+            state.user_ledger, delta=cfg.delta, accountant=accounting.REPLACE_ONE
         )
         trust = TRUST[("user", engine)]
         relation = RELATION["replace"]
         out.append(
-            Guarantee("sample", replace, cfg.delta, privacy.REPLACE_ONE, relation, *trust, "user")
+            Guarantee(
+                "sample", replace, cfg.delta, accounting.REPLACE_ONE, relation, *trust, "user"
+            )
         )
     return [asdict(g) for g in out]
 

@@ -1,4 +1,4 @@
-"""Privacy ledger and accounting: pure functions, no I/O.
+"""Privacy ledger: what every client spent in every round; pure functions, no I/O.
 
 The ledger holds, for every client, each round it trained in with the noise multiplier,
 sample rate and number of DP-SGD steps that its Opacus optimizer reported. A client's ε
@@ -11,39 +11,21 @@ so the sample unit's ε is valid even if that choice were public. Where it must 
 secret (user-level DP samples the cohorts), the published sample-unit ε charges every
 client for every round (:func:`all_rounds_epsilon`), so it reveals no cohort.
 
-Neighbouring relations: ``rdp``, ``prv`` and ``pld`` bound add-or-remove-one (equal, for
-Poisson sampling, to zeroing out one record: dp-accounting's REPLACE_SPECIAL).
-``pld-replace-one`` bounds replacing one record by another, which is what a guarantee
-for one client implies for one of its examples (or any other change of its data).
+The accountants themselves are ``fedsim.dp.accounting``'s.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-import dp_accounting
-from dp_accounting import pld
-from opacus.accountants import create_accountant
-from threadpoolctl import ThreadpoolController
-
-from fedsim.errors import FedsimError
+from fedsim.dp import history_epsilon, poisson_schedule
 from fedsim.messages import PrivacySpent
-from fedsim.schedule import poisson_schedule
 
 PRIVACY_UNIT_SAMPLE = "sample"
 PRIVACY_UNIT_USER = "user"
 SAMPLING = "poisson sampling of examples within each client; client selection not amplified"
 USER_SAMPLING = "poisson sampling of clients, rate clients-per-round / num-clients"
-MAX_SIGMA = 1e4
-# Opacus's default orders stop at 63, which is loose for few steps at large ε; any order
-# gives a valid bound, so more orders can only tighten ε, never make it optimistic.
-RDP_ORDERS = (
-    [1 + x / 10.0 for x in range(1, 100)]
-    + list(range(12, 64))
-    + [80, 96, 128, 192, 256, 384, 512, 1024]
-)
 
 
 @dataclass(frozen=True)
@@ -78,67 +60,6 @@ def _history(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
             merged.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
         )
     return [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items())]
-
-
-History = list[tuple[float, float, int]]
-
-
-def _opacus_epsilon(name: str) -> Callable[[History, float], float]:
-    def epsilon(history: History, delta: float) -> float:
-        acc = create_accountant(mechanism=name)
-        acc.history = list(history)
-        extra = {"alphas": RDP_ORDERS} if name == "rdp" else {}
-        return float(acc.get_epsilon(delta=delta, **extra))
-
-    return epsilon
-
-
-def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[History, float], float]:
-    def epsilon(history: History, delta: float) -> float:
-        # the default (pessimistic) discretization over-reports, never under-reports
-        acc = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
-        for sigma, q, steps in history:
-            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-            acc.compose(event, steps)
-        return float(acc.get_epsilon(delta))
-
-    return epsilon
-
-
-REPLACE_ONE = "pld-replace-one"
-# name -> ε of a (σ, q, steps) history of Poisson-subsampled Gaussian mechanisms
-ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
-    "rdp": _opacus_epsilon("rdp"),
-    "prv": _opacus_epsilon("prv"),
-    "pld": _pld_epsilon(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
-    REPLACE_ONE: _pld_epsilon(dp_accounting.NeighboringRelation.REPLACE_ONE),
-}
-
-
-def history_epsilon(history: History, *, delta: float, accountant: str) -> float:
-    """ε of one composed (σ, q, steps) history under a named accountant."""
-    if not history:
-        return 0.0
-    return _epsilon(tuple(map(tuple, history)), delta, accountant)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple, delta: float, accountant: str) -> float:
-    # every round asks again for the histories it asked for before (clients with the
-    # same size and participation count share one); a pure function, so remember them
-    with _blas().limit(limits=1, user_api="blas"):
-        return ACCOUNTANTS[accountant](list(history), delta)
-
-
-@functools.cache
-def _blas() -> ThreadpoolController:
-    """The process's BLAS libraries, found once (a fresh search costs ~2 ms a call).
-
-    Opacus's PRV discretization runs BLAS on large arrays; inside a busy Flower + Ray
-    process OpenBLAS's thread pool was seen spinning in exec_blas for minutes. One BLAS
-    thread is as fast for these sizes and cannot wait on its pool.
-    """
-    return ThreadpoolController()
 
 
 def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:
@@ -186,42 +107,6 @@ def prescribed_spend(
     """What one round of DP-SGD spends for a client of ``num_examples``: its schedule."""
     schedule = poisson_schedule(num_examples, batch_size=batch_size, epochs=epochs)
     return PrivacySpent((noise_multiplier,), (schedule.sample_rate,), (schedule.steps,))
-
-
-def solve_noise_multiplier(
-    *,
-    target_epsilon: float,
-    delta: float,
-    accountant: str,
-    schedules: Iterable[tuple[float, int]],
-) -> float:
-    """Smallest σ such that every client that trains in every round ends at ε ≤ target.
-
-    Parameters
-    ----------
-    schedules
-        One (sample rate, total steps over the whole run) per client.
-
-    """
-    unique = sorted(set(schedules))
-
-    def worst(sigma: float) -> float:
-        return max(
-            history_epsilon([(sigma, q, t)], delta=delta, accountant=accountant) for q, t in unique
-        )
-
-    low, high = 0.0, 1.0
-    while worst(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > MAX_SIGMA:
-            raise FedsimError(
-                f"target ε {target_epsilon} needs a noise multiplier above {MAX_SIGMA:g}; "
-                "raise the target, or train fewer rounds or epochs"
-            )
-    while high - low > 1e-3 * high:  # ε(high) ≤ target always holds
-        mid = (low + high) / 2
-        low, high = (low, mid) if worst(mid) <= target_epsilon else (mid, high)
-    return high
 
 
 def ledger_to_json(ledger: Ledger) -> dict[str, list[dict]]:

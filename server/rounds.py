@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
-from server.strategy import client_of
+from fedsim.server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
 

@@ -10,10 +10,11 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim import report, results
+from fedsim import results
 from fedsim.config import FedsimConfig, check_deployment, parse_config
 from fedsim.data import Dataset
-from server.federation import RoundCallback, run_federation
+from fedsim.results import report
+from fedsim.server.federation import RoundCallback, run_federation
 
 
 def log_round(row: dict) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from fedsim.config import FedsimConfig, parse_config
 from fedsim.messages import ClientInfo, PrivacySpent
-from server import privacy
+from fedsim.server import privacy
 
 
 @dataclass
@@ -17,7 +17,7 @@ class RunState:
     """Everything a run needs to continue after its last finished round.
 
     Every random choice in a run comes from a stream keyed by (round, client, purpose)
-    (``fedsim.randomness``), so no generator state needs saving: a seeded run resumes
+    (``fedsim.dp.randomness``), so no generator state needs saving: a seeded run resumes
     with the same choices as an uninterrupted one. ``rows`` are published (rounds.csv);
     ``participation`` (who trained, who dropped and why) is private under user-level DP.
     """

@@ -2,7 +2,7 @@
 
 Flower's FedAvg samples nodes with an unseeded ``random.sample`` and averages replies in
 arrival order, so two runs with one seed differ. ``SampledFedAvg`` samples clients from
-the run's cohort stream of each round (``fedsim.randomness``: the seed's, or the OS's
+the run's cohort stream of each round (``fedsim.dp.randomness``: the seed's, or the OS's
 with ``secure-noise``) and averages in client order. ``PrivacyLedger`` wraps any
 strategy, as Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
 """
@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedsim.dp import Purpose, numpy_generator, stream_seed
 from fedsim.messages import (
     ARRAYS,
     CONFIG,
@@ -27,8 +28,7 @@ from fedsim.messages import (
     decode_train_report,
     named_partition,
 )
-from fedsim.randomness import Purpose, numpy_generator, stream_seed
-from server.privacy import Ledger, record
+from fedsim.server.privacy import Ledger, record
 
 
 def sample_clients(

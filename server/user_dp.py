@@ -25,11 +25,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.dp import Purpose, numpy_generator, stream_seed
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
-from fedsim.randomness import Purpose, numpy_generator, stream_seed
-from server.privacy import LedgerEntry
-from server.strategy import StrategyWrapper
+from fedsim.server.privacy import LedgerEntry
+from fedsim.server.strategy import StrategyWrapper
 
 Arrays = dict[str, np.ndarray]
 
@@ -95,7 +95,7 @@ class UserLevelDP(StrategyWrapper):
     The wrapped strategy still samples the cohort and configures clients; it must sample
     each client independently with rate ``sample_rate`` (Poisson), which is what the
     accountant assumes, and the cohort must stay secret. The noise of each round comes
-    from its own stream under ``root`` (``fedsim.randomness``). Each round appends one
+    from its own stream under ``root`` (``fedsim.dp.randomness``). Each round appends one
     entry to ``ledger``: a Poisson-subsampled Gaussian mechanism with noise multiplier z
     and rate ``sample_rate``.
     """

@@ -7,7 +7,7 @@ import numpy as np
 from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients import client_app as real
+from fedsim.clients import client_app as real
 from fedsim.messages import ARRAYS, named_partition
 
 app = ClientApp()
@@ -32,8 +32,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 if __name__ == "__main__":
-    from experiments.run import run_experiment
     from fedsim.config import load_config
+    from fedsim.experiments.run import run_experiment
 
     config = load_config(None, sys.argv[2:])
     run_experiment(config, out=Path(sys.argv[1]), client_app=app)

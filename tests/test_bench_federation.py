@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import bench_federation as bench
+from experiments.research import bench_federation as bench
 
 
 def test_split_total_takes_round_one_warm_up_as_start_up():

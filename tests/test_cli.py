@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 def fedsim(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *args],
+        [sys.executable, "-m", "fedsim.experiments.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

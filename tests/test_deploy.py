@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.certs import make_certificates, make_supernode_keys
-from experiments.localfed import CONNECTION, LocalFederation, flower_bin
-from experiments.procs import TAG_VAR, free_port, spawn, stop_tree
+from fedsim.experiments.certs import make_certificates, make_supernode_keys
+from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
+from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
 from tests.conftest import ROOT
 from tests.test_data import fake_mnist
@@ -58,7 +58,7 @@ def _cmdline(pid):
 
 def fedsim(*args, tmp_path, timeout=600):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *args],
+        [sys.executable, "-m", "fedsim.experiments.cli", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -104,7 +104,7 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     args = ["deploy", "--num-nodes", "2", "--out", "out", "--timeout", "500"]
     args += ["--set", "num-rounds=2", "--set", "round-timeout=120", "--set", "min-clients=1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", *args],
+        [sys.executable, "-m", "fedsim.experiments.cli", *args],
         cwd=tmp_path,
         env=deploy_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -166,7 +166,16 @@ def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
 
 @pytest.mark.parametrize("after", [0.0, 12.0])  # as the run is submitted; while it starts
 def test_deploy_interrupted_stops_everything(tmp_path, after):
-    args = [sys.executable, "-m", "experiments.cli", "deploy", "--num-nodes", "2", "--out", "out"]
+    args = [
+        sys.executable,
+        "-m",
+        "fedsim.experiments.cli",
+        "deploy",
+        "--num-nodes",
+        "2",
+        "--out",
+        "out",
+    ]
     proc = subprocess.Popen(
         args,
         cwd=tmp_path,

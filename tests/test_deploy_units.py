@@ -15,16 +15,16 @@ from flwr.app.message.message import make_message
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from experiments.certs import main as certs_main
-from experiments.certs import make_certificates, make_supernode_keys
-from experiments.deploy import deploy_config, toml_table
-from experiments.localfed import is_loopback
-from experiments.procs import spawn, stop_tree, tagged
-from experiments.run import _backend_config
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
+from fedsim.experiments.certs import main as certs_main
+from fedsim.experiments.certs import make_certificates, make_supernode_keys
+from fedsim.experiments.deploy import deploy_config, toml_table
+from fedsim.experiments.localfed import is_loopback
+from fedsim.experiments.procs import spawn, stop_tree, tagged
+from fedsim.experiments.run import _backend_config
 from fedsim.messages import ARRAYS, CONFIG, PARTITION_KEY
-from server.rounds import screen_replies
+from fedsim.server.rounds import screen_replies
 
 
 def test_server_certificate_chains_to_ca_and_names_hosts(tmp_path):
@@ -158,7 +158,7 @@ def test_two_clients_on_one_worker_node_are_told_apart_by_message_id():
 
 def test_cli_lists_deploy():
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "deploy", "--help"],
+        [sys.executable, "-m", "fedsim.experiments.cli", "deploy", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,14 +6,14 @@ import torch
 from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 
-from clients.training import train_local
-from fedsim import per_sample
+from fedsim.clients.training import train_local
+from fedsim.dp import per_sample
+from fedsim.dp.fast_clip import FastClipper, make_private
+from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.randomness import dp_randomness, seeded_root
+from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
-from fedsim.fast_dp import FastClipper, make_private
-from fedsim.fast_lstm import FastDPLSTM
-from fedsim.image_models import tanh_cnn_28
-from fedsim.randomness import dp_randomness, seeded_root
-from fedsim.schedule import poisson_schedule
+from fedsim.models.image import tanh_cnn_28
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 BATCH = 6
@@ -303,7 +303,7 @@ def test_layers_without_a_rule_fail_before_training():
 
 
 def test_bench_prints_a_table(capsys):
-    from experiments import bench
+    from experiments.research import bench
 
     bench.main(["--repeats", "1", "--models", "project-cnn"])
     lines = capsys.readouterr().out.splitlines()

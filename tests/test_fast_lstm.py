@@ -9,8 +9,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.errors import FedsimError
-from fedsim.fast_lstm import FastDPLSTM
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 F64 = torch.float64

@@ -19,7 +19,7 @@ def sets(*items):
 
 
 def cli(*args, cwd):
-    cmd = [sys.executable, "-m", "experiments.cli", *args]
+    cmd = [sys.executable, "-m", "fedsim.experiments.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from fedsim.data import load_dataset
+from fedsim.data.images import CIFAR_TEST, CIFAR_TRAIN
 from fedsim.errors import FedsimError
-from fedsim.images import CIFAR_TEST, CIFAR_TRAIN
 from tests.conftest import SHARED_DATA
 
 PER_CLASS = 3

@@ -5,11 +5,12 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from clients.training import train_local
+from fedsim.clients.training import train_local
 from fedsim.config import parse_config
-from fedsim.data import DATASET_TASKS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
+from fedsim.data import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
 from fedsim.errors import FedsimError
-from fedsim.models import MODEL_TASKS, MODELS, build_model, opacus_lstm_layer
+from fedsim.models import build_model, opacus_lstm_layer
+from fedsim.registry import DATASETS, MODELS
 
 VOCAB = 40
 SPECS = {  # task -> (input_shape, num_classes)
@@ -17,7 +18,7 @@ SPECS = {  # task -> (input_shape, num_classes)
     TEXT_CLASSIFICATION: ((12,), 2),
     NEXT_CHAR: ((20,), VOCAB),
 }
-CASES = [(m, t) for m in sorted(MODELS) for t in sorted(MODEL_TASKS[m])]
+CASES = [(m, t) for m in sorted(MODELS) for t in sorted(MODELS[m].tasks)]
 
 
 def batch(task, n=24, seed=0):
@@ -115,10 +116,10 @@ def test_wrong_pairing_is_one_config_line():
     with pytest.raises(FedsimError, match="model cnn does not support task") as info:
         build("cnn", TEXT_CLASSIFICATION, dp=False)
     assert "\n" not in str(info.value)
-    for dataset, task in DATASET_TASKS.items():
-        for model, tasks in MODEL_TASKS.items():
+    for dataset, data in DATASETS.items():
+        for model, part in MODELS.items():
             values = {"model": model, "dataset": dataset}
-            if task in tasks:
+            if data.tasks[0] in part.tasks:
                 parse_config(values)
             else:
                 with pytest.raises(FedsimError, match=f"model {model} cannot learn") as info:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from fedsim.data import load_digits
+from fedsim.data.partition import label_counts, partition
 from fedsim.errors import FedsimError
-from fedsim.partition import label_counts, partition
 
 LABELS = load_digits().y_train
 

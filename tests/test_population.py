@@ -3,15 +3,15 @@
 import pytest
 from flwr.app import Context, RecordDict
 
-from clients.client_app import train_partition
-from clients.task import client_info
+from fedsim.clients.client_app import train_partition
+from fedsim.clients.task import client_info
 from fedsim.config import parse_config
 from fedsim.data import load_dataset
+from fedsim.data.partition import partition_dataset
+from fedsim.dp.randomness import seeded_root
 from fedsim.errors import FedsimError
-from fedsim.partition import partition_dataset
-from fedsim.randomness import seeded_root
-from server.federation import partition_infos, simulation_nodes
-from server.strategy import place, sample_clients
+from fedsim.server.federation import partition_infos, simulation_nodes
+from fedsim.server.strategy import place, sample_clients
 
 
 def test_bound_clients_go_to_their_node_and_a_cohort_spreads_over_workers():

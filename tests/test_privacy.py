@@ -6,8 +6,9 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
+from fedsim.dp import accounting
 from fedsim.messages import PrivacySpent
-from server import privacy
+from fedsim.server import privacy
 
 DELTA = 1e-5
 
@@ -17,7 +18,7 @@ def _event(sigma, q):
 
 
 def independent_rdp(history, delta):
-    acc = rdp.RdpAccountant(privacy.RDP_ORDERS)
+    acc = rdp.RdpAccountant(accounting.RDP_ORDERS)
     for sigma, q, steps in history:
         acc.compose(_event(sigma, q), steps)
     return acc.get_epsilon(delta)
@@ -86,11 +87,11 @@ def test_run_epsilon_is_max_over_clients():
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_solved_sigma_meets_target_tightly(accountant):
     schedules = [(0.2, 100), (0.25, 80)]
-    sigma = privacy.solve_noise_multiplier(
+    sigma = accounting.solve_noise_multiplier(
         target_epsilon=3.0, delta=DELTA, accountant=accountant, schedules=schedules
     )
     eps = [
-        privacy.history_epsilon([(sigma, q, t)], delta=DELTA, accountant=accountant)
+        accounting.history_epsilon([(sigma, q, t)], delta=DELTA, accountant=accountant)
         for q, t in schedules
     ]
     assert max(eps) <= 3.0

@@ -7,9 +7,9 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiments.run import preflight
 from fedsim.config import FedsimConfig, parse_config
 from fedsim.errors import FedsimError
+from fedsim.experiments.run import preflight
 from tests.conftest import ROOT
 
 KEYS = [*sorted(f.alias for f in FedsimConfig.model_fields.values()), "num-client", "bogus"]
@@ -56,7 +56,7 @@ def test_cli_runs_or_fails_cleanly(tmp_path_factory, values):
     cwd = tmp_path_factory.mktemp("prop")
     args = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "run", "--out", "out", *args],
+        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", "out", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,

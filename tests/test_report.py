@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from experiments.sweep import grid_points
-from fedsim import frontier, results
+from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
+from fedsim.experiments.sweep import grid_points
+from fedsim.results import frontier
 from tests.conftest import ROOT
 
 
@@ -58,7 +59,7 @@ def test_frontier_pools_seeds_and_sorts_by_epsilon(sweep):
 
 def test_report_command_rebuilds_from_files(sweep):
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "report", str(sweep)],
+        [sys.executable, "-m", "fedsim.experiments.cli", "report", str(sweep)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

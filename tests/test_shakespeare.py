@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from fedsim.data import load_dataset
-from fedsim.errors import FedsimError
-from fedsim.shakespeare import (
+from fedsim.data.shakespeare import (
     MAX_TEST,
     SEQ_LEN,
     parse_markdown_play,
     parse_plain_text,
     role_windows,
 )
+from fedsim.errors import FedsimError
 
 PLAY = """# A Play
 

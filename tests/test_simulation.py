@@ -13,8 +13,8 @@ import dp_accounting
 import pytest
 from dp_accounting import rdp
 
+from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.results import read_csv
-from server.privacy import RDP_ORDERS
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ SMALL = [
 def fedsim_run(out, *sets):
     args = [a for s in (*SMALL, *sets) for a in ("--set", s)]
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "run", "--out", str(out), *args],
+        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
         cwd=out.parent,
         capture_output=True,
         text=True,
@@ -44,7 +44,7 @@ def fedsim_run(out, *sets):
 
 def resume(out):
     return subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "run", "--resume", str(out)],
+        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--resume", str(out)],
         cwd=out.parent,
         capture_output=True,
         text=True,
@@ -148,7 +148,7 @@ def test_dropout_finishes_and_records_dropped_clients(two_runs):
 def run_until(out, round_no, sig, tmp_path):
     """Start a run, send ``sig`` to its process group once ``round_no`` is printed."""
     args = [a for s in SMALL for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "experiments.cli", "run", "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args]
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,

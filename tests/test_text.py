@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from fedsim.data import PAD_ID, UNK_ID, load_dataset, vocab_record
+from fedsim.data.text import SEQ_LEN, build_vocab, encode, tokenize
 from fedsim.errors import FedsimError
-from fedsim.text import SEQ_LEN, build_vocab, encode, tokenize
 
 
 def test_tokenize_and_vocab_are_deterministic():

@@ -19,14 +19,25 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients import client_app
-from clients.task import client_info
-from clients.training import train_local
-from experiments.deploy import deploy_config
 from fedsim import results
+from fedsim.clients import client_app
+from fedsim.clients.task import client_info
+from fedsim.clients.training import train_local
 from fedsim.config import check_deployment, parse_config
+from fedsim.dp import accounting
+from fedsim.dp.fast_clip import FastClipper, make_private, per_sample_cross_entropy
+from fedsim.dp.randomness import (
+    Purpose,
+    dp_randomness,
+    numpy_generator,
+    secure_dp_randomness,
+    seeded_root,
+    stream_seed,
+    torch_generator,
+)
+from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
-from fedsim.fast_dp import FastClipper, make_private, per_sample_cross_entropy
+from fedsim.experiments.deploy import deploy_config
 from fedsim.messages import (
     ARRAYS,
     CONFIG,
@@ -41,18 +52,8 @@ from fedsim.messages import (
     encode_train_reply,
 )
 from fedsim.models import build_model
-from fedsim.randomness import (
-    Purpose,
-    dp_randomness,
-    numpy_generator,
-    secure_dp_randomness,
-    seeded_root,
-    stream_seed,
-    torch_generator,
-)
-from fedsim.schedule import poisson_schedule
-from server import outputs, privacy
-from server.state import RunState
+from fedsim.server import outputs, privacy
+from fedsim.server.state import RunState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
 DELTA = 1e-5
@@ -232,7 +233,7 @@ def test_published_sample_epsilon_under_secret_cohorts_reveals_no_cohort():
     idle = user_state("both", [[1], [2], [3]])  # nobody trained twice
     assert busy.epsilons() == idle.epsilons()  # the published ε cannot tell them apart
     every_round = [(1.1, 1.0, 3)]  # 50 examples, batch 64: q = 1, one step a round
-    want = privacy.history_epsilon(every_round, delta=DELTA, accountant="rdp")
+    want = accounting.history_epsilon(every_round, delta=DELTA, accountant="rdp")
     assert busy.epsilons()["sample"] == pytest.approx(want)
     assert busy.epsilons(public=False)["sample"] == pytest.approx(want)  # client 4
     assert idle.epsilons(public=False)["sample"] < want
@@ -278,7 +279,7 @@ def test_a_client_training_every_round_ends_within_its_target(k, accountant):
     # the acceptance run: 930 examples, batch 10, 30 rounds, target 8 (was 8.04)
     n, rounds = 10 * k, 30
     spend = privacy.prescribed_spend(n, noise_multiplier=1.0, batch_size=10, epochs=1)
-    sigma = privacy.solve_noise_multiplier(
+    sigma = accounting.solve_noise_multiplier(
         target_epsilon=8.0, delta=DELTA, accountant=accountant,
         schedules=[(spend.sample_rate[0], spend.steps[0] * rounds)],
     )  # fmt: skip
@@ -336,16 +337,18 @@ def replace_one_direct(sigma, q, delta):
 
 
 def test_replace_one_epsilon_against_direct_integration_and_the_audit():
-    ours = privacy.history_epsilon([(0.8, 0.3, 1)], delta=DELTA, accountant=privacy.REPLACE_ONE)
+    ours = accounting.history_epsilon(
+        [(0.8, 0.3, 1)], delta=DELTA, accountant=accounting.REPLACE_ONE
+    )
     assert ours == pytest.approx(replace_one_direct(0.8, 0.3, DELTA), rel=0.02)
     # the audit's two frontier points: user-level (zero-out) ε, then what it implies
     for sigma, add_remove, replace in [(2.7051, 0.989, 1.853), (0.7695, 7.98, 9.88)]:
         history = [(sigma, 0.1, 40)]
-        assert privacy.history_epsilon(history, delta=DELTA, accountant="pld") == pytest.approx(
+        assert accounting.history_epsilon(history, delta=DELTA, accountant="pld") == pytest.approx(
             add_remove, abs=0.01
         )
-        assert privacy.history_epsilon(
-            history, delta=DELTA, accountant=privacy.REPLACE_ONE
+        assert accounting.history_epsilon(
+            history, delta=DELTA, accountant=accounting.REPLACE_ONE
         ) == pytest.approx(replace, abs=0.01)
 
 
@@ -354,7 +357,7 @@ def test_user_level_summary_states_what_it_implies_for_one_example(tmp_path):
     state.arrays = {}
     summary = outputs.write_final(state, tmp_path, time.time(), engine="deployment")
     implied = [g for g in summary["guarantees"] if g.get("implied_by") == "user"]
-    assert len(implied) == 1 and implied[0]["accountant"] == privacy.REPLACE_ONE
+    assert len(implied) == 1 and implied[0]["accountant"] == accounting.REPLACE_ONE
     assert implied[0]["epsilon"] > summary["epsilon"]
     user = next(g for g in summary["guarantees"] if g["unit"] == "user")
     assert "server" in user["trusted"]  # DP-FedAvg cannot protect against its own server

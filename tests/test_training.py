@@ -5,9 +5,10 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from clients.training import train_local
+from fedsim.clients.training import train_local
 from fedsim.data import load_digits
-from fedsim.models import MODELS, build_model
+from fedsim.models import build_model
+from fedsim.registry import MODELS
 
 DIGITS = load_digits()
 

@@ -9,10 +9,11 @@ import pytest
 from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord
 
+from fedsim.dp import accounting
+from fedsim.dp.randomness import seeded_root
 from fedsim.messages import ARRAYS
-from fedsim.randomness import seeded_root
-from server import privacy
-from server.user_dp import UserLevelDP, clip, noisy_mean, update_std
+from fedsim.server import privacy
+from fedsim.server.user_dp import UserLevelDP, clip, noisy_mean, update_std
 
 
 class Inner:
@@ -110,7 +111,7 @@ def test_user_ledger_epsilon_against_dp_accounting(accountant):
     z, q, rounds = 1.1, 0.05, 200
     ledger = [privacy.LedgerEntry(r, z, q, 1) for r in range(1, rounds + 1)]
     ours = privacy.client_epsilon(ledger, delta=1e-5, accountant=accountant)
-    acc = rdp.RdpAccountant(privacy.RDP_ORDERS)
+    acc = rdp.RdpAccountant(accounting.RDP_ORDERS)
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds)
     independent_rdp = acc.get_epsilon(1e-5)
     if accountant == "rdp":
@@ -121,10 +122,10 @@ def test_user_ledger_epsilon_against_dp_accounting(accountant):
 
 
 def test_solve_user_noise_meets_target():
-    sigma = privacy.solve_noise_multiplier(
+    sigma = accounting.solve_noise_multiplier(
         target_epsilon=2.0, delta=1e-5, accountant="rdp", schedules=[(0.1, 100)]
     )
-    eps = privacy.history_epsilon([(sigma, 0.1, 100)], delta=1e-5, accountant="rdp")
+    eps = accounting.history_epsilon([(sigma, 0.1, 100)], delta=1e-5, accountant="rdp")
     assert 2.0 * 0.99 <= eps <= 2.0
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.data import PAD_ID, TEXT_CLASSIFICATION, UNK_ID, Dataset, stratified_split, token_array
+from fedsim.data.dataset import (
+    PAD_ID,
+    TEXT_CLASSIFICATION,
+    UNK_ID,
+    Dataset,
+    stratified_split,
+    token_array,
+)
 from fedsim.errors import FedsimError
 
 SEQ_LEN = 64

@@ -1,8 +1,8 @@
 """pfl-research's side of the federation benchmark: the same workload in Apple's pfl.
 
-    python -m experiments.bench_pfl FOLDER   (FOLDER holds config.json; writes result.json)
+    python -m experiments.research.bench_pfl FOLDER   (FOLDER holds config.json; writes result.json)
 
-``experiments.bench_federation`` runs this as its own process, in an environment where
+``experiments.research.bench_federation`` runs this as its own process, in an environment where
 ``pfl[pytorch]`` is installed (``--pfl-python``): pfl pins dependencies of its own, so it
 usually lives in a separate virtual environment. Same data, partitions, model, local
 steps (1 epoch, same batch size and lr, plain SGD) and central evaluations as the other
@@ -33,9 +33,8 @@ from pfl.model.pytorch import PyTorchModel
 from torch import nn
 
 from fedsim.config import FedsimConfig, parse_config
-from fedsim.data import load_dataset
+from fedsim.data import load_dataset, partition_dataset
 from fedsim.models import build_model, model_kwargs
-from fedsim.partition import partition_dataset
 
 EVAL_BATCH = 1000
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.data import NEXT_CHAR, UNK_ID, Dataset, token_array
+from fedsim.data.dataset import NEXT_CHAR, UNK_ID, Dataset, token_array
 from fedsim.errors import FedsimError
 
 SEQ_LEN = 80

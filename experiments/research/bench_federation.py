@@ -1,6 +1,6 @@
 """Federation overhead: `fedsim run` against the same work in one plain loop.
 
-    python -m experiments.bench_federation [--data-dir ../shared/data/mnist] [--rounds 30]
+    python -m experiments.research.bench_federation [--data-dir ../shared/data/mnist] [--rounds 30]
         [--model fedavg-cnn] [--dp none,sample]
 
 The workload of issue 6: MNIST, the FedAvg paper's CNN, 100 clients, 10 per round, 1 local
@@ -31,6 +31,8 @@ from fedsim.config import FedsimConfig, parse_config
 PLAIN, FEDSIM, PFL = "plain loop", "fedsim run", "pfl 0.6"
 Side = tuple[float, list[float], float]
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: research runs from it
+
 
 def workload(data_dir: str, rounds: int, dp: str, model: str) -> FedsimConfig:
     """The benchmark's config (σ fixed so both sides do identical DP work)."""
@@ -49,12 +51,11 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
     """
     import torch
 
-    from clients.client_app import train_round
+    from fedsim.clients.client_app import train_round
     from fedsim.data import load_dataset
-    from fedsim.evaluation import evaluate
-    from fedsim.models import build_model, model_kwargs
-    from fedsim.randomness import seeded_root
-    from server.strategy import sample_clients
+    from fedsim.dp import seeded_root
+    from fedsim.models import build_model, evaluate, model_kwargs
+    from fedsim.server.strategy import sample_clients
 
     clock = time.perf_counter()
     dataset = load_dataset(config.dataset, config.data_dir)
@@ -82,19 +83,18 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
 
 def run_side(side: str, config: FedsimConfig, python: str = sys.executable) -> Side:
     """(total wall s from launch to exit, seconds of rounds 0..N, final accuracy)."""
-    root = Path(__file__).parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sets = [a for k, v in config.to_flat().items() for a in ("--set", f"{k}={v}")]
         (folder / "config.json").write_text(json.dumps(config.to_flat()))
         command = {
-            PLAIN: ["-m", "experiments.bench_federation", "--plain", tmp],
-            FEDSIM: ["-m", "experiments.cli", "run", "--out", str(folder / "run"), *sets],
-            PFL: ["-m", "experiments.bench_pfl", tmp],
+            PLAIN: ["-m", "experiments.research.bench_federation", "--plain", tmp],
+            FEDSIM: ["-m", "fedsim.experiments.cli", "run", "--out", str(folder / "run"), *sets],
+            PFL: ["-m", "experiments.research.bench_pfl", tmp],
         }[side]
-        env = {**os.environ, "PYTHONPATH": str(root)}  # pfl's environment finds fedsim here
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # pfl's environment finds fedsim here
         start = time.perf_counter()
-        done = subprocess.run([python, *command], capture_output=True, text=True, cwd=root, env=env)
+        done = subprocess.run([python, *command], capture_output=True, text=True, cwd=ROOT, env=env)
         total = time.perf_counter() - start
         if done.returncode != 0:
             sys.exit(f"bench_federation: the {side} side failed:\n{done.stderr[-3000:]}")
@@ -111,7 +111,7 @@ def default_pfl_python() -> str | None:
     """This Python if it can import pfl, else the one ``./install.sh --pfl`` made, else None."""
     if importlib.util.find_spec("pfl"):
         return sys.executable
-    made = Path(__file__).parents[1] / ".venv-pfl" / "bin" / "python"
+    made = ROOT / ".venv-pfl" / "bin" / "python"
     return str(made) if made.exists() else None
 
 
@@ -125,9 +125,7 @@ def split_total(total: float, seconds: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     """Print the overhead table, one row per (dp, side)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--data-dir", default=str(Path(__file__).parents[1].parent / "shared/data/mnist")
-    )
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/mnist"))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--model", default="fedavg-cnn")
     parser.add_argument("--dp", default="none,sample", help="comma-separated dp modes")

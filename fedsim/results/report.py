@@ -7,18 +7,18 @@ import math
 import textwrap
 from pathlib import Path
 
-from fedsim import results
+from fedsim.results import files
 
 
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """(summary, rounds) of a finished run, numbers parsed."""
-    summary = json.loads((run_dir / results.SUMMARY).read_text(encoding="utf-8"))
+    summary = json.loads((run_dir / files.SUMMARY).read_text(encoding="utf-8"))
     rounds = [
         {
             k: (float(v) if k in ("accuracy", "loss", "epsilon", "seconds") else v)
             for k, v in r.items()
         }
-        for r in results.read_csv(run_dir / results.ROUNDS)
+        for r in files.read_csv(run_dir / files.ROUNDS)
     ]
     return summary, rounds
 
@@ -92,7 +92,7 @@ def plot_run(run_dir: Path) -> Path:
     title = f"{summary['config']['name']}: {summary_line(summary)}"
     ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=7)
     fig.tight_layout()
-    out = run_dir / results.PLOT
+    out = run_dir / files.PLOT
     fig.savefig(out)
     plt.close(fig)
     return out

@@ -1,29 +1,22 @@
-"""Dataset registry: each loader returns train and held-out test arrays in memory.
+"""Datasets in memory: train and held-out test arrays, and how they are loaded.
 
 Loaders read only from the paths they are given (``data-dir``); nothing is downloaded
 at run time. ``digits`` ships inside scikit-learn and is the embedded default. File
 formats live in their own modules (``images``, ``text``, ``shakespeare``, ``hf``), which
-this registry imports only when their dataset is loaded, so validating a config stays
-cheap.
+are imported only when their dataset is loaded (``fedsim.registry``).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedsim.errors import FedsimError
+from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, resolve
 
-# What a dataset asks of a model. Images are float (C, H, W); text is int token ids of a
-# fixed length, right-padded with PAD_ID; next-char samples are windows of characters
-# whose label is the character that follows.
-IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR = "image", "text-classification", "next-char"
-TASKS = (IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR)
-PAD_ID, UNK_ID = 0, 1
+PAD_ID, UNK_ID = 0, 1  # token ids: padding (text is right-padded), and unknown tokens
 HF_PREFIX = "hf:"
 
 
@@ -80,69 +73,37 @@ def stratified_split(
     return train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
 
 
-def _lazy(module: str, function: str, **kwargs: str) -> Callable[[Path | None], Dataset]:
-    """A loader that imports ``fedsim.<module>`` only when it is called."""
-
-    def load(data_dir: Path | None) -> Dataset:
-        return getattr(importlib.import_module(f"fedsim.{module}"), function)(data_dir, **kwargs)
-
-    load.__name__ = f"{function}({', '.join(kwargs.values())})"
-    return load
-
-
-DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
-    "digits": load_digits,
-    "mnist": _lazy("images", "load_mnist_like", name="mnist"),
-    "fashion-mnist": _lazy("images", "load_mnist_like", name="fashion-mnist"),
-    "cifar10": _lazy("images", "load_cifar10"),
-    "shakespeare": _lazy("shakespeare", "load_shakespeare"),
-    "sst2": _lazy("text", "load_sst2"),
-    "sms-spam": _lazy("text", "load_sms_spam"),
-    "hf-image": _lazy("hf", "load_hf", task=IMAGE),
-    "hf-text": _lazy("hf", "load_hf", task=TEXT_CLASSIFICATION),
-}
-
-# Known from the name alone, so a config is checked before any file is read.
-DATASET_TASKS: dict[str, str] = {
-    "digits": IMAGE,
-    "mnist": IMAGE,
-    "fashion-mnist": IMAGE,
-    "cifar10": IMAGE,
-    "shakespeare": NEXT_CHAR,
-    "sst2": TEXT_CLASSIFICATION,
-    "sms-spam": TEXT_CLASSIFICATION,
-    "hf-image": IMAGE,
-    "hf-text": TEXT_CLASSIFICATION,
-}
-
-# Datasets whose samples belong to natural users, and what one user is.
-NATURAL_USERS: dict[str, str] = {"shakespeare": "speaking role"}
-
-
 def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
-    """Load a registered dataset by name, from ``data_dir`` where it needs files.
+    """Load a dataset by name or import path (``fedsim.registry``), from ``data_dir``.
 
     ``hf-image`` and ``hf-text`` also take ``hf:<owner>/<name>``, a Hugging Face hub
     dataset, instead of a folder.
     """
     raw = str(data_dir)
+    loader = resolve(name, DATASETS, "dataset")
     if raw.startswith(HF_PREFIX):
         if not name.startswith("hf-"):
             raise FedsimError(
                 f"data-dir {raw} names a Hugging Face dataset; use dataset hf-image or hf-text"
             )
-        return DATASETS[name](Path(raw))
+        return loader(Path(raw))
     path = Path(raw).expanduser() if raw else None
     if path is not None and not path.is_dir():
         raise FedsimError(f"data-dir {path} is not a folder; set data-dir to an existing folder")
-    return DATASETS[name](path)
+    dataset = loader(path)
+    if not isinstance(dataset, Dataset):
+        raise FedsimError(
+            f"dataset '{name}' returned a {type(dataset).__name__}; a dataset loader "
+            "returns a fedsim.data.Dataset"
+        )
+    return dataset
 
 
 TOKENIZATION = {
     NEXT_CHAR: "characters: one token per character",
     TEXT_CLASSIFICATION: (
         "words: lower-cased, then runs of word characters and apostrophes, or one "
-        "punctuation mark (fedsim.text.tokenize)"
+        "punctuation mark (fedsim.data.text.tokenize)"
     ),
 }
 

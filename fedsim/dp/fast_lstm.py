@@ -23,9 +23,9 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from fedsim.dp.lstm_recurrence import hidden_weight_grad, lstm_recurrence, reverse_padded
+from fedsim.dp.per_sample import weight_sq_norms
 from fedsim.errors import FedsimError
-from fedsim.lstm_recurrence import hidden_weight_grad, lstm_recurrence, reverse_padded
-from fedsim.per_sample import weight_sq_norms
 
 
 class LSTMGates(nn.Module):

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedsim.errors import FedsimError
+from fedsim.registry import PARTITIONS, is_import_path, resolve
 
 if TYPE_CHECKING:
     from fedsim.config import FedsimConfig
-    from fedsim.data import Dataset
+    from fedsim.data.dataset import Dataset
 
 MAX_DIRICHLET_TRIES = 100
 
@@ -143,7 +144,17 @@ def partition(
 
 
 def partition_dataset(dataset: Dataset, config: FedsimConfig) -> list[np.ndarray]:
-    """The training-sample indices of each client, as ``config`` asks."""
+    """The training-sample indices of each client, as ``config`` asks.
+
+    ``partition`` names a built-in partitioner, or the import path of your own: called
+    as ``fn(dataset, num_clients, rng)`` with a seeded ``numpy`` generator, it returns
+    one array of training-sample indices per client, disjoint.
+    """
+    if is_import_path(config.partition):
+        rng = np.random.default_rng(config.seed)
+        split = resolve(config.partition, PARTITIONS, "partition")
+        parts = check_parts(split(dataset, config.num_clients, rng), config, len(dataset.y_train))
+        return [cap(p, config.max_samples, rng) for p in parts] if config.max_samples else parts
     return partition(
         dataset.y_train,
         config.num_clients,
@@ -155,6 +166,24 @@ def partition_dataset(dataset: Dataset, config: FedsimConfig) -> list[np.ndarray
         min_samples=config.min_samples,
         max_samples=config.max_samples,
     )
+
+
+def check_parts(parts: object, config: FedsimConfig, size: int) -> list[np.ndarray]:
+    """A custom partitioner's result as index arrays, or one line saying what is wrong."""
+    where = f"partition '{config.partition}'"
+    if not isinstance(parts, list | tuple) or len(parts) != config.num_clients:
+        raise FedsimError(f"{where} must return a list of {config.num_clients} index arrays")
+    arrays = [np.asarray(p) for p in parts]
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in arrays):
+        raise FedsimError(f"{where} must return 1-d integer arrays of sample indices")
+    joined = np.concatenate(arrays) if arrays else np.zeros(0, int)
+    if len(joined) and (joined.min() < 0 or joined.max() >= size):
+        raise FedsimError(f"{where} returned indices outside 0..{size - 1}")
+    if len(np.unique(joined)) != len(joined):
+        raise FedsimError(f"{where} gave a sample to two clients; parts must be disjoint")
+    if min(len(a) for a in arrays) == 0:
+        raise FedsimError(f"{where} left a client without samples; every client needs some")
+    return [np.sort(a.astype(np.int64)) for a in arrays]
 
 
 def cap(indices: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.ndarray:

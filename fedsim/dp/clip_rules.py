@@ -23,9 +23,9 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
+from fedsim.dp.fast_lstm import LSTMGates
+from fedsim.dp.per_sample import outer_weight, scaled, sq
 from fedsim.errors import FedsimError
-from fedsim.fast_lstm import LSTMGates
-from fedsim.per_sample import outer_weight, scaled, sq
 
 Grads = dict[nn.Parameter, Tensor]
 ClipFn = Callable[[Tensor], Grads]

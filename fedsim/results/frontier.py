@@ -6,8 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
-from fedsim import results
-from fedsim.report import format_epsilon, load_run
+from fedsim.results import files
+from fedsim.results.report import format_epsilon, load_run
 
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
 FIELDS = (
@@ -20,10 +20,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     """Result folders among ``paths``: each path is a run, or a folder of runs (a sweep)."""
     runs = []
     for path in paths:
-        if (path / results.SUMMARY).is_file():
+        if (path / files.SUMMARY).is_file():
             runs.append(path)
         elif path.is_dir():
-            runs.extend(sorted(p for p in path.iterdir() if (p / results.SUMMARY).is_file()))
+            runs.extend(sorted(p for p in path.iterdir() if (p / files.SUMMARY).is_file()))
     return runs
 
 
@@ -95,8 +95,8 @@ def write_frontier(rows: list[dict], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_rows = [r | {"epsilon": "inf" if math.isinf(r["epsilon"]) else r["epsilon"]} for r in rows]
-    results.write_csv(out_dir / "frontier.csv", csv_rows, FIELDS)
-    results.write_atomic(out_dir / "frontier.md", markdown(rows))
+    files.write_csv(out_dir / "frontier.csv", csv_rows, FIELDS)
+    files.write_atomic(out_dir / "frontier.md", markdown(rows))
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for unit in sorted({r["unit"] for r in rows} - {"none"}):
         pts = [r for r in rows if r["unit"] == unit]

@@ -4,7 +4,7 @@ Trains the ``lstm`` without DP and without federation on random batches of Shake
 windows and prints held-out next-character accuracy as it goes, once per loss. This is
 the measurement behind ``next-char-loss`` (docs/results.md)::
 
-    python -m experiments.next_char_loss --data-dir ../shared/data/tinyshakespeare
+    python -m experiments.research.next_char_loss --data-dir ../shared/data/tinyshakespeare
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from fedsim.data import load_dataset
-from fedsim.evaluation import evaluate
-from fedsim.models import build_model, model_kwargs
+from fedsim.models import build_model, evaluate, model_kwargs
 
 
 def curve(dataset, *, all_positions: bool, args: argparse.Namespace) -> list[tuple]:

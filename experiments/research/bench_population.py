@@ -1,6 +1,6 @@
 """Population scale: per-round time and peak memory of `fedsim run` from 1,000 to 100,000 clients.
 
-    python -m experiments.bench_population [--data-dir ../shared/data/tinyshakespeare]
+    python -m experiments.research.bench_population [--data-dir ../shared/data/tinyshakespeare]
         [--populations 1000 10000 100000] [--rounds 8] [--dp none]
 
 Every population does the same work per round: 100 clients a round, each with exactly
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).parents[1].parent / "shared/data/tinyshakespeare"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare"
 
 
 def session_rss_mb(sid: int) -> float:
@@ -40,7 +40,7 @@ def run(population: int, args: argparse.Namespace, out: Path) -> dict:
         "max-samples": args.samples, "batch-size": args.samples, "num-rounds": args.rounds,
         "clients-per-round": 100, "dp": args.dp, "lr": 0.5,
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "experiments.cli", "run", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out)]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

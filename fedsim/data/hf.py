@@ -20,10 +20,22 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.data import HF_PREFIX, IMAGE, Dataset, check_labels, stratified_split
+from fedsim.data.dataset import HF_PREFIX, Dataset, check_labels, stratified_split
+from fedsim.data.text import text_dataset
 from fedsim.errors import FedsimError
+from fedsim.registry import IMAGE, TEXT_CLASSIFICATION
 
 EXTRA = "pip install 'fedsim[hf]'"
+
+
+def load_hf_image(data_dir: Path | None) -> Dataset:
+    """``hf-image``: an image-classification dataset of the Hugging Face format."""
+    return load_hf(data_dir, task=IMAGE)
+
+
+def load_hf_text(data_dir: Path | None) -> Dataset:
+    """``hf-text``: a text-classification dataset of the Hugging Face format."""
+    return load_hf(data_dir, task=TEXT_CLASSIFICATION)
 
 
 def load_hf(data_dir: Path | None, *, task: str) -> Dataset:
@@ -55,8 +67,6 @@ def load_hf(data_dir: Path | None, *, task: str) -> Dataset:
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
         shape = tuple(x_train.shape[1:])
         return Dataset(name, x_train, y_train, x_test, y_test, num_classes, shape, IMAGE)
-    from fedsim.text import text_dataset
-
     return text_dataset(name, (list(x_train), y_train), (list(x_test), y_test), num_classes)
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.data import IMAGE, Dataset, check_labels
+from fedsim.data.dataset import IMAGE, Dataset, check_labels
 from fedsim.errors import FedsimError
 
 IDX_FILES = {
@@ -79,6 +79,16 @@ def load_mnist_like(data_dir: Path | None, name: str = "mnist") -> Dataset:
     return Dataset(
         name, norm["x_train"], norm["y_train"], norm["x_test"], norm["y_test"], 10, shape
     )
+
+
+def load_mnist(data_dir: Path | None) -> Dataset:
+    """MNIST from its four IDX files."""
+    return load_mnist_like(data_dir, "mnist")
+
+
+def load_fashion_mnist(data_dir: Path | None) -> Dataset:
+    """Fashion-MNIST from its four IDX files."""
+    return load_mnist_like(data_dir, "fashion-mnist")
 
 
 def load_cifar10(data_dir: Path | None) -> Dataset:

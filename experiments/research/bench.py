@@ -1,13 +1,13 @@
 """DP step time ÷ non-DP step time, per model and per-sample-gradient mode, in one process.
 
-    python -m experiments.bench [--repeats 5] [--models cnn,lstm,transformer] [--threads 1]
+    python -m experiments.research.bench [--repeats 5] [--models cnn,lstm,transformer] [--threads 1]
 
 Each model's steps (one batch of 64: zero_grad, forward, loss, backward, optimizer step)
 run round-robin: every repeat times every mode once, so a neighbour's load on a shared
 machine hits all modes alike; the table gives medians over the repeats. CPU time is this
 process's (robust to being descheduled); wall time is what a user waits. Modes: ``none``
 (no DP), Opacus 1.6's ``hooks`` (its default), ``ghost``, ``functorch`` and ``ew``, and fedsim's
-``fast`` (one backward pass, ``fedsim.fast_dp``). The LSTM rows also time the fused
+``fast`` (one backward pass, ``fedsim.dp.fast_clip``). The LSTM rows also time the fused
 ``nn.LSTM`` without DP, the denominator of its ratios, and Opacus's ``DPLSTM``.
 """
 
@@ -27,10 +27,9 @@ from opacus import PrivacyEngine
 from opacus.layers import DPLSTM
 from torch import nn
 
-from fedsim.fast_dp import make_private_fast
-from fedsim.fast_lstm import FastDPLSTM
-from fedsim.image_models import cnn as project_cnn
-from fedsim.image_models import fedavg_cnn
+from fedsim.dp import FastDPLSTM, make_private_fast
+from fedsim.models.image import cnn as project_cnn
+from fedsim.models.image import fedavg_cnn
 
 BATCH, STEPS, VOCAB = 64, 80, 80
 Step = Callable[[], None]
@@ -168,7 +167,9 @@ def measure(name: str, repeats: int) -> list[tuple[str, float, float, float, flo
 
 def main(argv: list[str] | None = None) -> None:
     """Print one table of step times and ratios for the chosen models."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.research.bench", description=__doc__
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         "--all",
         action="store_true",
         help="then issue 6's other tables with their defaults: federation overhead "
-        "(experiments.bench_federation, ~30 min) and population scale "
-        "(experiments.bench_population, ~3 min)",
+        "(experiments.research.bench_federation, ~30 min) and population scale "
+        "(experiments.research.bench_population, ~3 min)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, c_ms, c_ratio, w_ms, w_ratio in measure(name, args.repeats):
             print(f"| {name} | {label} | {c_ms:.0f} | {c_ratio:.2f} | {w_ms:.0f} | {w_ratio:.2f} |")
     if args.all:
-        from experiments import bench_federation, bench_population
+        from experiments.research import bench_federation, bench_population
 
         print("\n# federation overhead: fedsim run and pfl against a plain loop", flush=True)
         bench_federation.main([])

@@ -3,14 +3,14 @@
 Opacus computes per-sample gradients (``hooks``: materialised, ``B`` copies of every
 weight) or runs two backward passes (``ghost``). ``make_private_fast`` does one backward
 pass that asks autograd only for dl/d(output) of every trainable layer, never for the
-ordinary parameter gradients. Per-layer rules (``fedsim.clip_rules``) turn those into
+ordinary parameter gradients. Per-layer rules (``fedsim.dp.clip_rules``) turn those into
 per-sample gradient norms and, once the clipping coefficients are known, into the clipped
 gradient sum, which becomes ``p.grad``. From there Opacus's own objects take over: the
 optimizer is Opacus's ``DPOptimizerFastGradientClipping`` (adds the Gaussian noise, scales,
 steps the accountant), built by ``PrivacyEngine.make_private``, and the data loader is
-Opacus's Poisson ``DPDataLoader`` on the schedule of ``fedsim.schedule``, so the ledger
+Opacus's Poisson ``DPDataLoader`` on the schedule of ``fedsim.dp.schedule``, so the ledger
 records exactly the (q, steps) the σ solver assumed. Masks and noise come from the
-generators the caller passes (``fedsim.randomness``).
+generators the caller passes (``fedsim.dp.randomness``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from opacus.data_loader import DPDataLoader
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fedsim.clip_rules import rule_for
+from fedsim.dp.clip_rules import rule_for
+from fedsim.dp.randomness import DPRandomness
+from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
-from fedsim.randomness import DPRandomness
-from fedsim.schedule import Schedule
 
 
 class FastClipper:
@@ -247,7 +247,7 @@ def make_private(
     Parameters
     ----------
     grad_sample
-        ``fast``: one backward pass with ``fedsim.clip_rules`` (exact, the default);
+        ``fast``: one backward pass with ``fedsim.dp.clip_rules`` (exact, the default);
         ``hooks``: Opacus's per-sample gradients (the reference); ``ghost``: Opacus's
         ghost clipping (two backward passes). The optimizer, noise and accountant are
         Opacus's in every mode, and so is the loss of a sample: its mean over positions.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fedsim.per_sample import outer_sum
+from fedsim.dp.per_sample import outer_sum
 
 
 def lstm_recurrence(

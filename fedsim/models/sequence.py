@@ -1,27 +1,19 @@
-"""Model registry. Every model passes Opacus's ``ModuleValidator`` as built with ``dp=True``.
+"""Sequence models: LEAF's LSTM and a small Transformer, for images, text and characters.
 
-GroupNorm replaces BatchNorm throughout: BatchNorm mixes samples in a batch, so it has
-no per-sample gradient and breaks DP-SGD's per-example clipping. The recurrent layer is
+Both pass Opacus's ``ModuleValidator`` as built with ``dp=True``. The recurrent layer is
 chosen in one place, :func:`lstm_layer`; attention is built from ``nn.Linear``.
-
-Every builder takes the same keywords (``input_shape``, ``num_classes``, ``task``,
-``vocab_size``, ``dp``) and ``MODEL_TASKS`` names the tasks (``fedsim.data.TASKS``) each
-model supports, so a wrong pairing is a config error before any work starts.
 Sequence models read an image (C, H, W) as a sequence of its H rows of C·W values,
 and text as token ids, embedded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import nn
 
-from fedsim.data import IMAGE, NEXT_CHAR, PAD_ID, TEXT_CLASSIFICATION, Dataset
+from fedsim.data import IMAGE, NEXT_CHAR, PAD_ID, TEXT_CLASSIFICATION
+from fedsim.dp import FastDPLSTM
 from fedsim.errors import FedsimError
-from fedsim.image_models import cnn, fedavg_cnn
 
 # LEAF's Shakespeare model: an 8-dim character embedding, 2 LSTM layers of 256 units.
 # Words get a 64-dim embedding; image rows a linear map to 64 values.
@@ -42,8 +34,6 @@ def lstm_layer(input_size: int, hidden_size: int, num_layers: int, *, dp: bool) 
     """
     if not dp:
         return nn.LSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
-    from fedsim.fast_lstm import FastDPLSTM
-
     return FastDPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
 
 
@@ -219,58 +209,3 @@ class TransformerNet(nn.Module):
             weights = mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * weights).sum(1) / weights.sum(1)
         return self.head(pooled)
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "cnn": cnn,
-    "fedavg-cnn": fedavg_cnn,
-    "lstm": LSTMNet,
-    "transformer": TransformerNet,
-}
-
-MODEL_TASKS: dict[str, frozenset[str]] = {
-    "cnn": frozenset({IMAGE}),
-    "fedavg-cnn": frozenset({IMAGE}),
-    "lstm": frozenset({IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR}),
-    "transformer": frozenset({IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR}),
-}
-
-
-def build_model(
-    name: str,
-    *,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    task: str = IMAGE,
-    vocab_size: int = 0,
-    dp: bool = False,
-) -> nn.Module:
-    """Build a registered model for ``task`` inputs of ``input_shape``.
-
-    Parameters
-    ----------
-    vocab_size
-        Number of token ids, for text tasks (``len(Dataset.vocab)``).
-    dp
-        Build for DP-SGD (per-sample gradients), e.g. Opacus's ``DPLSTM`` for ``lstm``.
-        The state_dict is the same either way.
-
-    """
-    if task not in MODEL_TASKS[name]:
-        raise FedsimError(
-            f"model {name} does not support task {task}; it supports "
-            f"{', '.join(sorted(MODEL_TASKS[name]))}"
-        )
-    return MODELS[name](
-        input_shape=input_shape, num_classes=num_classes, task=task, vocab_size=vocab_size, dp=dp
-    )
-
-
-def model_kwargs(dataset: Dataset) -> dict[str, Any]:
-    """The keywords of :func:`build_model` that ``dataset`` decides."""
-    return {
-        "input_shape": dataset.input_shape,
-        "num_classes": dataset.num_classes,
-        "task": dataset.task,
-        "vocab_size": len(dataset.vocab or ()),
-    }

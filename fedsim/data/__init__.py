@@ -1,0 +1,42 @@
+"""Data: datasets in memory, their file formats, and how they are split among clients.
+
+The public face of the package; the formats (``images``, ``text``, ``shakespeare``,
+``hf``) load only when their dataset does.
+"""
+
+from fedsim.data.dataset import (
+    HF_PREFIX,
+    PAD_ID,
+    TOKENIZATION,
+    UNK_ID,
+    Dataset,
+    check_labels,
+    load_dataset,
+    load_digits,
+    stratified_split,
+    token_array,
+    vocab_record,
+)
+from fedsim.data.partition import label_counts, partition, partition_dataset
+from fedsim.registry import IMAGE, NEXT_CHAR, TASKS, TEXT_CLASSIFICATION
+
+__all__ = [
+    "HF_PREFIX",
+    "IMAGE",
+    "NEXT_CHAR",
+    "PAD_ID",
+    "TASKS",
+    "TEXT_CLASSIFICATION",
+    "TOKENIZATION",
+    "UNK_ID",
+    "Dataset",
+    "check_labels",
+    "label_counts",
+    "load_dataset",
+    "load_digits",
+    "partition",
+    "partition_dataset",
+    "stratified_split",
+    "token_array",
+    "vocab_record",
+]

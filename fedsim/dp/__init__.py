@@ -1,0 +1,67 @@
+"""DP-SGD's parts: per-sample clipping, the sampling schedule, randomness and accounting.
+
+The public face of the package. ``fast_clip`` clips per-sample gradients in one backward
+pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
+``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
+place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
+purpose) its own stream; ``accounting`` turns histories into ε and targets into σ.
+"""
+
+from fedsim.dp.accounting import (
+    ACCOUNTANTS,
+    RDP_ORDERS,
+    REPLACE_ONE,
+    History,
+    history_epsilon,
+    solve_noise_multiplier,
+)
+from fedsim.dp.fast_clip import (
+    GRAD_SAMPLE_MODES,
+    FastClipper,
+    PrivateTraining,
+    make_private,
+    make_private_fast,
+    per_sample_cross_entropy,
+    poisson_loader,
+)
+from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.randomness import (
+    DPRandomness,
+    Purpose,
+    dp_randomness,
+    numpy_generator,
+    secure_dp_randomness,
+    secure_root,
+    seeded_root,
+    stream_seed,
+    torch_generator,
+)
+from fedsim.dp.schedule import Schedule, poisson_schedule
+
+__all__ = [
+    "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES",
+    "RDP_ORDERS",
+    "REPLACE_ONE",
+    "DPRandomness",
+    "FastClipper",
+    "FastDPLSTM",
+    "History",
+    "PrivateTraining",
+    "Purpose",
+    "Schedule",
+    "dp_randomness",
+    "history_epsilon",
+    "make_private",
+    "make_private_fast",
+    "numpy_generator",
+    "per_sample_cross_entropy",
+    "poisson_loader",
+    "poisson_schedule",
+    "secure_dp_randomness",
+    "secure_root",
+    "seeded_root",
+    "solve_noise_multiplier",
+    "stream_seed",
+    "torch_generator",
+]

@@ -1,0 +1,132 @@
+"""Accounting: ε of a history of Poisson-subsampled Gaussian mechanisms; σ for a target.
+
+Pure functions, no I/O. A history is ``[(σ, q, steps), ...]``; each named accountant
+turns it into ε at a δ:
+
+- ``rdp``: Opacus's RDP accountant, with more orders than its default;
+- ``prv``: Opacus's PRV accountant;
+- ``pld``: dp-accounting's PLD accountant, pessimistic discretization;
+- ``pld-replace-one``: the same for replacing one record by another.
+
+``rdp``, ``prv`` and ``pld`` bound add-or-remove-one, which for Poisson sampling equals
+zeroing one record out (dp-accounting's REPLACE_SPECIAL). Replace-one is what a
+guarantee for a whole client implies for one of its examples.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+import dp_accounting
+from dp_accounting import pld
+from opacus.accountants import create_accountant
+from threadpoolctl import ThreadpoolController
+
+from fedsim.errors import FedsimError
+
+MAX_SIGMA = 1e4
+# Opacus's default orders stop at 63, which is loose for few steps at large ε; any order
+# gives a valid bound, so more orders can only tighten ε, never make it optimistic.
+RDP_ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + [80, 96, 128, 192, 256, 384, 512, 1024]
+)
+
+
+History = list[tuple[float, float, int]]
+
+
+def _opacus_epsilon(name: str) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        acc = create_accountant(mechanism=name)
+        acc.history = list(history)
+        extra = {"alphas": RDP_ORDERS} if name == "rdp" else {}
+        return float(acc.get_epsilon(delta=delta, **extra))
+
+    return epsilon
+
+
+def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        # the default (pessimistic) discretization over-reports, never under-reports
+        acc = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+        for sigma, q, steps in history:
+            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+            acc.compose(event, steps)
+        return float(acc.get_epsilon(delta))
+
+    return epsilon
+
+
+REPLACE_ONE = "pld-replace-one"
+# name -> ε of a (σ, q, steps) history of Poisson-subsampled Gaussian mechanisms
+ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
+    "rdp": _opacus_epsilon("rdp"),
+    "prv": _opacus_epsilon("prv"),
+    "pld": _pld_epsilon(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
+    REPLACE_ONE: _pld_epsilon(dp_accounting.NeighboringRelation.REPLACE_ONE),
+}
+
+
+def history_epsilon(history: History, *, delta: float, accountant: str) -> float:
+    """ε of one composed (σ, q, steps) history under a named accountant."""
+    if not history:
+        return 0.0
+    return _epsilon(tuple(map(tuple, history)), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple, delta: float, accountant: str) -> float:
+    # every round asks again for the histories it asked for before (clients with the
+    # same size and participation count share one); a pure function, so remember them
+    with _blas().limit(limits=1, user_api="blas"):
+        return ACCOUNTANTS[accountant](list(history), delta)
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's BLAS libraries, found once (a fresh search costs ~2 ms a call).
+
+    Opacus's PRV discretization runs BLAS on large arrays; inside a busy Flower + Ray
+    process OpenBLAS's thread pool was seen spinning in exec_blas for minutes. One BLAS
+    thread is as fast for these sizes and cannot wait on its pool.
+    """
+    return ThreadpoolController()
+
+
+def solve_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    schedules: Iterable[tuple[float, int]],
+) -> float:
+    """Smallest σ such that every client that trains in every round ends at ε ≤ target.
+
+    Parameters
+    ----------
+    schedules
+        One (sample rate, total steps over the whole run) per client.
+
+    """
+    unique = sorted(set(schedules))
+
+    def worst(sigma: float) -> float:
+        return max(
+            history_epsilon([(sigma, q, t)], delta=delta, accountant=accountant) for q, t in unique
+        )
+
+    low, high = 0.0, 1.0
+    while worst(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise FedsimError(
+                f"target ε {target_epsilon} needs a noise multiplier above {MAX_SIGMA:g}; "
+                "raise the target, or train fewer rounds or epochs"
+            )
+    while high - low > 1e-3 * high:  # ε(high) ≤ target always holds
+        mid = (low + high) / 2
+        low, high = (low, mid) if worst(mid) <= target_epsilon else (mid, high)
+    return high

@@ -1,0 +1,105 @@
+"""The parts a config names, as light tables: validating a config imports no torch.
+
+A part is a built-in name (``cnn``) or the import path of one of your own
+(``"mypkg.nets:MLP"``), the way Flower names an app's components. :func:`resolve` imports
+it by that name, which is also how every worker process (Ray's, a SuperNode's) finds it:
+
+- a model is called with the keywords ``input_shape``, ``num_classes``, ``task``,
+  ``vocab_size`` and ``dp`` and returns a ``torch.nn.Module`` (``fedsim.models``); a
+  ``tasks`` attribute, where it has one, names the tasks it learns;
+- a dataset is called with the data folder (a ``Path``, or None) and returns a
+  ``fedsim.data.Dataset``;
+- a partition is called with ``(dataset, num_clients, rng)`` and returns one array of
+  training-sample indices per client (``fedsim.data.partition``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedsim.errors import FedsimError
+
+# What a dataset asks of a model. Images are float (C, H, W); text is int token ids of a
+# fixed length, right-padded; next-char samples are windows of characters whose label is
+# the character that follows.
+IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR = "image", "text-classification", "next-char"
+TASKS = (IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A built-in part: where it lives, and the tasks it learns (models) or poses (data)."""
+
+    target: str  # "module:attr"
+    tasks: tuple[str, ...] = ()
+
+
+MODELS: dict[str, Part] = {
+    "cnn": Part("fedsim.models.image:cnn", (IMAGE,)),
+    "fedavg-cnn": Part("fedsim.models.image:fedavg_cnn", (IMAGE,)),
+    "lstm": Part("fedsim.models.sequence:LSTMNet", TASKS),
+    "transformer": Part("fedsim.models.sequence:TransformerNet", TASKS),
+}
+DATASETS: dict[str, Part] = {
+    "digits": Part("fedsim.data.dataset:load_digits", (IMAGE,)),
+    "mnist": Part("fedsim.data.images:load_mnist", (IMAGE,)),
+    "fashion-mnist": Part("fedsim.data.images:load_fashion_mnist", (IMAGE,)),
+    "cifar10": Part("fedsim.data.images:load_cifar10", (IMAGE,)),
+    "shakespeare": Part("fedsim.data.shakespeare:load_shakespeare", (NEXT_CHAR,)),
+    "sst2": Part("fedsim.data.text:load_sst2", (TEXT_CLASSIFICATION,)),
+    "sms-spam": Part("fedsim.data.text:load_sms_spam", (TEXT_CLASSIFICATION,)),
+    "hf-image": Part("fedsim.data.hf:load_hf_image", (IMAGE,)),
+    "hf-text": Part("fedsim.data.hf:load_hf_text", (TEXT_CLASSIFICATION,)),
+}
+PARTITIONS: dict[str, Part] = {
+    name: Part(f"fedsim.data.partition:{name}")
+    for name in ("iid", "dirichlet", "shards", "natural")
+}
+# Datasets whose samples belong to natural users, and what one user is.
+NATURAL_USERS: dict[str, str] = {"shakespeare": "speaking role"}
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` is ``"module:attr"`` rather than a built-in name."""
+    return ":" in name
+
+
+def check_name(name: str, table: Mapping[str, Part], what: str) -> str:
+    """``name``, if it is built in or an import path whose object exists; one line if not."""
+    if name not in table:
+        resolve(name, table, what)
+    return name
+
+
+def resolve(name: str, table: Mapping[str, Part], what: str) -> Any:
+    """The callable ``name`` stands for: a built-in part, or the one at an import path."""
+    if name not in table and not is_import_path(name):
+        raise FedsimError(
+            f"unknown {what} '{name}'; choose one of {', '.join(sorted(table))}, "
+            "or give your own as 'module:attr'"
+        )
+    module_name, _, attr = (table[name].target if name in table else name).partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FedsimError(
+            f"{what} '{name}': cannot import {module_name} ({exc}); put it on PYTHONPATH "
+            "or install it"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise FedsimError(f"{what} '{name}': {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise FedsimError(f"{what} '{name}': {attr} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def tasks_of(name: str, table: Mapping[str, Part], what: str) -> tuple[str, ...]:
+    """The tasks a part declares: its table entry's, or a ``tasks`` attribute; () if none."""
+    if name in table:
+        return table[name].tasks
+    return tuple(getattr(resolve(name, table, what), "tasks", ()))
