@@ -1,116 +1,165 @@
-"""The ``fedsim`` command: ``fedsim run``, ``deploy``, ``sweep`` and ``report``."""
+"""The ``fedsim`` command, a thin layer over the Python API (``fedsim.experiments.api``).
+
+Parsing and config errors need only the config schema; a handler imports the engine
+(torch, Flower, Ray) when it runs, so ``--help`` and one-line config errors answer at
+once. User errors print one line and exit 2; Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
-from fedsim.errors import FedsimError
+from fedsim.config import config_values, key_table, load_config
+from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.results import Result, report
 
 FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fedsim report)"
+KEYS_HINT = "every config key, its default and meaning: fedsim keys"
 
 
-def _parser() -> argparse.ArgumentParser:
-    from fedsim.experiments.run import add_config_arguments
-
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment in Flower's simulation engine")
-    add_config_arguments(run, "experiment TOML (experiments/configs/*.toml)")
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``fedsim``."""
+    top = argparse.ArgumentParser(
+        prog="fedsim",
+        description="Federated, differentially private learning on Flower and Opacus.",
+        epilog=KEYS_HINT,
+    )
+    top.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", help="run one experiment in Flower's simulation engine", epilog=KEYS_HINT
+    )
+    config_arguments(run, "experiment TOML (experiments/configs/*.toml)")
     run.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the unfinished run DIR")
     run.add_argument("--force", action="store_true", help="replace an existing results folder")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    sw = sub.add_parser("sweep", help="run a grid of experiments over seeds; write the frontier")
-    add_config_arguments(sw, "base experiment TOML")
-    sw.add_argument(
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of experiments over seeds; write the frontier", epilog=KEYS_HINT
+    )
+    config_arguments(sweep, "base experiment TOML")
+    sweep.add_argument(
         "--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
         help="a swept key, e.g. --grid target-epsilon=0.5,1,2,4,8,none (none: no DP)",
     )  # fmt: skip
-    sw.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    sw.add_argument("--jobs", type=int, default=0, help="runs at a time (default: by CPUs)")
-    sw.add_argument("--out", type=Path, help="sweep folder; the same --out continues a sweep")
-    from fedsim.experiments.deploy import add_arguments
+    sweep.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    sweep.add_argument("--jobs", type=int, default=0, help="runs at a time (default: by CPUs)")
+    sweep.add_argument("--out", type=Path, help="sweep folder; the same --out continues a sweep")
+    deploy_arguments(sub.add_parser("deploy", help="run one experiment on real Flower processes"))
+    report = sub.add_parser("report", help="rebuild tables and plots from result folders")
+    report.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="runs, or sweep folders")
+    report.add_argument("--out", type=Path, help="where to write the frontier of several runs")
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+    return top
 
-    add_arguments(sub.add_parser("deploy", help="run one experiment on real Flower processes"))
-    rep = sub.add_parser("report", help="rebuild tables and plots from result folders")
-    rep.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="runs, or sweep folders")
-    rep.add_argument("--out", type=Path, help="where to write the frontier of several runs")
-    return parser
+
+def config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config`` and ``--set``, as every command that runs a config takes them."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys: --set num-rounds=5, or several: --set 'lr=0.1 seed=2'",
+    )
+
+
+def deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedsim deploy``."""
+    config_arguments(parser, "experiment TOML, as for fedsim run")
+    parser.add_argument(
+        "--num-nodes", type=int, metavar="N", help="SuperNodes to start (sets num-clients)"
+    )
+    parser.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the SuperLink listens on (default 127.0.0.1; others mean TLS and auth)",
+    )
+    secure = "on unless --host is loopback"
+    parser.add_argument(
+        "--tls", action=argparse.BooleanOptionalAction,
+        help=f"TLS with generated test certificates ({secure})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auth", action=argparse.BooleanOptionalAction,
+        help=f"SuperNode authentication with generated, registered key pairs ({secure})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--node-data-dir", dest="node_data_dirs", action="append", default=[], type=Path,
+        metavar="DIR", help="one per SuperNode, in order: its own local dataset",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, metavar="S", help="give up after S seconds"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Flower's log stream")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Validate the config, run it, print the accuracy-against-ε table."""
-    from fedsim.config import load_config
-    from fedsim.experiments.run import resume_target, run_experiment
-    from fedsim.results import report
+    """Validate the config, run (or resume) it, print the accuracy-against-ε table."""
+    if args.resume is not None and (args.config or args.overrides or args.out):
+        raise FedsimError("--resume continues a run exactly as it was; drop --config/--set/--out")
+    config = None if args.resume is not None else load_config(args.config, args.overrides)
+    from fedsim.experiments import api  # the engine: torch, Flower, Ray
 
-    out = args.out
-    if args.resume is not None:
-        if args.config or args.overrides or args.out:
-            raise FedsimError(
-                "--resume continues a run exactly as it was; drop --config/--set/--out"
-            )
-        out, config = resume_target(args.resume)
+    if config is None:
+        result = api.resume(args.resume, verbose=args.verbose)
     else:
-        config = load_config(args.config, args.overrides)
-    print(
-        f"fedsim: {config.name}: {config.model} on {config.dataset}, {config.num_clients} "
-        f"clients, {config.num_rounds} rounds, dp={config.dp}",
-        flush=True,
-    )
-    run_dir = run_experiment(
-        config, out=out, resume=args.resume is not None, force=args.force, verbose=args.verbose
-    )
-    summary, rounds = report.load_run(run_dir)
-    print()
-    print(report.round_table(rounds))
-    print()
-    print(report.summary_line(summary))
-    print(f"results: {run_dir}")
+        print(
+            f"fedsim: {config.name}: {config.model} on {config.dataset}, {config.num_clients} "
+            f"clients, {config.num_rounds} rounds, dp={config.dp}",
+            flush=True,
+        )
+        result = api.run(config, out=args.out, force=args.force, verbose=args.verbose)
+    _print_result(result, table=True)
     print(f"accuracy-versus-ε frontiers over many runs: see {FRONTIER_DOCS}")
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε line."""
-    from fedsim.experiments.deploy import cmd_deploy as deploy
-    from fedsim.results import report
+    values = config_values(args.config, args.overrides)
+    from fedsim.experiments import api, deploy  # the engine: Flower, certificates
 
-    run_dir = deploy(args)
-    summary, _ = report.load_run(run_dir)
-    print()
-    print(report.summary_line(summary))
-    print(f"results: {run_dir}")
+    deploy.deploy_config(values, args.num_nodes)  # a bad config fails before anything starts
+    result = api.deploy(
+        values,
+        num_nodes=args.num_nodes,
+        out=args.out,
+        host=args.host,
+        tls=args.tls,
+        auth=args.auth,
+        node_data_dirs=args.node_data_dirs,
+        timeout=args.timeout,
+        verbose=args.verbose,
+    )
+    _print_result(result, table=False)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the grid, then print and write the frontier."""
-    import time
-
-    from fedsim.config import load_config
-    from fedsim.experiments.sweep import default_jobs, run_sweep
-
-    base = load_config(args.config, args.overrides)
+    values = config_values(args.config, args.overrides)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise FedsimError(f"--seeds expects integers like 0,1,2, got '{args.seeds}'") from None
-    out = args.out or Path(base.out_dir) / f"sweep-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    jobs = args.jobs or default_jobs(base.client_cpus)
-    run_sweep(
-        config=args.config, base=args.overrides, grid=args.grid, seeds=seeds, jobs=jobs, out=out
-    )
+    from fedsim.experiments import api, sweep  # the engine
+
+    grid = sweep.grid_axes(args.grid)
+    api.sweep(values, grid=grid, seeds=seeds, jobs=args.jobs, out=args.out)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild each run's table and plot, and the frontier of several, from files alone."""
-    from fedsim.results import frontier, report
+    from fedsim.results import frontier, load_run, plots  # matplotlib
 
     runs = frontier.find_runs(args.dirs)
     missing = [d for d in args.dirs if not d.is_dir()]
@@ -118,11 +167,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         bad = missing[0] if missing else args.dirs[0]
         raise FedsimError(f"{bad} has no summary.json; pass finished results or sweep folders")
     for run_dir in runs:
-        summary, rounds = report.load_run(run_dir)
-        report.plot_run(run_dir)
+        result = load_run(run_dir)
+        plots.plot_run(result)
         if len(runs) == 1:
-            print(report.round_table(rounds))
-        print(f"{run_dir}: {report.summary_line(summary)}")
+            print(report.round_table(result.rounds))
+        print(f"{run_dir}: {report.summary_line(result.summary)}")
     if len(runs) > 1:
         rows = frontier.frontier(runs)
         print(frontier.markdown(rows))
@@ -133,22 +182,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Every config key with its default and meaning."""
+    rows = key_table()
+    width = max(len(key) for key, _, _ in rows)
+    for key, default, meaning in rows:
+        print(f"{key:<{width}}  {default:<12}  {meaning}")
+    return 0
+
+
+def _print_result(result: Result, *, table: bool) -> None:
+    print()
+    if table:
+        print(report.round_table(result.rounds))
+        print()
+    print(report.summary_line(result.summary))
+    print(f"results: {result.path}")
+
+
+HANDLERS = {
+    "run": cmd_run,
+    "deploy": cmd_deploy,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "keys": cmd_keys,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
-    from fedsim.server.rounds import RunInterrupted
-
-    args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "deploy": cmd_deploy, "sweep": cmd_sweep, "report": cmd_report}
-    handler = handlers[args.command]
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    # your own parts ("mymodels:MLP") import from the folder you run in, as with
+    # `python -m`; appended, so that a local folder never hides an installed package
+    sys.path.append(os.getcwd())
     try:
-        return handler(args)
+        args = parser().parse_args(argv)
+        return HANDLERS[args.command](args)
     except RunInterrupted as exc:
-        print(
-            f"fedsim: {exc}; continue with: fedsim run --resume <the folder above>", file=sys.stderr
-        )
+        print(f"fedsim: {exc}", file=sys.stderr)
         return 130
     except FedsimError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return 2
@@ -156,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedsim: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if args.debug:
+        if debug:
             raise
         print(
             f"fedsim: internal error: {type(exc).__name__}: {_first_line(exc)} "

@@ -8,99 +8,37 @@ leaves the results folder the ServerApp wrote, exactly as ``fedsim run`` does.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedsim import results
-from fedsim.config import FedsimConfig, check_deployment, config_values, parse_config
+from fedsim.config import FedsimConfig, check_deployment, parse_config, toml_table
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
-from fedsim.experiments.run import add_config_arguments, preflight, staging_dir
+from fedsim.experiments.run import preflight, staging_dir
 from fedsim.experiments.watch import follow_run
+from fedsim.registry import import_roots
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fedsim deploy``."""
-    add_config_arguments(parser, "experiment TOML, as for fedsim run")
-    parser.add_argument(
-        "--num-nodes", type=int, metavar="N", help="SuperNodes to start (sets num-clients)"
-    )
-    parser.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address the SuperLink listens on (default 127.0.0.1; others mean TLS and auth)",
-    )
-    secure = "on unless --host is loopback"
-    parser.add_argument(
-        "--tls",
-        action=argparse.BooleanOptionalAction,
-        help=f"TLS with generated test certificates ({secure})",
-    )
-    parser.add_argument(
-        "--auth",
-        action=argparse.BooleanOptionalAction,
-        help=f"SuperNode authentication with generated, registered key pairs ({secure})",
-    )
-    parser.add_argument(
-        "--node-data-dir",
-        dest="node_data_dirs",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="DIR",
-        help="one per SuperNode, in order: its own local dataset instead of a partition",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=0.0, metavar="S", help="give up after S seconds"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show Flower's log stream")
-
-
-def cmd_deploy(args: argparse.Namespace) -> Path:
-    """``fedsim deploy``: validate, deploy, return the results folder."""
-    num_nodes = args.num_nodes
-    if num_nodes is None and args.node_data_dirs:
-        num_nodes = len(args.node_data_dirs)
-    if num_nodes is not None and num_nodes < 1:
-        raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
-    config = deploy_config(args.config, args.overrides, num_nodes)
-    local = is_loopback(args.host)
-    tls = not local if args.tls is None else args.tls
-    auth = not local if args.auth is None else args.auth
-    if not local and not (tls and auth):
-        print(f"fedsim: warning: SuperLink on {args.host} without TLS and auth", flush=True)
-    return deploy(
-        config,
-        out=args.out,
-        tls=tls,
-        auth=auth,
-        host=args.host,
-        node_data_dirs=tuple(args.node_data_dirs),
-        timeout=args.timeout,
-        verbose=args.verbose,
-    )
-
-
-def deploy_config(path: Path | None, overrides: list[str], num_nodes: int | None) -> FedsimConfig:
-    """The run's config; ``num_nodes`` sets ``num-clients`` (one SuperNode per client).
+def deploy_config(values: Mapping[str, Any], num_nodes: int | None) -> FedsimConfig:
+    """The run's config from unvalidated ``values``; ``num_nodes`` sets ``num-clients``.
 
     Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
     ``secure-noise`` is on unless given, and refused if turned off: the server must not
     know its clients' noise.
     """
-    values = {"secure-noise": True} | config_values(path, overrides)
+    if num_nodes is not None and num_nodes < 1:
+        raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
+    values = {"secure-noise": True} | dict(values)
     if num_nodes is not None:
         if values.get("num-clients", num_nodes) != num_nodes:
             raise FedsimError(
@@ -120,8 +58,8 @@ def deploy(
     config: FedsimConfig,
     *,
     out: Path | None = None,
-    tls: bool = False,
-    auth: bool = False,
+    tls: bool | None = None,
+    auth: bool | None = None,
     host: str = "127.0.0.1",
     node_data_dirs: tuple[Path, ...] = (),
     timeout: float = 0.0,
@@ -137,7 +75,7 @@ def deploy(
         Results folder (default ``<out-dir>/<name>-<time>``).
     tls, auth
         TLS with freshly made test certificates; SuperNode authentication with freshly
-        made, registered key pairs (needs ``tls``).
+        made, registered key pairs (needs ``tls``). None: on unless ``host`` is loopback.
     host
         Where the SuperLink listens; anything but loopback lets other machines in.
     node_data_dirs
@@ -149,6 +87,10 @@ def deploy(
         Echo Flower's log stream of the run.
 
     """
+    local = is_loopback(host)
+    tls, auth = (not local if tls is None else tls), (not local if auth is None else auth)
+    if not local and not (tls and auth):
+        print(f"fedsim: warning: SuperLink on {host} without TLS and auth", flush=True)
     if auth and not tls:
         raise FedsimError(
             "--auth needs --tls: Flower's SuperLink refuses SuperNode auth without TLS"
@@ -173,7 +115,11 @@ def deploy(
     work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
     staging.mkdir(parents=True)
     try:
-        with LocalFederation(work, auth=auth, host=host) as fed, _sigterm_as_interrupt():
+        roots = import_roots(config.own_parts)
+        with (
+            LocalFederation(work, auth=auth, host=host, python_path=roots) as fed,
+            _sigterm_as_interrupt(),
+        ):
             if tls:
                 fed.certs = make_certificates(work / "certs", _cert_hosts(host))
             _start(fed, config, node_data_dirs)
@@ -211,6 +157,7 @@ def _submit_and_follow(
     )
     run_config = fed.work / "run-config.toml"
     run_config.write_text(toml_table({**config.to_flat(), "out-dir": str(staging)}))
+    print("fedsim: submitting the run with flwr run", flush=True)
     run = fed.submit(APP_DIR, run_config)
     follow_run(fed, run, config, staging, timeout=timeout, verbose=verbose)
 
@@ -249,20 +196,6 @@ def _finish(staging: Path, run_dir: Path) -> None:
         raise FedsimError(f"expected one finished run in {staging}, found {len(folders)}")
     (folders[0] / results.CHECKPOINT).unlink(missing_ok=True)
     folders[0].rename(run_dir)
-
-
-def toml_table(values: dict[str, Any]) -> str:
-    """A flat TOML table; JSON strings are valid TOML basic strings."""
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = json.dumps(value)
-        else:
-            text = repr(value)
-        lines.append(f"{key} = {text}")
-    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager

@@ -61,6 +61,7 @@ class LocalFederation:
     host: str = "127.0.0.1"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    python_path: list[str] = field(default_factory=list)  # where users' own parts live
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -79,6 +80,8 @@ class LocalFederation:
         env = dict(os.environ)
         env["PATH"] = f"{flower_bin()}{os.pathsep}{env.get('PATH', '')}"
         env["FLWR_HOME"] = str(self.work / home)
+        if self.python_path:  # a SuperNode's ClientApp imports the run's own parts by name
+            env["PYTHONPATH"] = os.pathsep.join([*self.python_path, env.get("PYTHONPATH", "")])
         # Flower would otherwise `uv sync` the app into a new environment (GBs of CUDA)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -9,7 +9,6 @@ from it with ``fedsim run --resume``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -21,25 +20,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+
 from fedsim import results
-from fedsim.config import FedsimConfig, parse_config
+from fedsim.clients.client_app import simulation_app
+from fedsim.config import FedsimConfig, check_task, parse_config
 from fedsim.data import Dataset, load_dataset, partition_dataset
-from fedsim.errors import FedsimError
-from fedsim.results import report
-from fedsim.server.rounds import RunInterrupted
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
-    """``--config`` and ``--set``, as every command that runs a config takes them."""
-    parser.add_argument("--config", type=Path, help=config_help)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set num-rounds=5 (repeatable)",
-    )
+from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.experiments.progress import RunProgress, for_terminal
+from fedsim.server.federation import simulation_nodes
+from fedsim.server.server_app import build_server_app
 
 
 def preflight(config: FedsimConfig) -> Dataset:
@@ -48,17 +40,15 @@ def preflight(config: FedsimConfig) -> Dataset:
     Returns the loaded dataset, for the server to reuse.
     """
     dataset = load_dataset(config.dataset, config.data_dir)
+    check_task(config, dataset.task)  # a dataset of your own states its task only now
     partition_dataset(dataset, config)
     if config.ray_address:
         return dataset  # the cluster's resources count, not this machine's
-    if config.client_gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FedsimError(
-                f"client-gpus={config.client_gpus} but no CUDA GPU is visible; "
-                "set client-gpus=0 or install a CUDA build of torch"
-            )
+    if config.client_gpus > 0 and not torch.cuda.is_available():
+        raise FedsimError(
+            f"client-gpus={config.client_gpus} but no CUDA GPU is visible; "
+            "set client-gpus=0 or install a CUDA build of torch"
+        )
     cpus = os.cpu_count() or 1
     if config.client_cpus > cpus:
         raise FedsimError(
@@ -66,24 +56,6 @@ def preflight(config: FedsimConfig) -> Dataset:
             f"set client-cpus to at most {cpus}"
         )
     return dataset
-
-
-def print_round(config: FedsimConfig):
-    """Return a progress callback that prints one line per round."""
-
-    def on_round(row: dict) -> None:
-        # under user-level DP the row names nobody: cohorts are private
-        dropped = f"  dropped {row['dropped']}" if row["dropped"] else ""
-        if not dropped and int(row["failed"]):
-            dropped = f"  {row['failed']} of {row['cohort']} dropped"
-        print(
-            f"round {row['round']:>3}/{config.num_rounds}  accuracy {row['accuracy']:.4f}  "
-            f"loss {row['loss']:.4f}  ε {report.format_epsilon(row['epsilon']):>6}  "
-            f"{row['seconds']:6.2f} s{dropped}",
-            flush=True,
-        )
-
-    return on_round
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -108,9 +80,14 @@ def run_experiment(
     resume: bool = False,
     force: bool = False,
     verbose: bool = False,
-    client_app=None,
+    client_app: ClientApp = simulation_app,
+    progress: RunProgress | None = None,
 ) -> Path:
-    """Run (or resume) ``config`` in Flower's simulation engine; return the results folder."""
+    """Run (or resume) ``config`` in Flower's simulation engine; return the results folder.
+
+    ``progress`` hears every round and every reply (default: a live bar on a terminal,
+    one line per round elsewhere).
+    """
     started = time.time()
     run_dir = Path(out) if out else results.default_run_dir(config.out_dir, config.name)
     staging = staging_dir(run_dir)
@@ -124,34 +101,38 @@ def run_experiment(
     dataset = preflight(config)
     staging.mkdir(parents=True, exist_ok=True)
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
+    progress = progress or for_terminal(config)
     try:
-        _simulate(config, dataset, staging, started, verbose, client_app)
+        _simulate(config, dataset, staging, started, verbose, client_app, progress)
     except RunInterrupted as exc:
         raise RunInterrupted(f"{exc}; continue with: fedsim run --resume {run_dir}") from None
     except BaseException:
         if results.load_checkpoint(staging) is None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    report.plot_run(staging)
+    finally:
+        progress.close()
     _replace(staging, run_dir)
     return run_dir
 
 
-def _simulate(config, dataset, staging, started, verbose, client_app) -> None:
-    from flwr.simulation import run_simulation
-
-    from fedsim.server.federation import simulation_nodes
-    from fedsim.server.server_app import build_server_app
-
-    if client_app is None:
-        from fedsim.clients.client_app import simulation_app as client_app
+def _simulate(
+    config: FedsimConfig,
+    dataset: Dataset,
+    staging: Path,
+    started: float,
+    verbose: bool,
+    client_app: ClientApp,
+    progress: RunProgress,
+) -> None:
     _quiet_logs(verbose)
     stop = threading.Event()
     server_app = build_server_app(
         config,
         dataset=dataset,
         run_dir=staging,
-        on_round=print_round(config),
+        on_round=progress.round,
+        on_reply=progress.reply,
         started=started,
         stop=stop,
         node_per_client=False,

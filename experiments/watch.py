@@ -12,9 +12,11 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.experiments.localfed import LocalFederation
 from fedsim.experiments.procs import tail
-from fedsim.experiments.run import print_round
+from fedsim.experiments.progress import for_terminal
+from fedsim.results import RoundRow
 
 POLL_S = 0.5
+WAITING_NOTE_S = 15.0
 
 
 def follow_run(
@@ -39,10 +41,13 @@ def follow_run(
 
     """
     watch = RunWatch(fed, config, staging, time.monotonic() + timeout if timeout else None)
-    while run.poll() is None:
+    try:
+        while run.poll() is None:
+            watch.check(verbose)
+            time.sleep(POLL_S)
         watch.check(verbose)
-        time.sleep(POLL_S)
-    watch.check(verbose)
+    finally:
+        watch.progress.close()
     log = fed.work / "flwr-run.log"
     found = re.search(r"started run (\d+)", log.read_text(errors="replace"))
     if found is None:
@@ -60,14 +65,17 @@ class RunWatch:
     def __init__(self, fed: LocalFederation, config: FedsimConfig, staging: Path, deadline):
         self.fed, self.config, self.staging, self.deadline = fed, config, staging, deadline
         self.printed, self.gone, self.echoed = 0, set(), 0
-        self.on_round = print_round(config)
+        self.progress = for_terminal(config)
+        self.since = self.said = time.monotonic()
 
     def check(self, verbose: bool) -> None:
         """Print new rounds (and, if ``verbose``, new log lines); raise on a fatal exit."""
         rows = self._rows()
         for row in rows[self.printed :]:
-            self.on_round(row)
+            self.progress.round(row)
+            self.since = time.monotonic()
         self.printed = len(rows)
+        self._say_what_it_waits_for()
         if verbose:
             self._echo()
         link = self.fed.procs["superlink"]
@@ -80,6 +88,24 @@ class RunWatch:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise FedsimError(f"the run did not finish within --timeout; logs in {self.fed.work}")
 
+    def _say_what_it_waits_for(self) -> None:
+        """Every 15 s without a new round, one line on what the run is waiting for."""
+        now = time.monotonic()
+        if now - self.said < WAITING_NOTE_S:
+            return
+        self.said = now
+        waited = f"{now - self.since:.0f} s"
+        if not self.printed:
+            self.progress.note(
+                f"fedsim: waiting {waited} for round 0: the ServerApp starts, finds its "
+                f"{self.config.num_clients} SuperNodes and evaluates the initial model"
+            )
+        else:
+            self.progress.note(
+                f"fedsim: waiting {waited} for round {self.printed} of "
+                f"{self.config.num_rounds}: each SuperNode starts a ClientApp and trains"
+            )
+
     def _check_nodes(self, started: bool) -> None:
         for name, proc in self.fed.procs.items():
             if not name.startswith("supernode-") or name in self.gone or proc.poll() is None:
@@ -90,20 +116,11 @@ class RunWatch:
                 raise FedsimError(f"{why}; logs in {self.fed.work}")
             print(f"fedsim: {why}; rounds go on without it", flush=True)
 
-    def _rows(self) -> list[dict]:
+    def _rows(self) -> list[RoundRow]:
         csvs = list(self.staging.glob(f"*/{results.ROUNDS}"))
         if not csvs:
             return []
-        rows = results.read_csv(csvs[0])
-        for row in rows:
-            row.update(
-                round=int(row["round"]),
-                accuracy=float(row["accuracy"]),
-                loss=float(row["loss"]),
-                epsilon=float(row["epsilon"]),
-                seconds=float(row["seconds"]),
-            )
-        return rows
+        return [RoundRow.from_csv(row) for row in results.read_csv(csvs[0])]
 
     def _echo(self) -> None:
         text = (self.fed.work / "flwr-run.log").read_text(errors="replace")

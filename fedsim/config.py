@@ -8,10 +8,12 @@ sends to clients, so every entry point validates identically before any work sta
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -53,50 +55,95 @@ class FedsimConfig(BaseModel):
         allow_inf_nan=False,
     )
 
-    name: str = Field("digits-cnn", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    model: str = "cnn"
-    dataset: str = "digits"
-    data_dir: str = ""
-    num_clients: int = Field(5, ge=1)
-    partition: str = "iid"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    shards_per_client: int = Field(2, ge=1)
-    min_samples: int = Field(1, ge=1)
-    max_samples: int = Field(0, ge=0)
-    next_char_loss: Literal["last", "all"] = "last"
-    num_rounds: int = Field(30, ge=1)
-    clients_per_round: int = Field(5, ge=1)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.5, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    dp: Literal["none", "sample", "user", "both"] = "sample"
-    target_epsilon: float = Field(8.0, gt=0)
-    noise_multiplier: float = Field(0.0, ge=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    user_target_epsilon: float = Field(8.0, gt=0)
-    user_noise_multiplier: float = Field(0.0, ge=0)
-    max_update_norm: float = Field(1.0, gt=0)
-    clip_quantile: float = Field(0.0, ge=0, lt=1)
-    clip_lr: float = Field(0.2, gt=0)
-    clip_count_noise: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
-    accountant: Literal["rdp", "prv", "pld"] = "rdp"
-    secure_noise: bool = False
-    share_label_counts: bool = False
-    grad_sample: Literal["fast", "hooks", "ghost"] = "fast"
-    seed: int = Field(0, ge=0)
-    round_timeout: float = Field(600.0, gt=0)
-    min_clients: int = Field(1, ge=1)
-    client_dropout: float = Field(0.0, ge=0, lt=1)
-    straggler_prob: float = Field(0.0, ge=0, le=1)
-    straggler_delay: float = Field(0.0, ge=0)
-    client_cpus: float = Field(1.0, gt=0)
-    client_gpus: float = Field(0.0, ge=0)
-    ray_address: str = ""
-    out_dir: str = "results"
+    name: str = Field(
+        "digits-cnn",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="names the results folder",
+    )
+    model: str = Field(
+        "cnn", description="cnn, fedavg-cnn, lstm, transformer, or your own as 'module:attr'"
+    )
+    dataset: str = Field(
+        "digits",
+        description="digits (embedded), mnist, fashion-mnist, cifar10, shakespeare, sst2, "
+        "sms-spam, hf-image, hf-text, or your own loader as 'module:attr'",
+    )
+    data_dir: str = Field("", description="the folder the dataset is read from")
+    num_clients: int = Field(5, ge=1, description="simulated clients")
+    partition: str = Field(
+        "iid",
+        description="iid, dirichlet (label skew), shards, natural (one client per user), "
+        "or your own as 'module:attr'",
+    )
+    dirichlet_alpha: float = Field(0.5, gt=0, description="dirichlet's α: small, few labels each")
+    shards_per_client: int = Field(2, ge=1, description="shards: label-sorted shards per client")
+    min_samples: int = Field(1, ge=1, description="natural: users with fewer samples stay out")
+    max_samples: int = Field(0, ge=0, description="> 0: a client keeps a seeded random this many")
+    next_char_loss: Literal["last", "all"] = Field(
+        "last", description="next-char data: train the last position only, or all of them"
+    )
+    num_rounds: int = Field(30, ge=1, description="federated rounds")
+    clients_per_round: int = Field(
+        5, ge=1, description="clients sampled a round (the expected number under user-level DP)"
+    )
+    local_epochs: int = Field(1, ge=1, description="local epochs a round")
+    batch_size: int = Field(64, ge=1, description="local batch size (expected, under DP-SGD)")
+    lr: float = Field(0.5, gt=0, description="local SGD learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum")
+    dp: Literal["none", "sample", "user", "both"] = Field(
+        "sample",
+        description="none; sample: DP-SGD in each client (one example); user: DP-FedAvg "
+        "(one client's whole data); both",
+    )
+    target_epsilon: float = Field(8.0, gt=0, description="sample unit: the ε budget")
+    noise_multiplier: float = Field(
+        0.0, ge=0, description="sample unit: σ (0: solve it from the budget before round 1)"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ for every unit")
+    max_grad_norm: float = Field(1.0, gt=0, description="sample unit: per-example clip C")
+    user_target_epsilon: float = Field(8.0, gt=0, description="user unit: the ε budget")
+    user_noise_multiplier: float = Field(0.0, ge=0, description="user unit: σ (0: solve it)")
+    max_update_norm: float = Field(1.0, gt=0, description="user unit: per-client update clip S")
+    clip_quantile: float = Field(
+        0.0, ge=0, lt=1, description="adaptive user-level clipping: target quantile (0: off)"
+    )
+    clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: step η")
+    clip_count_noise: float = Field(0.0, ge=0, description="adaptive clipping: count noise σ_b")
+    server_lr: float = Field(1.0, gt=0, description="server learning rate on the averaged update")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="server momentum (FedAvgM)")
+    accountant: Literal["rdp", "prv", "pld"] = Field(
+        "rdp", description="rdp or prv (Opacus), pld (Google's dp-accounting)"
+    )
+    secure_noise: bool = Field(
+        False,
+        description="DP noise, samples and cohorts from the OS, not from seed (on, and "
+        "required, under the deployment engine)",
+    )
+    share_label_counts: bool = Field(
+        False, description="clients report label counts, published unnoised in partition.csv"
+    )
+    grad_sample: Literal["fast", "hooks", "ghost"] = Field(
+        "fast", description="per-sample clipping: fast (one pass), hooks or ghost (Opacus)"
+    )
+    seed: int = Field(
+        0, ge=0, description="seeds partitions, model, faults; and DP noise unless secure-noise"
+    )
+    round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
+    min_clients: int = Field(1, ge=1, description="fewest usable replies for a round to count")
+    client_dropout: float = Field(
+        0.0, ge=0, lt=1, description="simulated: chance a sampled client drops out"
+    )
+    straggler_prob: float = Field(
+        0.0, ge=0, le=1, description="simulated: chance a sampled client is slow"
+    )
+    straggler_delay: float = Field(0.0, ge=0, description="simulated: a straggler's delay, s")
+    client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per client (torch threads too)")
+    client_gpus: float = Field(0.0, ge=0, description="Ray GPUs per client; 0.25: four a GPU")
+    ray_address: str = Field(
+        "", description="'' a Ray of the run's own; HOST:PORT a cluster's head; auto"
+    )
+    out_dir: str = Field("results", description="where runs write their folders")
 
     @field_validator("model", "dataset", "partition")
     @classmethod
@@ -144,6 +191,11 @@ class FedsimConfig(BaseModel):
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
         return self
+
+    @property
+    def own_parts(self) -> list[str]:
+        """The model, dataset and partition given as import paths (``"module:attr"``)."""
+        return [p for p in (self.model, self.dataset, self.partition) if registry.is_import_path(p)]
 
     @property
     def dp_sample(self) -> bool:
@@ -228,6 +280,51 @@ def parse_config(values: dict[str, Any]) -> FedsimConfig:
         raise FedsimError(_format_error(exc)) from None
 
 
+ConfigLike = Union["FedsimConfig", Mapping[str, Any], str, Path, None]
+
+
+def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
+    """A validated config from a config, a mapping, a TOML file's path, or the defaults.
+
+    ``overrides`` are keys as Python names (``num_rounds=3``); a mapping's keys may be
+    kebab-case or Python names. The whole result is validated again.
+    """
+    return parse_config(config_mapping(config, **overrides))
+
+
+def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
+    """The unvalidated kebab-case ``{key: value}`` of what :func:`as_config` takes."""
+    if isinstance(config, FedsimConfig):
+        values = config.to_flat()
+    elif isinstance(config, str | Path):
+        values = read_toml(Path(config))
+    else:
+        values = dict(config or {})
+    return {key.replace("_", "-"): value for key, value in (values | overrides).items()}
+
+
+def key_table() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every config key, in schema order."""
+    return [
+        (field.alias or name, toml_literal(field.default), field.description or "")
+        for name, field in FedsimConfig.model_fields.items()
+    ]
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal: what ``--set`` and run-config files hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def toml_table(values: Mapping[str, Any]) -> str:
+    """A flat TOML table of ``values``."""
+    return "".join(f"{key} = {toml_literal(value)}\n" for key, value in values.items())
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedsimConfig:
     """Read an optional TOML file, apply ``KEY=VALUE`` overrides, and validate.
 
@@ -243,10 +340,25 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 
 def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, Any]:
-    """The unvalidated ``{key: value}`` of an optional TOML file and ``KEY=VALUE`` overrides."""
+    """The unvalidated ``{key: value}`` of an optional TOML file and ``KEY=VALUE`` overrides.
+
+    One override may hold several pairs, as Flower's ``--run-config`` does:
+    ``"num-rounds=3 data-dir='/my data'"``.
+    """
     values: dict[str, Any] = read_toml(path) if path is not None else {}
-    values.update(parse_override(item) for item in overrides or [])
+    for item in overrides or []:
+        values.update(parse_override(pair) for pair in _pairs(item))
     return values
+
+
+_PAIR = r"""[^\s=]+=(?:"[^"]*"|'[^']*'|\S*)"""
+
+
+def _pairs(item: str) -> list[str]:
+    """``KEY=VALUE`` pairs of one override; quoted values may hold spaces."""
+    if re.fullmatch(rf"\s*(?:{_PAIR}\s*)+", item):
+        return re.findall(_PAIR, item)
+    return [item]  # not a list of pairs: parse_override says what is wrong with it
 
 
 def read_toml(path: Path) -> dict[str, Any]:

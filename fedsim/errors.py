@@ -1,4 +1,4 @@
-"""The one exception type that reaches users as a single line."""
+"""The exceptions that reach users as a single line."""
 
 
 class FedsimError(Exception):
@@ -7,3 +7,7 @@ class FedsimError(Exception):
     The message says what is wrong and how to fix it, on one line. The command line
     prints it without a traceback and exits with status 2.
     """
+
+
+class RunInterrupted(Exception):
+    """The user asked the run to stop; the last finished round is checkpointed."""

@@ -16,8 +16,10 @@ it by that name, which is also how every worker process (Ray's, a SuperNode's) f
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import importlib.util
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedsim.errors import FedsimError
@@ -96,6 +98,21 @@ def resolve(name: str, table: Mapping[str, Part], what: str) -> Any:
     if not callable(obj):
         raise FedsimError(f"{what} '{name}': {attr} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def import_roots(names: Iterable[str]) -> list[str]:
+    """The folders other processes need on ``PYTHONPATH`` to import these import paths."""
+    roots = []
+    for name in names:
+        top = name.partition(":")[0].split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin is None:
+            continue
+        origin = Path(spec.origin)
+        root = origin.parent.parent if spec.submodule_search_locations else origin.parent
+        if str(root) not in roots:
+            roots.append(str(root))
+    return roots
 
 
 def tasks_of(name: str, table: Mapping[str, Part], what: str) -> tuple[str, ...]:

@@ -20,13 +20,14 @@ from fedsim.dp import accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
 from fedsim.models import build_model, evaluate, model_kwargs
+from fedsim.results import RoundRow
 from fedsim.server import outputs
-from fedsim.server.rounds import run_rounds
+from fedsim.server.rounds import ReplyFn, run_rounds
 from fedsim.server.state import RunState
 from fedsim.server.strategy import PrivacyLedger, SampledFedAvg
 from fedsim.server.user_dp import UserLevelDP
 
-RoundCallback = Callable[[dict], None]
+RoundCallback = Callable[[RoundRow], None]
 CONNECT_TIMEOUT_S = 300.0
 
 
@@ -208,12 +209,14 @@ def run_federation(
     started: float | None = None,
     stop: threading.Event | None = None,
     node_per_client: bool = True,
+    on_reply: ReplyFn | None = None,
 ) -> dict:
     """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
 
     ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes;
     True: the deployment engine, one SuperNode per client.
     ``dataset``: the config's data, where the caller has already loaded it.
+    ``on_round`` gets each finished round's row, ``on_reply`` each reply inside a round.
 
     Returns
     -------
@@ -244,6 +247,9 @@ def run_federation(
         if user_dp is not None:
             state.clip_norm = user_dp.clip_norm
         loss, acc = evaluate(model, dataset.x_test, dataset.y_test)
+        # seconds since the last round's row: training, aggregation, evaluation, accounting
+        # and the last round's checkpoint: no time between rounds goes unrecorded
+        now = time.time()
         row, participation = outputs.round_rows(
             state,
             server_round,
@@ -251,16 +257,16 @@ def run_federation(
             acc,
             cohort=strategy.sampled.get(server_round, []),
             dropped=dropped,
-            clip_norm=state.clip_norm if user_dp is not None else "",
+            clip_norm=state.clip_norm if user_dp is not None else None,
+            seconds=now - clock[0],
         )
-        # seconds since the last round's row: training, aggregation, evaluation, accounting
-        # and the last round's checkpoint: no time between rounds goes unrecorded
-        now = time.time()
-        row["seconds"], clock[0] = round(now - clock[0], 3), now
+        clock[0] = now
         state.rows.append(row)
         state.participation.append(participation)
         state.arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        results.write_csv(run_dir / results.ROUNDS, state.rows, outputs.ROUND_FIELDS)
+        results.write_csv(
+            run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
+        )
         results.save_checkpoint(run_dir, state.to_checkpoint())
         on_round(row)
 
@@ -277,6 +283,7 @@ def run_federation(
         on_round=after_round,
         server_step=server_step(state),
         stop=stop,
+        on_reply=on_reply,
     )
     torch.save(state.arrays, run_dir / results.MODEL)
     engine = "deployment" if node_per_client else "simulation"

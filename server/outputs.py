@@ -15,10 +15,10 @@ from pathlib import Path
 from fedsim import results
 from fedsim.dp import accounting
 from fedsim.messages import ClientInfo
+from fedsim.results import RoundRow
 from fedsim.server import privacy
 from fedsim.server.state import RunState
 
-ROUND_FIELDS = (*results.ROUND_FIELDS, "epsilon_sample", "epsilon_user", "clip_norm")
 # (unit, engine) -> (who must be trusted, who the ε protects against)
 TRUST = {
     ("sample", "simulation"): ("the machine that runs the simulation", "readers of the results"),
@@ -59,29 +59,30 @@ def round_rows(
     *,
     cohort: list[int],
     dropped: dict[int, str],
-    clip_norm: float | str,
-) -> tuple[dict, dict]:
-    """One row of ``rounds.csv`` (``seconds`` still 0) and one of ``participation.csv``."""
+    clip_norm: float | None,
+    seconds: float,
+) -> tuple[RoundRow, dict]:
+    """One row of ``rounds.csv`` and one of ``private/participation.csv``."""
     eps = state.epsilons()
     unit = primary_unit(state.config.dp)
     headline = float("inf") if unit == "none" and server_round > 0 else eps.get(unit, 0.0)
     clients = " ".join(map(str, cohort))
     reasons = "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items()))
     secret = state.config.dp_user
-    public = {
-        "round": server_round,
-        "accuracy": round(acc, 6),
-        "loss": round(loss, 6),
-        "epsilon": headline,
-        "seconds": 0.0,
-        "cohort": len(cohort),
-        "failed": len(dropped),
-        "clients": "" if secret else clients,
-        "dropped": "" if secret else reasons,
-        "epsilon_sample": eps.get("sample", ""),
-        "epsilon_user": eps.get("user", ""),
-        "clip_norm": clip_norm,
-    }
+    public = RoundRow(
+        round=server_round,
+        accuracy=round(acc, 6),
+        loss=round(loss, 6),
+        epsilon=headline,
+        seconds=round(seconds, 3),
+        cohort=len(cohort),
+        failed=len(dropped),
+        clients="" if secret else clients,
+        dropped="" if secret else reasons,
+        epsilon_sample=eps.get("sample"),
+        epsilon_user=eps.get("user"),
+        clip_norm=clip_norm,
+    )
     return public, {"round": server_round, "clients": clients, "dropped": reasons}
 
 
@@ -201,8 +202,8 @@ def write_final(state: RunState, run_dir: Path, started: float, *, engine: str) 
     last = state.rows[-1]
     dp = unit != "none"
     summary = {
-        "accuracy": last["accuracy"],
-        "loss": last["loss"],
+        "accuracy": last.accuracy,
+        "loss": last.loss,
         "epsilon": eps[unit] if dp else None,
         "delta": cfg.delta if dp else None,
         "privacy_unit": unit,
@@ -217,8 +218,8 @@ def write_final(state: RunState, run_dir: Path, started: float, *, engine: str) 
         "max_grad_norm": cfg.max_grad_norm if "sample" in eps else None,
         "user_noise_multiplier": cfg.user_noise_multiplier if "user" in eps else None,
         "max_update_norm": cfg.max_update_norm if "user" in eps else None,
-        "epsilon_per_round": [r["epsilon"] if dp else None for r in state.rows],
-        "failed_per_round": {r["round"]: r["failed"] for r in state.rows if r["failed"]},
+        "epsilon_per_round": [r.epsilon if dp else None for r in state.rows],
+        "failed_per_round": {r.round: r.failed for r in state.rows if r.failed},
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,

@@ -6,8 +6,10 @@ calls; this loop can start at any round (resume) and stop cleanly after one (Ctr
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -15,15 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.messages import ARRAYS
 from fedsim.server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
-
-
-class RunInterrupted(Exception):
-    """The user asked the run to stop; the last finished round is checkpointed."""
+ReplyFn = Callable[[int, int, int], None]  # (round, replies so far, messages sent)
+PULL_INTERVAL_S = 0.1
 
 
 def _reason(reason: str | None) -> str:
@@ -69,6 +69,32 @@ def screen_replies(
     return good, dropped
 
 
+def exchange(
+    grid: Grid, messages: list[Message], *, timeout: float, on_reply: Callable[[int, int], None]
+) -> list[Message]:
+    """Send ``messages``; collect replies until all are in or ``timeout`` seconds pass.
+
+    Flower's ``send_and_receive`` does the same but says nothing until the end;
+    ``on_reply`` gets (replies so far, messages sent) each time more arrive.
+    """
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(waiting))
+        if not arrived:
+            time.sleep(PULL_INTERVAL_S)
+            continue
+        replies += arrived
+        waiting -= {m.metadata.reply_to_message_id for m in arrived}
+        on_reply(len(replies), len(messages))
+    return replies
+
+
+def _silent(*_: int) -> None:
+    pass
+
+
 def run_rounds(
     strategy: Strategy,
     grid: Grid,
@@ -81,6 +107,7 @@ def run_rounds(
     on_round: EvalFn,
     server_step: Callable[[ArrayRecord, ArrayRecord], ArrayRecord] | None = None,
     stop: threading.Event | None = None,
+    on_reply: ReplyFn | None = None,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
@@ -88,11 +115,14 @@ def run_rounds(
     it evaluates and checkpoints. ``server_step`` maps (old, aggregated) arrays to the next
     global model (a server optimizer). A round with fewer than ``min_clients`` usable
     replies stops the run with the reasons; a Poisson cohort may be empty, and then the
-    strategy alone decides.
+    strategy alone decides. Inside a round ``on_reply`` hears (round, replies, sent)
+    each time more clients have replied.
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        report = functools.partial(on_reply or _silent, server_round)
+        report(0, len(messages))
+        replies = exchange(grid, messages, timeout=timeout, on_reply=report)
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)) or new_arrays is None:

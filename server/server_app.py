@@ -13,19 +13,20 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim import results
 from fedsim.config import FedsimConfig, check_deployment, parse_config
 from fedsim.data import Dataset
-from fedsim.results import report
+from fedsim.results import RoundRow, load_run, plots, report
 from fedsim.server.federation import RoundCallback, run_federation
+from fedsim.server.rounds import ReplyFn
 
 
-def log_round(row: dict) -> None:
+def log_round(row: RoundRow) -> None:
     """Default progress: one log line per round."""
     log(
         INFO,
         "fedsim round %s: accuracy %.4f, loss %.4f, epsilon %s",
-        row["round"],
-        row["accuracy"],
-        row["loss"],
-        report.format_epsilon(row["epsilon"]),
+        row.round,
+        row.accuracy,
+        row.loss,
+        report.format_epsilon(row.epsilon),
     )
 
 
@@ -38,6 +39,7 @@ def build_server_app(
     started: float | None = None,
     stop: threading.Event | None = None,
     node_per_client: bool = True,
+    on_reply: ReplyFn | None = None,
 ) -> ServerApp:
     """A ServerApp for ``config``, or for the run config when ``config`` is None.
 
@@ -65,8 +67,9 @@ def build_server_app(
             started=started,
             stop=stop,
             node_per_client=node_per_client,
+            on_reply=on_reply,
         )
-        report.plot_run(out)
+        plots.plot_run(load_run(out))
         log(INFO, "fedsim results in %s", out)
 
     return app

@@ -9,6 +9,7 @@ import torch
 
 from fedsim.config import FedsimConfig, parse_config
 from fedsim.messages import ClientInfo, PrivacySpent
+from fedsim.results import RoundRow
 from fedsim.server import privacy
 
 
@@ -26,7 +27,7 @@ class RunState:
     infos: list[ClientInfo]
     ledger: privacy.Ledger = field(default_factory=dict)  # sample unit, per client
     user_ledger: list[privacy.LedgerEntry] = field(default_factory=list)  # user unit, per round
-    rows: list[dict] = field(default_factory=list)
+    rows: list[RoundRow] = field(default_factory=list)
     participation: list[dict] = field(default_factory=list)
     arrays: dict[str, torch.Tensor] | None = None  # global model after the last round
     velocity: dict[str, torch.Tensor] | None = None  # server momentum buffer
@@ -38,7 +39,7 @@ class RunState:
             "config": self.config.to_flat(),
             "ledger": privacy.ledger_to_json(self.ledger),
             "user_ledger": [asdict(e) for e in self.user_ledger],
-            "rows": self.rows,
+            "rows": [asdict(r) for r in self.rows],
             "participation": self.participation,
             "arrays": self.arrays,
             "velocity": self.velocity,
@@ -57,7 +58,7 @@ class RunState:
             infos=infos,
             ledger=privacy.ledger_from_json(data["ledger"]),
             user_ledger=[privacy.LedgerEntry(**e) for e in data["user_ledger"]],
-            rows=list(data["rows"]),
+            rows=[RoundRow(**r) for r in data["rows"]],
             participation=list(data["participation"]),
             arrays=data["arrays"],
             velocity=data["velocity"],

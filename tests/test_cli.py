@@ -62,3 +62,42 @@ def test_report_rejects_non_results(tmp_path):
 
 def test_usage_error_exit_code(tmp_path):
     assert fedsim("fly", cwd=tmp_path).returncode == 2
+
+
+def test_help_and_config_errors_need_neither_torch_nor_flower():
+    code = (
+        "import sys, contextlib, io\n"
+        "from fedsim.experiments.cli import main\n"
+        "quiet = contextlib.redirect_stdout(io.StringIO())\n"
+        "with quiet, contextlib.redirect_stderr(io.StringIO()):\n"
+        "    codes = [main(['run', '--set', 'model=nope']), main(['keys'])]\n"
+        "    for args in (['--help'], ['run', '--help']):\n"
+        "        with contextlib.suppress(SystemExit):\n"
+        "            main(args)\n"
+        "print(codes, sorted({'torch', 'flwr', 'opacus', 'ray'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[2, 0] []", out.stdout + out.stderr
+
+
+def test_keys_lists_every_key_with_default_and_meaning(tmp_path):
+    from fedsim.config import FedsimConfig
+
+    lines = fedsim("keys", cwd=tmp_path).stdout.splitlines()
+    keys = {line.split()[0]: line for line in lines}
+    assert set(keys) == {f.alias for f in FedsimConfig.model_fields.values()}
+    assert keys["num-rounds"].split()[1] == "30" and "rounds" in keys["num-rounds"]
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{key}`" in readme for key in keys), "every key is in the README's table"
+
+
+def test_one_set_holds_several_pairs():
+    from fedsim.config import load_config
+
+    config = load_config(None, ["num-rounds=3 data-dir='/my data' name=\"x1\"", "lr=0.1"])
+    assert (config.num_rounds, config.data_dir, config.name, config.lr) == (
+        3,
+        "/my data",
+        "x1",
+        0.1,
+    )

@@ -15,11 +15,11 @@ from flwr.app.message.message import make_message
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedsim.config import parse_config
+from fedsim.config import parse_config, toml_table
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import main as certs_main
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
-from fedsim.experiments.deploy import deploy_config, toml_table
+from fedsim.experiments.deploy import deploy_config
 from fedsim.experiments.localfed import is_loopback
 from fedsim.experiments.procs import spawn, stop_tree, tagged
 from fedsim.experiments.run import _backend_config
@@ -62,12 +62,12 @@ def test_certs_command_never_overwrites_and_writes_nothing_on_refusal(tmp_path, 
 
 
 def test_num_nodes_sets_clients_and_caps_clients_per_round(tmp_path):
-    config = deploy_config(None, [], 2)
+    config = deploy_config({}, 2)
     assert (config.num_clients, config.clients_per_round) == (2, 2)
-    assert deploy_config(None, ["clients-per-round=1"], 3).clients_per_round == 1
+    assert deploy_config({"clients-per-round": 1}, 3).clients_per_round == 1
     with pytest.raises(FedsimError, match="disagrees"):
-        deploy_config(None, ["num-clients=4"], 2)
-    relative = deploy_config(None, ["data-dir=somewhere"], 2).data_dir
+        deploy_config({"num-clients": 4}, 2)
+    relative = deploy_config({"data-dir": "somewhere"}, 2).data_dir
     assert os.path.isabs(relative) and relative.endswith("somewhere")
 
 

@@ -10,8 +10,8 @@ import pytest
 from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
-from fedsim.experiments.sweep import grid_points
-from fedsim.results import frontier
+from fedsim.experiments.sweep import grid_axes, grid_points
+from fedsim.results import RoundRow, frontier
 from tests.conftest import ROOT
 
 
@@ -28,11 +28,12 @@ def fake_run(path, *, eps, acc, seed, dp="sample"):
         "num_rounds": 30, "num_clients": 5, "config": cfg,
     }  # fmt: skip
     results.write_json(path / results.SUMMARY, summary)
-    rows = [{"round": 0, "accuracy": 0.1, "loss": 2.3, "epsilon": 0.0, "seconds": 0.1,
-             "clients": "", "dropped": ""},
-            {"round": 1, "accuracy": acc, "loss": 0.3, "epsilon": eps if eps else math.inf,
-             "seconds": 1.0, "clients": "0 1", "dropped": ""}]  # fmt: skip
-    results.write_csv(path / results.ROUNDS, rows, results.ROUND_FIELDS)
+    rows = [
+        RoundRow(0, 0.1, 2.3, 0.0, 0.1, 0, 0, "", "", eps and 0.0, None, None),
+        RoundRow(1, acc, 0.3, eps or math.inf, 1.0, 2, 0, "0 1", "", eps, None, None),
+    ]
+    results.write_csv(path / results.ROUNDS, [r.to_csv() for r in rows], results.ROUND_FIELDS)
+    results.write_json(path / results.PRIVACY, {"accountant": "rdp", "units": {}})
 
 
 @pytest.fixture
@@ -69,9 +70,13 @@ def test_report_command_rebuilds_from_files(sweep):
 
 
 def test_grid_points_product_with_no_dp_baseline():
-    points = grid_points(["target-epsilon=1,none", "lr=0.1,0.5"], [0, 1])
+    points = grid_points(grid_axes(["target-epsilon=1,none", "lr=0.1,0.5"]), [0, 1])
     assert len(points) == 8
-    assert points["nodp_lr=0.5_seed=1"] == ["dp=none", "lr=0.5", "seed=1"]
-    assert points["target-epsilon=1_lr=0.1_seed=0"] == ["target-epsilon=1", "lr=0.1", "seed=0"]
+    assert points["nodp_lr=0.5_seed=1"] == {"dp": "none", "lr": 0.5, "seed": 1}
+    assert points["target-epsilon=1_lr=0.1_seed=0"] == {"target-epsilon": 1, "lr": 0.1, "seed": 0}
+    # the API's form: Python names and values, None for no DP
+    assert grid_points({"target_epsilon": [None]}, [3]) == {
+        "nodp_seed=3": {"dp": "none", "seed": 3}
+    }
     with pytest.raises(FedsimError, match="no values"):
-        grid_points(["lr="], [0])
+        grid_axes(["lr="])

@@ -117,9 +117,9 @@ def test_a_client_with_secure_noise_trains_differently_each_time():
 def test_deployment_refuses_seeded_noise_at_every_door():
     with pytest.raises(FedsimError, match="secure-noise = false is refused"):
         check_deployment(parse_config({"secure-noise": False}))
-    assert deploy_config(None, [], 2).secure_noise  # on unless given
+    assert deploy_config({}, 2).secure_noise  # on unless given
     with pytest.raises(FedsimError, match="secure-noise = false is refused"):
-        deploy_config(None, ["secure-noise=false"], 2)
+        deploy_config({"secure-noise": False}, 2)
     # a SuperNode refuses a seeded config even if a server sends one
     config = parse_config({"num-clients": 2, "clients-per-round": 2, "noise-multiplier": 1.0})
     msg = train_message(config, client=0)
@@ -199,7 +199,7 @@ def user_state(dp, cohorts, reports=None):
     for r, cohort in enumerate([[], *cohorts]):
         row, private = outputs.round_rows(state, r, 0.5, 0.5, cohort=cohort,
                                           dropped={c: "dropped out" for c in cohort[:1]},
-                                          clip_norm="")  # fmt: skip
+                                          clip_norm=None, seconds=0.0)  # fmt: skip
         state.rows.append(row)
         state.participation.append(private)
     return state
@@ -213,7 +213,8 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     state = user_state(dp, COHORTS)
     state.arrays = {}
     outputs.write_partition(tmp_path, state.infos, None)
-    results.write_csv(tmp_path / results.ROUNDS, state.rows, outputs.ROUND_FIELDS)
+    rows = [r.to_csv() for r in state.rows]
+    results.write_csv(tmp_path / results.ROUNDS, rows, results.ROUND_FIELDS)
     summary = outputs.write_final(state, tmp_path, time.time(), engine="simulation")
     rounds = results.read_csv(tmp_path / results.ROUNDS)
     assert [r["clients"] for r in rounds] == [""] * 4 and [r["dropped"] for r in rounds] == [""] * 4
@@ -422,7 +423,7 @@ def test_the_client_with_the_largest_epsilon_is_named_as_a_client(tmp_path):
         for c in cohort:
             privacy.record(state.ledger, c, r, state.prescribed[c])
         row, private = outputs.round_rows(state, r, 0.5, 0.5, cohort=cohort, dropped={},
-                                          clip_norm="")  # fmt: skip
+                                          clip_norm=None, seconds=0.0)  # fmt: skip
         state.rows.append(row)
         state.participation.append(private)
     state.arrays = {}

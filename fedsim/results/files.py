@@ -29,10 +29,6 @@ CHECKPOINT = f"{PRIVATE}/checkpoint.pt"
 PARTICIPATION = f"{PRIVATE}/participation.csv"
 PRIVATE_LEDGER = f"{PRIVATE}/ledger.json"
 PRIVATE_README = f"{PRIVATE}/README.txt"
-# cohort and failed are counts; clients and dropped name them (empty where that is private)
-ROUND_FIELDS = (
-    "round", "accuracy", "loss", "epsilon", "seconds", "cohort", "failed", "clients", "dropped",
-)  # fmt: skip
 PARTICIPATION_FIELDS = ("round", "clients", "dropped")
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedsim.results import files
-from fedsim.results.report import format_epsilon, load_run
+from fedsim.results.plots import plot_frontier
+from fedsim.results.report import format_epsilon
+from fedsim.results.schema import Result, load_run
 
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
 FIELDS = (
@@ -35,7 +38,7 @@ def frontier(runs: list[Path]) -> list[dict]:
     """One row per distinct config (seeds pooled), sorted by ε, non-private last."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        summary, _ = load_run(run)
+        summary = load_run(run).summary
         groups.setdefault(_point_key(summary), []).append(summary | {"_dir": run.name})
     rows = [_row(group) for group in groups.values()]
     return sorted(rows, key=lambda r: (r["unit"] == "none", r["unit"], r["epsilon"]))
@@ -86,38 +89,25 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_frontier(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Write ``frontier.csv``, ``frontier.md`` and ``frontier.png`` into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
+    """Write ``frontier.csv``, ``frontier.md`` and the plot (PNG and SVG) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_rows = [r | {"epsilon": "inf" if math.isinf(r["epsilon"]) else r["epsilon"]} for r in rows]
     files.write_csv(out_dir / "frontier.csv", csv_rows, FIELDS)
     files.write_atomic(out_dir / "frontier.md", markdown(rows))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for unit in sorted({r["unit"] for r in rows} - {"none"}):
-        pts = [r for r in rows if r["unit"] == unit]
-        ax.errorbar(
-            [r["epsilon"] for r in pts],
-            [r["accuracy_mean"] for r in pts],
-            yerr=[r["accuracy_std"] for r in pts],
-            marker="o",
-            capsize=3,
-            label=f"unit: one {unit} (δ={pts[0]['delta']}, {pts[0]['accountant']})",
-        )
-    for r in rows:
-        if r["unit"] == "none":
-            ax.axhline(r["accuracy_mean"], linestyle="--", color="gray", label="no DP")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("ε")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "frontier.png")
-    plt.close(fig)
-    return [out_dir / n for n in ("frontier.csv", "frontier.md", "frontier.png")]
+    plots = plot_frontier(rows, out_dir / "frontier")
+    return [out_dir / "frontier.csv", out_dir / "frontier.md", *plots]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep folder read back: its frontier rows and every finished run in it."""
+
+    path: Path
+    frontier: list[dict]
+    runs: list[Result]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """The :class:`Sweep` in folder ``path`` (a ``fedsim sweep --out``)."""
+    runs = find_runs([Path(path)])
+    return Sweep(Path(path), frontier(runs), [load_run(r) for r in runs])

@@ -1,0 +1,56 @@
+"""The Python API and parts of your own, as the README shows them."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedsim.config import parse_config
+from fedsim.errors import FedsimError
+from tests.conftest import ROOT
+
+
+def readme_example():
+    """The two Python blocks of the README's 'Python API' section: nets.py and a script."""
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2, "the README's example is nets.py and a script"
+    return blocks
+
+
+@pytest.mark.slow
+def test_readme_example_runs_from_a_folder_outside_the_repository(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("outside")
+    assert ROOT not in folder.parents
+    nets, script = readme_example()
+    (folder / "nets.py").write_text(nets)
+    (folder / "example.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed fedsim
+    result = subprocess.run(
+        [sys.executable, "example.py"], cwd=folder, capture_output=True, text=True,
+        timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"accuracy [01]\.\d+ at ε = [0-4]\.\d\d", result.stdout), result.stdout
+    assert (folder / "blobs-run" / "summary.json").is_file()
+
+
+def test_own_parts_are_imported_when_the_config_is_checked(tmp_path, monkeypatch):
+    nets, _ = readme_example()
+    (tmp_path / "nets.py").write_text(nets)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config({"model": "nets:MLP", "dataset": "nets:blobs"})
+    assert config.own_parts == ["nets:MLP", "nets:blobs"]
+    cases = {
+        "nets:MLPP": "nets has no attribute MLPP",
+        "nosuch.module:X": "cannot import nosuch.module",
+        "mlp": "unknown model 'mlp'",
+    }
+    for name, needle in cases.items():
+        with pytest.raises(FedsimError, match=re.escape(needle)) as info:
+            parse_config({"model": name})
+        assert "\n" not in str(info.value)
+    with pytest.raises(FedsimError, match="model nets:MLP cannot learn dataset sst2"):
+        parse_config({"model": "nets:MLP", "dataset": "sst2"})
