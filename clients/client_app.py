@@ -162,6 +162,7 @@ def train_round(
         device=device,
         all_positions=config.next_char_loss == "all",
         randomness=randomness,
+        proximal_mu=config.proximal_mu,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, TrainReport(pid, len(y), spent)

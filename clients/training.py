@@ -35,6 +35,7 @@ def train_local(
     device: str = "cpu",
     all_positions: bool = False,
     randomness: DPRandomness | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, PrivacySpent]:
     """Train ``model`` in place for ``epochs`` over ``(x, y)``.
 
@@ -56,6 +57,10 @@ def train_local(
     randomness
         DP-SGD's Poisson-mask and noise generators; by default fresh ones from the
         operating system's CSPRNG, so that no seed anyone knows can rebuild the noise.
+    proximal_mu
+        FedProx: after every step, pull the weights toward the round's starting weights
+        by ``lr · μ · (w − w₀)``. The pull does not depend on the data, so under DP-SGD it
+        costs no privacy (it is applied after the noise).
 
     Returns
     -------
@@ -66,11 +71,13 @@ def train_local(
     model.to(device).train()
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    after_step = _proximal(model, lr * proximal_mu)
     if noise_multiplier is None:
         loader = DataLoader(data, batch_size=batch_size, shuffle=True)
         losses = _epochs(
-            model, optimizer, loader, nn.CrossEntropyLoss(), epochs, device, all_positions
-        )
+            model, optimizer, loader, nn.CrossEntropyLoss(), epochs, device, all_positions,
+            after_step,
+        )  # fmt: skip
         return float(np.mean(losses)), PrivacySpent()
     engine = PrivacyEngine(accountant="rdp")
     private = make_private(
@@ -92,6 +99,7 @@ def train_local(
         epochs,
         device,
         all_positions,
+        after_step,
     )
     history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps), ...]
     spent = PrivacySpent(
@@ -111,6 +119,7 @@ def _epochs(
     epochs: int,
     device: str,
     all_positions: bool,
+    after_step: Callable[[], None],
 ) -> list[float]:
     """Every step of ``epochs`` passes over ``loader``; the losses of non-empty batches."""
     losses = []
@@ -122,9 +131,24 @@ def _epochs(
             )
             loss.backward()
             optimizer.step()
+            after_step()
             if len(yb):
                 losses.append(loss.item())
     return losses
+
+
+def _proximal(model: nn.Module, pull: float) -> Callable[[], None]:
+    """FedProx's step toward the starting weights, ``w -= pull · (w − w₀)``; none if 0."""
+    if pull == 0:
+        return lambda: None
+    start = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def step() -> None:
+        for param, origin in zip(model.parameters(), start, strict=True):
+            param.sub_(pull * (param - origin))
+
+    return step
 
 
 def _loss(

@@ -110,8 +110,20 @@ class FedsimConfig(BaseModel):
     )
     clip_lr: float = Field(0.2, gt=0, description="adaptive clipping: step η")
     clip_count_noise: float = Field(0.0, ge=0, description="adaptive clipping: count noise σ_b")
-    server_lr: float = Field(1.0, gt=0, description="server learning rate on the averaged update")
-    server_momentum: float = Field(0.0, ge=0, lt=1, description="server momentum (FedAvgM)")
+    strategy: str = Field(
+        "fedavg",
+        description="fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad (Flower's), or "
+        "your own Flower strategy class as 'module:attr'",
+    )
+    proximal_mu: float = Field(0.0, ge=0, description="fedprox: the proximal term's weight μ")
+    server_lr: float = Field(
+        1.0, gt=0, description="fedavgm, fedadam, fedyogi, fedadagrad: server learning rate"
+    )
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="fedavgm: server momentum; fedadam, fedyogi: β₁"
+    )
+    server_beta2: float = Field(0.99, gt=0, lt=1, description="fedadam, fedyogi: β₂")
+    server_tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity τ")
     accountant: Literal["rdp", "prv", "pld"] = Field(
         "rdp", description="rdp or prv (Opacus), pld (Google's dp-accounting)"
     )
@@ -145,7 +157,7 @@ class FedsimConfig(BaseModel):
     )
     out_dir: str = Field("results", description="where runs write their folders")
 
-    @field_validator("model", "dataset", "partition")
+    @field_validator("model", "dataset", "partition", "strategy")
     @classmethod
     def _known_part(cls, value: str, info: ValidationInfo) -> str:
         what = info.field_name or "part"
@@ -173,6 +185,7 @@ class FedsimConfig(BaseModel):
         except FedsimError as exc:
             raise ValueError(str(exc)) from None
         _check_options(self)
+        _check_strategy(self)
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
@@ -255,10 +268,38 @@ def _check_options(config: FedsimConfig) -> None:
         raise ValueError("min-samples selects users and applies only to partition natural")
 
 
+def _check_strategy(config: FedsimConfig) -> None:
+    used = registry.STRATEGY_ARGS.get(config.strategy, {})
+    defaults = FedsimConfig.model_fields
+    for key in ("proximal-mu", "server-lr", "server-momentum", "server-beta2", "server-tau"):
+        name = key.replace("-", "_")
+        if key not in used and getattr(config, name) != defaults[name].default:
+            takers = sorted(s for s, args in registry.STRATEGY_ARGS.items() if key in args)
+            raise ValueError(
+                f"{key} does not apply to strategy {config.strategy}; "
+                f"set strategy to {' or '.join(takers)}, or remove {key}"
+            )
+    if registry.is_import_path(config.strategy):
+        classes = getattr(registry.resolve(config.strategy, {}, "strategy"), "__mro__", ())
+        names = {c.__name__ for c in classes}
+        if names & {"DifferentialPrivacyFixedClippingBase", "DifferentialPrivacyAdaptiveBase"}:
+            raise ValueError(
+                "Flower's DP wrappers noise a weighted mean and count only RDP; fedsim adds "
+                "and counts DP itself: use a plain strategy with dp = user or both"
+            )
+        if config.dp_user and names & set(registry.NOT_A_SUM):
+            raise ValueError(
+                f"strategy {config.strategy} does not aggregate by a sum: one client can "
+                "move its output without bound, which the user-level noise does not "
+                "cover; use a FedAvg-like strategy with dp = user or both"
+            )
+
+
 _PART_TABLES = {
     "model": registry.MODELS,
     "dataset": registry.DATASETS,
     "partition": registry.PARTITIONS,
+    "strategy": registry.STRATEGIES,
 }
 
 

@@ -72,6 +72,35 @@ def decode_config(content: RecordDict) -> tuple[FedsimConfig, int]:
     return parse_config(values), server_round
 
 
+def train_content(
+    arrays: ArrayRecord, template: ConfigRecord, server_round: int, client: int
+) -> RecordDict:
+    """Server -> client: the global model, and the round's config naming the client.
+
+    ``template`` is the config the strategy made for this round (it may add keys, as
+    FedProx adds ``proximal-mu``); each message gets its own copy, as it names a client.
+    """
+    config = ConfigRecord({**template, ROUND_KEY: server_round, PARTITION_KEY: client})
+    return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+
+def average_content(arrays: ArrayRecord) -> RecordDict:
+    """The user-level DP average, as the one reply a strategy aggregates after it.
+
+    A strategy averaging this one "reply" returns it unchanged, then applies its server
+    optimizer: post-processing of what the noise already protects.
+    """
+    metrics = MetricRecord({PARTITION_KEY: -1, WEIGHT_KEY: 1})
+    return RecordDict({ARRAYS: arrays, METRICS: metrics})
+
+
+def message_client(content: RecordDict) -> int:
+    """The client a train message names, or that a train reply is from."""
+    if CONFIG in content and (named := named_partition(content)) is not None:
+        return named
+    return int(content[METRICS][PARTITION_KEY])
+
+
 def named_partition(content: RecordDict) -> int | None:
     """The client (partition id) a train message names, or None: the node's own."""
     value = content[CONFIG].get(PARTITION_KEY)

@@ -10,7 +10,9 @@ it by that name, which is also how every worker process (Ray's, a SuperNode's) f
 - a dataset is called with the data folder (a ``Path``, or None) and returns a
   ``fedsim.data.Dataset``;
 - a partition is called with ``(dataset, num_clients, rng)`` and returns one array of
-  training-sample indices per client (``fedsim.data.partition``).
+  training-sample indices per client (``fedsim.data.partition``);
+- a strategy is a Flower Message-API strategy class, built with FedAvg's keyword
+  arguments (``fedsim.server.algorithms``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,33 @@ PARTITIONS: dict[str, Part] = {
     name: Part(f"fedsim.data.partition:{name}")
     for name in ("iid", "dirichlet", "shards", "natural")
 }
+_FLOWER = "flwr.serverapp.strategy"
+STRATEGIES: dict[str, Part] = {
+    "fedavg": Part(f"{_FLOWER}:FedAvg"),
+    "fedavgm": Part(f"{_FLOWER}:FedAvgM"),
+    "fedprox": Part(f"{_FLOWER}:FedProx"),
+    "fedadam": Part(f"{_FLOWER}:FedAdam"),
+    "fedyogi": Part(f"{_FLOWER}:FedYogi"),
+    "fedadagrad": Part(f"{_FLOWER}:FedAdagrad"),
+}
+# strategy -> {config key: the keyword of the strategy's class it sets}
+_FEDOPT = {
+    "server-lr": "eta",
+    "server-momentum": "beta_1",
+    "server-beta2": "beta_2",
+    "server-tau": "tau",
+    "lr": "eta_l",
+}
+STRATEGY_ARGS: dict[str, dict[str, str]] = {
+    "fedavgm": {"server-lr": "server_learning_rate", "server-momentum": "server_momentum"},
+    "fedprox": {"proximal-mu": "proximal_mu"},
+    "fedadam": _FEDOPT,
+    "fedyogi": _FEDOPT,
+    "fedadagrad": {"server-lr": "eta", "server-tau": "tau", "lr": "eta_l"},
+}
+# Aggregations whose output one client can move without bound, or that reweight clients
+# by their losses: the user-level noise (on a clipped, unweighted sum) does not cover them.
+NOT_A_SUM = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg")
 # Datasets whose samples belong to natural users, and what one user is.
 NATURAL_USERS: dict[str, str] = {"shakespeare": "speaking role"}
 

@@ -22,9 +22,10 @@ from fedsim.messages import ClientInfo, decode_client_info, encode_config
 from fedsim.models import build_model, evaluate, model_kwargs
 from fedsim.results import RoundRow
 from fedsim.server import outputs
+from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.rounds import ReplyFn, run_rounds
 from fedsim.server.state import RunState
-from fedsim.server.strategy import PrivacyLedger, SampledFedAvg
+from fedsim.server.strategy import Cohorts, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
 
 RoundCallback = Callable[[RoundRow], None]
@@ -110,14 +111,19 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
 
 def build_strategy(
     state: RunState, nodes: list[int], *, bound: bool, root: bytes
-) -> tuple[PrivacyLedger, UserLevelDP | None]:
-    """FedAvg, wrapped by user-level DP and the sample-level ledger as configured.
+) -> tuple[PrivacyLedger, UserLevelDP | None, Strategy]:
+    """The configured strategy in fedsim's cohorts, user-level DP and the ledger around it.
 
-    ``nodes`` and ``bound`` place clients on Flower nodes (:func:`server.strategy.place`);
-    ``root`` is the run's randomness root (``fedsim.dp.randomness``) for cohorts and noise.
+    Returns the outermost wrapper, the user-level DP wrapper (or None) and the strategy
+    itself (its state is checkpointed). ``nodes`` and ``bound`` place clients on Flower
+    nodes (:func:`fedsim.server.strategy.place`); ``root`` is the run's randomness root
+    (``fedsim.dp.randomness``) for cohorts and noise.
     """
     cfg = state.config
-    strategy: Strategy = SampledFedAvg(
+    algorithm = build_algorithm(cfg)
+    restore_algorithm(algorithm, state.strategy)
+    strategy: Strategy = Cohorts(
+        algorithm,
         num_clients=cfg.num_clients,
         nodes=nodes,
         bound=bound,
@@ -140,25 +146,7 @@ def build_strategy(
             count_noise=cfg.clip_count_noise,
         )
     ledger = PrivacyLedger(strategy, state.ledger, expected=lambda c: state.prescribed[c])
-    return ledger, user_dp
-
-
-def server_step(state: RunState) -> Callable[[ArrayRecord, ArrayRecord], ArrayRecord]:
-    """Server optimizer on the pseudo-gradient (aggregate − global): lr and momentum.
-
-    Post-processing of what the aggregation released, so it costs no privacy.
-    """
-    lr, beta = state.config.server_lr, state.config.server_momentum
-
-    def step(old: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
-        if lr == 1.0 and beta == 0.0:
-            return new
-        w, a = old.to_torch_state_dict(), new.to_torch_state_dict()
-        velocity = state.velocity or {k: torch.zeros_like(v) for k, v in w.items()}
-        state.velocity = {k: beta * velocity[k] + (a[k] - w[k]) for k in w}
-        return ArrayRecord({k: w[k] + lr * state.velocity[k] for k in w})
-
-    return step
+    return ledger, user_dp, algorithm
 
 
 def start_state(
@@ -238,7 +226,7 @@ def run_federation(
         model.load_state_dict(state.arrays)
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
-    strategy, user_dp = build_strategy(state, nodes, bound=node_per_client, root=root)
+    strategy, user_dp, algorithm = build_strategy(state, nodes, bound=node_per_client, root=root)
     clock = [time.time()]
 
     def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
@@ -264,6 +252,7 @@ def run_federation(
         state.rows.append(row)
         state.participation.append(participation)
         state.arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.strategy = algorithm_state(algorithm)
         results.write_csv(
             run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
         )
@@ -281,7 +270,6 @@ def run_federation(
         timeout=cfg.round_timeout,
         min_clients=cfg.min_clients,
         on_round=after_round,
-        server_step=server_step(state),
         stop=stop,
         on_reply=on_reply,
     )

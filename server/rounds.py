@@ -105,15 +105,14 @@ def run_rounds(
     timeout: float,
     min_clients: int,
     on_round: EvalFn,
-    server_step: Callable[[ArrayRecord, ArrayRecord], ArrayRecord] | None = None,
     stop: threading.Event | None = None,
     on_reply: ReplyFn | None = None,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
     ``on_round`` gets (round, new arrays, dropped clients with reasons) after each round;
-    it evaluates and checkpoints. ``server_step`` maps (old, aggregated) arrays to the next
-    global model (a server optimizer). A round with fewer than ``min_clients`` usable
+    it evaluates and checkpoints. The strategy's aggregate is the next global model (its
+    server optimizer included). A round with fewer than ``min_clients`` usable
     replies stops the run with the reasons; a Poisson cohort may be empty, and then the
     strategy alone decides. Inside a round ``on_reply`` hears (round, replies, sent)
     each time more clients have replied.
@@ -131,7 +130,7 @@ def run_rounds(
                 f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
                 f"min-clients is {min_clients} ({reasons})"
             )
-        arrays = server_step(arrays, new_arrays) if server_step else new_arrays
+        arrays = new_arrays
         on_round(server_round, arrays, dropped)
         if stop is not None and stop.is_set() and server_round != rounds[-1]:
             raise RunInterrupted(f"stopped after round {server_round}")

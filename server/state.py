@@ -30,7 +30,7 @@ class RunState:
     rows: list[RoundRow] = field(default_factory=list)
     participation: list[dict] = field(default_factory=list)
     arrays: dict[str, torch.Tensor] | None = None  # global model after the last round
-    velocity: dict[str, torch.Tensor] | None = None  # server momentum buffer
+    strategy: dict = field(default_factory=dict)  # the strategy's state (server optimizer)
     clip_norm: float | None = None  # user-level clip norm (moves under adaptive clipping)
 
     def to_checkpoint(self) -> dict:
@@ -42,7 +42,7 @@ class RunState:
             "rows": [asdict(r) for r in self.rows],
             "participation": self.participation,
             "arrays": self.arrays,
-            "velocity": self.velocity,
+            "strategy": self.strategy,
             "clip_norm": self.clip_norm,
         }
 
@@ -61,7 +61,7 @@ class RunState:
             rows=[RoundRow(**r) for r in data["rows"]],
             participation=list(data["participation"]),
             arrays=data["arrays"],
-            velocity=data["velocity"],
+            strategy=data["strategy"],
             clip_norm=data["clip_norm"],
         )
 

@@ -1,10 +1,10 @@
-"""Strategies: FedAvg with client sampling from the run's streams, and a ledger wrapper.
+"""Wrappers around a strategy: fedsim's cohorts, and the privacy ledger.
 
-Flower's FedAvg samples nodes with an unseeded ``random.sample`` and averages replies in
-arrival order, so two runs with one seed differ. ``SampledFedAvg`` samples clients from
-the run's cohort stream of each round (``fedsim.dp.randomness``: the seed's, or the OS's
-with ``secure-noise``) and averages in client order. ``PrivacyLedger`` wraps any
-strategy, as Flower's DP wrappers do, and records what each sampled client's DP-SGD spent.
+``Cohorts`` samples each round's clients from the run's cohort stream
+(``fedsim.dp.randomness``: the seed's, or the OS's with ``secure-noise``) and hands the
+wrapped strategy (``server.algorithms``) replies in client order. ``PrivacyLedger``
+records what each sampled client's DP-SGD spent. Wrappers around a strategy, as Flower's
+DP wrappers are, rather than subclasses of one.
 """
 
 from __future__ import annotations
@@ -12,21 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
 from fedsim.messages import (
-    ARRAYS,
     CONFIG,
-    METRICS,
-    PARTITION_KEY,
-    ROUND_KEY,
-    WEIGHT_KEY,
     PrivacySpent,
     decode_train_report,
-    named_partition,
+    message_client,
+    train_content,
 )
 from fedsim.server.privacy import Ledger, record
 
@@ -49,11 +45,7 @@ def sample_clients(
 
 def client_of(msg: Message) -> int:
     """The client (partition id) a train message is for, or a train reply is from; -1: none."""
-    if not msg.has_content():
-        return -1
-    if CONFIG in msg.content and (named := named_partition(msg.content)) is not None:
-        return named
-    return int(msg.content[METRICS][PARTITION_KEY])
+    return message_client(msg.content) if msg.has_content() else -1
 
 
 def place(chosen: list[int], nodes: list[int], *, bound: bool) -> list[int]:
@@ -67,59 +59,6 @@ def place(chosen: list[int], nodes: list[int], *, bound: bool) -> list[int]:
     if bound:
         return [nodes[c] for c in chosen]
     return [nodes[i % len(nodes)] for i in range(len(chosen))]
-
-
-class SampledFedAvg(FedAvg):
-    """FedAvg over ``num_clients`` clients placed on Flower nodes by :func:`place`."""
-
-    def __init__(
-        self,
-        *,
-        num_clients: int,
-        nodes: list[int],
-        bound: bool,
-        clients_per_round: int,
-        root: bytes,
-        poisson: bool = False,
-    ) -> None:
-        super().__init__(
-            fraction_evaluate=0.0,
-            min_available_nodes=len(nodes),
-            weighted_by_key=WEIGHT_KEY,
-            arrayrecord_key=ARRAYS,
-            configrecord_key=CONFIG,
-        )
-        self.num_clients = num_clients
-        self.nodes = nodes
-        self.bound = bound
-        self.clients_per_round = clients_per_round
-        self.root = root
-        self.poisson = poisson
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the global model to this round's sample of clients."""
-        chosen = sample_clients(
-            self.num_clients,
-            self.clients_per_round,
-            root=self.root,
-            server_round=server_round,
-            poisson=self.poisson,
-        )
-        messages = []
-        for client, node in zip(chosen, place(chosen, self.nodes, bound=self.bound), strict=True):
-            # one ConfigRecord per message (it names the client); the arrays are shared
-            record = ConfigRecord({**config, ROUND_KEY: server_round, PARTITION_KEY: client})
-            content = RecordDict({ARRAYS: arrays, CONFIG: record})
-            messages.append(Message(content, node, MessageType.TRAIN))
-        return messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg in client order, so float sums do not depend on arrival order."""
-        return super().aggregate_train(server_round, sorted(replies, key=client_of))
 
 
 class StrategyWrapper(Strategy):
@@ -159,6 +98,58 @@ class StrategyWrapper(Strategy):
     ) -> MetricRecord | None:
         """Delegate to the wrapped strategy."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class Cohorts(StrategyWrapper):
+    """Around a strategy: fedsim's own cohort each round, and replies in client order.
+
+    Flower's strategies sample nodes with an unseeded ``random.sample`` and average
+    replies in arrival order, so two runs with one seed would differ; and the cohort is
+    part of a DP mechanism (``fedsim.dp.randomness``). The wrapped strategy still
+    configures the round (its template message carries any keys it adds, and it keeps
+    the arrays its server optimizer updates) and aggregates.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        num_clients: int,
+        nodes: list[int],
+        bound: bool,
+        clients_per_round: int,
+        root: bytes,
+        poisson: bool = False,
+    ) -> None:
+        super().__init__(inner)
+        self.num_clients, self.clients_per_round = num_clients, clients_per_round
+        self.nodes, self.bound = nodes, bound
+        self.root, self.poisson = root, poisson
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model to this round's sample of clients."""
+        made = next(iter(self.inner.configure_train(server_round, arrays, config, grid)), None)
+        template = made.content[CONFIG] if made is not None else config
+        chosen = sample_clients(
+            self.num_clients,
+            self.clients_per_round,
+            root=self.root,
+            server_round=server_round,
+            poisson=self.poisson,
+        )
+        nodes = place(chosen, self.nodes, bound=self.bound)
+        return [
+            Message(train_content(arrays, template, server_round, client), node, MessageType.TRAIN)
+            for client, node in zip(chosen, nodes, strict=True)
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate in client order, so float sums do not depend on arrival order."""
+        return self.inner.aggregate_train(server_round, sorted(replies, key=client_of))
 
 
 class PrivacyLedger(StrategyWrapper):

@@ -21,13 +21,13 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
 from fedsim.errors import FedsimError
-from fedsim.messages import ARRAYS
+from fedsim.messages import ARRAYS, average_content
 from fedsim.server.privacy import LedgerEntry
 from fedsim.server.strategy import StrategyWrapper
 
@@ -90,14 +90,15 @@ def clip_fraction(
 
 
 class UserLevelDP(StrategyWrapper):
-    """Wrap a strategy: replace its aggregation by clipped, noised, fixed-denominator sums.
+    """Wrap a strategy: aggregate by clipped, noised, fixed-denominator sums.
 
     The wrapped strategy still samples the cohort and configures clients; it must sample
     each client independently with rate ``sample_rate`` (Poisson), which is what the
     accountant assumes, and the cohort must stay secret. The noise of each round comes
     from its own stream under ``root`` (``fedsim.dp.randomness``). Each round appends one
     entry to ``ledger``: a Poisson-subsampled Gaussian mechanism with noise multiplier z
-    and rate ``sample_rate``.
+    and rate ``sample_rate``. The wrapped strategy then aggregates the released average
+    alone, as one reply: its server optimizer, if any, is post-processing.
     """
 
     def __init__(
@@ -164,5 +165,8 @@ class UserLevelDP(StrategyWrapper):
         # one Poisson-subsampled Gaussian release per round, whoever replied
         self.ledger.append(LedgerEntry(server_round, self.z, self.sample_rate, 1))
         new = {k: (base[k] + mean[k]).astype(np.float32) for k in base}
-        metrics = MetricRecord({"clip-norm": used_clip, "cohort": len(clipped)})
-        return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
+        released = ArrayRecord({k: Array(v) for k, v in new.items()})
+        # the wrapped strategy sees only the release: its server optimizer is post-processing
+        average = Message(average_content(released), 0, MessageType.TRAIN)
+        arrays, _ = self.inner.aggregate_train(server_round, [average])
+        return arrays, MetricRecord({"clip-norm": used_clip, "cohort": len(clipped)})

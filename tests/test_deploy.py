@@ -22,6 +22,7 @@ from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
 from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
 from tests.conftest import ROOT
+from tests.test_api import readme_example
 from tests.test_data import fake_mnist
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,9 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     # reports the dead node after two missed heartbeats (Flower's interval is 30 s)
     args = ["deploy", "--num-nodes", "2", "--out", "out", "--timeout", "500"]
     args += ["--set", "num-rounds=2", "--set", "round-timeout=120", "--set", "min-clients=1"]
+    # the README's own model and dataset, from the folder it runs in, and FedProx
+    (tmp_path / "nets.py").write_text(readme_example()[0])
+    args += ["--set", "model='nets:MLP' dataset='nets:blobs' strategy='fedprox' proximal-mu=0.01"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedsim.experiments.cli", *args],
         cwd=tmp_path,
@@ -126,6 +130,7 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     assert "supernode-1 exited (code -9)" in stdout and "rounds go on without it" in stdout
     summary, rounds = check_results(tmp_path / "out", 2)
     assert summary["num_clients"] == 2
+    assert (summary["config"]["model"], summary["config"]["strategy"]) == ("nets:MLP", "fedprox")
     assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
     # reported by the SuperLink after two missed heartbeats, before round-timeout
     assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds

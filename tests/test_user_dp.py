@@ -11,19 +11,23 @@ from flwr.app import Array, ArrayRecord
 
 from fedsim.dp import accounting
 from fedsim.dp.randomness import seeded_root
-from fedsim.messages import ARRAYS
+from fedsim.messages import ARRAYS, METRICS, PARTITION_KEY, WEIGHT_KEY
 from fedsim.server import privacy
 from fedsim.server.user_dp import UserLevelDP, clip, noisy_mean, update_std
 
+pytestmark = pytest.mark.usefixtures("flower_run")
+
 
 class Inner:
-    """Stands in for the wrapped strategy; aggregation must never reach it."""
+    """Stands in for the wrapped strategy: it may see only the released average."""
 
     def configure_train(self, server_round, arrays, config, grid):
         return []
 
     def aggregate_train(self, server_round, replies):
-        raise AssertionError("UserLevelDP must not delegate aggregation")
+        (average,) = replies  # never a client's own update
+        assert dict(average.content[METRICS]) == {PARTITION_KEY: -1, WEIGHT_KEY: 1}
+        return average.content[ARRAYS], None
 
 
 def record(arrays):
