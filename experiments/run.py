@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.server.federation import simulation_nodes
 from fedsim.server.server_app import build_server_app
+from fedsim.server.state import load_checkpoint
 
 
 def preflight(config: FedsimConfig) -> Dataset:
@@ -67,7 +68,7 @@ def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
     """(final results folder, checkpointed config) of an unfinished run at ``path``."""
     if path.name.startswith(".") and path.name.endswith(".partial"):
         path = path.with_name(path.name[1 : -len(".partial")])
-    checkpoint = results.load_checkpoint(staging_dir(path))
+    checkpoint = load_checkpoint(staging_dir(path))
     if checkpoint is None:
         raise FedsimError(f"no unfinished run to resume at {path}; pass the folder a run printed")
     return path, parse_config(checkpoint["config"])
@@ -107,7 +108,7 @@ def run_experiment(
     except RunInterrupted as exc:
         raise RunInterrupted(f"{exc}; continue with: fedsim run --resume {run_dir}") from None
     except BaseException:
-        if results.load_checkpoint(staging) is None:
+        if load_checkpoint(staging) is None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
@@ -137,7 +138,7 @@ def _simulate(
         stop=stop,
         node_per_client=False,
     )
-    with _stop_on_sigint(stop):
+    with _stop_on_sigint(stop, progress.note):
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -149,14 +150,14 @@ def _simulate(
 
 
 @contextlib.contextmanager
-def _stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+def _stop_on_sigint(stop: threading.Event, say: Callable[[str], None]) -> Iterator[None]:
     """First Ctrl-C: finish the current round, checkpoint, stop. Second: abort at once."""
 
-    def handler(signum, frame) -> None:
+    def handler(signum: int, frame: object) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nfedsim: stopping after this round (Ctrl-C again to abort now)", flush=True)
+        say("fedsim: stopping after this round (Ctrl-C again to abort now)")
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -10,11 +10,13 @@ sets ``share-label-counts``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.config import FedsimConfig, parse_config
+from fedsim.errors import FedsimError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -67,7 +69,8 @@ def encode_config(config: FedsimConfig, server_round: int = 0) -> RecordDict:
 def decode_config(content: RecordDict) -> tuple[FedsimConfig, int]:
     """Client side of :func:`encode_config`: validated config and server round."""
     values = dict(content[CONFIG])
-    server_round = int(values.pop(ROUND_KEY, 0))
+    server_round = _int(values, ROUND_KEY) if ROUND_KEY in values else 0
+    values.pop(ROUND_KEY, None)
     values.pop(PARTITION_KEY, None)
     return parse_config(values), server_round
 
@@ -98,18 +101,21 @@ def message_client(content: RecordDict) -> int:
     """The client a train message names, or that a train reply is from."""
     if CONFIG in content and (named := named_partition(content)) is not None:
         return named
-    return int(content[METRICS][PARTITION_KEY])
+    return _int(content[METRICS], PARTITION_KEY)
 
 
 def named_partition(content: RecordDict) -> int | None:
     """The client (partition id) a train message names, or None: the node's own."""
-    value = content[CONFIG].get(PARTITION_KEY)
-    return None if value is None else int(value)
+    config = content[CONFIG]
+    return _int(config, PARTITION_KEY) if PARTITION_KEY in config else None
 
 
 def encode_client_info(info: ClientInfo) -> RecordDict:
     """Client -> server reply to a query message."""
-    values: dict = {PARTITION_KEY: info.partition_id, WEIGHT_KEY: info.num_examples}
+    values: dict[str, int | float | list[int] | list[float]] = {
+        PARTITION_KEY: info.partition_id,
+        WEIGHT_KEY: info.num_examples,
+    }
     if info.label_counts is not None:
         values[LABELS_KEY] = list(info.label_counts)
     return RecordDict({METRICS: MetricRecord(values)})
@@ -118,10 +124,10 @@ def encode_client_info(info: ClientInfo) -> RecordDict:
 def decode_client_info(content: RecordDict) -> ClientInfo:
     """Server side of :func:`encode_client_info`."""
     metrics = content[METRICS]
-    labels = metrics.get(LABELS_KEY)
+    labels = _numbers(metrics, LABELS_KEY) if LABELS_KEY in metrics else None
     return ClientInfo(
-        partition_id=int(metrics[PARTITION_KEY]),
-        num_examples=int(metrics[WEIGHT_KEY]),
+        partition_id=_int(metrics, PARTITION_KEY),
+        num_examples=_int(metrics, WEIGHT_KEY),
         label_counts=None if labels is None else tuple(int(c) for c in labels),
     )
 
@@ -144,12 +150,30 @@ def decode_train_report(content: RecordDict) -> TrainReport:
     """Server side of :func:`encode_train_reply` (the arrays stay in the record)."""
     metrics, privacy = content[METRICS], content[PRIVACY]
     spent = PrivacySpent(
-        noise_multiplier=tuple(float(s) for s in privacy["noise-multiplier"]),
-        sample_rate=tuple(float(q) for q in privacy["sample-rate"]),
-        steps=tuple(int(t) for t in privacy["steps"]),
+        noise_multiplier=tuple(_numbers(privacy, "noise-multiplier")),
+        sample_rate=tuple(_numbers(privacy, "sample-rate")),
+        steps=tuple(int(t) for t in _numbers(privacy, "steps")),
     )
     return TrainReport(
-        partition_id=int(metrics[PARTITION_KEY]),
-        num_examples=int(metrics[WEIGHT_KEY]),
+        partition_id=_int(metrics, PARTITION_KEY),
+        num_examples=_int(metrics, WEIGHT_KEY),
         spent=spent,
     )
+
+
+# Flower's records hold any of a dozen value types: each value is checked here, once.
+def _int(record: Mapping[str, object], key: str) -> int:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FedsimError(f"a message's {key} is {value!r}, not a number: {_VERSIONS}")
+    return int(value)
+
+
+def _numbers(record: Mapping[str, object], key: str) -> list[float]:
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+        raise FedsimError(f"a message's {key} is {value!r}, not a list of numbers: {_VERSIONS}")
+    return [float(v) for v in value]
+
+
+_VERSIONS = "do the clients and the server run the same fedsim?"

@@ -24,7 +24,7 @@ from fedsim.results import RoundRow
 from fedsim.server import outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.rounds import ReplyFn, run_rounds
-from fedsim.server.state import RunState
+from fedsim.server.state import RunState, load_checkpoint, save_checkpoint, save_tensors
 from fedsim.server.strategy import Cohorts, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
 
@@ -168,7 +168,7 @@ def start_state(
         parts = partition_dataset(dataset, config)
         infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
         nodes = wait_for_nodes(grid, simulation_nodes(config))
-    checkpoint = results.load_checkpoint(run_dir)
+    checkpoint = load_checkpoint(run_dir)
     if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
         return RunState.from_checkpoint(checkpoint, infos), nodes
     outputs.write_partition(run_dir, infos, natural_users(dataset, config, parts))
@@ -256,7 +256,7 @@ def run_federation(
         results.write_csv(
             run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
         )
-        results.save_checkpoint(run_dir, state.to_checkpoint())
+        save_checkpoint(run_dir, state.to_checkpoint())
         on_round(row)
 
     if not state.rows:
@@ -273,7 +273,7 @@ def run_federation(
         stop=stop,
         on_reply=on_reply,
     )
-    torch.save(state.arrays, run_dir / results.MODEL)
+    save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"
     return outputs.write_final(state, run_dir, started, engine=engine)
 

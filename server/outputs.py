@@ -243,7 +243,7 @@ is unfinished) holds both.
 
 def write_private(state: RunState, run_dir: Path) -> None:
     """``private/``: who trained when, and each client's own ledger under secret cohorts."""
-    (run_dir / results.PRIVATE).mkdir(exist_ok=True)
+    (run_dir / results.PRIVATE).mkdir(mode=0o700, exist_ok=True)
     results.write_atomic(run_dir / results.PRIVATE_README, PRIVATE_NOTE)
     results.write_csv(
         run_dir / results.PARTICIPATION, state.participation, results.PARTICIPATION_FIELDS

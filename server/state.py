@@ -1,12 +1,16 @@
-"""What a run accumulates, and its checkpoint form (plain data and tensors)."""
+"""What a run accumulates, and its checkpoint (plain data and tensors, in ``private/``)."""
 
 from __future__ import annotations
 
 import functools
+import io
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from fedsim import results
 from fedsim.config import FedsimConfig, parse_config
 from fedsim.messages import ClientInfo, PrivacySpent
 from fedsim.results import RoundRow
@@ -34,7 +38,7 @@ class RunState:
     clip_norm: float | None = None  # user-level clip norm (moves under adaptive clipping)
 
     def to_checkpoint(self) -> dict:
-        """Plain data for :func:`fedsim.results.save_checkpoint`."""
+        """Plain data for :func:`save_checkpoint`."""
         return {
             "config": self.config.to_flat(),
             "ledger": privacy.ledger_to_json(self.ledger),
@@ -104,3 +108,24 @@ class RunState:
                 self.user_ledger, delta=cfg.delta, accountant=cfg.accountant
             )
         return out
+
+
+def save_tensors(path: Path, obj: Any) -> None:
+    """Atomically ``torch.save`` ``obj`` (tensors and plain data) to ``path``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    results.write_atomic(path, buf.getvalue())
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Atomically save a run's state as ``private/checkpoint.pt``; only its owner reads it."""
+    (run_dir / results.PRIVATE).mkdir(mode=0o700, exist_ok=True)
+    save_tensors(run_dir / results.CHECKPOINT, state)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, or None where there is none."""
+    path = run_dir / results.CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True)

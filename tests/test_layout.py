@@ -116,3 +116,12 @@ def test_ruff_format_clean():
         text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_types_check():
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy not installed (./install.sh --dev installs it)")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert result.returncode == 0, result.stdout

@@ -122,7 +122,7 @@ def vocab_record(dataset: Dataset) -> dict:
     }
 
 
-def token_array(rows: list[list[int]] | np.ndarray, vocab_size: int) -> np.ndarray:
+def token_array(rows: list[int] | list[list[int]] | np.ndarray, vocab_size: int) -> np.ndarray:
     """Token ids in the smallest dtype ``Dataset`` allows: uint8 if they fit, else int64."""
     return np.asarray(rows, dtype=np.uint8 if vocab_size <= 256 else np.int64)
 

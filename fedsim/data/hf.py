@@ -52,13 +52,14 @@ def load_hf(data_dir: Path | None, *, task: str) -> Dataset:
     if task == IMAGE:
         column = _column(train, data_dir, "Image", "an image")
         x_train, x_test = _images(train[column], data_dir), _images(test[column], data_dir)
-    else:
+    else:  # texts as an object array, split like images, tokenized below
         column = _column(train, data_dir, "string", "a text")
-        x_train, x_test = list(train[column]), list(test[column])
+        x_train = np.asarray(list(train[column]), dtype=object)
+        x_test = np.asarray(list(test[column]), dtype=object)
     y_train = np.asarray(train[label], dtype=np.int64)
     y_test = np.asarray(test[label], dtype=np.int64)
     if test is train:
-        x_train, x_test, y_train, y_test = stratified_split(np.asarray(x_train), y_train)
+        x_train, x_test, y_train, y_test = stratified_split(x_train, y_train)
     for y in (y_train, y_test):
         check_labels(y, num_classes, data_dir)
     if task == IMAGE:

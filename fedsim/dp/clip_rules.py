@@ -17,19 +17,22 @@ them with Opacus's per-sample gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
 from fedsim.dp.per_sample import outer_weight, scaled, sq
 from fedsim.errors import FedsimError
 
-Grads = dict[nn.Parameter, Tensor]
+Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum
 ClipFn = Callable[[Tensor], Grads]
-Rule = Callable[[nn.Module, tuple, Tensor], tuple[Tensor, ClipFn]]
+# a rule takes its own layer type; the table below keys each rule by that type
+Rule = Callable[[Any, tuple, Tensor], tuple[Tensor, ClipFn]]
 
 
 def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
@@ -48,15 +51,15 @@ def lstm_gates_rule(layer: LSTMGates, inputs: tuple, grad: Tensor) -> tuple[Tens
 
 
 def _outer_rule(
-    pairs: list[tuple[nn.Parameter, Tensor]], biases: list[nn.Parameter | None], g: Tensor
+    pairs: Sequence[tuple[Tensor, Tensor]], maybe_biases: Sequence[Tensor | None], g: Tensor
 ) -> tuple[Tensor, ClipFn]:
     """Weights with gradient ``sum_t g_t a_t^T``, biases with ``sum_t g_t``; all ``(B, T, .)``."""
     weights = [(w, outer_weight(a, g)) for w, a in pairs if w.requires_grad]
-    biases = [b for b in biases if b is not None and b.requires_grad]
+    biases = [b for b in maybe_biases if b is not None and b.requires_grad]
     total = g.new_zeros(g.shape[0])
     for _, (sq_norms, _) in weights:
         total = total + sq_norms
-    bias_sum = g.sum(1) if biases else None
+    bias_sum = g.sum(1)  # (B, out): every bias's per-sample gradient
     if biases:
         total = total + len(biases) * sq(bias_sum, 1)
 
@@ -107,7 +110,7 @@ def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Tens
 
 def _weighted(grads: Grads, batch: int) -> tuple[Tensor, ClipFn]:
     """Squared norms and clipped sum of materialised per-sample gradients."""
-    total = sum(sq(gs.reshape(batch, -1), 1) for gs in grads.values())
+    total = torch.stack([sq(gs.reshape(batch, -1), 1) for gs in grads.values()]).sum(0)
 
     def clip(coef: Tensor) -> Grads:
         return {p: torch.tensordot(coef.to(gs.dtype), gs, dims=1) for p, gs in grads.items()}
@@ -116,9 +119,9 @@ def _weighted(grads: Grads, batch: int) -> tuple[Tensor, ClipFn]:
 
 
 _CONV_WEIGHT_GRAD = {
-    nn.Conv1d: torch.nn.grad.conv1d_weight,
-    nn.Conv2d: torch.nn.grad.conv2d_weight,
-    nn.Conv3d: torch.nn.grad.conv3d_weight,
+    nn.Conv1d: conv1d_weight,
+    nn.Conv2d: conv2d_weight,
+    nn.Conv3d: conv3d_weight,
 }
 
 
@@ -141,7 +144,7 @@ def conv_rule(layer: nn.Conv2d, inputs: tuple, grad: Tensor) -> tuple[Tensor, Cl
         dilation=layer.dilation,
         groups=batch * groups,
     )
-    grads = {}
+    grads: Grads = {}
     if layer.weight.requires_grad:
         grads[layer.weight] = weight.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:

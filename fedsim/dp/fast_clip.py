@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -224,7 +225,7 @@ class PrivateTraining(NamedTuple):
     """What DP-SGD trains with: use these in place of the plain objects, then ``close()``."""
 
     module: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: DPOptimizer
     criterion: Callable[[Tensor, Tensor], Any]
     data_loader: DPDataLoader
     close: Callable[[], None]
@@ -258,17 +259,20 @@ def make_private(
     if grad_sample not in GRAD_SAMPLE_MODES:
         raise FedsimError(f"grad-sample must be one of {', '.join(GRAD_SAMPLE_MODES)}")
     loader = poisson_loader(dataset, schedule, randomness.batches)
-    dp = {"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm}
-    plain = {"module": module, "optimizer": optimizer, "data_loader": loader}
-    rng = {"noise_generator": randomness.noise}
+    args: dict[str, Any] = {
+        "module": module,
+        "optimizer": optimizer,
+        "data_loader": loader,
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+        "noise_generator": randomness.noise,
+    }
     if grad_sample == "fast":
-        model, opt, criterion, loader, clipper = make_private_fast(engine, **plain, **dp, **rng)
+        model, opt, criterion, loader, clipper = make_private_fast(engine, **args)
         private = PrivateTraining(model, opt, criterion, loader, clipper.close)
     elif grad_sample == "ghost":
         model, opt, ghost, loader = engine.make_private(
-            **plain,
-            **dp,
-            **rng,
+            **args,
             criterion=nn.CrossEntropyLoss(),
             poisson_sampling=False,
             grad_sample_mode="ghost",
@@ -276,7 +280,7 @@ def make_private(
         private = PrivateTraining(model, opt, _per_sequence(ghost), loader, model._close)
     else:
         model, opt, loader = engine.make_private(
-            **plain, **dp, **rng, poisson_sampling=False, grad_sample_mode="hooks"
+            **args, poisson_sampling=False, grad_sample_mode="hooks"
         )
         private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag

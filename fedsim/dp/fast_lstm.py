@@ -57,7 +57,9 @@ class LSTMGates(nn.Module):
             raise FedsimError(
                 "FastDPLSTM needs Opacus grad_sample_mode 'hooks' or 'ghost', not 'functorch'"
             )
-        bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
+        bias = None
+        if self.bias_ih is not None and self.bias_hh is not None:
+            bias = self.bias_ih + self.bias_hh
         return nn.functional.linear(x, self.weight_ih, bias)
 
 
@@ -136,7 +138,7 @@ class FastDPLSTM(nn.Module):
             if layer < self.num_layers - 1:
                 x = self.dropout(x)
         state = (torch.stack(h_n), torch.stack(c_n))
-        if packed is not None:
+        if packed is not None and lengths is not None:  # a packed input has lengths
             return _repack(x, lengths, packed), state
         return (x if self.batch_first else x.transpose(0, 1)), state
 
@@ -169,7 +171,7 @@ class FastDPLSTM(nn.Module):
         self, name: str, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One layer in one direction: (output (B, T, H), h_n, c_n)."""
-        cell = self.cells[name]
+        cell: LSTMGates = self.cells[name]  # type: ignore[assignment]  # ModuleDict is untyped
         reverse = name.endswith("_reverse")
         h_prev = x.new_empty(x.shape[0], x.shape[1] + 1, self.hidden_size)
         gates_x = cell(x, h_prev)

@@ -9,6 +9,7 @@ and text as token ids, embedded.
 from __future__ import annotations
 
 import torch
+from opacus.layers import DPLSTM
 from torch import nn
 
 from fedsim.data import IMAGE, NEXT_CHAR, PAD_ID, TEXT_CLASSIFICATION
@@ -39,8 +40,6 @@ def lstm_layer(input_size: int, hidden_size: int, num_layers: int, *, dp: bool) 
 
 def opacus_lstm_layer(input_size: int, hidden_size: int, num_layers: int) -> nn.Module:
     """Opacus's ``DPLSTM`` with ``nn.LSTM``'s state_dict keys: the reference layer."""
-    from opacus.layers import DPLSTM
-
     layer = DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
     # DPLSTM names each parameter twice (its cells' names and nn.LSTM's). Opacus hides
     # the cell names only when DPLSTM is the top module: its hook filters a copy, which a
@@ -51,12 +50,12 @@ def opacus_lstm_layer(input_size: int, hidden_size: int, num_layers: int) -> nn.
     return layer
 
 
-def _drop_cell_names(module: nn.Module, state_dict: dict, prefix: str, _: object) -> None:
+def _drop_cell_names(module: DPLSTM, state_dict: dict, prefix: str, _: object) -> None:
     for cell_name in module.old_to_new:
         state_dict.pop(prefix + cell_name, None)
 
 
-def _add_cell_names(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+def _add_cell_names(module: DPLSTM, state_dict: dict, prefix: str, *_: object) -> None:
     for cell_name, lstm_name in module.old_to_new.items():
         if prefix + lstm_name in state_dict:
             state_dict[prefix + cell_name] = state_dict[prefix + lstm_name]

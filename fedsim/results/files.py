@@ -30,13 +30,20 @@ PARTICIPATION = f"{PRIVATE}/participation.csv"
 PRIVATE_LEDGER = f"{PRIVATE}/ledger.json"
 PRIVATE_README = f"{PRIVATE}/README.txt"
 PARTICIPATION_FIELDS = ("round", "clients", "dropped")
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: what the user's other files get
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place.
+
+    The file gets the user's usual permissions (umask), except in ``private/``, which
+    only its owner may read.
+    """
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o600 if path.parent.name == PRIVATE else 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
             fh.flush()
@@ -65,26 +72,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV file as dicts of strings."""
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Atomically save a run's state (tensors and plain data) as ``checkpoint.pt``."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    (run_dir / PRIVATE).mkdir(exist_ok=True)
-    write_atomic(run_dir / CHECKPOINT, buf.getvalue())
-
-
-def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The state saved by :func:`save_checkpoint`, or None where there is none."""
-    import torch
-
-    path = run_dir / CHECKPOINT
-    if not path.is_file():
-        return None
-    return torch.load(path, weights_only=True)
 
 
 def default_run_dir(out_dir: str | Path, name: str) -> Path:
