@@ -67,7 +67,7 @@ def train(msg: Message, context: Context, *, deployment: bool) -> Message:
     if deployment:
         check_deployment(config)
     pid = train_partition(context, config, named_partition(msg.content))
-    state = msg.content[ARRAYS].to_torch_state_dict()
+    state = msg.content.array_records[ARRAYS].to_torch_state_dict()
     new_state, report = train_round(
         config, pid, server_round, state, local_dir=local_data_dir(context)
     )

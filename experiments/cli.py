@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return HANDLERS[args.command](args)
     except RunInterrupted as exc:
         print(f"fedsim: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except FedsimError as exc:
         if debug:
             traceback.print_exc()
@@ -246,4 +246,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedsim.experiments.console import main as console_main  # the installed command's way
+
+    console_main()

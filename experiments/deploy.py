@@ -22,7 +22,8 @@ from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
-from fedsim.experiments.run import preflight, staging_dir
+from fedsim.experiments.run import preflight
+from fedsim.experiments.rundir import claim_default, claim_new
 from fedsim.experiments.watch import follow_run
 from fedsim.registry import import_roots
 
@@ -106,14 +107,10 @@ def deploy(
             f"{APP_DIR} has no pyproject.toml: fedsim deploy submits the app from a source "
             "checkout; install fedsim from its repository with ./install.sh"
         )
-    run_dir = (out or results.default_run_dir(config.out_dir, config.name)).resolve()
-    staging = staging_dir(run_dir)
-    for path in (run_dir, staging):
-        if path.exists():
-            raise FedsimError(f"{path} already exists; choose another --out or remove it")
     _preflight(config, node_data_dirs)
+    claim = claim_new(out) if out else claim_default(config.out_dir, config.name)
+    run_dir, staging = claim.run_dir, claim.staging
     work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
-    staging.mkdir(parents=True)
     try:
         roots = import_roots(config.own_parts)
         with (
@@ -136,6 +133,7 @@ def deploy(
         shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        claim.release()
     return run_dir
 
 

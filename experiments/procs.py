@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 
 STOP_GRACE_S = 5.0
 TAG_VAR = "FEDSIM_PROCESS_TAG"
+RUN_TAG_VAR = "FEDSIM_RUN_TAG"  # carried by every process a simulation's Ray starts
+ANSI_CODE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,9 +59,13 @@ def _parent_map() -> dict[int, int]:
     return {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
 
 
-def tagged(tag: str, *, prefix: bool = False) -> list[int]:
-    """Processes tagged ``FEDSIM_PROCESS_TAG=tag`` (or a tag starting with it); Linux only."""
-    needle = f"{TAG_VAR}={tag}".encode()
+def tagged(tag: str, *, prefix: bool = False, var: str = TAG_VAR) -> list[int]:
+    """Processes tagged ``var=tag`` (or a tag starting with it) at their start; Linux only.
+
+    /proc shows the environment a process started with, so this process itself, which
+    sets a tag for its children only later, is never among them.
+    """
+    needle = f"{var}={tag}".encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
@@ -70,14 +77,15 @@ def tagged(tag: str, *, prefix: bool = False) -> list[int]:
     return found
 
 
-def kill_tagged(tag: str, *, prefix: bool = False, rounds: int = 5) -> None:
+def kill_tagged(tag: str, *, prefix: bool = False, rounds: int = 5, var: str = TAG_VAR) -> None:
     """SIGKILL every process tagged ``tag``, again until none is left.
 
-    Repeated because a process may start a child (a ClientApp, a SuperExec) while its
-    siblings are being killed; the child inherits the tag, so the next pass finds it.
+    Repeated because a process may start a child (a ClientApp, a SuperExec, a Ray
+    worker) while its siblings are being killed; the child inherits the tag, so the
+    next pass finds it, also once it is orphaned and no longer in our process tree.
     """
     for _ in range(rounds):
-        left = tagged(tag, prefix=prefix)
+        left = [pid for pid in tagged(tag, prefix=prefix, var=var) if pid != os.getpid()]
         if not left:
             return
         _signal_all(left, signal.SIGKILL)
@@ -118,6 +126,15 @@ def stop_tree(proc: subprocess.Popen, tag: str = "", grace: float = STOP_GRACE_S
         proc.wait(timeout=max(grace, 1.0))
 
 
+def stop_processes(pids: list[int], grace: float = 2.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL whichever still runs after ``grace`` seconds."""
+    _signal_all(_alive(pids), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pids):
+        time.sleep(0.05)
+    _signal_all(_alive(pids), signal.SIGKILL)
+
+
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -130,9 +147,13 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def tail(path: Path, lines: int = 1) -> str:
-    """The last non-empty ``lines`` of a log file, or "" where there is none."""
+    """The last non-empty ``lines`` of a log file, or "" where there is none.
+
+    Flower colours its log lines; the colour codes are taken out, since the line is
+    printed again in fedsim's own messages and may go to a file.
+    """
     try:
-        text = path.read_text(errors="replace")
+        text = ANSI_CODE.sub("", path.read_text(errors="replace"))
     except OSError:
         return ""
     return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])

@@ -9,30 +9,36 @@ from it with ``fedsim run --resume``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import secrets
 import shutil
-import signal
+import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ray
 import torch
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
 from fedsim import results
 from fedsim.clients.client_app import simulation_app
-from fedsim.config import FedsimConfig, check_task, parse_config
+from fedsim.config import FedsimConfig, check_task
 from fedsim.data import Dataset, load_dataset, partition_dataset
-from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
+from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.progress import RunProgress, for_terminal
+from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
+from fedsim.experiments.signals import Signals, kill_run_processes, run_environment
 from fedsim.server.federation import simulation_nodes
 from fedsim.server.server_app import build_server_app
-from fedsim.server.state import load_checkpoint
+from fedsim.server.state import load_checkpoint, restore
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start` leaves its address
 
 
 def preflight(config: FedsimConfig) -> Dataset:
@@ -44,6 +50,7 @@ def preflight(config: FedsimConfig) -> Dataset:
     check_task(config, dataset.task)  # a dataset of your own states its task only now
     partition_dataset(dataset, config)
     if config.ray_address:
+        check_ray_address(config.ray_address)
         return dataset  # the cluster's resources count, not this machine's
     if config.client_gpus > 0 and not torch.cuda.is_available():
         raise FedsimError(
@@ -59,19 +66,41 @@ def preflight(config: FedsimConfig) -> Dataset:
     return dataset
 
 
-def staging_dir(run_dir: Path) -> Path:
-    """The hidden folder a run writes into before it is renamed to ``run_dir``."""
-    return run_dir.with_name(f".{run_dir.name}.partial")
+def check_ray_address(address: str) -> None:
+    """Fail in seconds where nothing answers at ``address`` (Ray itself retries for minutes).
+
+    ``auto`` needs the cluster file ``ray start`` writes; ``[ray://]HOST:PORT`` an open port.
+    """
+    if address == "auto":
+        if not os.environ.get("RAY_ADDRESS") and not RAY_CLUSTER_FILE.is_file():
+            raise FedsimError(
+                "ray-address='auto' but no Ray cluster runs on this machine; start one with "
+                "`ray start --head`, or set ray-address='' for a Ray of the run's own"
+            )
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise FedsimError(
+            f"ray-address='{address}': nothing answers there within "
+            f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); start the Ray head with "
+            "`ray start --head`, or set ray-address='' for a Ray of the run's own"
+        ) from None
 
 
 def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
-    """(final results folder, checkpointed config) of an unfinished run at ``path``."""
+    """(final results folder, checkpointed config) of an unfinished run at ``path``.
+
+    The checkpoint is checked here, before any engine starts: a damaged one, or one whose
+    ledger misses a charge, is refused with one line.
+    """
     if path.name.startswith(".") and path.name.endswith(".partial"):
         path = path.with_name(path.name[1 : -len(".partial")])
-    checkpoint = load_checkpoint(staging_dir(path))
-    if checkpoint is None:
+    state = restore(staging_dir(path), infos=[])
+    if state is None:
         raise FedsimError(f"no unfinished run to resume at {path}; pass the folder a run printed")
-    return path, parse_config(checkpoint["config"])
+    return path, state.config
 
 
 def run_experiment(
@@ -87,33 +116,39 @@ def run_experiment(
     """Run (or resume) ``config`` in Flower's simulation engine; return the results folder.
 
     ``progress`` hears every round and every reply (default: a live bar on a terminal,
-    one line per round elsewhere).
+    one line per round elsewhere). SIGINT or SIGTERM abandons the round in progress and
+    stops (:class:`RunInterrupted`, resumable); a second one aborts at once.
     """
     started = time.time()
-    run_dir = Path(out) if out else results.default_run_dir(config.out_dir, config.name)
-    staging = staging_dir(run_dir)
-    if run_dir.exists() and not force:
-        raise FedsimError(f"{run_dir} already exists; choose another --out, or pass --force")
-    if staging.exists() and not resume:
-        raise FedsimError(
-            f"{run_dir} has an unfinished run; continue it with --resume {run_dir} "
-            f"or remove {staging}"
-        )
     dataset = preflight(config)
-    staging.mkdir(parents=True, exist_ok=True)
+    if resume:
+        claim = claim_resume(Path(out or ""))
+    elif out is not None:
+        claim = claim_new(Path(out), force=force)
+    else:
+        claim = claim_default(config.out_dir, config.name)
+    run_dir, staging = claim.run_dir, claim.staging
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     progress = progress or for_terminal(config)
     try:
         _simulate(config, dataset, staging, started, verbose, client_app, progress)
+        claim.finish()
     except RunInterrupted as exc:
-        raise RunInterrupted(f"{exc}; continue with: fedsim run --resume {run_dir}") from None
+        raise RunInterrupted(
+            f"{exc}; continue with: fedsim run --resume {run_dir}", exc.signum
+        ) from None
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise
+        where = exc.filename or staging
+        raise file_error(where, exc, f"fix that, then: fedsim run --resume {run_dir}") from None
     except BaseException:
         if load_checkpoint(staging) is None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
+        claim.release()
         progress.close()
-    _replace(staging, run_dir)
     return run_dir
 
 
@@ -138,45 +173,28 @@ def _simulate(
         stop=stop,
         node_per_client=False,
     )
-    with _stop_on_sigint(stop, progress.note):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=simulation_nodes(config),
-            backend_config=_backend_config(config, verbose),
-        )
+    before = set(descendants(os.getpid()))
+    tag = f"{os.getpid()}-{secrets.token_hex(8)}"
+    signals = Signals(stop, progress.note, spare=before, tag=tag)
+    try:
+        with signals, run_environment(RUN_TAG_VAR, tag):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=simulation_nodes(config),
+                backend_config=_backend_config(config, verbose),
+            )
+    except RunInterrupted:
+        raise RunInterrupted(signals.stopped_where(), signals.signum) from None
+    finally:
+        stop.set()  # the server thread gives up whatever it waits for
+        if ray.is_initialized():  # an error skipped Flower's own shutdown
+            ray.shutdown()
+        kill_run_processes(before, tag)  # Ray's workers can outlive its shutdown by seconds
+    if signals.signum:
+        raise RunInterrupted(signals.stopped_where(), signals.signum)
     if not (staging / results.SUMMARY).exists():
         raise FedsimError("the simulation ended before the server finished; rerun with --debug")
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(stop: threading.Event, say: Callable[[str], None]) -> Iterator[None]:
-    """First Ctrl-C: finish the current round, checkpoint, stop. Second: abort at once."""
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        say("fedsim: stopping after this round (Ctrl-C again to abort now)")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _replace(staging: Path, run_dir: Path) -> None:
-    """Rename ``staging`` to ``run_dir``; an existing ``run_dir`` goes only once it is done."""
-    (staging / results.CHECKPOINT).unlink(missing_ok=True)
-    old = run_dir.with_name(f".{run_dir.name}.old")
-    if run_dir.exists():
-        run_dir.rename(old)
-    staging.rename(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _backend_config(config: FedsimConfig, verbose: bool) -> dict:

@@ -64,7 +64,8 @@ class RunWatch:
 
     def __init__(self, fed: LocalFederation, config: FedsimConfig, staging: Path, deadline):
         self.fed, self.config, self.staging, self.deadline = fed, config, staging, deadline
-        self.printed, self.gone, self.echoed = 0, set(), 0
+        self.printed, self.echoed = 0, 0
+        self.gone: set[str] = set()
         self.progress = for_terminal(config)
         self.since = self.said = time.monotonic()
 

@@ -28,9 +28,18 @@ from pydantic import (
 from fedsim import registry
 from fedsim.errors import FedsimError
 
+_MAX_INT = 2**63 - 1  # the largest whole number a key takes (see _fits_64_bits)
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds; anything else as it is."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 class FedsimConfig(BaseModel):
@@ -53,6 +62,9 @@ class FedsimConfig(BaseModel):
         alias_generator=_kebab,
         populate_by_name=True,
         allow_inf_nan=False,
+        # a value has its key's type: `num-rounds = true` or "3" is a mistake, not 1 or 3;
+        # only an int may stand for a float (`target-epsilon = 8`)
+        strict=True,
     )
 
     name: str = Field(
@@ -156,6 +168,27 @@ class FedsimConfig(BaseModel):
         "", description="'' a Ray of the run's own; HOST:PORT a cluster's head; auto"
     )
     out_dir: str = Field("results", description="where runs write their folders")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_scalars(cls, values: Any) -> Any:
+        # numpy scalars (a seed from np.arange, an lr from np.linspace) are plain numbers
+        # to a user; strict types would refuse np.int64 as an int
+        if isinstance(values, dict):
+            return {key: _plain(value) for key, value in values.items()}
+        return values
+
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        # torch.manual_seed and Flower's messages take 64-bit whole numbers: a larger one
+        # would pass here and crash once the run has started
+        if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_INT:
+            raise ValueError(
+                "must be at most 2**63 - 1 (a 64-bit whole number, what torch and Flower's "
+                "messages carry); use a smaller value"
+            )
+        return value
 
     @field_validator("model", "dataset", "partition", "strategy")
     @classmethod
@@ -410,8 +443,22 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise FedsimError(f"config file {path} is not valid TOML: {exc}") from None
-    app_config = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-    return dict(app_config) if app_config is not None else data
+    return _app_config(path, data)
+
+
+def _app_config(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A Flower pyproject's ``[tool.flwr.app.config]`` table, or else the file's keys."""
+    table: Any = data
+    for level in ("tool", "flwr", "app"):
+        table = table.get(level) if isinstance(table, dict) else None
+    if not isinstance(table, dict) or "config" not in table:
+        return data  # a flat config: a stray `tool` is then an unknown key
+    if not isinstance(table["config"], dict):
+        raise FedsimError(
+            f"config file {path}: tool.flwr.app.config is {toml_literal(table['config'])}, "
+            "not a table; put the config keys under a [tool.flwr.app.config] header"
+        )
+    return dict(table["config"])
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -436,10 +483,42 @@ def _unknown_key_message(key: str) -> str:
     return f"config: unknown key '{key}'; {hint}"
 
 
+_DEFAULTS = {
+    field.alias or name: field.default for name, field in FedsimConfig.model_fields.items()
+}
+# pydantic's strict type errors, as what a TOML value should have been
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+}
+_KINDS: dict[type, str] = {
+    bool: "a boolean",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    dict: "a table",
+    list: "an array",
+}
+
+
 def _format_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] in _EXPECTED and key in _DEFAULTS:
+        return _type_message(key, _EXPECTED[error["type"]], error["input"])
     message = error["msg"].removeprefix("Value error, ")
     if error["loc"]:
         return f"config: {key}: {message} (got {error['input']!r})"
     return f"config: {message}"
+
+
+def _type_message(key: str, expected: str, value: Any) -> str:
+    """``key`` holds a value of the wrong type: what it got, and one that would do."""
+    got = f"{toml_literal(value)} ({_KINDS.get(type(value), type(value).__name__)})"
+    if expected == _EXPECTED["string_type"] and isinstance(value, int | float):  # bools too
+        fix = f"quote it: {key} = {json.dumps(toml_literal(value))}"
+    else:
+        fix = f"for example {key} = {toml_literal(_DEFAULTS[key])}"
+    return f"config: {key}: expected {expected}, got {got}; {fix}"

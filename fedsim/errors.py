@@ -1,5 +1,9 @@
 """The exceptions that reach users as a single line."""
 
+from __future__ import annotations
+
+import errno
+
 
 class FedsimError(Exception):
     """A problem with the user's input: a config value, a data file or a path.
@@ -10,4 +14,35 @@ class FedsimError(Exception):
 
 
 class RunInterrupted(Exception):
-    """The user asked the run to stop; the last finished round is checkpointed."""
+    """The user asked the run to stop; the last finished round is checkpointed.
+
+    ``signum`` is the signal that asked (SIGINT 2, SIGTERM 15); the command exits with
+    128 + ``signum``, as a shell does.
+    """
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def file_error(path: object, exc: OSError, fix: str) -> FedsimError:
+    """One line for an ``OSError`` on ``path`` that the user can fix (space, rights, paths).
+
+    ``fix`` says what to do, e.g. "choose another --out".
+    """
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "it is on a read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "something else is already there",
+        errno.ENAMETOOLONG: "the name is too long",
+    }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return FedsimError(f"cannot write {path}: {why}; {fix}")
+
+
+USER_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)

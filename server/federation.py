@@ -24,7 +24,7 @@ from fedsim.results import RoundRow
 from fedsim.server import outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.rounds import ReplyFn, run_rounds
-from fedsim.server.state import RunState, load_checkpoint, save_checkpoint, save_tensors
+from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
 from fedsim.server.strategy import Cohorts, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
 
@@ -168,9 +168,9 @@ def start_state(
         parts = partition_dataset(dataset, config)
         infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
         nodes = wait_for_nodes(grid, simulation_nodes(config))
-    checkpoint = load_checkpoint(run_dir)
-    if checkpoint is not None:  # resume: the checkpoint's config (σ included) wins
-        return RunState.from_checkpoint(checkpoint, infos), nodes
+    resumed = restore(run_dir, infos)
+    if resumed is not None:  # resume: the checkpoint's config (σ included) wins
+        return resumed, nodes
     outputs.write_partition(run_dir, infos, natural_users(dataset, config, parts))
     if dataset.vocab is not None:
         results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
@@ -272,6 +272,7 @@ def run_federation(
         on_round=after_round,
         stop=stop,
         on_reply=on_reply,
+        abandon=not node_per_client,
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"

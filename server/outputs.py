@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from fedsim import results
 from fedsim.dp import accounting
@@ -94,8 +95,8 @@ def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | N
     fields = ("client", *user_field, "num_examples", *label_fields)
     rows = []
     for i in infos:
-        counts = dict(zip(label_fields, i.label_counts or (), strict=False))
-        row = {"client": i.partition_id, "num_examples": i.num_examples}
+        counts: dict[str, int | str] = dict(zip(label_fields, i.label_counts or (), strict=False))
+        row: dict[str, int | str] = {"client": i.partition_id, "num_examples": i.num_examples}
         row |= {"user": users[i.partition_id]} if users else {}
         rows.append(row | {f: counts.get(f, "unknown") for f in label_fields})
     results.write_csv(run_dir / results.PARTITION, rows, fields)
@@ -110,7 +111,7 @@ def privacy_record(state: RunState, *, public: bool = True) -> dict:
     cfg = state.config
     record: dict = {"accountant": cfg.accountant, "delta": cfg.delta, "units": {}}
     if cfg.dp_sample:
-        sample = {"sampling": privacy.SAMPLING, "relation": RELATION["sample"]}
+        sample: dict[str, Any] = {"sampling": privacy.SAMPLING, "relation": RELATION["sample"]}
         if public and cfg.dp_user:
             sample["charged"] = "every client, every round: cohorts are secret"
             sample["rounds"] = [e.round for e in state.user_ledger]

@@ -62,7 +62,9 @@ def screen_replies(
             dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
         elif reply.has_error():
             dropped[client] = _reason(reply.error.reason)
-        elif not all(np.isfinite(a.numpy()).all() for a in reply.content[ARRAYS].values()):
+        elif not all(
+            np.isfinite(a.numpy()).all() for a in reply.content.array_records[ARRAYS].values()
+        ):
             dropped[client] = "returned non-finite (NaN or infinite) weights"
         else:
             good.append(reply)
@@ -70,17 +72,29 @@ def screen_replies(
 
 
 def exchange(
-    grid: Grid, messages: list[Message], *, timeout: float, on_reply: Callable[[int, int], None]
+    grid: Grid,
+    messages: list[Message],
+    *,
+    timeout: float,
+    on_reply: Callable[[int, int], None],
+    abandon: threading.Event | None = None,
 ) -> list[Message]:
     """Send ``messages``; collect replies until all are in or ``timeout`` seconds pass.
 
     Flower's ``send_and_receive`` does the same but says nothing until the end;
-    ``on_reply`` gets (replies so far, messages sent) each time more arrive.
+    ``on_reply`` gets (replies so far, messages sent) each time more arrive. Once
+    ``abandon`` is set the round is given up (:class:`RunInterrupted`) within
+    ``PULL_INTERVAL_S``: its replies are dropped unread, nothing of it is released.
     """
+    abandon = abandon or threading.Event()
+    if abandon.is_set():
+        raise RunInterrupted("stopped before the round began")
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
+        if abandon.is_set():
+            raise RunInterrupted("stopped during a round; it is run again on resume")
         arrived = list(grid.pull_messages(waiting))
         if not arrived:
             time.sleep(PULL_INTERVAL_S)
@@ -107,6 +121,7 @@ def run_rounds(
     on_round: EvalFn,
     stop: threading.Event | None = None,
     on_reply: ReplyFn | None = None,
+    abandon: bool = False,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
@@ -115,13 +130,17 @@ def run_rounds(
     server optimizer included). A round with fewer than ``min_clients`` usable
     replies stops the run with the reasons; a Poisson cohort may be empty, and then the
     strategy alone decides. Inside a round ``on_reply`` hears (round, replies, sent)
-    each time more clients have replied.
+    each time more clients have replied. Once ``stop`` is set the run stops after the
+    round, or at once with ``abandon`` (where replies dropped unread release nothing:
+    a simulation, whose server is trusted).
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         report = functools.partial(on_reply or _silent, server_round)
         report(0, len(messages))
-        replies = exchange(grid, messages, timeout=timeout, on_reply=report)
+        replies = exchange(
+            grid, messages, timeout=timeout, on_reply=report, abandon=stop if abandon else None
+        )
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)) or new_arrays is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from fedsim import results
 from fedsim.config import FedsimConfig, parse_config
+from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, PrivacySpent
 from fedsim.results import RoundRow
 from fedsim.server import privacy
@@ -117,15 +119,99 @@ def save_tensors(path: Path, obj: Any) -> None:
     results.write_atomic(path, buf.getvalue())
 
 
+CHECKPOINT_MAGIC = b"fedsim-checkpoint 1 sha256="
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Atomically save a run's state as ``private/checkpoint.pt``; only its owner reads it."""
+    """Atomically save a run's state as ``private/checkpoint.pt``; only its owner reads it.
+
+    The file starts with the SHA-256 of what follows, so that a damaged or edited
+    checkpoint is refused on resume instead of being trusted (a lower ε, say).
+    """
     (run_dir / results.PRIVATE).mkdir(mode=0o700, exist_ok=True)
-    save_tensors(run_dir / results.CHECKPOINT, state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    results.write_atomic(run_dir / results.CHECKPOINT, CHECKPOINT_MAGIC + digest + b"\n" + payload)
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The state saved by :func:`save_checkpoint`, or None where there is none."""
+    """The state saved by :func:`save_checkpoint`, or None where there is none.
+
+    Raises
+    ------
+    FedsimError
+        The file is damaged, edited, or not a fedsim checkpoint.
+
+    """
     path = run_dir / results.CHECKPOINT
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=True)
+    data = path.read_bytes()
+    header, _, payload = data.partition(b"\n")
+    digest = header.removeprefix(CHECKPOINT_MAGIC)
+    if (
+        not header.startswith(CHECKPOINT_MAGIC)
+        or hashlib.sha256(payload).hexdigest().encode() != digest
+    ):
+        raise _damaged(path, "its contents do not match their SHA-256")
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as exc:  # any unpickling failure means the same to the user
+        raise _damaged(path, f"it does not load ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not state.keys() >= CHECKPOINT_KEYS:
+        raise _damaged(path, "it lacks parts of a run's state")
+    return state
+
+
+def restore(run_dir: Path, infos: list[ClientInfo]) -> RunState | None:
+    """The checkpointed state of the run in ``run_dir``, checked; None where there is none.
+
+    ``infos``: the clients' sizes (an empty list where only the state is checked).
+    """
+    data = load_checkpoint(run_dir)
+    if data is None:
+        return None
+    path = run_dir / results.CHECKPOINT
+    try:
+        state = RunState.from_checkpoint(data, infos)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(
+            path, f"its state does not read back ({type(exc).__name__}: {exc})"
+        ) from None
+    check_ledger(state, path)
+    return state
+
+
+def check_ledger(state: RunState, path: Path) -> None:
+    """Refuse a checkpoint whose ledgers miss a charge for a round already run.
+
+    Every client in a round's cohort (also one that failed) must be charged in the
+    sample unit's ledger; every round, in the user unit's. A checkpoint that lost a
+    charge would report a lower ε than the run spent.
+    """
+    cfg, rounds = state.config, [row.round for row in state.rows]
+    if rounds != list(range(len(rounds))) or len(state.participation) != len(rounds):
+        raise _damaged(path, "its rounds are not 0, 1, 2, ... in order")
+    charged = {(e.round, c) for c, entries in state.ledger.items() for e in entries}
+    for entry in state.participation[1:]:
+        cohort = [int(c) for c in str(entry["clients"]).split()]
+        missing = [c for c in cohort if (int(entry["round"]), c) not in charged]
+        if cfg.dp_sample and missing:
+            raise _damaged(path, f"its ledger lacks client {missing[0]} in round {entry['round']}")
+    user_rounds = [e.round for e in state.user_ledger]
+    if cfg.dp_user and user_rounds != rounds[1:]:
+        raise _damaged(path, "its user-level ledger does not cover every round")
+
+
+def _damaged(path: Path, why: str) -> FedsimError:
+    return FedsimError(
+        f"checkpoint {path} cannot be trusted: {why}; start the run again "
+        "(a damaged checkpoint is never resumed)"
+    )
+
+
+CHECKPOINT_KEYS = frozenset(
+    {"config", "ledger", "user_ledger", "rows", "participation", "arrays", "strategy", "clip_norm"}
+)

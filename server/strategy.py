@@ -131,7 +131,7 @@ class Cohorts(StrategyWrapper):
     ) -> Iterable[Message]:
         """Send the global model to this round's sample of clients."""
         made = next(iter(self.inner.configure_train(server_round, arrays, config, grid)), None)
-        template = made.content[CONFIG] if made is not None else config
+        template = made.content.config_records[CONFIG] if made is not None else config
         chosen = sample_clients(
             self.num_clients,
             self.clients_per_round,

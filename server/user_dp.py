@@ -139,10 +139,12 @@ class UserLevelDP(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip each update, sum, add noise, divide by the expected cohort size."""
+        if self.current is None:  # Flower always configures a round before aggregating it
+            raise RuntimeError("aggregate_train before configure_train")
         base = to_numpy(self.current)
         clipped, unclipped = [], 0
         for msg in replies:
-            local = to_numpy(msg.content[ARRAYS])
+            local = to_numpy(msg.content.array_records[ARRAYS])
             update, norm = clip({k: local[k] - base[k] for k in base}, self.clip_norm)
             clipped.append(update)
             unclipped += norm <= self.clip_norm

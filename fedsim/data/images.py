@@ -7,6 +7,7 @@ the file that is wrong.
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 from pathlib import Path
 from typing import ClassVar
@@ -42,13 +43,14 @@ def read_idx(path: Path, *, ndim: int) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
         raise FedsimError(f"{path}: not an IDX file of {ndim} dimension(s) of bytes")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
+    held = len(raw) - (4 + 4 * ndim)
+    # exact Python ints: np.prod of a forged header's sizes wraps around 64 bits
+    if held != math.prod(shape):
         raise FedsimError(
-            f"{path}: header says {shape} but holds {body.size} values; the file is "
+            f"{path}: header says {shape} but holds {held} values; the file is "
             "truncated or corrupt, download it again"
         )
-    return body.reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def _idx_path(data_dir: Path, stem: str) -> Path:
@@ -72,6 +74,7 @@ def load_mnist_like(data_dir: Path | None, name: str = "mnist") -> Dataset:
                 f"{paths[f'x_{split}'].name}; the files do not belong together"
             )
         check_labels(y, 10, paths[f"y_{split}"])
+        _check_size(paths[f"x_{split}"], x.shape[1:], (28, 28), name)
     norm = {k: v.astype(np.int64) for k, v in arrays.items() if k.startswith("y")}
     for k in ("x_train", "x_test"):
         norm[k] = _normalize(arrays[k], MNIST_MEAN, MNIST_STD)[:, None]  # (N, 1, 28, 28)
@@ -79,6 +82,15 @@ def load_mnist_like(data_dir: Path | None, name: str = "mnist") -> Dataset:
     return Dataset(
         name, norm["x_train"], norm["y_train"], norm["x_test"], norm["y_test"], 10, shape
     )
+
+
+def _check_size(path: Path, size: tuple[int, ...], wanted: tuple[int, int], name: str) -> None:
+    """One error line unless ``path``'s images are ``wanted`` (height, width)."""
+    if tuple(size) != wanted:
+        raise FedsimError(
+            f"{path}: images are {size[-1]}×{size[-2]}, but {name} images are "
+            f"{wanted[1]}×{wanted[0]} (what its models are built for); download {name} again"
+        )
 
 
 def load_mnist(data_dir: Path | None) -> Dataset:
@@ -111,6 +123,8 @@ def load_cifar10(data_dir: Path | None) -> Dataset:
             classes = _class_folders(folder / "train")
             x_train, y_train = read_image_folder(folder / "train", classes)
             x_test, y_test = read_image_folder(folder / "test", classes)
+            for split, x in (("train", x_train), ("test", x_test)):
+                _check_size(folder / split, x.shape[2:], (32, 32), "cifar10")
             break
     else:
         raise FedsimError(
@@ -140,9 +154,27 @@ class _ArrayUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes  # how protocol 2 writes bytes, not the real codec call
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
+
+
+def _latin1_bytes(*args: object) -> bytes:
+    """``_codecs.encode(text, "latin1")``, the one call pickle protocol 2 makes for bytes.
+
+    Python 3's ``pickle.dump(..., protocol=2)`` writes each bytes object (an array's
+    buffer, a ``b"data"`` key) as that call; any other codec or argument is refused.
+    """
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode{_short(args)}")
+    return args[0].encode("latin-1")
+
+
+def _short(args: tuple[object, ...]) -> str:
+    text = repr(args)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def read_cifar_pickles(folder: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -74,7 +74,19 @@ def history_epsilon(history: History, *, delta: float, accountant: str) -> float
     """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
         return 0.0
-    return _epsilon(tuple(map(tuple, history)), delta, accountant)
+    try:
+        return _epsilon(tuple(map(tuple, history)), delta, accountant)
+    except (MemoryError, OverflowError, ValueError) as exc:
+        # PRV and PLD discretize the composed privacy loss, in arrays that grow with the
+        # steps: a huge num-rounds asks for more memory than exists (numpy says so with
+        # MemoryError, OverflowError or "Maximum allowed size exceeded")
+        if isinstance(exc, ValueError) and "allowed size" not in str(exc):
+            raise
+        steps = sum(int(t) for _, _, t in history)
+        raise FedsimError(
+            f"accountant {accountant} cannot count {steps} noisy steps ({type(exc).__name__}); "
+            "use accountant rdp, or fewer rounds or local epochs"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -6,6 +6,7 @@ folder (report, frontier, the deploy watcher, ``fedsim.load``) parses it here.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -16,8 +17,22 @@ from fedsim.errors import FedsimError
 from fedsim.results import files
 
 
-def _number(value: str) -> float | None:
-    return None if value == "" else float(value)
+def _number(row: dict[str, str], key: str) -> float:
+    try:
+        return float(row[key])
+    except ValueError:
+        raise ValueError(f"{key} is {row[key]!r}, not a number") from None
+
+
+def _whole(row: dict[str, str], key: str) -> int:
+    try:
+        return int(row[key])
+    except ValueError:
+        raise ValueError(f"{key} is {row[key]!r}, not a whole number") from None
+
+
+def _optional(row: dict[str, str], key: str) -> float | None:
+    return None if row[key] == "" else _number(row, key)
 
 
 @dataclass(frozen=True)
@@ -43,20 +58,29 @@ class RoundRow:
 
     @classmethod
     def from_csv(cls, row: dict[str, str]) -> RoundRow:
-        """Parse one ``rounds.csv`` row (strings) into typed values."""
+        """Parse one ``rounds.csv`` row (strings) into typed values.
+
+        Raises
+        ------
+        KeyError
+            A column is missing.
+        ValueError
+            A value does not parse; the message names its column.
+
+        """
         return cls(
-            round=int(row["round"]),
-            accuracy=float(row["accuracy"]),
-            loss=float(row["loss"]),
-            epsilon=float(row["epsilon"]),
-            seconds=float(row["seconds"]),
-            cohort=int(row["cohort"]),
-            failed=int(row["failed"]),
+            round=_whole(row, "round"),
+            accuracy=_number(row, "accuracy"),
+            loss=_number(row, "loss"),
+            epsilon=_number(row, "epsilon"),
+            seconds=_number(row, "seconds"),
+            cohort=_whole(row, "cohort"),
+            failed=_whole(row, "failed"),
             clients=row["clients"],
             dropped=row["dropped"],
-            epsilon_sample=_number(row["epsilon_sample"]),
-            epsilon_user=_number(row["epsilon_user"]),
-            clip_norm=_number(row["clip_norm"]),
+            epsilon_sample=_optional(row, "epsilon_sample"),
+            epsilon_user=_optional(row, "epsilon_user"),
+            clip_norm=_optional(row, "clip_norm"),
         )
 
 
@@ -97,14 +121,50 @@ class Result:
 def load_run(run_dir: str | Path) -> Result:
     """The :class:`Result` of a finished run folder; one error line if it is not one."""
     path = Path(run_dir)
-    summary = _read_json(path / files.SUMMARY)
-    try:
-        rounds = [RoundRow.from_csv(row) for row in files.read_csv(path / files.ROUNDS)]
-    except FileNotFoundError:
-        raise FedsimError(f"{path / files.ROUNDS} is missing; pass a finished run") from None
-    except (KeyError, ValueError) as exc:
-        raise FedsimError(f"{path / files.ROUNDS} is not a fedsim rounds file ({exc})") from None
+    summary = _check_summary(path / files.SUMMARY, _read_json(path / files.SUMMARY))
+    rounds = _read_rounds(path / files.ROUNDS)
     return Result(path, summary, rounds, _read_json(path / files.PRIVACY))
+
+
+# what a damaged or foreign result file gets told: the run's files come only from a run
+_REDO = "rerun or restore the file"
+# the summary keys that reports, plots and frontiers read
+_SUMMARY_KEYS = (
+    "accuracy", "privacy_unit", "epsilon", "delta", "accountant", "epsilon_by_unit",
+    "noise_multiplier", "max_grad_norm", "user_noise_multiplier", "max_update_norm",
+    "num_rounds", "num_clients", "config",
+)  # fmt: skip
+
+
+def _read_rounds(path: Path) -> list[RoundRow]:
+    try:
+        rows = files.read_csv(path)
+    except FileNotFoundError:
+        raise FedsimError(f"{path} is missing; pass a finished run") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FedsimError(f"{path} is not a CSV file ({exc}); {_REDO}") from None
+    return [_round_row(path, number, row) for number, row in enumerate(rows, 1)]
+
+
+def _round_row(path: Path, number: int, row: dict[str, Any]) -> RoundRow:
+    """Row ``number`` (1: the first under the header) of ``rounds.csv``, or one error line."""
+    missing = [key for key in ROUND_FIELDS if key not in row]
+    if missing:
+        raise FedsimError(f"{path} has no column {missing[0]}; it is not a rounds file: {_REDO}")
+    # csv.DictReader fills a short row's last columns with None, and keys a long row's
+    # extra values by None
+    if None in row:
+        raise FedsimError(f"{path} row {number} has more than {len(ROUND_FIELDS)} columns; {_REDO}")
+    if None in row.values():
+        held = sum(value is not None for value in row.values())
+        raise FedsimError(
+            f"{path} row {number} has {held} of the {len(ROUND_FIELDS)} columns "
+            f"(truncated?); {_REDO}"
+        )
+    try:
+        return RoundRow.from_csv(row)
+    except ValueError as exc:
+        raise FedsimError(f"{path} row {number}: {exc}; {_REDO}") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -113,7 +173,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FedsimError(f"{path} is missing; pass a finished run") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FedsimError(f"{path} is not valid JSON ({exc}); the file is damaged") from None
+        raise FedsimError(f"{path} is not valid JSON (truncated?): {exc}; {_REDO}") from None
     if not isinstance(data, dict):
-        raise FedsimError(f"{path} holds a {type(data).__name__}, not a fedsim summary")
+        kinds: dict[type, str] = {list: "a list", str: "a string", type(None): "null"}
+        kind = kinds.get(type(data), type(data).__name__)
+        raise FedsimError(f"{path} holds {kind}, not a JSON object as a run writes; {_REDO}")
     return data
+
+
+def _check_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary``, if it has what the readers of a run use; one error line otherwise."""
+    missing = [key for key in _SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise FedsimError(f"{path} lacks {missing[0]}; it is not a run's summary: {_REDO}")
+    accuracy = summary["accuracy"]
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int | float):
+        raise FedsimError(f"{path}: accuracy is {accuracy!r}, not a number; {_REDO}")
+    for key in ("config", "epsilon_by_unit"):
+        if not isinstance(summary[key], dict):
+            raise FedsimError(f"{path}: {key} is {summary[key]!r}, not a table; {_REDO}")
+    return summary

@@ -1,0 +1,128 @@
+"""Signals during a simulation, and the processes it starts.
+
+SIGINT and SIGTERM: the first stops a run after abandoning its round, a second aborts
+at once. Every process the run's Ray starts carries a tag in its environment, so that
+all of them can be found and stopped afterwards, also ones orphaned when their parent
+died first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ray._private.utils as ray_utils
+
+from fedsim.experiments.procs import RUN_TAG_VAR, descendants, kill_tagged, stop_processes
+
+RAY_SET_SIGTERM = ray_utils.set_sigterm_handler
+
+
+class Signals:
+    """SIGINT and SIGTERM during a run: the first stops it, a second aborts at once.
+
+    The first sets ``stop``: the server abandons the round in progress (a simulation
+    releases nothing of it) and ends with the last checkpointed round, and Flower shuts
+    Ray down. The second kills every process the run started and ends this process with
+    status 128 + the signal, as ``kill -9`` would: the checkpoint, written atomically,
+    still resumes.
+
+    Signals are counted by a thread reading Python's wakeup fd, not in a handler: Ray
+    defers Python's SIGINT handler while it works in the main thread, and a second
+    Ctrl-C could be folded into the first. Only the main thread can set this up;
+    elsewhere it does nothing.
+    """
+
+    def __init__(
+        self, stop: threading.Event, say: Callable[[str], None], *, spare: set[int], tag: str
+    ) -> None:
+        self.stop, self.say, self.spare, self.tag = stop, say, spare, tag
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+        self.fds: tuple[int, int] | None = None
+        self.old_wakeup = -1
+
+    def heard(self, signum: int) -> None:
+        """One SIGINT or SIGTERM arrived."""
+        name = signal.Signals(signum).name
+        if self.signum:
+            self.say(f"fedsim: {name} again: aborting; the last checkpoint still resumes")
+            kill_run_processes(self.spare, self.tag, grace=0)
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        self.stop.set()
+        self.say(f"fedsim: {name}: stopping now (again to abort)")
+
+    def _listen(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 64):  # one byte per signal; b"" once closed
+            for signum in data:
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    self.heard(signum)
+        os.close(read_fd)
+
+    def stopped_where(self) -> str:
+        """What the run did when it stopped."""
+        name = signal.Signals(self.signum or signal.SIGINT).name
+        return f"stopped by {name}; the last finished round is checkpointed"
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.fds = os.pipe()
+        os.set_blocking(self.fds[1], False)
+        self.old_wakeup = signal.set_wakeup_fd(self.fds[1], warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # a Python handler must be in place for the wakeup fd to hear the signal
+            self.previous[signum] = signal.signal(signum, _counted_elsewhere)
+        # ray.init would put its own SIGTERM handler (exit at once, mid-round) in ours'
+        # place: the one function it does that through does nothing while we run
+        ray_utils.set_sigterm_handler = _keep_handler
+        threading.Thread(target=self._listen, args=(self.fds[0],), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fds is None:
+            return
+        ray_utils.set_sigterm_handler = RAY_SET_SIGTERM
+        signal.set_wakeup_fd(self.old_wakeup)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        os.close(self.fds[1])  # the listening thread ends
+
+
+def _counted_elsewhere(signum: int, frame: object) -> None:
+    """The Python-level handler: :class:`Signals` counts the signal from the wakeup fd."""
+
+
+def kill_run_processes(spare: set[int], tag: str, grace: float = 2.0) -> None:
+    """Stop every process the run started: below this one and not in ``spare``, or tagged.
+
+    The tag (``RUN_TAG_VAR``) finds the ones orphaned when their parent (Ray's raylet)
+    died first.
+    """
+    stop_processes([p for p in descendants(os.getpid()) if p not in spare], grace=grace)
+    kill_tagged(tag, var=RUN_TAG_VAR)
+
+
+@contextlib.contextmanager
+def run_environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in the environment that processes started meanwhile inherit."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _keep_handler(handler: object) -> None:
+    """Stands in for Ray's ``set_sigterm_handler`` while a run's own handler is in place."""

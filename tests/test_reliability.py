@@ -1,0 +1,173 @@
+"""Runs that never mix, hang or lie (issue 16): run folders, resume integrity, early errors.
+
+None of these starts Ray: each failure must be found before the engine starts. The
+signal tests, which need a real run, are in tests/test_signals.py.
+"""
+
+import errno
+import importlib.abc
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedsim.experiments
+from fedsim import results
+from fedsim.config import parse_config
+from fedsim.errors import FedsimError
+from fedsim.experiments import console, procs, rundir
+from fedsim.experiments import run as runner
+from fedsim.experiments.run import check_ray_address, resume_target, run_experiment
+from fedsim.results import RoundRow
+from fedsim.server import privacy
+from fedsim.server.state import RunState, load_checkpoint, save_checkpoint
+
+
+def _row(n: int, cohort: int) -> RoundRow:
+    return RoundRow(n, 0.5, 1.0, float(n), 0.1, cohort, 0, "", "", float(n), None, None)
+
+
+def unfinished_run(out: Path, *, drop_charge: bool = False) -> Path:
+    """A staging folder with the checkpoint of a 2-client run after round 1."""
+    config = parse_config({"num-clients": 2, "clients-per-round": 2, "noise-multiplier": 1.0})
+    state = RunState(config, infos=[])
+    state.rows = [_row(0, 0), _row(1, 2)]
+    state.participation = [
+        {"round": 0, "clients": "", "dropped": ""},
+        {"round": 1, "clients": "0 1", "dropped": ""},
+    ]
+    spent = privacy.prescribed_spend(100, noise_multiplier=1.0, batch_size=32, epochs=1)
+    for client in (0,) if drop_charge else (0, 1):
+        privacy.record(state.ledger, client, 1, spent)
+    staging = rundir.staging_dir(out)
+    staging.mkdir(parents=True)
+    save_checkpoint(staging, state.to_checkpoint())
+    return staging
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    first = rundir.claim_default(tmp_path, "digits-cnn")
+    second = rundir.claim_default(tmp_path, "digits-cnn")
+    assert first.run_dir != second.run_dir and second.run_dir.name.endswith("-2")
+    assert first.staging.is_dir() and second.staging.is_dir()
+
+
+def test_a_folder_being_written_is_refused_with_the_pid(tmp_path):
+    held = rundir.claim_new(tmp_path / "run")
+    with pytest.raises(
+        FedsimError, match=rf"being written by another fedsim run \(pid {os.getpid()}"
+    ):
+        run_experiment(parse_config({}), out=tmp_path / "run")
+    held.release()
+
+
+def test_a_second_resume_is_refused_while_the_first_runs(tmp_path):
+    unfinished_run(tmp_path / "run")
+    held = rundir.claim_resume(tmp_path / "run")
+    target, config = resume_target(tmp_path / "run")
+    with pytest.raises(FedsimError, match="being written by another fedsim run"):
+        run_experiment(config, out=target, resume=True)
+    held.release()
+
+
+def test_force_replaces_only_a_finished_run_or_an_empty_folder(tmp_path):
+    thesis = tmp_path / "p" / "thesis.txt"
+    thesis.parent.mkdir()
+    thesis.write_text("x")
+    with pytest.raises(FedsimError, match=r"holds 'thesis.txt'"):
+        run_experiment(parse_config({}), out=tmp_path / "p", force=True)
+    assert thesis.read_text() == "x"
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / results.SUMMARY).write_text("{}")
+    with pytest.raises(FedsimError, match=r"no fedsim summary\.json"):
+        rundir.check_replaceable(fake, force=True)
+    (tmp_path / "empty").mkdir()
+    rundir.check_replaceable(tmp_path / "empty", force=True)
+
+
+@pytest.mark.parametrize("where", [".", "file/sub", "/"])
+def test_unusable_out_folders_get_one_line(tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FedsimError, match=r"already exists|not a folder|cannot be a results"):
+        run_experiment(parse_config({}), out=Path(where))
+
+
+def test_a_read_only_out_folder_gets_one_line(tmp_path, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(FedsimError, match="read-only file system; choose another --out"):
+        run_experiment(parse_config({}), out=tmp_path / "ro" / "run")
+
+
+def test_a_full_disk_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
+    def full(config, dataset, staging, *args):
+        save_checkpoint(staging, {"x": torch.zeros(1)})
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "rounds.csv"))
+
+    monkeypatch.setattr(runner, "_simulate", full)
+    with pytest.raises(FedsimError, match="the disk is full; fix that, then: fedsim run --resume"):
+        run_experiment(parse_config({}), out=tmp_path / "run")
+    assert (tmp_path / ".run.partial" / results.CHECKPOINT).is_file()
+
+
+def test_an_emptied_ledger_is_never_resumed_into_a_lower_epsilon(tmp_path):
+    unfinished_run(tmp_path / "run", drop_charge=True)
+    with pytest.raises(FedsimError, match="ledger lacks client 1 in round 1"):
+        resume_target(tmp_path / "run")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "random", "no-ledger"])
+def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path, damage):
+    staging = unfinished_run(tmp_path / "run")
+    path = staging / results.CHECKPOINT
+    data = path.read_bytes()
+    if damage == "flip":
+        path.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
+    elif damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        path.write_bytes(os.urandom(4096))
+    else:
+        state = load_checkpoint(staging)
+        del state["ledger"]
+        save_checkpoint(staging, state)
+    with pytest.raises(FedsimError, match="cannot be trusted") as err:
+        resume_target(tmp_path / "run")
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_an_unreachable_ray_address_fails_within_seconds():
+    started = time.monotonic()
+    with pytest.raises(FedsimError, match="nothing answers there"):
+        check_ray_address(f"127.0.0.1:{procs.free_port()}")
+    assert time.monotonic() - started < runner.RAY_CONNECT_TIMEOUT_S + 1
+
+
+class _Interrupting(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "fedsim.experiments.cli":
+            raise KeyboardInterrupt
+        return None
+
+
+def test_ctrl_c_while_the_command_imports_exits_130_with_one_line(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "fedsim.experiments.cli", raising=False)
+    monkeypatch.delattr(fedsim.experiments, "cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stop:
+        console.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "fedsim: interrupted\n"
+
+
+def test_log_lines_quoted_in_messages_carry_no_colour_codes(tmp_path):
+    log = tmp_path / "supernode.log"
+    log.write_text("\x1b[92mINFO \x1b[0m:      Starting\n\x1b[91mERROR \x1b[0m: gone\n")
+    assert procs.tail(log) == "ERROR : gone"

@@ -1,0 +1,93 @@
+"""SIGTERM and a second Ctrl-C stop a real run within seconds, leaving no process behind.
+
+Each client straggles for minutes, so that a run which waits for its round to end
+(what a signal used to do) fails these tests by its timing.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300"]
+
+
+def start(out, tmp_path):
+    args = [a for s in SLOW_CLIENTS for a in ("--set", s)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_round_zero(proc):
+    for line in proc.stdout:
+        if line.startswith("round   0/"):
+            time.sleep(1.0)  # round 1 is under way: its clients straggle
+            return
+    pytest.fail(f"the run ended before round 0: {proc.stderr.read()}")
+
+
+def session_processes(sid, grace=3.0):
+    """Live processes of the run's session, after ``grace`` s for SIGKILLed ones to go.
+
+    Zombies are dead: a container's init may never reap the ones orphaned here.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True)
+        rows = (line.split() for line in ps.stdout.splitlines())
+        alive = [int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def stop_and_time(proc, *signals):
+    started = time.monotonic()
+    for sig in signals:
+        os.kill(proc.pid, sig)  # the command only, as `kill PID` does
+        time.sleep(0.2)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        leftovers = session_processes(proc.pid)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    return time.monotonic() - started, leftovers
+
+
+def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path)
+    wait_for_round_zero(proc)
+    seconds, leftovers = stop_and_time(proc, signal.SIGTERM)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 143, stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
+    assert "stopped by SIGTERM" in stderr and f"fedsim run --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    assert leftovers == [], "Ray or worker processes outlived the run"
+    assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").is_file()
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    proc = start(tmp_path / "run", tmp_path)
+    wait_for_round_zero(proc)
+    seconds, leftovers = stop_and_time(proc, signal.SIGINT, signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in stderr
+    assert leftovers == [], "Ray or worker processes outlived the run"
