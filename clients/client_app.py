@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsim.clients.task import client_data, client_info, model_spec
+from fedsim.clients.task import client_info, client_tensors, model_spec
 from fedsim.clients.training import train_local
 from fedsim.config import FedsimConfig, check_deployment
 from fedsim.dp import (
@@ -21,14 +21,14 @@ from fedsim.dp import (
 )
 from fedsim.errors import FedsimError
 from fedsim.messages import (
-    ARRAYS,
     TrainReport,
     decode_config,
     encode_client_info,
     encode_train_reply,
+    model_arrays,
     named_partition,
 )
-from fedsim.models import build_model
+from fedsim.models import build_model, run_device
 
 
 def build_client_app(*, deployment: bool) -> ClientApp:
@@ -67,7 +67,7 @@ def train(msg: Message, context: Context, *, deployment: bool) -> Message:
     if deployment:
         check_deployment(config)
     pid = train_partition(context, config, named_partition(msg.content))
-    state = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    state = model_arrays(msg.content).to_torch_state_dict()
     new_state, report = train_round(
         config, pid, server_round, state, local_dir=local_data_dir(context)
     )
@@ -129,13 +129,13 @@ def train_round(
     fresh from the operating system with ``secure-noise``, or the config's seed otherwise.
     """
     torch.set_num_threads(max(1, int(config.client_cpus)))
-    device = "cuda" if config.client_gpus > 0 and torch.cuda.is_available() else "cpu"
+    device = run_device(config.client_gpus)
     root = secure_root() if config.secure_noise else seeded_root(config.seed)
     key = {"server_round": server_round, "client": pid}
     # dropout and other non-DP randomness; torch's global seed keeps only 32 bits of it
     torch.manual_seed(int.from_bytes(stream_seed(root, purpose=Purpose.LOCAL, **key)[:8], "little"))
     randomness = dp_randomness(root, **key, device=device, secure=config.secure_noise)
-    x, y = client_data(config, pid, local_dir=local_dir)
+    x, y = client_tensors(config, pid, device=device, local_dir=local_dir)
     spec = model_spec(config, local_dir=local_dir)
     model = build_model(config.model, **spec, dp=config.dp_sample)
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fedsim.dp import DPRandomness, make_private, poisson_schedule, secure_dp_randomness
 from fedsim.messages import PrivacySpent
@@ -22,8 +22,8 @@ from fedsim.messages import PrivacySpent
 
 def train_local(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
     *,
     epochs: int,
     batch_size: int,
@@ -41,6 +41,8 @@ def train_local(
 
     Parameters
     ----------
+    x, y
+        Arrays or tensors; they are moved to ``device`` once (tensors already there stay).
     noise_multiplier
         ``None`` trains without DP. A number trains with DP-SGD on
         :func:`fedsim.dp.schedule.poisson_schedule`: Poisson sampling at rate
@@ -69,16 +71,17 @@ def train_local(
 
     """
     model.to(device).train()
-    data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    # the data goes to the device once; every batch is then one gather there
+    xs, ys = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     after_step = _proximal(model, lr * proximal_mu)
     if noise_multiplier is None:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True)
-        losses = _epochs(
-            model, optimizer, loader, nn.CrossEntropyLoss(), epochs, device, all_positions,
-            after_step,
-        )  # fmt: skip
-        return float(np.mean(losses)), PrivacySpent()
+        order = [_shuffled_batches(len(ys), batch_size) for _ in range(epochs)]
+        loss = _epochs(
+            model, optimizer, order, (xs, ys), nn.CrossEntropyLoss(), all_positions, after_step
+        )
+        return loss, PrivacySpent()
+    data = TensorDataset(xs, ys)
     engine = PrivacyEngine(accountant="rdp")
     private = make_private(
         engine,
@@ -91,16 +94,14 @@ def train_local(
         max_grad_norm=max_grad_norm,
         randomness=randomness or secure_dp_randomness(device),
     )
-    losses = _epochs(
-        private.module,
-        private.optimizer,
-        private.data_loader,
-        private.criterion,
-        epochs,
-        device,
-        all_positions,
+    # the Poisson sampler's index lists, drawn as Opacus's loader draws them, but
+    # gathered from the device tensors instead of fetched one sample at a time
+    sampler = private.data_loader.batch_sampler
+    order = [list(sampler) for _ in range(epochs)]
+    loss = _epochs(
+        private.module, private.optimizer, order, (xs, ys), private.criterion, all_positions,
         after_step,
-    )
+    )  # fmt: skip
     history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps), ...]
     spent = PrivacySpent(
         noise_multiplier=tuple(float(h[0]) for h in history),
@@ -108,33 +109,44 @@ def train_local(
         steps=tuple(int(h[2]) for h in history),
     )
     private.close()  # drop the per-sample hooks from the module we were given
-    return float(np.mean(losses)) if losses else float("nan"), spent
+    return loss, spent
+
+
+def _shuffled_batches(n: int, batch_size: int) -> list[torch.Tensor]:
+    """One epoch's minibatches of indices: a permutation (torch's RNG) cut into pieces."""
+    return list(torch.randperm(n).split(batch_size))
 
 
 def _epochs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    order: list[list[Any]],
+    data: tuple[torch.Tensor, torch.Tensor],
     criterion: Callable[[torch.Tensor, torch.Tensor], Any],
-    epochs: int,
-    device: str,
     all_positions: bool,
     after_step: Callable[[], None],
-) -> list[float]:
-    """Every step of ``epochs`` passes over ``loader``; the losses of non-empty batches."""
-    losses = []
-    for _ in range(epochs):
-        for xb, yb in loader:
+) -> float:
+    """One step per batch of indices in ``order`` (a list per epoch); the mean batch loss.
+
+    Losses are summed on the device and read once at the end: a ``.item()`` per step
+    would make the host wait for the GPU at every step. Empty batches (Poisson
+    sampling) step too, with noise only, and count for no loss.
+    """
+    x, y = data
+    total, count = torch.zeros((), device=y.device), 0
+    for epoch in order:
+        for indices in epoch:
+            idx = torch.as_tensor(indices, dtype=torch.long).to(y.device, non_blocking=True)
+            xb, yb = x[idx], y[idx]  # (B, ...), (B,) or (B, T)
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss(
-                model, xb.to(device), yb.to(device), criterion, all_positions=all_positions
-            )
+            loss = _loss(model, xb, yb, criterion, all_positions=all_positions)
             loss.backward()
             optimizer.step()
             after_step()
-            if len(yb):
-                losses.append(loss.item())
-    return losses
+            if len(indices):
+                total += loss.detach()
+                count += 1
+    return float(total) / count if count else float("nan")
 
 
 def _proximal(model: nn.Module, pull: float) -> Callable[[], None]:

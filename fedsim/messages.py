@@ -97,6 +97,14 @@ def average_content(arrays: ArrayRecord) -> RecordDict:
     return RecordDict({ARRAYS: arrays, METRICS: metrics})
 
 
+def model_arrays(content: Mapping[str, object]) -> ArrayRecord:
+    """The model weights a train message or reply carries (``ARRAYS``)."""
+    record = content.get(ARRAYS)
+    if not isinstance(record, ArrayRecord):
+        raise FedsimError(f"the message carries no model weights under '{ARRAYS}'")
+    return record
+
+
 def message_client(content: RecordDict) -> int:
     """The client a train message names, or that a train reply is from."""
     if CONFIG in content and (named := named_partition(content)) is not None:

@@ -19,7 +19,7 @@ from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset, 
 from fedsim.dp import accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
-from fedsim.models import build_model, evaluate, model_kwargs
+from fedsim.models import build_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
 from fedsim.server import outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
@@ -220,10 +220,14 @@ def run_federation(
     state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
     torch.manual_seed(cfg.seed)
-    # evaluation needs no per-sample gradients; the DP layers share this state_dict
-    model = build_model(cfg.model, **model_kwargs(dataset), dp=False)
+    # evaluation needs no per-sample gradients; the DP layers share this state_dict.
+    # It runs where the clients train, and the test split goes there once.
+    device = run_device(cfg.client_gpus)
+    model = build_model(cfg.model, **model_kwargs(dataset), dp=False).to(device)
     if state.arrays is not None:
         model.load_state_dict(state.arrays)
+    x_test = torch.as_tensor(dataset.x_test).to(device)
+    y_test = torch.as_tensor(dataset.y_test).to(device)
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     strategy, user_dp, algorithm = build_strategy(state, nodes, bound=node_per_client, root=root)
@@ -234,7 +238,7 @@ def run_federation(
             model.load_state_dict(arrays.to_torch_state_dict())
         if user_dp is not None:
             state.clip_norm = user_dp.clip_norm
-        loss, acc = evaluate(model, dataset.x_test, dataset.y_test)
+        loss, acc = evaluate(model, x_test, y_test, device=device)
         # seconds since the last round's row: training, aggregation, evaluation, accounting
         # and the last round's checkpoint: no time between rounds goes unrecorded
         now = time.time()
@@ -251,7 +255,7 @@ def run_federation(
         clock[0] = now
         state.rows.append(row)
         state.participation.append(participation)
-        state.arrays = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.arrays = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         state.strategy = algorithm_state(algorithm)
         results.write_csv(
             run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
@@ -264,7 +268,7 @@ def run_federation(
     run_rounds(
         strategy,
         grid,
-        ArrayRecord(model.state_dict()),
+        ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()}),
         rounds=range(len(state.rows), cfg.num_rounds + 1),
         train_config=ConfigRecord(cfg.to_flat()),
         timeout=cfg.round_timeout,

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import FedsimError, RunInterrupted
-from fedsim.messages import ARRAYS
+from fedsim.messages import model_arrays
 from fedsim.server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
@@ -62,9 +62,7 @@ def screen_replies(
             dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
         elif reply.has_error():
             dropped[client] = _reason(reply.error.reason)
-        elif not all(
-            np.isfinite(a.numpy()).all() for a in reply.content.array_records[ARRAYS].values()
-        ):
+        elif not all(np.isfinite(a.numpy()).all() for a in model_arrays(reply.content).values()):
             dropped[client] = "returned non-finite (NaN or infinite) weights"
         else:
             good.append(reply)

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
 from fedsim.errors import FedsimError
-from fedsim.messages import ARRAYS, average_content
+from fedsim.messages import average_content, model_arrays
 from fedsim.server.privacy import LedgerEntry
 from fedsim.server.strategy import StrategyWrapper
 
@@ -144,7 +144,7 @@ class UserLevelDP(StrategyWrapper):
         base = to_numpy(self.current)
         clipped, unclipped = [], 0
         for msg in replies:
-            local = to_numpy(msg.content.array_records[ARRAYS])
+            local = to_numpy(model_arrays(msg.content))
             update, norm = clip({k: local[k] - base[k] for k in base}, self.clip_norm)
             clipped.append(update)
             unclipped += norm <= self.clip_norm

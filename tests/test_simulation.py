@@ -28,18 +28,26 @@ SMALL = [
 ]
 
 
-def fedsim_run(out, *sets):
+def start_run(out, *sets):
     args = [a for s in (*SMALL, *sets) for a in ("--set", s)]
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
         cwd=out.parent,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
+
+
+def finish(proc):
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def fedsim_run(out, *sets):
+    return finish(start_run(out, *sets))
 
 
 def resume(out):
@@ -56,8 +64,8 @@ def resume(out):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("sim")
-    first = fedsim_run(base / "a")
-    fedsim_run(base / "b")
+    runs = [start_run(base / "a"), start_run(base / "b")]  # at once: their own Rays and folders
+    first, _ = [finish(run) for run in runs]
     return base, first
 
 

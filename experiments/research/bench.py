@@ -81,17 +81,17 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids ``(B, T)`` -> logits."""
-        positions = torch.arange(x.shape[1]).repeat(x.shape[0], 1)
+        positions = torch.arange(x.shape[1], device=x.device).repeat(x.shape[0], 1)
         return self.head(self.norm(self.blocks(self.emb(x) + self.pos(positions))).mean(1))
 
 
 def make_step(build: Callable[[], nn.Module], mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
     """One training step of a fresh model in ``mode`` on the fixed batch ``(x, y)``."""
     torch.manual_seed(0)
-    model = build()
+    model = build().to(x.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion = nn.CrossEntropyLoss()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
     if mode == "fast":  # fixed batches: the step's cost, not the sampling's
         model, optimizer, criterion, _, _ = make_private_fast(
@@ -113,17 +113,19 @@ def make_step(build: Callable[[], nn.Module], mode: str, x: torch.Tensor, y: tor
     return step
 
 
-def cases(name: str) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], torch.Tensor]:
+def cases(
+    name: str, batch: int = BATCH
+) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], torch.Tensor]:
     """(label, model builder, mode) rows of one model and its input; row 0 is the denominator."""
     if name == "cnn":
         modes = ["none", "hooks", "ghost", "functorch", "ew", "fast"]
         build = lambda: fedavg_cnn(input_shape=(1, 28, 28), num_classes=10)  # noqa: E731
-        return [(m, build, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
+        return [(m, build, m) for m in modes], torch.randn(batch, 1, 28, 28)
     if name == "project-cnn":
         build = lambda: project_cnn(input_shape=(1, 28, 28), num_classes=10)  # noqa: E731
         modes = ["none", "hooks", "ghost", "fast"]
-        return [(m, build, m) for m in modes], torch.randn(BATCH, 1, 28, 28)
-    tokens = torch.randint(0, VOCAB, (BATCH, STEPS))
+        return [(m, build, m) for m in modes], torch.randn(batch, 1, 28, 28)
+    tokens = torch.randint(0, VOCAB, (batch, STEPS))
     if name == "transformer":
         modes = ["none", "hooks", "ghost", "functorch", "ew", "fast"]
         return [(m, Encoder, m) for m in modes], tokens
@@ -136,10 +138,18 @@ def cases(name: str) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], to
     return rows, tokens
 
 
-def measure(name: str, repeats: int) -> list[tuple[str, float, float, float, float]]:
-    """(label, CPU ms, CPU ratio, wall ms, wall ratio) per row, medians over ``repeats``."""
-    rows, x = cases(name)
-    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (BATCH,))
+def measure(
+    name: str, repeats: int, *, batch: int = BATCH, device: str = "cpu"
+) -> list[tuple[str, float, float, float, float]]:
+    """(label, CPU ms, CPU ratio, wall ms, wall ratio) per row, medians over ``repeats``.
+
+    On a GPU the wall clock is read after ``torch.cuda.synchronize()``: the step's time
+    on the device, not the time to queue its kernels.
+    """
+    rows, x = cases(name, batch)
+    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
+    x, y = x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     steps = {}
     for label, build, mode in rows:
         try:
@@ -152,8 +162,10 @@ def measure(name: str, repeats: int) -> list[tuple[str, float, float, float, flo
     wall: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
+            sync()
             c0, w0 = time.process_time(), time.perf_counter()
             step()
+            sync()
             cpu[label].append(time.process_time() - c0)
             wall[label].append(time.perf_counter() - w0)
     base = rows[0][0]
@@ -173,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
+    parser.add_argument("--batch", default=str(BATCH), help="batch sizes, e.g. 64,256")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--all",
         action="store_true",
@@ -183,15 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
-    cpu_name = _cpu_name()
-    print(f"# {datetime.date.today()}  {cpu_name}  torch {torch.__version__}  "
-          f"opacus {opacus.__version__}  threads {args.threads}  batch {BATCH}  "
-          f"median of {args.repeats}, interleaved")  # fmt: skip
-    print("| model | mode | CPU ms/step | CPU ratio | wall ms/step | wall ratio |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name in args.models.split(","):
-        for label, c_ms, c_ratio, w_ms, w_ratio in measure(name, args.repeats):
-            print(f"| {name} | {label} | {c_ms:.0f} | {c_ratio:.2f} | {w_ms:.0f} | {w_ratio:.2f} |")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    print(f"# {datetime.date.today()}  {where}  torch {torch.__version__}  "
+          f"opacus {opacus.__version__}  threads {args.threads}  "
+          f"median of {args.repeats}, interleaved", flush=True)  # fmt: skip
+    print("| model | batch | mode | CPU ms/step | CPU ratio | wall ms/step | wall ratio |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for batch in map(int, args.batch.split(",")):
+        for name in args.models.split(","):
+            for label, c_ms, c_ratio, w_ms, w_ratio in measure(
+                name, args.repeats, batch=batch, device=args.device
+            ):
+                print(f"| {name} | {batch} | {label} | {c_ms:.1f} | {c_ratio:.2f} | "
+                      f"{w_ms:.2f} | {w_ratio:.2f} |", flush=True)  # fmt: skip
     if args.all:
         from experiments.research import bench_federation, bench_population
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import FedsimConfig, parse_config
+from fedsim.config import FedsimConfig, parse_config, toml_literal
 
 PLAIN, FEDSIM, PFL = "plain loop", "fedsim run", "pfl 0.6"
 Side = tuple[float, list[float], float]
@@ -85,7 +85,7 @@ def run_side(side: str, config: FedsimConfig, python: str = sys.executable) -> S
     """(total wall s from launch to exit, seconds of rounds 0..N, final accuracy)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        sets = [a for k, v in config.to_flat().items() for a in ("--set", f"{k}={v}")]
+        sets = [a for k, v in config.to_flat().items() for a in ("--set", f"{k}={toml_literal(v)}")]
         (folder / "config.json").write_text(json.dumps(config.to_flat()))
         command = {
             PLAIN: ["-m", "experiments.research.bench_federation", "--plain", tmp],

@@ -141,7 +141,11 @@ class ClippedLoss:
 
     def item(self) -> float:
         """Mean loss of the batch."""
-        return float(self.per_sample.detach().mean())
+        return float(self.detach())
+
+    def detach(self) -> Tensor:
+        """Mean loss of the batch, as a tensor on its device (no host sync)."""
+        return self.per_sample.detach().mean()
 
 
 def make_private_fast(

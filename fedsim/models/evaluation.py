@@ -1,4 +1,4 @@
-"""Evaluation of a model on held-out arrays, shared by server and clients."""
+"""Evaluation of a model on held-out data, shared by server and clients."""
 
 from __future__ import annotations
 
@@ -7,18 +7,33 @@ import torch
 from torch import nn
 
 
+def run_device(client_gpus: float) -> str:
+    """Where a run trains and evaluates: ``cuda`` where it asks for GPUs and sees one."""
+    return "cuda" if client_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024, device: str = "cpu"
+    model: nn.Module,
+    x: np.ndarray | torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: str = "cpu",
 ) -> tuple[float, float]:
-    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``."""
+    """Return (mean cross-entropy loss, accuracy) of ``model`` on ``(x, y)``.
+
+    Sums stay on ``device`` and are read once at the end, so that a GPU never waits for
+    the host between batches; tensors already on ``device`` are not copied.
+    """
     model.eval()
     model.to(device)
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        xb = torch.from_numpy(x[start : start + batch_size]).to(device)
-        yb = torch.from_numpy(y[start : start + batch_size]).to(device)
-        logits = model(xb)
-        total_loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == yb).sum().item()
-    return total_loss / len(x), correct / len(x)
+    xs, ys = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(ys), batch_size):
+        logits = model(xs[start : start + batch_size])  # (B, C)
+        yb = ys[start : start + batch_size]
+        total += nn.functional.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == yb).sum()
+    return float(total) / len(ys), int(correct) / len(ys)
