@@ -4,7 +4,8 @@ The public face of the package. ``fast_clip`` clips per-sample gradients in one 
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
 ``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
-purpose) its own stream; ``accounting`` turns histories into ε and targets into σ.
+purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
+``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func.
 """
 
 from fedsim.dp.accounting import (
@@ -15,6 +16,7 @@ from fedsim.dp.accounting import (
     history_epsilon,
     solve_noise_multiplier,
 )
+from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
 from fedsim.dp.fast_clip import (
     GRAD_SAMPLE_MODES,
     FastClipper,
@@ -43,6 +45,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "RDP_ORDERS",
     "REPLACE_ONE",
+    "CohortUpdate",
     "DPRandomness",
     "FastClipper",
     "FastDPLSTM",
@@ -50,6 +53,7 @@ __all__ = [
     "PrivateTraining",
     "Purpose",
     "Schedule",
+    "check_cohort_model",
     "dp_randomness",
     "history_epsilon",
     "make_private",
@@ -64,4 +68,5 @@ __all__ = [
     "solve_noise_multiplier",
     "stream_seed",
     "torch_generator",
+    "train_cohort",
 ]

@@ -1,0 +1,352 @@
+"""K clients' local training at once: stacked weights, per-sample gradients by torch.func.
+
+One client's round (``clients.training.train_local``) is a few dozen small steps, too
+small to keep a GPU busy. Here a cohort of K clients trains together: their weights are
+stacked on a leading client axis, each step gathers every client's batch into one
+(K, B, ...) tensor, and ``torch.func.vmap`` runs the model over clients and, for DP-SGD,
+over samples (``vmap(grad(...))``: one gradient per sample).
+
+Each client's mechanism is the one-client path's, draw for draw: its Poisson masks come
+from Opacus's own sampler on the client's ``batches`` generator, and its noise from
+Opacus's own ``_generate_noise`` on the client's ``noise`` generator, per parameter in
+parameter order. With equal generators a client's new weights equal ``train_local``'s up
+to float rounding (tests/test_cohort.py). Clients share no stream and no sample.
+
+Ragged clients (sizes n_k, steps s_k): a step's batches are padded to the widest with
+weight-0 rows (copies of a real example, so their gradients are finite and × 0 is an
+exact zero), and clients are sorted by step count, so that those still training at step
+t are a prefix of the stack; the others are not computed at all.
+
+Cost on a GPU (H200, issue 14's workloads: experiments/research/bench_cohort.py): the
+per-sample weight gradients of convolutions dominate. vmap makes them grouped
+convolutions, one group per (client, sample), which cuDNN runs group by group; larger
+``chunk_size`` helps a little (fewer, larger calls).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from opacus.optimizers.optimizer import _generate_noise
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fedsim.dp.fast_clip import per_sample_cross_entropy
+from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
+from fedsim.dp.schedule import poisson_schedule
+from fedsim.errors import FedsimError
+
+Weights = dict[str, Tensor]
+Data = list[tuple[Tensor, Tensor]]  # each client's (x, y)
+# the active clients' step: weights, constants, x (k, B, ...), y, rows (k, B) -> grads, loss
+Step = Callable[[Weights, Weights, Tensor, Tensor, Tensor], tuple[Weights, Tensor]]
+
+
+class CohortUpdate(NamedTuple):
+    """One client's result: its new state_dict and its mean loss over non-empty steps."""
+
+    state: dict[str, Tensor]
+    loss: float
+
+
+class _Layout(NamedTuple):
+    """Every step's batches, padded; clients in training order (most steps first)."""
+
+    picks: Tensor  # (T, K, W) rows of the concatenated data
+    rows: Tensor  # (T, K, W) 1 for a real row, 0 for padding
+    active: list[int]  # clients still training at step t: a prefix of the stack
+    width: list[int]  # the widest of their batches at step t (>= 1)
+
+
+def train_cohort(
+    model: nn.Module,
+    starts: list[Weights],
+    data: Data,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    noise_multiplier: float | None,
+    max_grad_norm: float = 1.0,
+    randomness: list[DPRandomness] | None = None,
+    device: str | torch.device = "cpu",
+    all_positions: bool = False,
+    proximal_mu: float = 0.0,
+    chunk_size: int | None = None,
+) -> list[CohortUpdate]:
+    """Train K clients from their own start weights on their own data, all at once.
+
+    Parameters
+    ----------
+    model
+        The architecture (left untouched); ``starts[k]`` is client k's state_dict.
+        Recurrent layers and running statistics are refused (:func:`check_cohort_model`).
+    data
+        Client k's ``(x, y)``, arrays or tensors of any length n_k >= 1.
+    noise_multiplier
+        ``None``: plain minibatch SGD, each epoch a permutation drawn from
+        ``randomness[k].batches`` cut into batches of ``batch_size`` (``train_local``
+        draws the same permutation from torch's global generator). A number: DP-SGD on
+        :func:`fedsim.dp.schedule.poisson_schedule`, as ``train_local`` does it.
+    randomness
+        One per client; by default fresh ones from the operating system's CSPRNG.
+    all_positions, proximal_mu
+        As in ``clients.training.train_local``.
+    chunk_size
+        Clients per ``vmap`` chunk; ``None``: all. DP-SGD holds chunk · B · (parameters)
+        per-sample gradients at once: smaller chunks bound that memory.
+
+    Returns
+    -------
+    list
+        A :class:`CohortUpdate` per client, in the order of ``data``, on ``device``.
+
+    """
+    _check_inputs(model, starts, data, randomness)
+    rand = randomness or [secure_dp_randomness(device) for _ in data]
+    dp = noise_multiplier is not None
+    plans = [
+        _plan(len(y), r.batches, batch_size, epochs, dp=dp)
+        for (_, y), r in zip(data, rand, strict=True)
+    ]
+    order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
+    template = copy.deepcopy(model).to(device).train()
+    weights, consts = _stacked(template, [starts[k] for k in order], device)
+    x = torch.cat([torch.as_tensor(data[k][0]).to(device) for k in order])  # (Σn, ...)
+    y = torch.cat([torch.as_tensor(data[k][1]).to(device) for k in order])  # (Σn, ...)
+    sizes = [len(data[k][1]) for k in order]
+    dtype = next(iter(weights.values())).dtype
+    layout = _layout([plans[k] for k in order], sizes, dtype, device)
+    noise = None
+    if noise_multiplier is not None:
+        std = noise_multiplier * max_grad_norm
+        noise = _Noise([rand[k] for k in order], std, sizes, batch_size=batch_size)
+    update = _SGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
+    step = _client_step(template, dp=dp, clip=max_grad_norm, all_positions=all_positions)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math attention has vmap rules
+        losses = _train(weights, consts, (x, y), layout, vmap(step, chunk_size=chunk_size), update)
+    at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
+    tensors = {**weights, **consts}
+    keys = list(template.state_dict())
+    return [
+        CohortUpdate({key: tensors[key][at[k]].clone() for key in keys}, losses[at[k]])
+        for k in range(len(data))
+    ]
+
+
+def check_cohort_model(model: nn.Module) -> None:
+    """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics."""
+    name = type(model).__name__
+    for layer in model.modules():
+        kind = type(layer).__name__
+        if isinstance(layer, nn.RNNBase | FastDPLSTM):
+            raise FedsimError(
+                f"vectorized cohort training does not support {name}: torch.func.vmap has no "
+                f"batching rule for its {kind} (fused cuDNN/oneDNN kernels run one sample at "
+                "a time; FastDPLSTM's autograd.Function cannot be vmapped); train these "
+                "clients one at a time (clients.training.train_local)"
+            )
+        if getattr(layer, "track_running_stats", False):
+            raise FedsimError(
+                f"vectorized cohort training does not support {name}: its {kind} updates "
+                "running statistics in training, which mix a batch's samples; use GroupNorm"
+            )
+
+
+def _check_inputs(
+    model: nn.Module, starts: list[Weights], data: Data, randomness: list[DPRandomness] | None
+) -> None:
+    if not data or len(starts) != len(data) or len(randomness or data) != len(data):
+        raise FedsimError(
+            f"train_cohort needs one start and one randomness per client: got {len(data)} "
+            f"clients, {len(starts)} starts, {len(randomness or data)} randomness"
+        )
+    for k, (x, y) in enumerate(data):
+        if len(y) == 0 or len(x) != len(y):
+            raise FedsimError(f"client {k} has {len(x)} inputs and {len(y)} labels; need n >= 1")
+    check_cohort_model(model)
+
+
+def _stacked(
+    template: nn.Module, states: list[Weights], device: str | torch.device
+) -> tuple[Weights, Weights]:
+    """The trainable weights and the other state of every client, stacked: (K, *shape) each.
+
+    Copies, which training updates in place; the other state (buffers, frozen weights) is
+    passed to the model as it is and returned unchanged.
+    """
+    names = [name for name, p in template.named_parameters() if p.requires_grad]
+    keys = list(template.state_dict())
+    for key in keys:
+        if any(key not in state for state in states):
+            raise FedsimError(f"a start state_dict lacks '{key}', which the model has")
+    # clients usually share one start: each distinct tensor goes to the device once
+    moved = {id(s[key]): s[key].detach().to(device) for s in states for key in keys}
+    stacked = {key: torch.stack([moved[id(s[key])] for s in states]) for key in keys}
+    weights = {name: stacked.pop(name) for name in names}
+    return weights, stacked
+
+
+def _plan(n: int, generator: torch.Generator, batch_size: int, epochs: int, *, dp: bool) -> list:
+    """One client's batches of indices for every step, drawn as ``train_local`` draws them.
+
+    Every client's draws are sequential calls on its own CPU generator (K · T small
+    ``torch.rand``); exactness needs them, and they cost far less than the steps.
+    """
+    if not dp:  # train_local: a permutation an epoch, all drawn before training
+        perms = [torch.randperm(n, generator=generator) for _ in range(epochs)]
+        return [batch for perm in perms for batch in perm.split(batch_size)]
+    schedule = poisson_schedule(n, batch_size=batch_size, epochs=epochs)
+    # what fedsim.dp.poisson_loader's DPDataLoader samples with: rate q, the schedule's steps
+    sampler = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=schedule.sample_rate, generator=generator, steps=schedule.batches
+    )
+    return [torch.tensor(b, dtype=torch.long) for _ in range(epochs) for b in sampler]
+
+
+def _layout(
+    plans: list[list], sizes: list[int], dtype: torch.dtype, device: str | torch.device
+) -> _Layout:
+    """The plans (most steps first) as padded (T, K, W) index and row-weight tensors."""
+    offsets = [0, *itertools.accumulate(sizes)][:-1]  # client k's rows in the concatenation
+    steps = len(plans[0])
+    active = [sum(len(plan) > t for plan in plans) for t in range(steps)]
+    width = [max([1, *(len(plan[t]) for plan in plans[:k])]) for t, k in enumerate(active)]
+    index = torch.zeros(steps, len(plans), max(width), dtype=torch.long)
+    rows = torch.zeros(steps, len(plans), max(width), dtype=dtype)
+    for k, (plan, offset) in enumerate(zip(plans, offsets, strict=True)):
+        index[:, k] = offset  # padding reads the client's first example: finite gradients
+        for t, batch in enumerate(plan):
+            index[t, k, : len(batch)] += batch
+            rows[t, k, : len(batch)] = 1
+    return _Layout(index.to(device), rows.to(device), active, width)
+
+
+def _client_step(model: nn.Module, *, dp: bool, clip: float, all_positions: bool) -> Step:
+    """One client's step for vmap over clients: its gradient (DP: clipped sum) and loss."""
+
+    def per_sample(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> Tensor:
+        if not all_positions:  # (B, C) logits
+            return per_sample_cross_entropy(functional_call(model, (weights, consts), (x,)), y)
+        targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (B, T): next characters
+        logits = functional_call(model, (weights, consts), (x,), {"all_positions": True})
+        return per_sample_cross_entropy(logits, targets)  # (B, C, T) -> (B,)
+
+    def one(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = per_sample(weights, consts, x[None], y[None]).sum()  # one sample, batch of 1
+        return loss, loss
+
+    per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0))
+
+    def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
+        grads, loss = per_grad(w, c, x, y)  # (B, *shape) each, (B,)
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], 1)
+        coef = (clip / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
+        summed = {n: torch.einsum("i,i...", coef.to(g.dtype), g) for n, g in grads.items()}
+        return summed, _mean(loss, rows)
+
+    def plain(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
+        def batch_mean(weights: Weights) -> tuple[Tensor, Tensor]:
+            mean = _mean(per_sample(weights, c, x, y), rows)  # CrossEntropyLoss's mean
+            return mean, mean
+
+        return grad(batch_mean, has_aux=True)(w)
+
+    return private if dp else plain
+
+
+def _mean(loss: Tensor, rows: Tensor) -> Tensor:
+    """Mean of the real rows' losses; 0 for an empty batch."""
+    return (loss * rows).sum() / rows.sum().clamp(min=1)
+
+
+class _Noise:
+    """DP-SGD's noise and scale for the active clients: (Σ clipped + N(0, σ²C²)) / E[B]."""
+
+    def __init__(
+        self, rand: list[DPRandomness], std: float, sizes: list[int], *, batch_size: int
+    ) -> None:
+        self.rand, self.std = rand, std
+        # Opacus divides by int(n · q), q = 1 / len(loader), as PrivacyEngine computes it
+        steps = [poisson_schedule(n, batch_size=batch_size, epochs=1).batches for n in sizes]
+        expected = [int(n * (1 / s)) for n, s in zip(sizes, steps, strict=True)]
+        self.expected = torch.tensor(expected, dtype=torch.float64)
+
+    def __call__(self, summed: Weights, k: int) -> Weights:
+        """``summed`` (k, *shape) each, noised and scaled; each generator draws as Opacus's."""
+        out = {}
+        for name, s in summed.items():  # per generator: one draw a parameter, in order
+            noise = [
+                _generate_noise(
+                    std=self.std, reference=s[j], generator=r.noise, secure_mode=r.secure
+                )
+                for j, r in enumerate(self.rand[:k])
+            ]
+            scale = self.expected[:k].to(s.device, s.dtype).view(-1, *[1] * (s.dim() - 1))
+            out[name] = (s + torch.stack(noise)) / scale
+        return out
+
+
+class _SGD:
+    """``torch.optim.SGD`` (momentum, then FedProx's pull) on the active clients' weights."""
+
+    def __init__(
+        self, weights: Weights, *, lr: float, momentum: float, pull: float, noise: _Noise | None
+    ) -> None:
+        self.weights, self.lr, self.momentum, self.pull = weights, lr, momentum, pull
+        self.noise = noise
+        # a zero velocity makes torch's first step (buf = grad) the general one: 0·m + g = g
+        self.velocity = {n: torch.zeros_like(p) for n, p in weights.items()} if momentum else {}
+        self.origin = {n: p.clone() for n, p in weights.items()} if pull else {}
+
+    def __call__(self, grads: Weights, k: int) -> None:
+        grads = {name: grads[name] for name in self.weights}  # parameter order, as Opacus's
+        if self.noise is not None:
+            grads = self.noise(grads, k)
+        for name, g in grads.items():
+            p = self.weights[name][:k]  # a view: updates the stack in place
+            if self.velocity:
+                g = self.velocity[name][:k].mul_(self.momentum).add_(g)
+            p.add_(g, alpha=-self.lr)
+            if self.origin:
+                p.sub_(self.pull * (p - self.origin[name][:k]))
+
+
+def _train(
+    weights: Weights,
+    consts: Weights,
+    data: tuple[Tensor, Tensor],
+    layout: _Layout,
+    step: Step,
+    update: _SGD,
+) -> list[float]:
+    """Every step of the cohort; each client's mean loss over its non-empty steps.
+
+    Nothing here waits for the device: shapes come from the host-side plan, and the
+    losses are summed on the device and read once at the end.
+    """
+    x, y = data
+    total = torch.zeros(len(layout.picks[0]), dtype=torch.float64, device=x.device)
+    count = torch.zeros_like(total)
+    for t, (k, width) in enumerate(zip(layout.active, layout.width, strict=True)):
+        index, rows = layout.picks[t, :k, :width], layout.rows[t, :k, :width]  # (k, W)
+        grads, loss = step(
+            {n: p[:k] for n, p in weights.items()},
+            {n: c[:k] for n, c in consts.items()},
+            x[index],  # (k, W, ...)
+            y[index],
+            rows,
+        )
+        update(grads, k)
+        seen = rows.sum(1) > 0  # an empty Poisson batch still steps, but has no loss
+        total[:k] += torch.where(seen, loss, 0)
+        count[:k] += seen
+    return (total / count).tolist()  # 0/0: nan, as train_local for no non-empty step

@@ -1,0 +1,231 @@
+"""The vectorized cohort (fedsim.dp.cohort) against the one-client path, client by client."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedsim.clients.training import train_local
+from fedsim.data import NEXT_CHAR
+from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort
+from fedsim.errors import FedsimError
+from fedsim.models import build_model
+
+IMAGE_28 = {"input_shape": (1, 28, 28), "num_classes": 10}
+CHARS = {"input_shape": (12,), "num_classes": 20, "task": NEXT_CHAR, "vocab_size": 20}
+
+
+def images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.normal(size=(n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n)) for n in sizes
+    ]
+
+
+def windows(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(1, 20, size=(n, 12)), rng.integers(1, 20, n)) for n in sizes]
+
+
+def randomness(k, seed=7, secure=False):
+    """Client k's streams; call again for an identically seeded, independent copy."""
+    return dp_randomness(seeded_root(seed), server_round=1, client=k, device="cpu", secure=secure)
+
+
+def start_of(name, kwargs, seed=0):
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in build_model(name, **kwargs).state_dict().items()}
+
+
+def sequential(name, kwargs, start, data, *, seeds=None, secure=False, **train):
+    """What workers do today: build the model, load the start, train_local, one by one."""
+    out = []
+    for k, (x, y) in enumerate(data):
+        model = build_model(name, **kwargs, dp=True)
+        model.load_state_dict(start)
+        if seeds is not None:  # train_local's shuffling draws from torch's global generator
+            torch.manual_seed(seeds[k])
+        loss, _ = train_local(model, x, y, randomness=randomness(k, secure=secure), **train)
+        out.append((model.state_dict(), loss))
+    return out
+
+
+def cohort(name, kwargs, start, data, *, rand=None, secure=False, **train):
+    rand = rand or [randomness(k, secure=secure) for k in range(len(data))]
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data]
+    model = build_model(name, **kwargs)
+    return train_cohort(model, [start] * len(data), tensors, randomness=rand, **train)
+
+
+def max_diff(a, b):
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+DP = {"epochs": 2, "batch_size": 16, "lr": 0.1, "noise_multiplier": 1.0, "max_grad_norm": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "sizes", "options"),
+    [
+        ("cnn", IMAGE_28, (37, 64, 100), {"grad_sample": "fast", "momentum": 0.9}),
+        ("cnn", IMAGE_28, (37, 64, 100), {"grad_sample": "hooks", "secure": True}),
+        ("cnn", IMAGE_28, (37, 64, 100), {"grad_sample": "fast", "proximal_mu": 0.5}),
+        ("transformer", IMAGE_28, (20, 33), {"grad_sample": "fast", "momentum": 0.9}),
+        ("transformer", CHARS, (20, 33), {"grad_sample": "fast", "all_positions": True}),
+    ],
+)
+def test_dp_sgd_equals_train_local_client_by_client(name, kwargs, sizes, options):
+    data = windows(sizes) if kwargs is CHARS else images(sizes)
+    start = start_of(name, kwargs)
+    grad_sample = options.pop("grad_sample")
+    train = {**DP, "batch_size": 16 if name == "cnn" else 8, **options}
+    want = sequential(name, kwargs, start, data, grad_sample=grad_sample, **train)
+    got = cohort(name, kwargs, start, data, **train)
+    for (state, loss), update in zip(want, got, strict=True):
+        assert list(update.state) == list(state)
+        assert max_diff(update.state, start) > 0.01  # it trained
+        assert max_diff(update.state, state) < 1e-5
+        assert update.loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_plain_sgd_equals_train_local_with_the_same_shuffles():
+    # train_local shuffles with torch's global generator; the cohort with each client's
+    # batches generator: seeded alike, they cut the same permutations into batches
+    data, start = images((37, 64, 100)), start_of("cnn", IMAGE_28)
+    train = {"epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.9}
+    seeds = [3, 4, 5]
+    want = sequential("cnn", IMAGE_28, start, data, seeds=seeds, **train)
+    rand = [
+        DPRandomness(
+            batches=torch.Generator().manual_seed(s), noise=torch.Generator(), secure=False
+        )
+        for s in seeds
+    ]
+    got = cohort("cnn", IMAGE_28, start, data, rand=rand, noise_multiplier=None, **train)
+    for (state, loss), update in zip(want, got, strict=True):
+        assert max_diff(update.state, state) < 1e-5
+        assert update.loss == pytest.approx(loss, rel=1e-5)
+    # and the shuffles matter: other seeds, other weights
+    rand = [DPRandomness(torch.Generator().manual_seed(9), torch.Generator(), False)] * 3
+    other = cohort("cnn", IMAGE_28, start, data, rand=rand, noise_multiplier=None, **train)
+    assert max_diff(other[0].state, want[0][0]) > 1e-3
+
+
+def poisson_sizes(k, n, steps):
+    """The batch sizes of client k's Poisson masks, drawn as Opacus's sampler draws them."""
+    generator = randomness(k).batches
+    return [int((torch.rand(n, generator=generator) < 1 / n).sum()) for _ in range(steps)]
+
+
+def test_empty_poisson_batches_step_with_noise_only():
+    # batch 1 over 3 examples: q = 1/3, 3 steps an epoch, so some batches are empty
+    data, start = images((3, 20)), start_of("cnn", IMAGE_28)
+    sizes = poisson_sizes(0, 3, steps=9)
+    assert 0 in sizes and any(sizes)  # the case is really there
+    train = {**DP, "epochs": 3, "batch_size": 1, "noise_multiplier": 2.0}
+    want = sequential("cnn", IMAGE_28, start, data, grad_sample="fast", **train)
+    got = cohort("cnn", IMAGE_28, start, data, **train)
+    for (state, loss), update in zip(want, got, strict=True):
+        assert max_diff(update.state, state) < 1e-5
+        assert update.loss == pytest.approx(loss, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        build_model("lstm", **IMAGE_28),
+        build_model("lstm", **IMAGE_28, dp=True),
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(10)),
+    ],
+    ids=["nn.LSTM", "FastDPLSTM", "BatchNorm"],
+)
+def test_models_it_cannot_vectorize_are_refused_in_one_line(model):
+    data = [(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(FedsimError) as error:
+        train_cohort(
+            model, [model.state_dict()], data, epochs=1, batch_size=2, lr=0.1,
+            noise_multiplier=1.0, randomness=[randomness(0)],
+        )  # fmt: skip
+    message = str(error.value)
+    assert "\n" not in message and type(model).__name__ in message
+    assert "train_local" in message or "GroupNorm" in message
+
+
+def test_clients_do_not_depend_on_each_other():
+    start = start_of("cnn", IMAGE_28)
+    base = cohort("cnn", IMAGE_28, start, images((37, 64, 100)), **DP)
+    # client 1 gets other data, of another size (another step count and batch widths)
+    changed = images((37, 200, 100))
+    changed[0], changed[2] = images((37, 64, 100))[0], images((37, 64, 100))[2]
+    again = cohort("cnn", IMAGE_28, start, changed, **DP)
+    assert max_diff(again[0].state, base[0].state) < 1e-6
+    assert max_diff(again[2].state, base[2].state) < 1e-6
+    assert max_diff(again[1].state, base[1].state) > 1e-3
+    # alone, client 2 trains as in the cohort
+    alone = cohort("cnn", IMAGE_28, start, images((37, 64, 100))[2:], rand=[randomness(2)], **DP)
+    assert max_diff(alone[0].state, base[2].state) < 1e-6
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_is_really_added(secure):
+    # n = B: q = 1, one step that takes every example; same masks, different noise
+    data, start = images((64,)), start_of("cnn", IMAGE_28)
+    train = {
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.5,
+        "noise_multiplier": 2.0,
+        "max_grad_norm": 1.0,
+    }
+
+    def run(noise_seed, sigma=2.0):
+        noise = randomness(0, seed=noise_seed, secure=secure)
+        rand = [DPRandomness(randomness(0).batches, noise.noise, secure)]
+        got = cohort(
+            "cnn", IMAGE_28, start, data, rand=rand, **{**train, "noise_multiplier": sigma}
+        )
+        return torch.cat([p.flatten() for p in got[0].state.values()])
+
+    a, b = run(1), run(2)
+    # the clipped gradients are the same and cancel: w_a − w_b = −lr (z_a − z_b) / 64
+    expected = 0.5 * 2.0 * 1.0 * math.sqrt(2) / 64
+    assert (a - b).std().item() == pytest.approx(expected, rel=0.03)
+    assert abs((a - b).mean().item()) < 5 * expected / math.sqrt(len(a))
+    assert torch.equal(run(1, sigma=0.0), run(2, sigma=0.0))  # no noise, nothing differs
+
+
+def test_buffers_and_frozen_weights_are_copied_through():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(784, 16).requires_grad_(False)
+            self.head = nn.Linear(16, 10)
+            self.register_buffer("scale", torch.tensor(0.5))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.frozen(x.flatten(1)) * self.scale))
+
+    model = Scaled()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in images((30, 50))]
+    got = train_cohort(model, [start] * 2, tensors, randomness=[randomness(0), randomness(1)], **DP)
+    for update in got:
+        assert list(update.state) == list(start)
+        for key in ("frozen.weight", "frozen.bias", "scale"):
+            assert torch.equal(update.state[key], start[key])
+        assert max_diff({"w": update.state["head.weight"]}, {"w": start["head.weight"]}) > 1e-3
+
+
+def test_inputs_are_checked():
+    model = build_model("cnn", **IMAGE_28)
+    state = model.state_dict()
+    data = [(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+    train = {"epochs": 1, "batch_size": 2, "lr": 0.1, "noise_multiplier": None}
+    with pytest.raises(FedsimError, match="one start"):
+        train_cohort(model, [state, state], data, **train)
+    with pytest.raises(FedsimError, match="need n >= 1"):
+        train_cohort(model, [state], [(torch.zeros(0, 1, 28, 28), torch.zeros(0))], **train)
+    with pytest.raises(FedsimError, match=r"lacks '0\.bias'"):
+        train_cohort(model, [{k: v for k, v in state.items() if k != "0.bias"}], data, **train)
