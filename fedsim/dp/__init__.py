@@ -5,7 +5,8 @@ pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` a
 ``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
-``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func.
+``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func; ``audit`` turns
+a one-run canary audit's guesses into an ε lower bound.
 """
 
 from fedsim.dp.accounting import (
@@ -16,6 +17,7 @@ from fedsim.dp.accounting import (
     history_epsilon,
     solve_noise_multiplier,
 )
+from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
 from fedsim.dp.fast_clip import (
     GRAD_SAMPLE_MODES,
@@ -50,15 +52,19 @@ __all__ = [
     "FastClipper",
     "FastDPLSTM",
     "History",
+    "OneRunAudit",
     "PrivateTraining",
     "Purpose",
     "Schedule",
+    "best_guesses",
     "check_cohort_model",
     "dp_randomness",
+    "epsilon_ceiling",
     "history_epsilon",
     "make_private",
     "make_private_fast",
     "numpy_generator",
+    "one_run_epsilon",
     "per_sample_cross_entropy",
     "poisson_loader",
     "poisson_schedule",
