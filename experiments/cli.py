@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     config_arguments(run, "experiment TOML (experiments/configs/*.toml)")
     run.add_argument("--out", type=Path, help="results folder (default results/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the unfinished run DIR")
-    run.add_argument("--force", action="store_true", help="replace an existing results folder")
+    run.add_argument(
+        "--force", action="store_true", help="replace a finished run's folder (nothing else)"
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sweep = sub.add_parser(
         "sweep", help="run a grid of experiments over seeds; write the frontier", epilog=KEYS_HINT

@@ -307,5 +307,5 @@ def test_bench_prints_a_table(capsys):
 
     bench.main(["--repeats", "1", "--models", "project-cnn"])
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split("|")[2].strip() for line in lines if line.startswith("| project-cnn")]
+    rows = [line.split("|")[3].strip() for line in lines if line.startswith("| project-cnn")]
     assert rows == ["none", "hooks", "ghost", "fast"]

@@ -23,19 +23,35 @@ def cli(*args, cwd):
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def test_raising_and_nan_clients_are_left_out_with_reasons(tmp_path):
-    cmd = [sys.executable, "-m", "tests.fault_app", str(tmp_path / "run"), *SMALL, "min-clients=2"]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for row in read_csv(tmp_path / "run" / "rounds.csv")[1:]:
+@pytest.fixture(scope="module")
+def fault_runs(tmp_path_factory):
+    """Both runs of the fault app at once: min-clients 2 (goes on) and 3 (stops)."""
+    base = tmp_path_factory.mktemp("faults")
+    procs = {}
+    for need in (2, 3):
+        cmd = [sys.executable, "-m", "tests.fault_app", str(base / f"run{need}"), *SMALL]
+        procs[need] = subprocess.Popen(
+            [*cmd, f"min-clients={need}"], cwd=ROOT, env=ENV, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    results = {}
+    for need, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[need] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return base, results
+
+
+def test_raising_and_nan_clients_are_left_out_with_reasons(fault_runs):
+    base, results = fault_runs
+    assert results[2].returncode == 0, results[2].stdout + results[2].stderr
+    for row in read_csv(base / "run2" / "rounds.csv")[1:]:
         assert "1: disk full on client 1" in row["dropped"]
         assert "2: returned non-finite (NaN or infinite) weights" in row["dropped"]
         assert float(row["accuracy"]) > 0  # NaNs never reached the global model
 
 
-def test_too_few_clients_fails_with_reasons(tmp_path):
-    cmd = [sys.executable, "-m", "tests.fault_app", str(tmp_path / "run"), *SMALL, "min-clients=3"]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "2 of 4 clients replied, min-clients is 3" in result.stderr
-    assert not (tmp_path / "run").exists()
+def test_too_few_clients_fails_with_reasons(fault_runs):
+    base, results = fault_runs
+    assert results[3].returncode != 0
+    assert "2 of 4 clients replied, min-clients is 3" in results[3].stderr
+    assert not (base / "run3").exists()

@@ -1,5 +1,6 @@
 """Accounting against an independent implementation: Google's dp-accounting."""
 
+import functools
 import math
 
 import dp_accounting
@@ -26,8 +27,18 @@ def independent_rdp(history, delta):
 
 def independent_pld(history, delta, *, pessimistic):
     """PLD ε: pessimistic is an upper bound on the true ε, optimistic a lower bound."""
-    total = None
+    return _pld_epsilon(tuple(history), delta, pessimistic)
+
+
+@functools.lru_cache
+def _pld_epsilon(history, delta, pessimistic):
+    # equal mechanisms composed k times are one mechanism self-composed k times: the same
+    # distribution, far fewer convolutions (the test's history is left as the ledger has it)
+    merged = {}
     for sigma, q, steps in history:
+        merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
+    total = None
+    for (sigma, q), steps in merged.items():
         one = pld.privacy_loss_distribution.from_gaussian_mechanism(
             standard_deviation=sigma,
             sampling_prob=q,
