@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ray._private.ray_constants as ray_constants
 import ray._private.utils as ray_utils
 
 from fedsim.experiments.procs import RUN_TAG_VAR, descendants, kill_tagged, stop_processes
@@ -46,6 +47,7 @@ class Signals:
         self.previous: dict[int, Any] = {}
         self.fds: tuple[int, int] | None = None
         self.old_wakeup = -1
+        self.ray_failure_handler = False
 
     def heard(self, signum: int) -> None:
         """One SIGINT or SIGTERM arrived."""
@@ -83,6 +85,10 @@ class Signals:
         # ray.init would put its own SIGTERM handler (exit at once, mid-round) in ours'
         # place: the one function it does that through does nothing while we run
         ray_utils.set_sigterm_handler = _keep_handler
+        # and its C++ core would install absl's failure handler over ours: it takes SIGTERM
+        # as a crash, prints a stack and aborts (exit 134)
+        self.ray_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         threading.Thread(target=self._listen, args=(self.fds[0],), daemon=True).start()
         return self
 
@@ -90,6 +96,7 @@ class Signals:
         if self.fds is None:
             return
         ray_utils.set_sigterm_handler = RAY_SET_SIGTERM
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = self.ray_failure_handler
         signal.set_wakeup_fd(self.old_wakeup)
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)

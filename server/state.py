@@ -207,8 +207,8 @@ def check_ledger(state: RunState, path: Path) -> None:
 
 def _damaged(path: Path, why: str) -> FedsimError:
     return FedsimError(
-        f"checkpoint {path} cannot be trusted: {why}; start the run again "
-        "(a damaged checkpoint is never resumed)"
+        f"checkpoint {path} cannot be trusted: {why}; remove {path.parent.parent} and "
+        "start the run again (a damaged checkpoint is never resumed)"
     )
 
 

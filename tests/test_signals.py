@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300"]
 
 
-def start(out, tmp_path):
-    args = [a for s in SLOW_CLIENTS for a in ("--set", s)]
+def start(out, tmp_path, sets=SLOW_CLIENTS):
+    args = [a for s in sets for a in ("--set", s)]
     return subprocess.Popen(
         [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
         cwd=tmp_path,
@@ -32,11 +32,26 @@ def start(out, tmp_path):
 
 
 def wait_for_round_zero(proc):
+    """Until round 1 is under way: round 0 printed and Ray's workers started.
+
+    Ray's core installs its own signal handlers when it starts, so a signal sent before
+    then would not test the run's handling of it.
+    """
     for line in proc.stdout:
         if line.startswith("round   0/"):
-            time.sleep(1.0)  # round 1 is under way: its clients straggle
-            return
-    pytest.fail(f"the run ended before round 0: {proc.stderr.read()}")
+            break
+    else:
+        pytest.fail(f"the run ended before round 0: {proc.stderr.read()}")
+    deadline = time.monotonic() + 120
+    while not ray_workers(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # its clients straggle
+
+
+def ray_workers(sid):
+    ps = subprocess.run(["ps", "-eo", "sid=,comm="], capture_output=True, text=True).stdout
+    rows = (line.split(None, 1) for line in ps.splitlines())
+    return [comm for s, comm in rows if int(s) == sid and comm.startswith("ray::")]
 
 
 def session_processes(sid, grace=3.0):
@@ -90,4 +105,18 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert proc.returncode == 130, stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert "Traceback" not in stderr
+    assert leftovers == [], "Ray or worker processes outlived the run"
+
+
+def test_sigterm_between_rounds_is_the_runs_not_rays(tmp_path):
+    """Once Ray runs, its C++ core would take SIGTERM as a crash (a stack dump, exit 134)."""
+    proc = start(tmp_path / "run", tmp_path, ["num-rounds=30"])
+    for line in proc.stdout:
+        if line.startswith("round   2/"):
+            break
+    seconds, leftovers = stop_and_time(proc, signal.SIGTERM)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 143, stderr
+    assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
