@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dp_accounting
 import pytest
@@ -50,13 +51,13 @@ def fedsim_run(out, *sets):
     return finish(start_run(out, *sets))
 
 
-def resume(out):
-    return subprocess.run(
+def start_resume(out):
+    return subprocess.Popen(
         [sys.executable, "-m", "fedsim.experiments.cli", "run", "--resume", str(out)],
         cwd=out.parent,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
@@ -221,27 +222,30 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     assert all("clients" not in unit for unit in units.values())
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, reference):
-    out = tmp_path / "run"
-    proc, _ = run_until(out, random.randint(1, 2), signal.SIGKILL, tmp_path)
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists() and (tmp_path / ".run.partial" / "private" / "checkpoint.pt").exists()
-    result = resume(out)
-    assert result.returncode == 0, result.stderr
-    assert without_seconds(out / "rounds.csv") == reference
-    assert not (tmp_path / ".run.partial").exists()
-    assert not (out / "private" / "checkpoint.pt").exists()
-
-
-def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, reference):
-    out = tmp_path / "run"
-    proc, leftovers = run_until(out, 1, signal.SIGINT, tmp_path)
-    assert proc.returncode == 130, proc.stderr.read()
-    assert "continue with: fedsim run --resume" in proc.stderr.read()
+def test_killed_and_stopped_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
+    """SIGKILL after a random round and Ctrl-C after round 1, two runs at once; each resumes."""
+    (tmp_path / "k").mkdir()
+    (tmp_path / "c").mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        kill = pool.submit(run_until, tmp_path / "k" / "run", random.randint(1, 2), signal.SIGKILL,
+                           tmp_path / "k")  # fmt: skip
+        stop = pool.submit(run_until, tmp_path / "c" / "run", 1, signal.SIGINT, tmp_path / "c")
+        (killed, _), (stopped, leftovers) = kill.result(), stop.result()
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "k" / ".run.partial" / "private" / "checkpoint.pt").exists()
+    stderr = stopped.stderr.read()
+    assert stopped.returncode == 130, stderr
+    assert "continue with: fedsim run --resume" in stderr
     assert leftovers == [], "Ray or worker processes outlived the run"
-    result = resume(out)
-    assert result.returncode == 0, result.stderr
-    assert without_seconds(out / "rounds.csv") == reference
+    for folder in (tmp_path / "k", tmp_path / "c"):
+        assert not (folder / "run").exists()
+    resumed = [start_resume(tmp_path / name / "run") for name in ("k", "c")]
+    for proc, name in zip(resumed, ("k", "c"), strict=True):
+        finish(proc)
+        out = tmp_path / name / "run"
+        assert without_seconds(out / "rounds.csv") == reference
+        assert not (tmp_path / name / ".run.partial").exists()
+        assert not (out / "private" / "checkpoint.pt").exists()
 
 
 def test_natural_partition_text_run_records_users_and_vocab(tmp_path, shared_data):
