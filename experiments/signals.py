@@ -14,14 +14,22 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray._private.ray_constants as ray_constants
 import ray._private.utils as ray_utils
 
-from fedsim.experiments.procs import RUN_TAG_VAR, descendants, kill_tagged, stop_processes
+from fedsim.experiments.procs import (
+    RUN_TAG_VAR,
+    descendants,
+    kill_tagged,
+    stop_processes,
+    tagged,
+)
 
 RAY_SET_SIGTERM = ray_utils.set_sigterm_handler
+CLIENT_GRACE_S = 2.0  # after a first signal, for clients that finish on their own
 
 
 class Signals:
@@ -48,6 +56,7 @@ class Signals:
         self.fds: tuple[int, int] | None = None
         self.old_wakeup = -1
         self.ray_failure_handler = False
+        self.done = threading.Event()  # the run has returned: no client is left to end
 
     def heard(self, signum: int) -> None:
         """One SIGINT or SIGTERM arrived."""
@@ -60,6 +69,16 @@ class Signals:
         self.signum = signum
         self.stop.set()
         self.say(f"fedsim: {name}: stopping now (again to abort)")
+        # Flower's worker threads wait on the clients' Ray tasks and cannot be told to
+        # stop: once the server has let the round go, client processes are ended, also
+        # ones that start later (Flower hands out messages already queued)
+        threading.Thread(target=self._end_clients, daemon=True).start()
+
+    def _end_clients(self) -> None:
+        if self.done.wait(CLIENT_GRACE_S):
+            return
+        while not self.done.wait(0.5):
+            kill_clients(self.tag)
 
     def _listen(self, read_fd: int) -> None:
         while data := os.read(read_fd, 64):  # one byte per signal; b"" once closed
@@ -93,6 +112,7 @@ class Signals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.done.set()
         if self.fds is None:
             return
         ray_utils.set_sigterm_handler = RAY_SET_SIGTERM
@@ -105,6 +125,14 @@ class Signals:
 
 def _counted_elsewhere(signum: int, frame: object) -> None:
     """The Python-level handler: :class:`Signals` counts the signal from the wakeup fd."""
+
+
+def kill_clients(tag: str) -> None:
+    """SIGKILL the run's client processes (Ray's ClientApp actors), not Ray itself."""
+    for pid in tagged(tag, var=RUN_TAG_VAR):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().startswith("ray::ClientApp"):
+                os.kill(pid, signal.SIGKILL)
 
 
 def kill_run_processes(spare: set[int], tag: str, grace: float = 2.0) -> None:

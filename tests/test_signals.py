@@ -32,7 +32,7 @@ def start(out, tmp_path, sets=SLOW_CLIENTS):
 
 
 def wait_for_round_zero(proc):
-    """Until round 1 is under way: round 0 printed and Ray's workers started.
+    """Until round 1 is under way: round 0 printed and the clients' Ray workers started.
 
     Ray's core installs its own signal handlers when it starts, so a signal sent before
     then would not test the run's handling of it.
@@ -51,7 +51,7 @@ def wait_for_round_zero(proc):
 def ray_workers(sid):
     ps = subprocess.run(["ps", "-eo", "sid=,comm="], capture_output=True, text=True).stdout
     rows = (line.split(None, 1) for line in ps.splitlines())
-    return [comm for s, comm in rows if int(s) == sid and comm.startswith("ray::")]
+    return [comm for s, comm in rows if int(s) == sid and comm.startswith("ray::ClientApp")]
 
 
 def session_processes(sid, grace=3.0):
