@@ -141,7 +141,7 @@ def lock_holder(staging: Path) -> str:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        return _pid_in(fd)
     finally:
         os.close(fd)
     return ""
@@ -159,7 +159,7 @@ def _lock(staging: Path, run_dir: Path) -> Claim:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _pid_in(fd)
         os.close(fd)
         raise FedsimError(_busy(run_dir, holder)) from None
     os.ftruncate(fd, 0)
@@ -174,6 +174,11 @@ def _make_parent(staging: Path, fix: str) -> None:
         raise file_error(staging.parent, OSError(errno.ENOTDIR, "not a folder"), fix) from None
     except OSError as exc:
         raise file_error(staging.parent, exc, fix) from None
+
+
+def _pid_in(fd: int) -> str:
+    """The pid a lock file holds (written by :func:`_lock`)."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
 
 
 def _busy(run_dir: Path, holder: str) -> str:
