@@ -59,6 +59,7 @@ def train_local(
     randomness
         DP-SGD's Poisson-mask and noise generators; by default fresh ones from the
         operating system's CSPRNG, so that no seed anyone knows can rebuild the noise.
+        Without DP its ``batches`` generator shuffles (torch's global one if None).
     proximal_mu
         FedProx: after every step, pull the weights toward the round's starting weights
         by ``lr · μ · (w − w₀)``. The pull does not depend on the data, so under DP-SGD it
@@ -76,7 +77,8 @@ def train_local(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     after_step = _proximal(model, lr * proximal_mu)
     if noise_multiplier is None:
-        order = [_shuffled_batches(len(ys), batch_size) for _ in range(epochs)]
+        shuffle = randomness.batches if randomness is not None else None
+        order = [_shuffled_batches(len(ys), batch_size, shuffle) for _ in range(epochs)]
         loss = _epochs(
             model, optimizer, order, (xs, ys), nn.CrossEntropyLoss(), all_positions, after_step
         )
@@ -112,9 +114,11 @@ def train_local(
     return loss, spent
 
 
-def _shuffled_batches(n: int, batch_size: int) -> list[torch.Tensor]:
-    """One epoch's minibatches of indices: a permutation (torch's RNG) cut into pieces."""
-    return list(torch.randperm(n).split(batch_size))
+def _shuffled_batches(
+    n: int, batch_size: int, generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """One epoch's minibatches of indices: a permutation cut into pieces."""
+    return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
 def _epochs(

@@ -33,7 +33,6 @@ from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
 from fedsim.experiments.signals import Signals, kill_run_processes, run_environment
-from fedsim.server.federation import simulation_nodes
 from fedsim.server.server_app import build_server_app
 from fedsim.server.state import load_checkpoint, restore
 
@@ -181,7 +180,7 @@ def _simulate(
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
-                num_supernodes=simulation_nodes(config),
+                num_supernodes=config.simulation_workers,
                 backend_config=_backend_config(config, verbose),
             )
     except RunInterrupted:

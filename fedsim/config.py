@@ -29,6 +29,8 @@ from fedsim import registry
 from fedsim.errors import FedsimError
 
 _MAX_INT = 2**63 - 1  # the largest whole number a key takes (see _fits_64_bits)
+# built-in models that fedsim.dp.train_cohort refuses, and why
+_NOT_VECTORIZED = {"lstm": "vmap has no batching rule for its recurrent layer"}
 
 
 def _kebab(name: str) -> str:
@@ -164,6 +166,9 @@ class FedsimConfig(BaseModel):
     straggler_delay: float = Field(0.0, ge=0, description="simulated: a straggler's delay, s")
     client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per client (torch threads too)")
     client_gpus: float = Field(0.0, ge=0, description="Ray GPUs per client; 0.25: four a GPU")
+    clients_per_worker: int = Field(
+        1, ge=1, description="simulation: clients a worker trains at once, vectorized (1: one)"
+    )
     ray_address: str = Field(
         "", description="'' a Ray of the run's own; HOST:PORT a cluster's head; auto"
     )
@@ -236,7 +241,24 @@ class FedsimConfig(BaseModel):
             )
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
+        if self.clients_per_worker > 1 and self.model in _NOT_VECTORIZED:
+            raise ValueError(
+                f"clients-per-worker > 1 trains clients with torch.func.vmap, which cannot "
+                f"batch model {self.model} ({_NOT_VECTORIZED[self.model]}); set "
+                "clients-per-worker = 1"
+            )
         return self
+
+    @property
+    def simulation_workers(self) -> int:
+        """Flower nodes a simulation runs: one per ``clients-per-worker`` of a round's clients.
+
+        Flower's simulation engine polls every node for messages ten times a second, so
+        a node per client would make each round cost O(num-clients). A Poisson cohort
+        larger than ``clients-per-round`` gives some worker more clients.
+        """
+        cohort = min(self.num_clients, self.clients_per_round)
+        return -(-cohort // self.clients_per_worker)  # ceil
 
     @property
     def own_parts(self) -> list[str]:
@@ -269,6 +291,12 @@ def check_deployment(config: FedsimConfig) -> FedsimConfig:
             "config: secure-noise = false is refused under the deployment engine: the "
             "server knows the seed, so seeded client noise would not protect against it; "
             "set secure-noise = true (the default there)"
+        )
+    if config.clients_per_worker > 1:
+        raise FedsimError(
+            "config: clients-per-worker > 1 groups a round's clients on simulation workers; "
+            "under the deployment engine each SuperNode is one client: set "
+            "clients-per-worker = 1"
         )
     return config
 

@@ -3,9 +3,11 @@
 This module is the whole contract between the two sides: neither imports the other.
 A train message carries the global model under ``ARRAYS`` and the resolved experiment
 config under ``CONFIG``; a train reply carries the local model, its example count (the
-FedAvg weight) and, under ``PRIVACY``, what the client's DP-SGD spent. A client sends
-nothing else about its data: no training loss, and its label counts only where the run
-sets ``share-label-counts``.
+FedAvg weight) and, under ``PRIVACY``, what the client's DP-SGD spent. A group message
+(``clients-per-worker`` > 1, simulations only) names several clients; its reply holds
+each client's reply under keys suffixed by the client's id, or why that client failed.
+A client sends nothing else about its data: no training loss, and its label counts only
+where the run sets ``share-label-counts``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ PRIVACY = "privacy"
 ROUND_KEY = "server-round"
 # in a train message: the client (partition) to train, so simulation nodes are workers
 PARTITION_KEY = "partition-id"
+# in a group train message: the clients one worker trains together
+GROUP_KEY = "partition-ids"
+GROUP_ERRORS = "errors"  # in a group reply: {client id: why it has no reply}
 WEIGHT_KEY = "num-examples"
 LABELS_KEY = "label-counts"
 
@@ -72,6 +77,7 @@ def decode_config(content: RecordDict) -> tuple[FedsimConfig, int]:
     server_round = _int(values, ROUND_KEY) if ROUND_KEY in values else 0
     values.pop(ROUND_KEY, None)
     values.pop(PARTITION_KEY, None)
+    values.pop(GROUP_KEY, None)
     return parse_config(values), server_round
 
 
@@ -85,6 +91,54 @@ def train_content(
     """
     config = ConfigRecord({**template, ROUND_KEY: server_round, PARTITION_KEY: client})
     return RecordDict({ARRAYS: arrays, CONFIG: config})
+
+
+def group_content(content: RecordDict, clients: list[int]) -> RecordDict:
+    """One train message's content, made to name ``clients`` (a group) instead of one."""
+    config = ConfigRecord({k: v for k, v in content.config_records[CONFIG].items()})
+    config.pop(PARTITION_KEY, None)
+    config[GROUP_KEY] = clients
+    return RecordDict({ARRAYS: model_arrays(content), CONFIG: config})
+
+
+def named_group(content: RecordDict) -> list[int] | None:
+    """The clients a group train message names, or None: not a group message."""
+    config = content[CONFIG]
+    return [int(c) for c in _numbers(config, GROUP_KEY)] if GROUP_KEY in config else None
+
+
+def encode_group_reply(replies: Mapping[int, RecordDict | str]) -> RecordDict:
+    """Client -> server reply to a group message: each client's reply, or why it failed.
+
+    ``replies[c]`` is what :func:`encode_train_reply` made for client c, or a reason.
+    """
+    out, errors = RecordDict(), ConfigRecord()
+    for client, reply in replies.items():
+        if isinstance(reply, str):
+            errors[str(client)] = reply
+            continue
+        for key, record in reply.items():
+            out[f"{key}/{client}"] = record
+    out[GROUP_ERRORS] = errors
+    return out
+
+
+def split_group_reply(content: RecordDict, clients: list[int]) -> dict[int, RecordDict | str]:
+    """Server side of :func:`encode_group_reply`: client -> its reply, or why it has none."""
+    errors = content.get(GROUP_ERRORS)
+    if not isinstance(errors, ConfigRecord):
+        raise FedsimError(f"a group reply carries no '{GROUP_ERRORS}' record: {_VERSIONS}")
+    split: dict[int, RecordDict | str] = {}
+    for client in clients:
+        if str(client) in errors:
+            split[client] = str(errors[str(client)])
+            continue
+        keys = (ARRAYS, METRICS, PRIVACY)
+        if any(f"{key}/{client}" not in content for key in keys):
+            split[client] = "the group reply has no reply for this client"
+            continue
+        split[client] = RecordDict({key: content[f"{key}/{client}"] for key in keys})
+    return split
 
 
 def average_content(arrays: ArrayRecord) -> RecordDict:

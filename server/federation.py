@@ -23,6 +23,7 @@ from fedsim.models import build_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
 from fedsim.server import outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
+from fedsim.server.grouping import GroupedGrid
 from fedsim.server.rounds import ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
 from fedsim.server.strategy import Cohorts, PrivacyLedger
@@ -167,7 +168,7 @@ def start_state(
     else:
         parts = partition_dataset(dataset, config)
         infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
-        nodes = wait_for_nodes(grid, simulation_nodes(config))
+        nodes = wait_for_nodes(grid, config.simulation_workers)
     resumed = restore(run_dir, infos)
     if resumed is not None:  # resume: the checkpoint's config (σ included) wins
         return resumed, nodes
@@ -175,16 +176,6 @@ def start_state(
     if dataset.vocab is not None:
         results.write_json(run_dir / results.VOCAB, vocab_record(dataset))
     return RunState(resolve_noise(config, infos), infos), nodes
-
-
-def simulation_nodes(config: FedsimConfig) -> int:
-    """Flower nodes a simulation needs: one per client of a round, not one per client.
-
-    Flower's simulation engine polls every node for messages ten times a second, so a
-    node per client makes each round cost O(num-clients). A Poisson cohort larger than
-    ``clients-per-round`` puts two clients on some node; they still run in parallel.
-    """
-    return min(config.num_clients, config.clients_per_round)
 
 
 def run_federation(
@@ -201,7 +192,7 @@ def run_federation(
 ) -> dict:
     """Run (or resume) a whole experiment on ``grid``, writing results to ``run_dir``.
 
-    ``node_per_client`` False: a simulation with :func:`simulation_nodes` worker nodes;
+    ``node_per_client`` False: a simulation with ``config.simulation_workers`` worker nodes;
     True: the deployment engine, one SuperNode per client.
     ``dataset``: the config's data, where the caller has already loaded it.
     ``on_round`` gets each finished round's row, ``on_reply`` each reply inside a round.
@@ -219,6 +210,8 @@ def run_federation(
         dataset = load_dataset(config.dataset, config.data_dir)
     state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
+    if not node_per_client and cfg.clients_per_worker > 1:
+        grid = GroupedGrid(grid, cfg.clients_per_worker)
     torch.manual_seed(cfg.seed)
     # evaluation needs no per-sample gradients; the DP layers share this state_dict.
     # It runs where the clients train, and the test split goes there once.

@@ -49,7 +49,7 @@ def build_server_app(
     holding a checkpoint resumes that run; setting ``stop`` ends the run after the
     current round. ``dataset``: the config's data, where the caller has loaded it
     already (it is loaded in the app otherwise). ``node_per_client`` False: the nodes
-    are simulation workers (:func:`server.federation.simulation_nodes`), not one
+    are simulation workers (``FedsimConfig.simulation_workers``), not one
     SuperNode per client.
     """
     app = ServerApp()

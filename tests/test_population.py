@@ -10,7 +10,7 @@ from fedsim.data import load_dataset
 from fedsim.data.partition import partition_dataset
 from fedsim.dp.randomness import seeded_root
 from fedsim.errors import FedsimError
-from fedsim.server.federation import partition_infos, simulation_nodes
+from fedsim.server.federation import partition_infos
 from fedsim.server.strategy import place, sample_clients
 
 
@@ -21,8 +21,10 @@ def test_bound_clients_go_to_their_node_and_a_cohort_spreads_over_workers():
 
 
 def test_a_simulation_needs_a_node_per_client_of_a_round_only():
-    assert simulation_nodes(parse_config({"num-clients": 50, "clients-per-round": 5})) == 5
-    assert simulation_nodes(parse_config({"num-clients": 4, "clients-per-round": 4})) == 4
+    assert parse_config({"num-clients": 50, "clients-per-round": 5}).simulation_workers == 5
+    assert parse_config({"num-clients": 4, "clients-per-round": 4}).simulation_workers == 4
+    grouped = {"num-clients": 50, "clients-per-round": 10, "clients-per-worker": 4}
+    assert parse_config(grouped).simulation_workers == 3
 
 
 @pytest.mark.parametrize("share", [True, False])

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedsim import results
-from fedsim.clients import client_app
+from fedsim.clients import client_app, local
 from fedsim.clients.task import client_info
 from fedsim.clients.training import train_local
 from fedsim.config import check_deployment, parse_config
@@ -109,8 +109,8 @@ def test_a_client_with_secure_noise_trains_differently_each_time():
     state = build_model("cnn", input_shape=(1, 8, 8), num_classes=10).state_dict()
     for secure in (False, True):
         config = parse_config({"num-rounds": 2, "noise-multiplier": 1.0, "secure-noise": secure})
-        a = client_app.train_round(config, 2, 1, state)[0]
-        b = client_app.train_round(config, 2, 1, state)[0]
+        a = local.train_round(config, 2, 1, state)[0]
+        b = local.train_round(config, 2, 1, state)[0]
         assert all(torch.equal(a[k], b[k]) for k in a) is not secure
 
 

@@ -51,7 +51,7 @@ def plain_loop(config: FedsimConfig) -> tuple[list[float], float]:
     """
     import torch
 
-    from fedsim.clients.client_app import train_round
+    from fedsim.clients.local import train_round
     from fedsim.data import load_dataset
     from fedsim.dp import seeded_root
     from fedsim.models import build_model, evaluate, model_kwargs

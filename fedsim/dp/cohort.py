@@ -93,8 +93,8 @@ def train_cohort(
         Client k's ``(x, y)``, arrays or tensors of any length n_k >= 1.
     noise_multiplier
         ``None``: plain minibatch SGD, each epoch a permutation drawn from
-        ``randomness[k].batches`` cut into batches of ``batch_size`` (``train_local``
-        draws the same permutation from torch's global generator). A number: DP-SGD on
+        ``randomness[k].batches`` cut into batches of ``batch_size``, as ``train_local``
+        draws it. A number: DP-SGD on
         :func:`fedsim.dp.schedule.poisson_schedule`, as ``train_local`` does it.
     randomness
         One per client; by default fresh ones from the operating system's CSPRNG.

@@ -1,0 +1,180 @@
+"""A client's round as plain functions: one client (``train_round``) or a group at once.
+
+``train_group`` trains the clients a worker was sent together (``clients-per-worker``)
+with ``fedsim.dp.train_cohort``: the same mechanism per client, draw for draw, as
+``train_round`` (Poisson masks and noise from the client's own streams, the same
+schedule and so the same ledger entry), vectorized over clients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedsim.clients.task import client_tensors, model_spec
+from fedsim.clients.training import train_local
+from fedsim.config import FedsimConfig
+from fedsim.dp import (
+    Purpose,
+    dp_randomness,
+    numpy_generator,
+    poisson_schedule,
+    secure_root,
+    seeded_root,
+    stream_seed,
+    train_cohort,
+)
+from fedsim.errors import FedsimError
+from fedsim.messages import PrivacySpent, TrainReport
+from fedsim.models import build_model, run_device
+
+State = dict[str, torch.Tensor]
+
+
+def train_round(
+    config: FedsimConfig,
+    pid: int,
+    server_round: int,
+    state: State,
+    *,
+    local_dir: str | None = None,
+) -> tuple[State, TrainReport]:
+    """One client's local training in one round.
+
+    Its randomness comes from streams keyed by (round, client) under a root that is
+    fresh from the operating system with ``secure-noise``, or the config's seed otherwise.
+    """
+    torch.set_num_threads(max(1, int(config.client_cpus)))
+    device = run_device(config.client_gpus)
+    root = _root(config)
+    # dropout and other non-DP randomness; torch's global seed keeps only 32 bits of it
+    torch.manual_seed(_local_seed(root, server_round, pid))
+    randomness = dp_randomness(
+        root, server_round=server_round, client=pid, device=device, secure=config.secure_noise
+    )
+    x, y = client_tensors(config, pid, device=device, local_dir=local_dir)
+    spec = model_spec(config, local_dir=local_dir)
+    model = build_model(config.model, **spec, dp=config.dp_sample)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        if local_dir is None:
+            raise
+        raise FedsimError(
+            f"this node's data ({config.dataset} in {local_dir}) has input shape "
+            f"{spec['input_shape']} and {spec['num_classes']} classes, which do not fit the "
+            "server's model; give every node data of the server's dataset format"
+        ) from None
+    _, spent = train_local(
+        model,
+        x,
+        y,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+        noise_multiplier=config.noise_multiplier if config.dp_sample else None,
+        max_grad_norm=config.max_grad_norm,
+        grad_sample=config.grad_sample,
+        device=device,
+        all_positions=config.next_char_loss == "all",
+        randomness=randomness,
+        proximal_mu=config.proximal_mu,
+    )
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new_state, TrainReport(pid, len(y), spent)
+
+
+def train_group(
+    config: FedsimConfig, clients: list[int], server_round: int, state: State
+) -> dict[int, tuple[State, TrainReport]]:
+    """Several clients' :func:`train_round` at once, from one global ``state``.
+
+    Each client's update equals what ``train_round`` gives it, up to float rounding
+    (tests/test_grouping.py): its Poisson masks and noise, or without DP its shuffles,
+    come from the same streams, drawn in the same order.
+    """
+    torch.set_num_threads(max(1, int(config.client_cpus)))
+    device = run_device(config.client_gpus)
+    root = _root(config)
+    data = [client_tensors(config, pid, device=device) for pid in clients]
+    updates = train_cohort(
+        build_model(config.model, **model_spec(config)),
+        [state] * len(clients),
+        [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data],
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+        noise_multiplier=config.noise_multiplier if config.dp_sample else None,
+        max_grad_norm=config.max_grad_norm,
+        randomness=[
+            dp_randomness(
+                root,
+                server_round=server_round,
+                client=pid,
+                device=device,
+                secure=config.secure_noise,
+            )
+            for pid in clients
+        ],
+        device=device,
+        all_positions=config.next_char_loss == "all",
+        proximal_mu=config.proximal_mu,
+    )
+    out = {}
+    for pid, (_, y), update in zip(clients, data, updates, strict=True):
+        spent = _spent(config, len(y))
+        new_state = {k: v.detach().cpu() for k, v in update.state.items()}
+        out[pid] = (new_state, TrainReport(pid, len(y), spent))
+    return out
+
+
+def _root(config: FedsimConfig) -> bytes:
+    return secure_root() if config.secure_noise else seeded_root(config.seed)
+
+
+def _local_seed(root: bytes, server_round: int, pid: int) -> int:
+    seed = stream_seed(root, purpose=Purpose.LOCAL, server_round=server_round, client=pid)
+    return int.from_bytes(seed[:8], "little")
+
+
+def _spent(config: FedsimConfig, num_examples: int) -> PrivacySpent:
+    """What Opacus's accountant records for one client's round: one run of equal steps."""
+    if not config.dp_sample:
+        return PrivacySpent()
+    schedule = poisson_schedule(
+        num_examples, batch_size=config.batch_size, epochs=config.local_epochs
+    )
+    return PrivacySpent((config.noise_multiplier,), (schedule.sample_rate,), (schedule.steps,))
+
+
+def fault_draws(config: FedsimConfig, pid: int, server_round: int) -> tuple[bool, bool]:
+    """Whether a client straggles, and whether it drops out, in ``server_round``.
+
+    Faults are part of an experiment's design, not of a DP mechanism: always seeded.
+    """
+    seed = stream_seed(
+        seeded_root(config.seed), purpose=Purpose.FAULTS, server_round=server_round, client=pid
+    )
+    straggle, drop = numpy_generator(seed).random(2)
+    return bool(straggle < config.straggler_prob), bool(drop < config.client_dropout)
+
+
+def simulate_faults(config: FedsimConfig, clients: list[int], server_round: int) -> set[int]:
+    """Straggle, as configured, after training; the clients that drop out.
+
+    A group waits ``straggler-delay`` once if any of its clients straggles: its clients
+    reply together. Dropping out *after* training is the worst case for privacy: the data
+    was used but the server never sees the spend, so the server charges the prescribed one.
+    """
+    draws = {pid: fault_draws(config, pid, server_round) for pid in clients}
+    if any(straggles for straggles, _ in draws.values()):
+        time.sleep(config.straggler_delay)
+    return {pid for pid, (_, drops) in draws.items() if drops}
+
+
+def dropout_reason(config: FedsimConfig) -> str:
+    """Why a simulated dropout has no reply."""
+    return f"dropped out (simulated, client-dropout={config.client_dropout:g})"

@@ -1,0 +1,156 @@
+"""clients-per-worker: a worker trains a group of clients at once, equal to one by one."""
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from fedsim.clients import client_app, local
+from fedsim.config import check_deployment, parse_config
+from fedsim.errors import FedsimError
+from fedsim.messages import (
+    decode_train_report,
+    encode_group_reply,
+    encode_train_reply,
+    model_arrays,
+    named_group,
+    split_group_reply,
+    train_content,
+)
+from fedsim.models import build_model
+from fedsim.server.federation import run_federation
+from fedsim.server.grouping import GroupedGrid
+from fedsim.server.rounds import screen_replies
+
+DIGITS = {"input_shape": (1, 8, 8), "num_classes": 10}
+SMALL = {"num-clients": 6, "clients-per-round": 6, "num-rounds": 2, "max-samples": 90}
+
+
+def start_state(seed=0):
+    torch.manual_seed(seed)
+    return build_model("cnn", **DIGITS).state_dict()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"dp": "sample", "noise-multiplier": 1.1, "local-epochs": 2},
+        {"dp": "none", "momentum": 0.5},
+        {"dp": "sample", "noise-multiplier": 0.8, "proximal-mu": 0.1, "strategy": "fedprox"},
+    ],
+)
+def test_a_group_trains_each_client_as_one_by_one(values):
+    config = parse_config({**SMALL, "batch-size": 16, **values})
+    state, clients = start_state(), [4, 0, 2]
+    group = local.train_group(config, clients, 3, state)
+    assert list(group) == clients
+    for pid in clients:
+        alone, report = local.train_round(config, pid, 3, state)
+        grouped, grouped_report = group[pid]
+        assert grouped_report == report  # size and the ledger's (σ, q, steps)
+        for key, value in alone.items():
+            torch.testing.assert_close(grouped[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_group_messages_and_replies_round_trip(flower_run):
+    config = parse_config({**SMALL, "noise-multiplier": 1.0, "client-dropout": 0.5})
+    reply = train_reply(config, 1)
+    content = encode_group_reply({1: reply, 3: "dropped out", 5: "dropped out"})
+    split = split_group_reply(content, [1, 3, 5])
+    assert split[3] == split[5] == "dropped out"
+    assert decode_train_report(split[1]) == decode_train_report(reply)
+    assert model_arrays(split[1]).object_id == model_arrays(reply).object_id
+    with pytest.raises(FedsimError, match="no 'errors' record"):
+        split_group_reply(RecordDict(), [1])
+
+
+def train_reply(config, pid):
+    state, report = local.train_round(config, pid, 1, start_state())
+    return encode_train_reply(ArrayRecord(state), report)
+
+
+class LoopbackGrid:
+    """A grid whose nodes are this process: a pushed message is answered at once."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes, self.replies, self.pushed = list(range(100, 100 + nodes)), {}, []
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = str(uuid.uuid4())
+            self.pushed.append(msg)
+            context = Context(1, msg.metadata.dst_node_id, {}, RecordDict(), {})
+            try:
+                reply = client_app.train(msg, context, deployment=False)
+            except FedsimError as exc:
+                reply = msg.create_error_reply(error=_error(str(exc)))
+            self.replies[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+
+def _error(reason):
+    return Error(0, reason)
+
+
+def run(tmp_path: Path, values: dict, name: str):
+    config = parse_config({**SMALL, "secure-noise": False, **values})
+    inner = LoopbackGrid(config.simulation_workers)
+    summary = run_federation(
+        inner, config, run_dir=tmp_path / name, on_round=lambda row: None, node_per_client=False
+    )
+    return summary, inner.pushed
+
+
+def test_a_grouped_run_gives_the_one_by_one_run_result(tmp_path, flower_run):
+    alone, sent_alone = run(tmp_path, {"noise-multiplier": 1.0}, "alone")
+    grouped, sent_grouped = run(tmp_path, {"noise-multiplier": 1.0, "clients-per-worker": 4}, "g")
+    assert len(sent_alone) == 12 and len(sent_grouped) == 4  # 6 clients a round, 2 rounds
+    assert [named_group(m.content) for m in sent_grouped[:2]] == [[0, 2, 4], [1, 3, 5]]
+    assert grouped["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-3)
+    assert grouped["epsilon"] == alone["epsilon"]  # the same ledger, entry for entry
+
+
+def test_a_client_that_drops_out_of_a_group_leaves_the_others(tmp_path, flower_run):
+    values = {"noise-multiplier": 1.0, "clients-per-worker": 3, "client-dropout": 0.4}
+    summary, _ = run(tmp_path, values, "drop")
+    failed = summary["failed_per_round"]
+    assert failed and all(0 < n < 6 for n in failed.values())  # some, never whole groups
+
+
+def test_screening_sees_a_failed_group_as_each_of_its_clients_failing(flower_run):
+    class Broken(LoopbackGrid):
+        def push_messages(self, messages):
+            ids = []
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = mid = str(uuid.uuid4())
+                self.replies[mid] = msg.create_error_reply(error=_error("out of memory"))
+                ids.append(mid)
+            return ids
+
+    config = parse_config({**SMALL, "noise-multiplier": 1.0})
+    arrays = ArrayRecord(start_state())
+    template = ConfigRecord(config.to_flat())
+    grid = GroupedGrid(Broken(2), 3)
+    messages = [
+        Message(train_content(arrays, template, 1, c), 100 + c % 2, "train") for c in range(6)
+    ]
+    ids = list(grid.push_messages(messages))
+    good, dropped = screen_replies(messages, list(grid.pull_messages(ids)), 1.0)
+    assert not good and dropped == dict.fromkeys(range(6), "out of memory")
+
+
+def test_groups_are_refused_where_they_cannot_work():
+    with pytest.raises(FedsimError, match="clients-per-worker > 1 trains clients with"):
+        parse_config({"model": "lstm", "dataset": "shakespeare", "clients-per-worker": 2})
+    with pytest.raises(FedsimError, match="under the deployment engine each SuperNode"):
+        check_deployment(parse_config({"clients-per-worker": 2, "secure-noise": True}))
