@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.dp import Purpose, numpy_generator, stream_seed
+from fedsim.dp import Purpose, UserCanaries, numpy_generator, stream_seed
 from fedsim.errors import FedsimError
 from fedsim.messages import average_content, model_arrays
 from fedsim.server.privacy import LedgerEntry
@@ -37,6 +37,24 @@ Arrays = dict[str, np.ndarray]
 def to_numpy(record: ArrayRecord) -> Arrays:
     """ArrayRecord -> dict of float64 arrays (sums of many updates need the precision)."""
     return {k: v.numpy().astype(np.float64) for k, v in record.items()}
+
+
+def flatten(arrays: Arrays) -> np.ndarray:
+    """The floating-point arrays of a model, in order, as one vector (what canaries span)."""
+    parts = [v.ravel() for v in arrays.values() if v.dtype.kind == "f"]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def unflatten(vector: np.ndarray, template: Arrays) -> Arrays:
+    """:func:`flatten`'s inverse on ``template``'s shapes; other arrays get zeros."""
+    out, at = {}, 0
+    for key, value in template.items():
+        if value.dtype.kind != "f":
+            out[key] = np.zeros_like(value)
+            continue
+        out[key] = vector[at : at + value.size].reshape(value.shape)
+        at += value.size
+    return out
 
 
 def clip(update: Arrays, bound: float) -> tuple[Arrays, float]:
@@ -114,6 +132,7 @@ class UserLevelDP(StrategyWrapper):
         clip_quantile: float = 0.0,
         clip_lr: float = 0.2,
         count_noise: float = 0.0,
+        canaries: UserCanaries | None = None,
     ) -> None:
         super().__init__(inner)
         self.ledger = ledger
@@ -126,6 +145,7 @@ class UserLevelDP(StrategyWrapper):
         self.clip_lr = clip_lr
         self.count_noise = count_noise if clip_quantile > 0 else 0.0
         self.sigma_update = update_std(noise_multiplier, self.count_noise)
+        self.canaries = canaries  # an audit's canary clients (fedsim.dp.user_canaries)
         self.current: ArrayRecord | None = None
 
     def configure_train(
@@ -148,6 +168,10 @@ class UserLevelDP(StrategyWrapper):
             update, norm = clip({k: local[k] - base[k] for k in base}, self.clip_norm)
             clipped.append(update)
             unclipped += norm <= self.clip_norm
+        cohort = len(clipped)
+        for canary in self._canaries(server_round):  # each at the clip norm: the worst case
+            clipped.append(unflatten(canary * self.clip_norm, base))
+            unclipped += 1
         rng = numpy_generator(
             stream_seed(self.root, purpose=Purpose.USER_NOISE, server_round=server_round)
         )
@@ -171,4 +195,11 @@ class UserLevelDP(StrategyWrapper):
         # the wrapped strategy sees only the release: its server optimizer is post-processing
         average = Message(average_content(released), 0, MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [average])
-        return arrays, MetricRecord({"clip-norm": used_clip, "cohort": len(clipped)})
+        return arrays, MetricRecord({"clip-norm": used_clip, "cohort": cohort})
+
+    def _canaries(self, server_round: int) -> list[np.ndarray]:
+        """The directions of the audit's in-canaries that take part in this round."""
+        if self.canaries is None:
+            return []
+        chosen = self.canaries.sampled(self.sample_rate, root=self.root, server_round=server_round)
+        return [self.canaries.direction(i) for i in chosen]

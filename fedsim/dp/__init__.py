@@ -6,7 +6,8 @@ pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` a
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func; ``audit`` turns
-a one-run canary audit's guesses into an ε lower bound.
+a one-run canary audit's guesses into an ε lower bound, and ``user_canaries`` makes the
+canary clients of a user-level audit.
 """
 
 from fedsim.dp.accounting import (
@@ -41,6 +42,7 @@ from fedsim.dp.randomness import (
     torch_generator,
 )
 from fedsim.dp.schedule import Schedule, poisson_schedule
+from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
 
 __all__ = [
     "ACCOUNTANTS",
@@ -56,10 +58,13 @@ __all__ = [
     "PrivateTraining",
     "Purpose",
     "Schedule",
+    "UserCanaries",
     "best_guesses",
     "check_cohort_model",
     "dp_randomness",
     "epsilon_ceiling",
+    "gaussian_estimate",
+    "gdp_epsilon",
     "history_epsilon",
     "make_private",
     "make_private_fast",
