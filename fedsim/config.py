@@ -136,6 +136,12 @@ class FedsimConfig(BaseModel):
     )
     server_beta2: float = Field(0.99, gt=0, lt=1, description="fedadam, fedyogi: β₂")
     server_tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity τ")
+    audit_canaries: int = Field(
+        0, ge=0, description="sample unit: canaries of a one-run privacy audit (0: no audit)"
+    )
+    audit_confidence: float = Field(
+        0.95, gt=0, lt=1, description="the audit's ε lower bound holds at this confidence"
+    )
     accountant: Literal["rdp", "prv", "pld"] = Field(
         "rdp", description="rdp or prv (Opacus), pld (Google's dp-accounting)"
     )
@@ -234,6 +240,7 @@ class FedsimConfig(BaseModel):
                 "adaptive clipping (clip-quantile > 0) needs clip-count-noise > 0; "
                 "Andrew et al. suggest clients-per-round / 20"
             )
+        _check_audit(self, task[0] if task else None)
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
         return self
@@ -299,6 +306,21 @@ def _check_options(config: FedsimConfig) -> None:
         )
     if config.partition != "natural" and config.min_samples != 1:
         raise ValueError("min-samples selects users and applies only to partition natural")
+
+
+def _check_audit(config: FedsimConfig, task: str | None) -> None:
+    if config.audit_canaries == 0:
+        return
+    if config.dp == "user":
+        raise ValueError(
+            "audit-canaries audits the sample unit (one example), which dp = user does not "
+            "protect; use dp = sample, both or none, or set audit-canaries = 0"
+        )
+    if task is not None and task != registry.IMAGE:
+        raise ValueError(
+            f"audit-canaries is supported for image datasets only, not {config.dataset} "
+            f"({task}); set audit-canaries = 0"
+        )
 
 
 def _check_strategy(config: FedsimConfig) -> None:

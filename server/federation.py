@@ -21,7 +21,7 @@ from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
 from fedsim.models import build_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
-from fedsim.server import outputs
+from fedsim.server import audit, outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.rounds import ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
@@ -167,6 +167,7 @@ def start_state(
     else:
         parts = partition_dataset(dataset, config)
         infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
+        infos = audit.with_canaries(infos, config, dataset)  # σ and the ledger count them
         nodes = wait_for_nodes(grid, simulation_nodes(config))
     resumed = restore(run_dir, infos)
     if resumed is not None:  # resume: the checkpoint's config (σ included) wins
@@ -280,7 +281,8 @@ def run_federation(
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"
-    return outputs.write_final(state, run_dir, started, engine=engine)
+    record = audit.audit_final_model(cfg, dataset, model, device=device)
+    return outputs.write_final(state, run_dir, started, engine=engine, audit=record)
 
 
 def natural_users(
