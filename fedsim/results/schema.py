@@ -108,6 +108,16 @@ class Result:
         return math.inf if eps is None else float(eps)
 
     @property
+    def audit(self) -> dict[str, Any] | None:
+        """The one-run audit's record (its ε lower bound, method, confidence), if it ran.
+
+        Keys: ``unit``, ``epsilon``, ``method``, ``confidence``, ``delta``, ``canaries``,
+        ``canaries_in``, ``canary_kind``, ``guesses``, ``correct``, ``ceiling``.
+        """
+        record = self.summary.get("audit")
+        return dict(record) if isinstance(record, dict) else None
+
+    @property
     def config(self) -> dict[str, Any]:
         """The resolved config the run used (with the solved σ), kebab-case keys."""
         return dict(self.summary["config"])
@@ -192,4 +202,11 @@ def _check_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     for key in ("config", "epsilon_by_unit"):
         if not isinstance(summary[key], dict):
             raise FedsimError(f"{path}: {key} is {summary[key]!r}, not a table; {_REDO}")
+    audit = summary.get("audit")
+    if audit is not None and not (isinstance(audit, dict) and _is_number(audit.get("epsilon"))):
+        raise FedsimError(f"{path}: audit is {audit!r}, not an audit record; {_REDO}")
     return summary
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
