@@ -15,6 +15,7 @@ import torch
 
 from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset
+from fedsim.dp import Canaries, canary_seed, make_canaries
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo
 from fedsim.models import model_kwargs
@@ -50,11 +51,40 @@ def client_data(
     """
     _check_partition(config, partition_id)
     if local_dir is not None:
+        _no_canaries_here(config)
         local = _dataset(config.dataset, local_dir)
         return local.x_train, local.y_train
     dataset = _dataset(config.dataset, config.data_dir)
     idx = _partitions(config)[partition_id]
-    return dataset.x_train[idx], dataset.y_train[idx]
+    x, y = dataset.x_train[idx], dataset.y_train[idx]
+    if "sample" in config.audit_units:  # this client's included canaries join its data
+        canaries = _canaries(config.dataset, config.data_dir, *_canary_key(config))
+        x_in, y_in = canaries.for_client(partition_id)
+        x, y = np.concatenate([x, x_in]), np.concatenate([y, y_in])
+    return x, y
+
+
+def _canary_key(config: FedsimConfig) -> tuple[int, int, int]:
+    # what the canaries depend on besides the data: not σ, which the server fixes later
+    return config.seed, config.audit_canaries, config.num_clients
+
+
+@lru_cache(maxsize=2)
+def _canaries(name: str, data_dir: str, seed: int, count: int, num_clients: int) -> Canaries:
+    dataset = _dataset(name, data_dir)
+    classes = model_kwargs(dataset)["num_classes"]
+    return make_canaries(
+        canary_seed(seed), count, num_clients=num_clients, x_train=dataset.x_train,
+        num_classes=classes,
+    )  # fmt: skip
+
+
+def _no_canaries_here(config: FedsimConfig) -> None:
+    if "sample" in config.audit_units:
+        raise FedsimError(
+            "audit-canaries needs the run's shared dataset, but this node trains on its own "
+            "data-dir; set audit-canaries = 0 or start the node without data-dir"
+        )
 
 
 @lru_cache(maxsize=2)
@@ -71,7 +101,7 @@ def client_tensors(
     A worker copies the training split to its GPU once and keeps it: the clients it
     trains change every round, and a gather on the GPU costs far less than a copy.
     """
-    if device == "cpu" or local_dir is not None:
+    if device == "cpu" or local_dir is not None or "sample" in config.audit_units:
         return client_data(config, partition_id, local_dir=local_dir)
     _check_partition(config, partition_id)
     x, y = _on_device(config.dataset, config.data_dir, device)

@@ -138,6 +138,12 @@ class FedsimConfig(BaseModel):
     )
     server_beta2: float = Field(0.99, gt=0, lt=1, description="fedadam, fedyogi: β₂")
     server_tau: float = Field(1e-3, gt=0, description="fedadam, fedyogi, fedadagrad: adaptivity τ")
+    audit_canaries: int = Field(
+        0, ge=0, description="canaries of a one-run privacy audit of each unit (0: no audit)"
+    )
+    audit_confidence: float = Field(
+        0.95, gt=0, lt=1, description="the audit's ε lower bound holds at this confidence"
+    )
     accountant: Literal["rdp", "prv", "pld"] = Field(
         "rdp", description="rdp or prv (Opacus), pld (Google's dp-accounting)"
     )
@@ -239,6 +245,7 @@ class FedsimConfig(BaseModel):
                 "adaptive clipping (clip-quantile > 0) needs clip-count-noise > 0; "
                 "Andrew et al. suggest clients-per-round / 20"
             )
+        _check_audit(self, task[0] if task else None)
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
         if self.clients_per_worker > 1 and self.model in _NOT_VECTORIZED:
@@ -264,6 +271,17 @@ class FedsimConfig(BaseModel):
     def own_parts(self) -> list[str]:
         """The model, dataset and partition given as import paths (``"module:attr"``)."""
         return [p for p in (self.model, self.dataset, self.partition) if registry.is_import_path(p)]
+
+    @property
+    def audit_units(self) -> list[str]:
+        """The units ``audit-canaries`` audits, each with canaries of its own.
+
+        Canary examples in the clients' data audit the sample unit (and measure the leak
+        of a run without DP); canary clients inside DP-FedAvg audit the user unit.
+        """
+        if self.audit_canaries == 0:
+            return []
+        return (["sample"] if self.dp != "user" else []) + (["user"] if self.dp_user else [])
 
     @property
     def dp_sample(self) -> bool:
@@ -327,6 +345,15 @@ def _check_options(config: FedsimConfig) -> None:
         )
     if config.partition != "natural" and config.min_samples != 1:
         raise ValueError("min-samples selects users and applies only to partition natural")
+
+
+def _check_audit(config: FedsimConfig, task: str | None) -> None:
+    if "sample" in config.audit_units and task is not None and task != registry.IMAGE:
+        raise ValueError(
+            f"audit-canaries audits the sample unit with image canaries: it supports image "
+            f"datasets only, not {config.dataset} ({task}); set audit-canaries = 0"
+            + (" or dp = user" if config.dp == "both" else "")
+        )
 
 
 def _check_strategy(config: FedsimConfig) -> None:

@@ -16,12 +16,12 @@ from flwr.serverapp.strategy import Strategy
 from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset, vocab_record
-from fedsim.dp import accounting, poisson_schedule, secure_root, seeded_root
+from fedsim.dp import UserCanaries, accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
 from fedsim.models import build_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
-from fedsim.server import outputs
+from fedsim.server import audit, outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.grouping import GroupedGrid
 from fedsim.server.rounds import ReplyFn, run_rounds
@@ -111,14 +111,20 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
 
 
 def build_strategy(
-    state: RunState, nodes: list[int], *, bound: bool, root: bytes
+    state: RunState,
+    nodes: list[int],
+    *,
+    bound: bool,
+    root: bytes,
+    canaries: UserCanaries | None = None,
 ) -> tuple[PrivacyLedger, UserLevelDP | None, Strategy]:
     """The configured strategy in fedsim's cohorts, user-level DP and the ledger around it.
 
     Returns the outermost wrapper, the user-level DP wrapper (or None) and the strategy
     itself (its state is checkpointed). ``nodes`` and ``bound`` place clients on Flower
     nodes (:func:`fedsim.server.strategy.place`); ``root`` is the run's randomness root
-    (``fedsim.dp.randomness``) for cohorts and noise.
+    (``fedsim.dp.randomness``) for cohorts and noise; ``canaries``: a user-level audit's
+    canary clients, which take part inside DP-FedAvg.
     """
     cfg = state.config
     algorithm = build_algorithm(cfg)
@@ -145,6 +151,7 @@ def build_strategy(
             clip_quantile=cfg.clip_quantile,
             clip_lr=cfg.clip_lr,
             count_noise=cfg.clip_count_noise,
+            canaries=canaries,
         )
     ledger = PrivacyLedger(strategy, state.ledger, expected=lambda c: state.prescribed[c])
     return ledger, user_dp, algorithm
@@ -168,6 +175,7 @@ def start_state(
     else:
         parts = partition_dataset(dataset, config)
         infos = partition_infos(dataset, parts, share_labels=config.share_label_counts)
+        infos = audit.with_canaries(infos, config, dataset)  # σ and the ledger count them
         nodes = wait_for_nodes(grid, config.simulation_workers)
     resumed = restore(run_dir, infos)
     if resumed is not None:  # resume: the checkpoint's config (σ included) wins
@@ -217,13 +225,17 @@ def run_federation(
     # It runs where the clients train, and the test split goes there once.
     device = run_device(cfg.client_gpus)
     model = build_model(cfg.model, **model_kwargs(dataset), dp=False).to(device)
+    start = audit.model_vector(model.state_dict())  # the seed's initial model, resumed or not
     if state.arrays is not None:
         model.load_state_dict(state.arrays)
     x_test = torch.as_tensor(dataset.x_test).to(device)
     y_test = torch.as_tensor(dataset.y_test).to(device)
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
-    strategy, user_dp, algorithm = build_strategy(state, nodes, bound=node_per_client, root=root)
+    canaries = audit.user_canaries(cfg, len(start))
+    strategy, user_dp, algorithm = build_strategy(
+        state, nodes, bound=node_per_client, root=root, canaries=canaries
+    )
     clock = [time.time()]
 
     def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
@@ -273,7 +285,8 @@ def run_federation(
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"
-    return outputs.write_final(state, run_dir, started, engine=engine)
+    record = audit.audit_final_model(cfg, dataset, model, device=device, start=start)
+    return outputs.write_final(state, run_dir, started, engine=engine, audit=record)
 
 
 def natural_users(

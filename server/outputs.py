@@ -191,8 +191,13 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
     return [asdict(g) for g in out]
 
 
-def write_final(state: RunState, run_dir: Path, started: float, *, engine: str) -> dict:
-    """Write ``privacy.json``, ``summary.json`` and the private part; return the summary."""
+def write_final(
+    state: RunState, run_dir: Path, started: float, *, engine: str, audit: dict | None = None
+) -> dict:
+    """Write ``privacy.json``, ``summary.json`` and the private part; return the summary.
+
+    ``audit``: the one-run audit's record (``fedsim.dp.canaries.audit_record``), if any.
+    """
     cfg = state.config
     results.write_json(run_dir / results.PRIVACY, privacy_record(state))
     eps = state.epsilons()
@@ -227,6 +232,8 @@ def write_final(state: RunState, run_dir: Path, started: float, *, engine: str) 
         "wall_seconds": round(time.time() - started, 2),
         "config": cfg.to_flat(),
     }
+    if audit is not None:
+        summary["audit"] = audit
     results.write_json(run_dir / results.SUMMARY, summary)
     write_private(state, run_dir)
     return summary

@@ -5,9 +5,9 @@ pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` a
 ``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
-``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func; ``audit`` turns
-a one-run canary audit's guesses into an ε lower bound, and ``user_canaries`` makes the
-canary clients of a user-level audit.
+``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func; ``canaries``
+builds a one-run audit's canaries and ``audit`` turns its guesses into an ε lower bound;
+``user_canaries`` makes the canary clients of a user-level audit.
 """
 
 from fedsim.dp.accounting import (
@@ -19,6 +19,7 @@ from fedsim.dp.accounting import (
     solve_noise_multiplier,
 )
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
+from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
 from fedsim.dp.fast_clip import (
     GRAD_SAMPLE_MODES,
@@ -49,6 +50,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "RDP_ORDERS",
     "REPLACE_ONE",
+    "Canaries",
     "CohortUpdate",
     "DPRandomness",
     "FastClipper",
@@ -59,13 +61,17 @@ __all__ = [
     "Purpose",
     "Schedule",
     "UserCanaries",
+    "audit_record",
     "best_guesses",
+    "canary_seed",
+    "canary_set",
     "check_cohort_model",
     "dp_randomness",
     "epsilon_ceiling",
     "gaussian_estimate",
     "gdp_epsilon",
     "history_epsilon",
+    "make_canaries",
     "make_private",
     "make_private_fast",
     "numpy_generator",

@@ -58,6 +58,7 @@ class Purpose(IntEnum):
     SGD_NOISE = 4  # client: DP-SGD's Gaussian noise
     LOCAL = 5  # client: other randomness of local training (not part of a DP mechanism)
     FAULTS = 6  # client: simulated dropouts and stragglers (an experiment's design)
+    CANARIES = 7  # everyone: a privacy audit's canaries and which are in (always seeded)
     USER_CANARIES = 8  # server: a user-level audit's canary directions and membership (seeded)
     CANARY_SAMPLING = 9  # server: in which rounds a user-level canary takes part
 

@@ -7,8 +7,10 @@ Figures are built without pyplot: no backend, no window, no global state.
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from matplotlib import ticker
 from matplotlib.figure import Figure
@@ -58,6 +60,7 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
     for r in rows:
         if r["unit"] == "none":
             ax.axhline(r["accuracy_mean"], linestyle="--", color="gray", label="no DP")
+    _plot_audits(ax, [r for r in rows if r.get("audit_epsilon", "") != ""])
     ax.set_xscale("log")
     epsilons = sorted({r["epsilon"] for r in rows if r["unit"] != "none"})
     ax.xaxis.set_major_locator(ticker.FixedLocator(epsilons))  # every ε run is labelled
@@ -67,6 +70,29 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7)
     return _save(fig, out)
+
+
+def _plot_audits(ax: Any, rows: list[dict]) -> None:
+    """Each audited point's measured bound, at its accuracy, joined to its reported ε.
+
+    A bound of 0 (nothing refuted) cannot sit on a log axis: its point gets a label instead.
+    """
+    shown = [r for r in rows if r["audit_epsilon"] > 0]
+    for r in shown:
+        if not math.isinf(r["epsilon"]):
+            ax.plot([r["audit_epsilon"], r["epsilon"]], [r["accuracy_mean"]] * 2, ":", color="k")
+    if shown:
+        conf = shown[0]["audit_confidence"]
+        ax.plot(
+            [r["audit_epsilon"] for r in shown],
+            [r["accuracy_mean"] for r in shown],
+            "x",
+            color="k",
+            label=f"audit: measured ε lower bound ({conf:.0%})",
+        )
+    for r in rows:
+        if r["audit_epsilon"] == 0 and not math.isinf(r["epsilon"]):
+            ax.annotate("audit 0", (r["epsilon"], r["accuracy_mean"]), fontsize=6)
 
 
 def _save(fig: Figure, stem: Path) -> list[Path]:

@@ -23,10 +23,28 @@ def round_table(rounds: list[RoundRow]) -> str:
     return "\n".join(lines)
 
 
+def audit_words(summary: dict) -> str:
+    """Each audited unit's measured bound in words, or "" where the run had no canaries."""
+    words = ""
+    for audit in (summary.get("audit") or {}).values():
+        words += (
+            f"; audited: ε ≥ {audit['epsilon']:.3f} for one {audit['unit']} at "
+            f"{audit['confidence']:.0%} confidence ({audit['correct']} of {audit['guesses']} "
+            f"guesses right, {audit['canaries']} canaries, ceiling {audit['ceiling']:.2f})"
+        )
+        if audit.get("estimate") is not None:
+            words += f", estimate ε ≈ {audit['estimate']:.3f} (Andrew et al., no confidence)"
+    return words
+
+
 def summary_line(summary: dict) -> str:
-    """One line: final accuracy, each ε with its unit, δ and accountant, and the noise."""
+    """One line: final accuracy, each ε with its unit, δ and accountant, and the noise.
+
+    A run with canaries ends with the audit's measured ε lower bound.
+    """
     if summary["privacy_unit"] == "none":
-        return f"accuracy {summary['accuracy']:.4f} without differential privacy (ε = ∞)"
+        line = f"accuracy {summary['accuracy']:.4f} without differential privacy (ε = ∞)"
+        return line + audit_words(summary)
     sigma = {"sample": summary["noise_multiplier"], "user": summary.get("user_noise_multiplier")}
     parts = [
         f"ε = {eps:.3f} for one {unit} (σ = {sigma[unit]:.4f})"
@@ -40,6 +58,7 @@ def summary_line(summary: dict) -> str:
     return (
         f"accuracy {summary['accuracy']:.4f} at {', '.join(parts)} "
         f"(δ = {summary['delta']:g}, accountant: {summary['accountant']}); {noise_words(summary)}"
+        f"{audit_words(summary)}"
     )
 
 

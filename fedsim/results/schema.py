@@ -108,6 +108,16 @@ class Result:
         return math.inf if eps is None else float(eps)
 
     @property
+    def audit(self) -> dict[str, dict[str, Any]]:
+        """The one-run audit's record for each audited unit (``sample``, ``user``); {}: none.
+
+        A record's keys: ``unit``, ``epsilon`` (the measured lower bound), ``method``,
+        ``confidence``, ``delta``, ``canaries``, ``canaries_in``, ``canary_kind``,
+        ``guesses``, ``correct``, ``ceiling``; the user unit's also ``estimate``.
+        """
+        return {unit: dict(record) for unit, record in (self.summary.get("audit") or {}).items()}
+
+    @property
     def config(self) -> dict[str, Any]:
         """The resolved config the run used (with the solved σ), kebab-case keys."""
         return dict(self.summary["config"])
@@ -192,4 +202,14 @@ def _check_summary(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
     for key in ("config", "epsilon_by_unit"):
         if not isinstance(summary[key], dict):
             raise FedsimError(f"{path}: {key} is {summary[key]!r}, not a table; {_REDO}")
+    audit = summary.get("audit")
+    records = list(audit.values()) if isinstance(audit, dict) else [audit]
+    if audit is not None and not all(
+        isinstance(r, dict) and _is_number(r.get("epsilon")) for r in records
+    ):
+        raise FedsimError(f"{path}: audit is {audit!r}, not a record per unit; {_REDO}")
     return summary
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
