@@ -206,7 +206,7 @@ PUBLISHABLE = ("summary.json", "rounds.csv", "privacy.json", "partition.csv")
 def test_user_level_run_publishes_no_cohort(tmp_path):
     out = tmp_path / "user"
     user = ["dp='user'", "num-clients=20", "clients-per-round=5", "secure-noise=true"]
-    fedsim_run(out, *user, "client-dropout=0")
+    fedsim_run(out, *user, "client-dropout=0", "audit-canaries=200")
     cohorts = [r["clients"] for r in read_csv(out / "private" / "participation.csv")[1:]]
     rounds = read_csv(out / "rounds.csv")
     assert [int(r["cohort"]) for r in rounds[1:]] == [len(c.split()) for c in cohorts]
@@ -218,6 +218,10 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["client_with_max_epsilon"] is None
     assert summary["noise"]["kind"] == "secure"
+    # the canary clients audit the user unit; they are in no cohort count
+    audit = summary["audit"]["user"]
+    assert 0 <= audit["epsilon"] <= summary["epsilon"] and audit["canaries"] == 200
+    assert audit["estimate"] is not None and audit["correct"] <= audit["guesses"]
     units = json.loads((out / "privacy.json").read_text())["units"]
     assert all("clients" not in unit for unit in units.values())
 
