@@ -1,5 +1,6 @@
 """clients-per-worker: a worker trains a group of clients at once, equal to one by one."""
 
+import math
 import uuid
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from fedsim.clients import client_app, local
 from fedsim.config import check_deployment, parse_config
 from fedsim.errors import FedsimError
+from fedsim.experiments.run import preflight
 from fedsim.messages import (
     decode_train_report,
     encode_group_reply,
@@ -154,3 +156,18 @@ def test_groups_are_refused_where_they_cannot_work():
         parse_config({"model": "lstm", "dataset": "shakespeare", "clients-per-worker": 2})
     with pytest.raises(FedsimError, match="under the deployment engine each SuperNode"):
         check_deployment(parse_config({"clients-per-worker": 2, "secure-noise": True}))
+
+
+def batch_norm_net(*, input_shape, num_classes, **_):
+    """A model of a user's own that vmap cannot train per client: BatchNorm mixes samples."""
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.BatchNorm1d(math.prod(input_shape)),
+        torch.nn.Linear(math.prod(input_shape), num_classes),
+    )  # fmt: skip
+
+
+def test_preflight_refuses_a_model_of_your_own_that_cannot_be_grouped():
+    config = parse_config({"model": "tests.test_grouping:batch_norm_net", "clients-per-worker": 2})
+    with pytest.raises(FedsimError, match="does not support Sequential: its BatchNorm1d"):
+        preflight(config)
+    preflight(config.model_copy(update={"clients_per_worker": 1}))
