@@ -9,6 +9,7 @@ schedule and so the same ledger entry), vectorized over clients.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -67,21 +68,9 @@ def train_round(
             "server's model; give every node data of the server's dataset format"
         ) from None
     _, spent = train_local(
-        model,
-        x,
-        y,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-        noise_multiplier=config.noise_multiplier if config.dp_sample else None,
-        max_grad_norm=config.max_grad_norm,
-        grad_sample=config.grad_sample,
-        device=device,
-        all_positions=config.next_char_loss == "all",
+        model, x, y, **_options(config), grad_sample=config.grad_sample, device=device,
         randomness=randomness,
-        proximal_mu=config.proximal_mu,
-    )
+    )  # fmt: skip
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, TrainReport(pid, len(y), spent)
 
@@ -99,29 +88,19 @@ def train_group(
     device = run_device(config.client_gpus)
     root = _root(config)
     data = [client_tensors(config, pid, device=device) for pid in clients]
+    streams = [
+        dp_randomness(
+            root, server_round=server_round, client=pid, device=device, secure=config.secure_noise
+        )
+        for pid in clients
+    ]
     updates = train_cohort(
         build_model(config.model, **model_spec(config)),
         [state] * len(clients),
         [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data],
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-        noise_multiplier=config.noise_multiplier if config.dp_sample else None,
-        max_grad_norm=config.max_grad_norm,
-        randomness=[
-            dp_randomness(
-                root,
-                server_round=server_round,
-                client=pid,
-                device=device,
-                secure=config.secure_noise,
-            )
-            for pid in clients
-        ],
+        **_options(config),
+        randomness=streams,
         device=device,
-        all_positions=config.next_char_loss == "all",
-        proximal_mu=config.proximal_mu,
     )
     out = {}
     for pid, (_, y), update in zip(clients, data, updates, strict=True):
@@ -129,6 +108,20 @@ def train_group(
         new_state = {k: v.detach().cpu() for k, v in update.state.items()}
         out[pid] = (new_state, TrainReport(pid, len(y), spent))
     return out
+
+
+def _options(config: FedsimConfig) -> dict[str, Any]:
+    """The training keywords that ``train_local`` and ``train_cohort`` share."""
+    return {
+        "epochs": config.local_epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "momentum": config.momentum,
+        "noise_multiplier": config.noise_multiplier if config.dp_sample else None,
+        "max_grad_norm": config.max_grad_norm,
+        "all_positions": config.next_char_loss == "all",
+        "proximal_mu": config.proximal_mu,
+    }
 
 
 def _root(config: FedsimConfig) -> bytes:
