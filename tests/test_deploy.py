@@ -169,6 +169,12 @@ def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
     assert_all_stopped(tmp_path)
 
 
+def _ctrl_c_reaches_it():
+    # a shell's background job (`pytest ... &`) inherits SIGINT ignored, and so would the
+    # deploy started here: a Ctrl-C test must give it the terminal's default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("after", [0.0, 12.0])  # as the run is submitted; while it starts
 def test_deploy_interrupted_stops_everything(tmp_path, after):
     args = [
@@ -188,6 +194,7 @@ def test_deploy_interrupted_stops_everything(tmp_path, after):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_reaches_it,
     )
     try:
         first = proc.stdout.readline()
