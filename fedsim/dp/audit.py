@@ -205,7 +205,7 @@ def best_guesses(
     m = score.size
     if member.size != m or m == 0 or not np.isfinite(score).all():
         raise FedsimError(f"need one finite score per membership, got {m} for {member.size}")
-    pairs = np.array(candidates if candidates is not None else _default_candidates(m))
+    pairs = np.array(candidates if candidates is not None else default_candidates(m))
     if pairs.ndim != 2 or pairs.size == 0 or pairs.dtype.kind not in "iu" or pairs.shape[1] != 2:
         raise FedsimError("candidates must be a non-empty list of whole-number (r, s) pairs")
     if (pairs < 0).any() or (pairs.sum(1) > m).any():
@@ -218,9 +218,12 @@ def best_guesses(
     return _sweep(pairs.sum(1), v, pairs, delta, m, beta / len(pairs))
 
 
-def _default_candidates(m: int) -> list[tuple[int, int]]:
-    # four "in" counts per doubling, m down to 1: the union bound's share stays large
-    # (about β / 4·log2(m)), where every r = 1..m would divide β by m
+def default_candidates(m: int) -> list[tuple[int, int]]:
+    """The (r, s) guess counts ``best_guesses`` tries for m canaries: β is shared by them.
+
+    Four "in" counts per doubling, m down to 1, and no "out" guesses: the union bound's
+    share stays large (about β / 4·log2(m)), where every r = 1..m would divide β by m.
+    """
     steps = np.arange(int(4 * math.log2(m)) + 1)
     counts = np.unique(np.maximum(np.round(m * 2.0 ** (-steps / 4)), 1).astype(int))
     return [(int(r), 0) for r in counts]

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedsim.config import FedsimConfig
-from fedsim.dp.audit import _default_candidates, best_guesses, epsilon_ceiling
+from fedsim.dp.audit import best_guesses, default_candidates, epsilon_ceiling
 from fedsim.dp.randomness import Purpose, numpy_generator, seeded_root, stream_seed
 from fedsim.errors import FedsimError
 
@@ -121,7 +121,7 @@ def audit_record(
         correct += int((~member[order[len(order) - found.guessed_out :]]).sum())
     m = len(member)
     # the most m guesses, all right, can show at the union bound's share of β (δ = 0)
-    ceiling = epsilon_ceiling(guesses=m, beta=beta / len(_default_candidates(m)))
+    ceiling = epsilon_ceiling(guesses=m, beta=beta / len(default_candidates(m)))
     return {
         "unit": unit,
         "epsilon": math.floor(found.epsilon * 1e4) / 1e4,  # rounded down: a lower bound
