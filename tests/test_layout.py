@@ -99,6 +99,18 @@ def test_validating_a_config_imports_neither_torch_nor_flower():
     assert out.stdout.strip() == "[]", out.stderr
 
 
+def test_a_client_worker_does_not_import_the_accountants():
+    # every simulation worker imports the client app as it starts; the server accounts
+    code = (
+        "import sys; import fedsim.clients.client_app; "
+        "print(sorted({'dp_accounting', 'fedsim.dp.accounting'} & set(sys.modules))); "
+        "from fedsim.dp import accounting, history_epsilon; "
+        "print(history_epsilon is accounting.history_epsilon)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.split() == ["[]", "True"], out.stdout + out.stderr
+
+
 def test_ruff_clean():
     if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff not installed (./install.sh --dev installs it)")

@@ -8,16 +8,17 @@ purpose) its own stream; ``accounting`` turns histories into ε and targets into
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func; ``canaries``
 builds a one-run audit's canaries and ``audit`` turns its guesses into an ε lower bound;
 ``user_canaries`` makes the canary clients of a user-level audit.
+
+The accountants load on first use (PEP 562): they import Google's dp-accounting and
+SciPy's signal module, about 1.2 s of every process's start-up, and a client worker
+never accounts (the server does), so a worker that only trains does not pay for them.
 """
 
-from fedsim.dp.accounting import (
-    ACCOUNTANTS,
-    RDP_ORDERS,
-    REPLACE_ONE,
-    History,
-    history_epsilon,
-    solve_noise_multiplier,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
@@ -45,6 +46,35 @@ from fedsim.dp.randomness import (
 from fedsim.dp.schedule import Schedule, poisson_schedule
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
 
+if TYPE_CHECKING:
+    from fedsim.dp import accounting
+    from fedsim.dp.accounting import (
+        ACCOUNTANTS,
+        RDP_ORDERS,
+        REPLACE_ONE,
+        History,
+        history_epsilon,
+        solve_noise_multiplier,
+    )
+
+_ACCOUNTING = {
+    "ACCOUNTANTS",
+    "RDP_ORDERS",
+    "REPLACE_ONE",
+    "History",
+    "history_epsilon",
+    "solve_noise_multiplier",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The accounting names (and the ``accounting`` module), imported when first asked for."""
+    if name != "accounting" and name not in _ACCOUNTING:
+        raise AttributeError(f"module 'fedsim.dp' has no attribute '{name}'")
+    module = importlib.import_module("fedsim.dp.accounting")
+    return module if name == "accounting" else getattr(module, name)
+
+
 __all__ = [
     "ACCOUNTANTS",
     "GRAD_SAMPLE_MODES",
@@ -61,6 +91,7 @@ __all__ = [
     "Purpose",
     "Schedule",
     "UserCanaries",
+    "accounting",
     "audit_record",
     "best_guesses",
     "canary_seed",
