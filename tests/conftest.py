@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,39 @@ def flower_run():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+# Runs `fedsim ARGS` for many (args, folder) cases in one Python process, each with its
+# own stdout and stderr: the engine's imports (torch, Flower, Ray: about 10 s on 2 cores)
+# are paid once, not once per bad-input case. Each case is still the command's own main().
+_MANY_CLI_RUNS = """
+import contextlib, io, json, os, sys
+from fedsim.experiments.cli import main
+results = []
+for args, cwd in json.load(sys.stdin):
+    os.chdir(cwd)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:
+            code = exc.code
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_runs(cases: list[tuple[list[str], Path]], env: dict[str, str]) -> list[tuple]:
+    """(exit status, stdout, stderr) of ``fedsim *args`` run in ``cwd``, for every case."""
+    payload = json.dumps([[list(args), str(cwd)] for args, cwd in cases])
+    proc = subprocess.run(
+        [sys.executable, "-c", _MANY_CLI_RUNS],
+        input=payload,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_runs
 
 
 def fedsim(*args, cwd):
@@ -19,40 +19,64 @@ def fedsim(*args, cwd):
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--set", "model=resnet"], "unknown model 'resnet'"),
-        (["--set", "target-epsilon=0"], "target-epsilon"),
-        (["--set", "dirichlet-alpha=0", "--set", "partition=dirichlet"], "dirichlet-alpha"),
-        (
-            ["--set", "num-clients=5000", "--set", "clients-per-round=2"],
-            "exceeds the 1437 training samples",
-        ),
-        (["--set", "data-dir=/no/such/folder"], "data-dir /no/such/folder is not a folder"),
-        (["--set", "dataset=mnist"], "needs data-dir"),
-        (["--set", "num-rnds=3"], "did you mean 'num-rounds'"),
-        (["--config", "missing.toml"], "does not exist"),
-        (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
-    ],
-)
-def test_bad_input_one_line_no_traceback(tmp_path, args, needle):
-    result = fedsim("run", *args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+BAD_RUNS = [
+    (["--set", "model=resnet"], "unknown model 'resnet'"),
+    (["--set", "target-epsilon=0"], "target-epsilon"),
+    (["--set", "dirichlet-alpha=0", "--set", "partition=dirichlet"], "dirichlet-alpha"),
+    (
+        ["--set", "num-clients=5000", "--set", "clients-per-round=2"],
+        "exceeds the 1437 training samples",
+    ),
+    (["--set", "data-dir=/no/such/folder"], "data-dir /no/such/folder is not a folder"),
+    (["--set", "dataset=mnist"], "needs data-dir"),
+    (["--set", "num-rnds=3"], "did you mean 'num-rounds'"),
+    (["--config", "missing.toml"], "does not exist"),
+    (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every BAD_RUNS case in one process (the engine's imports paid once), each in its
+    own empty folder, and a run whose --out already holds results."""
+    folders = [tmp_path_factory.mktemp("bad") for _ in BAD_RUNS]
+    done = tmp_path_factory.mktemp("done")
+    (done / "out").mkdir()
+    (done / "out" / "summary.json").write_text("{}")
+    cases = [(["run", *args], cwd) for (args, _), cwd in zip(BAD_RUNS, folders, strict=True)]
+    cases.append((["run", "--out", str(done / "out")], done))
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    return [*folders, done], cli_runs(cases, env)
+
+
+@pytest.mark.parametrize(("index", "needle"), [(i, n) for i, (_, n) in enumerate(BAD_RUNS)])
+def test_bad_input_one_line_no_traceback(bad_runs, index, needle):
+    folders, results = bad_runs
+    code, stdout, stderr = results[index]
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert needle in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "results").exists()
+    assert "Traceback" not in stderr + stdout
+    assert not (folders[index] / "results").exists()
 
 
-def test_existing_results_never_overwritten(tmp_path):
-    out = tmp_path / "done"
-    out.mkdir()
-    (out / "summary.json").write_text("{}")
-    result = fedsim("run", "--out", str(out), cwd=tmp_path)
-    assert result.returncode == 2 and "already exists" in result.stderr
-    assert (out / "summary.json").read_text() == "{}"
+def test_bad_input_as_its_own_process(tmp_path):
+    # the cases above share one process; this one is the real command, exit status and all
+    result = fedsim("run", "--set", "data-dir=/no/such/folder", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "fedsim: error: data-dir /no/such/folder is not a folder; "
+        "set data-dir to an existing folder"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_results_never_overwritten(bad_runs):
+    folders, results = bad_runs
+    code, _, stderr = results[-1]
+    assert code == 2 and "already exists" in stderr
+    assert (folders[-1] / "out" / "summary.json").read_text() == "{}"
 
 
 def test_report_rejects_non_results(tmp_path):

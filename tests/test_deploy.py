@@ -21,7 +21,7 @@ from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
 from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cli_runs
 from tests.test_api import readme_example
 from tests.test_data import fake_mnist
 
@@ -210,22 +210,33 @@ def test_deploy_interrupted_stops_everything(tmp_path, after):
     assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob("*out*"))
 
 
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        (["--auth", "--no-tls"], "--auth needs --tls"),
-        (["--num-nodes", "2", "--set", "num-clients=3"], "disagrees with num-clients"),
-        (["--node-data-dir", "x", "--num-nodes", "2"], "1 --node-data-dir for 2 SuperNodes"),
-        (["--set", "ray-address=nowhere"], "ray-address"),
-        (["--set", "secure-noise=false"], "secure-noise = false is refused"),
-    ],
-)
-def test_deploy_bad_input_one_line(tmp_path, args, needle):
-    result = fedsim("deploy", *args, tmp_path=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert not list(tmp_path.iterdir())
+BAD_DEPLOYS = [
+    (["--auth", "--no-tls"], "--auth needs --tls"),
+    (["--num-nodes", "2", "--set", "num-clients=3"], "disagrees with num-clients"),
+    (["--node-data-dir", "x", "--num-nodes", "2"], "1 --node-data-dir for 2 SuperNodes"),
+    (["--set", "ray-address=nowhere"], "ray-address"),
+    (["--set", "secure-noise=false"], "secure-noise = false is refused"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_deploys(tmp_path_factory):
+    """Every BAD_DEPLOYS case in one process, each in its own empty folder; their
+    temporary files (none should be left) go to one more."""
+    folders = [tmp_path_factory.mktemp("bad-deploy") for _ in BAD_DEPLOYS]
+    temp = tmp_path_factory.mktemp("bad-deploy-tmp")
+    cases = [(["deploy", *args], cwd) for (args, _), cwd in zip(BAD_DEPLOYS, folders, strict=True)]
+    return [*folders, temp], cli_runs(cases, deploy_env(temp))
+
+
+@pytest.mark.parametrize(("index", "needle"), [(i, n) for i, (_, n) in enumerate(BAD_DEPLOYS)])
+def test_deploy_bad_input_one_line(bad_deploys, index, needle):
+    folders, results = bad_deploys
+    code, stdout, stderr = results[index]
+    assert code == 2, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], stderr
+    assert not list(folders[index].iterdir()) and not list(folders[-1].iterdir())
 
 
 def test_missing_flower_tools_named(tmp_path, monkeypatch):
