@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.func import vmap
 
 from fedsim.clients.training import train_local
 from fedsim.data import NEXT_CHAR
 from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort
+from fedsim.dp.cohort_step import functional_per_sample, one_pass_clipped_sum
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 
@@ -219,3 +221,90 @@ def test_inputs_are_checked():
         train_cohort(model, [state], [(torch.zeros(0, 1, 28, 28), torch.zeros(0))], **train)
     with pytest.raises(FedsimError, match=r"lacks '0\.bias'"):
         train_cohort(model, [{k: v for k, v in state.items() if k != "0.bias"}], data, **train)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("cnn", IMAGE_28),
+        ("fedavg-cnn", IMAGE_28),
+        ("transformer", IMAGE_28),
+        ("transformer", CHARS),
+    ],
+)
+def test_one_pass_clipping_equals_the_definition(name, kwargs):
+    """vmap over 3 clients of the one-pass clipped sum, against one backward pass per sample."""
+    k_clients, batch, clip = 3, 5, 0.5
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).double()
+    data = windows([batch] * k_clients) if kwargs is CHARS else images([batch] * k_clients)
+    x = torch.stack([torch.as_tensor(a) for a, _ in data])
+    x = x if kwargs is CHARS else x.double()
+    y = torch.stack([torch.as_tensor(b) for _, b in data])
+    weights = {
+        n: torch.stack([p.detach() + 0.05 * torch.randn_like(p) for _ in range(k_clients)])
+        for n, p in model.named_parameters()
+    }
+    consts = {n: torch.stack([b] * k_clients) for n, b in model.named_buffers()}
+    rows = torch.ones(k_clients, batch, dtype=torch.float64)
+    rows[0, -2:] = 0  # padding rows count for nothing
+    per_sample = functional_per_sample(model, all_positions=kwargs is CHARS)
+    example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
+    one_pass = one_pass_clipped_sum(model, per_sample, (*example, x[0, :1], y[0, :1]), clip=clip)
+    assert one_pass is not None
+    with torch.no_grad():
+        got, losses = vmap(one_pass)(weights, consts, x, y, rows)
+    clipped = 0
+    for k in range(k_clients):
+        want = {n: torch.zeros_like(w[k]) for n, w in weights.items()}
+        for b in range(batch):
+            w = {n: t[k].clone().requires_grad_() for n, t in weights.items()}
+            c = {n: t[k] for n, t in consts.items()}
+            loss = per_sample(w, c, x[k, b : b + 1], y[k, b : b + 1]).sum()
+            assert losses[k, b].item() == pytest.approx(loss.item(), rel=1e-12)
+            grads = dict(zip(w, torch.autograd.grad(loss, list(w.values())), strict=True))
+            norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+            coef = min(1.0, clip / (norm.item() + 1e-6)) * rows[k, b].item()
+            clipped += norm.item() > clip
+            for n, g in grads.items():
+                want[n] += coef * g
+        for n in want:
+            assert torch.allclose(got[n][k], want[n], rtol=1e-9, atol=1e-12), (name, n, k)
+    assert clipped > 0  # some samples were really clipped
+
+
+class _ScaledHead(nn.Module):
+    """A trainable layer with no clipping rule of its own (its own ``scale`` parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+class _SharedLayer(nn.Module):
+    """One linear layer applied twice: per-layer norms would miss the cross terms."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat, self.square = nn.Flatten(), nn.Linear(784, 784)
+        self.head = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.head(self.square(self.square(self.flat(x))))
+
+
+@pytest.mark.parametrize("model", [_ScaledHead(), _SharedLayer()], ids=["no-rule", "shared"])
+def test_layers_without_a_one_pass_rule_fall_back_to_per_sample_gradients(model):
+    per_sample = functional_per_sample(model, all_positions=False)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
+    assert one_pass_clipped_sum(model, per_sample, (weights, {}, x, y), clip=1.0) is None
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in images((20, 30))]
+    got = train_cohort(model, [start] * 2, tensors, randomness=[randomness(0), randomness(1)], **DP)
+    for update in got:
+        assert 0 < max_diff(update.state, start) < math.inf

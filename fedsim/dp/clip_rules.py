@@ -92,8 +92,9 @@ def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Te
     total = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)).clamp(min=0)
 
     def clip(coef: Tensor) -> Grads:
-        summed = torch.zeros_like(layer.weight)
-        summed.index_add_(0, ids.reshape(-1), scaled(g, coef).reshape(-1, layer.embedding_dim))
+        rows = scaled(g, coef).reshape(-1, layer.embedding_dim)
+        # out of place: under vmap over clients (fedsim.dp.cohort) the sum is batched
+        summed = torch.zeros_like(layer.weight).index_add(0, ids.reshape(-1), rows)
         return {layer.weight: summed}
 
     return total, clip

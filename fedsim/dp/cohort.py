@@ -1,18 +1,22 @@
-"""K clients' local training at once: stacked weights, per-sample gradients by torch.func.
+"""K clients' local training at once: stacked weights, ``torch.func.vmap`` over clients.
 
 One client's round (``clients.training.train_local``) is a few dozen small steps, too
 small to keep a GPU busy. Here a cohort of K clients trains together: their weights are
 stacked on a leading client axis, each step gathers every client's batch into one
-(K, B, ...) tensor, and ``torch.func.vmap`` runs the model over clients and, for DP-SGD,
-over samples (``vmap(grad(...))``: one gradient per sample).
+(K, B, ...) tensor, and ``torch.func.vmap`` runs the model over clients. DP-SGD clips in
+one backward pass (``cohort_step``: per-layer rules on each layer's inputs and output
+gradients, no per-sample copies of linear layers' weights) wherever every trainable
+layer has a rule, and from per-sample gradients (``vmap(grad(...))`` over samples)
+otherwise.
 
 Each client's mechanism is the one-client path's, draw for draw: its Poisson masks come
 from Opacus's own sampler on the client's ``batches`` generator, and its noise from
 Opacus's own ``_generate_noise`` on the client's ``noise`` generator, per parameter in
 parameter order. With equal generators a client's new weights equal ``train_local``'s up
 to float rounding (tests/test_cohort.py). One exception: where a max-pooling window holds
-tied values (flat regions of an image), batched and one-sample convolutions round
-differently and the tie's gradient may go to another of its inputs; both are valid
+tied values (flat regions of an image), the cohort's convolutions (batched over clients
+by vmap) and one client's may round differently and the tie's gradient go to another of
+its inputs; both are valid
 per-sample gradients, clipped alike (digits ``cnn``: 5e-4 on one client of six after a
 round). Clients share no stream and no sample.
 
@@ -21,36 +25,33 @@ weight-0 rows (copies of a real example, so their gradients are finite and × 0 
 exact zero), and clients are sorted by step count, so that those still training at step
 t are a prefix of the stack; the others are not computed at all.
 
-Cost on a GPU (H200, issue 14's workloads: experiments/research/bench_cohort.py): the
-per-sample weight gradients of convolutions dominate. vmap makes them grouped
-convolutions, one group per (client, sample), which cuDNN runs group by group; larger
-``chunk_size`` helps a little (fewer, larger calls).
+Cost (experiments/research/bench_cohort.py; docs/benchmarks.md): per-sample gradients
+of ``fedavg-cnn``'s 1.6 M-weight linear layer dominated the per-sample step (B copies per
+client and step); the one-pass step never builds them, 3.3x faster on a CPU. What is
+left under DP is mostly the convolutions' per-sample weight gradients: vmap makes them
+grouped convolutions, one group per (client, sample).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedsim.dp.fast_clip import per_sample_cross_entropy
+from fedsim.dp.cohort_step import Step, Weights, client_step
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
 
-Weights = dict[str, Tensor]
 Data = list[tuple[Tensor, Tensor]]  # each client's (x, y)
-# the active clients' step: weights, constants, x (k, B, ...), y, rows (k, B) -> grads, loss
-Step = Callable[[Weights, Weights, Tensor, Tensor, Tensor], tuple[Weights, Tensor]]
 
 
 class CohortUpdate(NamedTuple):
@@ -105,8 +106,9 @@ def train_cohort(
     all_positions, proximal_mu
         As in ``clients.training.train_local``.
     chunk_size
-        Clients per ``vmap`` chunk; ``None``: all. DP-SGD holds chunk · B · (parameters)
-        per-sample gradients at once: smaller chunks bound that memory.
+        Clients per ``vmap`` chunk; ``None``: all. A step holds chunk · B of every layer's
+        inputs and output gradients (the per-sample fallback: chunk · B · parameters
+        gradients): smaller chunks bound that memory.
 
     Returns
     -------
@@ -134,7 +136,10 @@ def train_cohort(
         std = noise_multiplier * max_grad_norm
         noise = _Noise([rand[k] for k in order], std, sizes, batch_size=batch_size)
     update = _SGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
-    step = _client_step(template, dp=dp, clip=max_grad_norm, all_positions=all_positions)
+    example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
+    step = client_step(
+        template, (*example, x[:1], y[:1]), dp=dp, clip=max_grad_norm, all_positions=all_positions
+    )
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math attention has vmap rules
         losses = _train(weights, consts, (x, y), layout, vmap(step, chunk_size=chunk_size), update)
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
@@ -232,44 +237,6 @@ def _layout(
             index[t, k, : len(batch)] += batch
             rows[t, k, : len(batch)] = 1
     return _Layout(index.to(device), rows.to(device), active, width)
-
-
-def _client_step(model: nn.Module, *, dp: bool, clip: float, all_positions: bool) -> Step:
-    """One client's step for vmap over clients: its gradient (DP: clipped sum) and loss."""
-
-    def per_sample(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> Tensor:
-        if not all_positions:  # (B, C) logits
-            return per_sample_cross_entropy(functional_call(model, (weights, consts), (x,)), y)
-        targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (B, T): next characters
-        logits = functional_call(model, (weights, consts), (x,), {"all_positions": True})
-        return per_sample_cross_entropy(logits, targets)  # (B, C, T) -> (B,)
-
-    def one(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss = per_sample(weights, consts, x[None], y[None]).sum()  # one sample, batch of 1
-        return loss, loss
-
-    per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0))
-
-    def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
-        grads, loss = per_grad(w, c, x, y)  # (B, *shape) each, (B,)
-        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], 1)
-        coef = (clip / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
-        summed = {n: torch.einsum("i,i...", coef.to(g.dtype), g) for n, g in grads.items()}
-        return summed, _mean(loss, rows)
-
-    def plain(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
-        def batch_mean(weights: Weights) -> tuple[Tensor, Tensor]:
-            mean = _mean(per_sample(weights, c, x, y), rows)  # CrossEntropyLoss's mean
-            return mean, mean
-
-        return grad(batch_mean, has_aux=True)(w)
-
-    return private if dp else plain
-
-
-def _mean(loss: Tensor, rows: Tensor) -> Tensor:
-    """Mean of the real rows' losses; 0 for an empty batch."""
-    return (loss * rows).sum() / rows.sum().clamp(min=1)
 
 
 class _Noise:

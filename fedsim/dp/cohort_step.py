@@ -1,0 +1,190 @@
+"""One client's training step, written to run inside ``vmap`` over a cohort's clients.
+
+``fedsim.dp.cohort`` trains K clients at once with ``vmap`` over clients. The simple DP
+step there, ``vmap(grad(...))`` over samples, builds every sample's gradient of every
+parameter: for ``fedavg-cnn`` (1.66 M parameters, 1.6 M of them in one linear layer)
+that is B copies of the model per client and step, written to memory, normed and summed.
+
+``client_step`` gives ``fedsim.dp.cohort`` a client's gradient: the batch mean's without
+DP; under DP the clipped sum, here by ``fast_clip``'s one-pass clipping in functional
+form where every layer has a rule, else from per-sample gradients. A forward hook on every
+trainable layer keeps the layer's inputs and adds a zero tensor, a *probe*, to its
+output. The gradient of the summed per-sample losses with respect to the probes is every
+sample's dl_b/d(output), because samples do not mix (``check_cohort_model`` refuses
+running statistics). The layer rules of ``fedsim.dp.clip_rules`` turn inputs and output
+gradients into exact per-sample norms and, given the clipping coefficients, the clipped
+sum; linear layers never build per-sample gradients. Same clipping, same sum, up to float
+rounding (tests/test_cohort.py compares it with the per-sample step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fedsim.dp.clip_rules import rule_for
+from fedsim.dp.fast_clip import per_sample_cross_entropy
+from fedsim.errors import FedsimError
+
+Weights = dict[str, Tensor]
+# the active clients' step: weights, constants, x (k, B, ...), y, rows (k, B) -> grads, loss
+Step = Callable[[Weights, Weights, Tensor, Tensor, Tensor], tuple[Weights, Tensor]]
+# weights, other state, x (B, ...), y -> per-sample losses (B,)
+PerSample = Callable[[Weights, Weights, Tensor, Tensor], Tensor]
+# weights, other state, x, y, rows (B,) -> clipped gradient sum per weight, per-sample losses
+ClippedSum = Callable[[Weights, Weights, Tensor, Tensor, Tensor], tuple[Weights, Tensor]]
+Call = tuple[nn.Module, tuple]  # a layer and the inputs of its forward call
+Example = tuple[Weights, Weights, Tensor, Tensor]  # one client's weights, state, x[:1], y[:1]
+
+
+def client_step(
+    model: nn.Module, example: Example, *, dp: bool, clip: float, all_positions: bool
+) -> Step:
+    """One client's step for vmap over clients: its gradient (DP: clipped sum) and loss.
+
+    ``example`` is as in :func:`one_pass_clipped_sum`; ``all_positions`` as in
+    ``clients.training.train_local``.
+    """
+    per_sample = functional_per_sample(model, all_positions=all_positions)
+    one_pass = one_pass_clipped_sum(model, per_sample, example, clip=clip) if dp else None
+
+    def one(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = per_sample(weights, consts, x[None], y[None]).sum()  # one sample, batch of 1
+        return loss, loss
+
+    per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0))
+
+    def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
+        if one_pass is not None:
+            summed, loss = one_pass(w, c, x, y, rows)
+            return summed, mean_loss(loss, rows)
+        grads, loss = per_grad(w, c, x, y)  # (B, *shape) each, (B,)
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], 1)
+        coef = (clip / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
+        summed = {n: torch.einsum("i,i...", coef.to(g.dtype), g) for n, g in grads.items()}
+        return summed, mean_loss(loss, rows)
+
+    def plain(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
+        def batch_mean(weights: Weights) -> tuple[Tensor, Tensor]:
+            mean = mean_loss(per_sample(weights, c, x, y), rows)  # CrossEntropyLoss's mean
+            return mean, mean
+
+        return grad(batch_mean, has_aux=True)(w)
+
+    return private if dp else plain
+
+
+def mean_loss(loss: Tensor, rows: Tensor) -> Tensor:
+    """Mean of the real rows' losses; 0 for an empty batch."""
+    return (loss * rows).sum() / rows.sum().clamp(min=1)
+
+
+def one_pass_clipped_sum(
+    model: nn.Module, per_sample: PerSample, example: Example, *, clip: float
+) -> ClippedSum | None:
+    """The one-pass clipped sum for ``model``; ``None`` where a layer rules it out.
+
+    ``example`` is one client's weights, other state, ``x[:1]`` and ``y[:1]``: one forward
+    pass of it finds each probe's shape. ``None`` (use per-sample gradients) where a
+    trainable layer has no rule, runs more or less than once a forward pass, shares a
+    parameter, or returns no tensor.
+    """
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
+    owned = [id(p) for m in layers for p in m.parameters(recurse=False)]
+    if not layers or len(owned) != len(set(owned)):
+        return None
+    try:
+        for layer in layers:
+            rule_for(layer)
+    except FedsimError:
+        return None
+    probed = _probe_shapes(model, layers, per_sample, example)
+    if probed is None:
+        return None
+    layers = [layer for layer, _, _ in probed]  # in the order they run
+    rules = [rule_for(layer) for layer in layers]
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def clipped_sum(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
+        def summed_loss(probes: list[Tensor]) -> tuple[Tensor, tuple]:
+            calls: list[Call] = []
+            with _probed(layers, calls, probes):
+                losses = per_sample(w, c, x, y)  # (B,)
+            return losses.sum(), (losses, [inputs for _, inputs in calls])
+
+        probes = [x.new_zeros((x.shape[0], *shape), dtype=dtype) for _, shape, dtype in probed]
+        out_grads, (losses, inputs) = grad(summed_loss, has_aux=True)(probes)
+        sq_norms = losses.new_zeros(x.shape[0])
+        clips = []
+        for layer, rule, layer_inputs, g in zip(layers, rules, inputs, out_grads, strict=True):
+            layer_sq, layer_clip = rule(layer, layer_inputs, g)
+            sq_norms = sq_norms + layer_sq
+            clips.append(layer_clip)
+        coef = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
+        summed: Weights = {}
+        for layer_clip in clips:
+            for param, g_sum in layer_clip(coef).items():  # keyed by the module's parameter
+                name = names[id(param)]
+                summed[name] = summed[name] + g_sum if name in summed else g_sum
+        return summed, losses
+
+    return clipped_sum
+
+
+@contextmanager
+def _probed(layers: list[nn.Module], calls: list[Call], probes: list[Tensor]) -> Iterator[None]:
+    """Every layer call is recorded in ``calls`` and gets the next probe added to its output."""
+    pending = iter(probes)
+
+    def hook(layer: nn.Module, inputs: tuple, output: Any) -> Tensor:
+        calls.append((layer, inputs))
+        return output + next(pending)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if [layer for layer, _ in calls] != layers:
+        raise FedsimError("a layer ran in another order than when its probes were shaped")
+
+
+def _probe_shapes(
+    model: nn.Module, layers: list[nn.Module], per_sample: PerSample, example: Example
+) -> list[tuple[nn.Module, tuple[int, ...], torch.dtype]] | None:
+    """Each layer in the order it runs, with its output's shape past the batch dimension.
+
+    Also the output's dtype; ``None`` where a layer runs other than once or returns
+    something other than a tensor.
+    """
+    outputs: list[tuple[nn.Module, Any]] = []
+    handles = [m.register_forward_hook(lambda m, _, out: outputs.append((m, out))) for m in layers]
+    try:
+        with torch.no_grad():
+            per_sample(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = [id(m) for m, _ in outputs]
+    if sorted(ran) != sorted(map(id, layers)) or not all(isinstance(o, Tensor) for _, o in outputs):
+        return None
+    return [(m, tuple(out.shape[1:]), out.dtype) for m, out in outputs]
+
+
+def functional_per_sample(model: nn.Module, *, all_positions: bool) -> PerSample:
+    """Per-sample cross-entropy of ``model`` called with given weights (``functional_call``)."""
+
+    def per_sample(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> Tensor:
+        if not all_positions:  # (B, C) logits
+            return per_sample_cross_entropy(functional_call(model, (weights, consts), (x,)), y)
+        targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (B, T): next characters
+        logits = functional_call(model, (weights, consts), (x,), {"all_positions": True})
+        return per_sample_cross_entropy(logits, targets)  # (B, C, T) -> (B,)
+
+    return per_sample
