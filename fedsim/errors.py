@@ -12,6 +12,15 @@ class FedsimError(Exception):
     prints it without a traceback and exits with status 2.
     """
 
+    def __init__(self, message: str) -> None:
+        # a value quoted from the input (a model name, a path) may hold line breaks or
+        # other control characters: shown escaped, the message stays one line
+        super().__init__("".join(_printable(c) for c in str(message)))
+
+
+def _printable(char: str) -> str:
+    return char if char.isprintable() else repr(char)[1:-1]
+
 
 class RunInterrupted(Exception):
     """The user asked the run to stop; the last finished round is checkpointed.

@@ -283,3 +283,18 @@ def test_parse_config_still_takes_its_own_output():
     with pytest.raises(FedsimError) as info:
         parse_config(cfg.to_flat() | {"seed": True})
     assert "seed: expected a whole number, got true (a boolean)" in one_line(info)
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"model": "cnn\nfedavg-cnn"}, r"unknown model 'cnn\nfedavg-cnn'"),
+        ({"data-dir": "/tmp/a\rb", "dataset": "mnist"}, r"data-dir /tmp/a\rb is not a folder"),
+    ],
+)
+def test_line_breaks_in_values_stay_on_one_line(values, needle):
+    # found by Hypothesis (tests/test_properties.py): a quoted value broke the one line
+    with pytest.raises(FedsimError) as caught:
+        load_dataset("mnist", parse_config(values).data_dir)
+    assert "\n" not in str(caught.value) and "\r" not in str(caught.value)
+    assert needle in str(caught.value)

@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ CORE = {"fedsim.data", "fedsim.dp", "fedsim.models", "fedsim.results"}
 # package -> the fedsim packages it may import (besides its own modules)
 ALLOWED = {
     "fedsim": TOP,
+    "fedsim.config": TOP,
     "fedsim.data": TOP,
     "fedsim.dp": TOP,
     "fedsim.models": TOP | {"fedsim.data", "fedsim.dp"},
@@ -81,6 +83,19 @@ def test_imports_point_one_way_through_public_faces(path):
         assert face(module) in ALLOWED[package] | {"fedsim"}, f"{package} must not import {module}"
         if face(module) in CORE:  # the apps (fedsim.server.server_app, ...) are named whole
             assert face(module) == module, f"import {face(module)}, not {module}"
+
+
+def test_every_package_is_installed():
+    # a package missing from pyproject's list works in a checkout and fails once installed
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        package_of(init) if init.parent.parent != ROOT else FOLDERS.get(init.parent.name, "fedsim")
+        for init in sources()
+        if init.name == "__init__.py"
+    }
+    assert found == listed
 
 
 def test_report_reads_files_only():

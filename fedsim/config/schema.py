@@ -1,31 +1,25 @@
-"""One typed, validated experiment config, with Flower-style kebab-case keys.
+"""The config's schema: every key, its type, default and meaning, and how keys fit together.
 
-The same schema is read from a TOML file, from ``--set KEY=VALUE`` overrides, from
-Flower's run config (``[tool.flwr.app.config]``) and from the config record the server
-sends to clients, so every entry point validates identically before any work starts.
+Facts derived from the config (how many simulation workers, which units an audit covers)
+are properties here, so every part of a run reads them from one place.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import re
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from fedsim import registry
+from fedsim.config.checks import check_audit, check_options, check_strategy, check_task
 from fedsim.errors import FedsimError
 
 _MAX_INT = 2**63 - 1  # the largest whole number a key takes (see _fits_64_bits)
@@ -42,6 +36,14 @@ def _plain(value: Any) -> Any:
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         return value.item()
     return value
+
+
+_PART_TABLES = {
+    "model": registry.MODELS,
+    "dataset": registry.DATASETS,
+    "partition": registry.PARTITIONS,
+    "strategy": registry.STRATEGIES,
+}
 
 
 class FedsimConfig(BaseModel):
@@ -228,8 +230,8 @@ class FedsimConfig(BaseModel):
                 check_task(self, task[0])
         except FedsimError as exc:
             raise ValueError(str(exc)) from None
-        _check_options(self)
-        _check_strategy(self)
+        check_options(self)
+        check_strategy(self)
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"clients-per-round ({self.clients_per_round}) exceeds num-clients "
@@ -245,7 +247,7 @@ class FedsimConfig(BaseModel):
                 "adaptive clipping (clip-quantile > 0) needs clip-count-noise > 0; "
                 "Andrew et al. suggest clients-per-round / 20"
             )
-        _check_audit(self, task[0] if task else None)
+        check_audit(self, task[0] if task else None)
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
         if self.clients_per_worker > 1 and self.model in _NOT_VECTORIZED:
@@ -296,284 +298,3 @@ class FedsimConfig(BaseModel):
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case dict of plain scalars: a TOML table, run config or ConfigRecord."""
         return self.model_dump(by_alias=True)
-
-
-def check_deployment(config: FedsimConfig) -> FedsimConfig:
-    """``config``, if it fits the deployment engine; one error line otherwise.
-
-    The server is not trusted there: its clients' noise must not come from the seed
-    that the server sends them.
-    """
-    if not config.secure_noise:
-        raise FedsimError(
-            "config: secure-noise = false is refused under the deployment engine: the "
-            "server knows the seed, so seeded client noise would not protect against it; "
-            "set secure-noise = true (the default there)"
-        )
-    if config.clients_per_worker > 1:
-        raise FedsimError(
-            "config: clients-per-worker > 1 groups a round's clients on simulation workers; "
-            "under the deployment engine each SuperNode is one client: set "
-            "clients-per-worker = 1"
-        )
-    return config
-
-
-def check_task(config: FedsimConfig, task: str) -> None:
-    """One error line if ``config``'s model cannot learn ``task``, or an option does not fit."""
-    tasks = registry.tasks_of(config.model, registry.MODELS, "model")
-    if tasks and task not in tasks:
-        fits = sorted(m for m, part in registry.MODELS.items() if task in part.tasks)
-        raise FedsimError(
-            f"model {config.model} cannot learn dataset {config.dataset} ({task}); "
-            f"use model {' or '.join(fits)} for it, or an image dataset for {config.model}"
-        )
-    if config.next_char_loss != "last" and task != registry.NEXT_CHAR:
-        raise FedsimError(
-            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
-            f"(shakespeare), not {config.dataset}; remove it"
-        )
-
-
-def _check_options(config: FedsimConfig) -> None:
-    builtin = config.dataset in registry.DATASETS
-    if config.partition == "natural" and builtin and config.dataset not in registry.NATURAL_USERS:
-        raise ValueError(
-            f"partition natural needs a dataset with natural users "
-            f"({', '.join(sorted(registry.NATURAL_USERS))}); dataset {config.dataset} has none, "
-            "use iid, dirichlet or shards"
-        )
-    if config.partition != "natural" and config.min_samples != 1:
-        raise ValueError("min-samples selects users and applies only to partition natural")
-
-
-def _check_audit(config: FedsimConfig, task: str | None) -> None:
-    if "sample" in config.audit_units and task is not None and task != registry.IMAGE:
-        raise ValueError(
-            f"audit-canaries audits the sample unit with image canaries: it supports image "
-            f"datasets only, not {config.dataset} ({task}); set audit-canaries = 0"
-            + (" or dp = user" if config.dp == "both" else "")
-        )
-
-
-def _check_strategy(config: FedsimConfig) -> None:
-    used = registry.STRATEGY_ARGS.get(config.strategy, {})
-    defaults = FedsimConfig.model_fields
-    for key in ("proximal-mu", "server-lr", "server-momentum", "server-beta2", "server-tau"):
-        name = key.replace("-", "_")
-        if key not in used and getattr(config, name) != defaults[name].default:
-            takers = sorted(s for s, args in registry.STRATEGY_ARGS.items() if key in args)
-            raise ValueError(
-                f"{key} does not apply to strategy {config.strategy}; "
-                f"set strategy to {' or '.join(takers)}, or remove {key}"
-            )
-    if registry.is_import_path(config.strategy):
-        classes = getattr(registry.resolve(config.strategy, {}, "strategy"), "__mro__", ())
-        names = {c.__name__ for c in classes}
-        if names & {"DifferentialPrivacyFixedClippingBase", "DifferentialPrivacyAdaptiveBase"}:
-            raise ValueError(
-                "Flower's DP wrappers noise a weighted mean and count only RDP; fedsim adds "
-                "and counts DP itself: use a plain strategy with dp = user or both"
-            )
-        if config.dp_user and names & set(registry.NOT_A_SUM):
-            raise ValueError(
-                f"strategy {config.strategy} does not aggregate by a sum: one client can "
-                "move its output without bound, which the user-level noise does not "
-                "cover; use a FedAvg-like strategy with dp = user or both"
-            )
-
-
-_PART_TABLES = {
-    "model": registry.MODELS,
-    "dataset": registry.DATASETS,
-    "partition": registry.PARTITIONS,
-    "strategy": registry.STRATEGIES,
-}
-
-
-def parse_config(values: dict[str, Any]) -> FedsimConfig:
-    """Validate a flat kebab-case mapping into a config.
-
-    Raises
-    ------
-    FedsimError
-        One line naming the first bad key, what is wrong, and what to do instead.
-
-    """
-    unknown = [key for key in values if key not in _KEYS]
-    if unknown:
-        raise FedsimError(_unknown_key_message(unknown[0]))
-    try:
-        return FedsimConfig.model_validate(values)
-    except ValidationError as exc:
-        raise FedsimError(_format_error(exc)) from None
-
-
-ConfigLike = Union["FedsimConfig", Mapping[str, Any], str, Path, None]
-
-
-def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
-    """A validated config from a config, a mapping, a TOML file's path, or the defaults.
-
-    ``overrides`` are keys as Python names (``num_rounds=3``); a mapping's keys may be
-    kebab-case or Python names. The whole result is validated again.
-    """
-    return parse_config(config_mapping(config, **overrides))
-
-
-def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
-    """The unvalidated kebab-case ``{key: value}`` of what :func:`as_config` takes."""
-    if isinstance(config, FedsimConfig):
-        values = config.to_flat()
-    elif isinstance(config, str | Path):
-        values = read_toml(Path(config))
-    else:
-        values = dict(config or {})
-    return {key.replace("_", "-"): value for key, value in (values | overrides).items()}
-
-
-def key_table() -> list[tuple[str, str, str]]:
-    """(key, default, meaning) of every config key, in schema order."""
-    return [
-        (field.alias or name, toml_literal(field.default), field.description or "")
-        for name, field in FedsimConfig.model_fields.items()
-    ]
-
-
-def toml_literal(value: Any) -> str:
-    """``value`` as a TOML literal: what ``--set`` and run-config files hold."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
-
-
-def toml_table(values: Mapping[str, Any]) -> str:
-    """A flat TOML table of ``values``."""
-    return "".join(f"{key} = {toml_literal(value)}\n" for key, value in values.items())
-
-
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedsimConfig:
-    """Read an optional TOML file, apply ``KEY=VALUE`` overrides, and validate.
-
-    Parameters
-    ----------
-    path
-        A TOML file of kebab-case keys, flat or under ``[tool.flwr.app.config]``.
-    overrides
-        ``KEY=VALUE`` strings; values are TOML literals, or plain strings otherwise.
-
-    """
-    return parse_config(config_values(path, overrides))
-
-
-def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, Any]:
-    """The unvalidated ``{key: value}`` of an optional TOML file and ``KEY=VALUE`` overrides.
-
-    One override may hold several pairs, as Flower's ``--run-config`` does:
-    ``"num-rounds=3 data-dir='/my data'"``.
-    """
-    values: dict[str, Any] = read_toml(path) if path is not None else {}
-    for item in overrides or []:
-        values.update(parse_override(pair) for pair in _pairs(item))
-    return values
-
-
-_PAIR = r"""[^\s=]+=(?:"[^"]*"|'[^']*'|\S*)"""
-
-
-def _pairs(item: str) -> list[str]:
-    """``KEY=VALUE`` pairs of one override; quoted values may hold spaces."""
-    if re.fullmatch(rf"\s*(?:{_PAIR}\s*)+", item):
-        return re.findall(_PAIR, item)
-    return [item]  # not a list of pairs: parse_override says what is wrong with it
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a config file; Flower's pyproject layout is accepted too."""
-    if not path.is_file():
-        raise FedsimError(f"config file {path} does not exist; pass an existing .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise FedsimError(f"config file {path} is not valid TOML: {exc}") from None
-    return _app_config(path, data)
-
-
-def _app_config(path: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """A Flower pyproject's ``[tool.flwr.app.config]`` table, or else the file's keys."""
-    table: Any = data
-    for level in ("tool", "flwr", "app"):
-        table = table.get(level) if isinstance(table, dict) else None
-    if not isinstance(table, dict) or "config" not in table:
-        return data  # a flat config: a stray `tool` is then an unknown key
-    if not isinstance(table["config"], dict):
-        raise FedsimError(
-            f"config file {path}: tool.flwr.app.config is {toml_literal(table['config'])}, "
-            "not a table; put the config keys under a [tool.flwr.app.config] header"
-        )
-    return dict(table["config"])
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE``; ``VALUE`` is a TOML literal (1, 0.5, true) or a bare string."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise FedsimError(f"--set expects KEY=VALUE, got '{item}'; for example --set num-rounds=5")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key, value
-
-
-_KEYS = {field.alias or name for name, field in FedsimConfig.model_fields.items()}
-
-
-def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, sorted(_KEYS), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(_KEYS))}"
-    return f"config: unknown key '{key}'; {hint}"
-
-
-_DEFAULTS = {
-    field.alias or name: field.default for name, field in FedsimConfig.model_fields.items()
-}
-# pydantic's strict type errors, as what a TOML value should have been
-_EXPECTED = {
-    "int_type": "a whole number",
-    "float_type": "a number",
-    "bool_type": "true or false",
-    "string_type": "a string",
-}
-_KINDS: dict[type, str] = {
-    bool: "a boolean",
-    int: "a whole number",
-    float: "a number",
-    str: "a string",
-    dict: "a table",
-    list: "an array",
-}
-
-
-def _format_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "config"
-    if error["type"] in _EXPECTED and key in _DEFAULTS:
-        return _type_message(key, _EXPECTED[error["type"]], error["input"])
-    message = error["msg"].removeprefix("Value error, ")
-    if error["loc"]:
-        return f"config: {key}: {message} (got {error['input']!r})"
-    return f"config: {message}"
-
-
-def _type_message(key: str, expected: str, value: Any) -> str:
-    """``key`` holds a value of the wrong type: what it got, and one that would do."""
-    got = f"{toml_literal(value)} ({_KINDS.get(type(value), type(value).__name__)})"
-    if expected == _EXPECTED["string_type"] and isinstance(value, int | float):  # bools too
-        fix = f"quote it: {key} = {json.dumps(toml_literal(value))}"
-    else:
-        fix = f"for example {key} = {toml_literal(_DEFAULTS[key])}"
-    return f"config: {key}: expected {expected}, got {got}; {fix}"

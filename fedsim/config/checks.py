@@ -1,0 +1,105 @@
+"""Checks that need more than one key, or the dataset's task, or the engine that runs.
+
+The schema (``schema.py``) runs ``check_options``, ``check_strategy``, ``check_audit`` and,
+where a built-in dataset names its task, ``check_task`` as it validates. ``check_task``
+runs again once a dataset of your own is loaded; ``check_deployment`` where a SuperNode
+or the deployment's server reads the config.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedsim import registry
+from fedsim.errors import FedsimError
+
+if TYPE_CHECKING:
+    from fedsim.config.schema import FedsimConfig
+
+
+def check_deployment(config: FedsimConfig) -> FedsimConfig:
+    """``config``, if it fits the deployment engine; one error line otherwise.
+
+    The server is not trusted there: its clients' noise must not come from the seed
+    that the server sends them.
+    """
+    if not config.secure_noise:
+        raise FedsimError(
+            "config: secure-noise = false is refused under the deployment engine: the "
+            "server knows the seed, so seeded client noise would not protect against it; "
+            "set secure-noise = true (the default there)"
+        )
+    if config.clients_per_worker > 1:
+        raise FedsimError(
+            "config: clients-per-worker > 1 groups a round's clients on simulation workers; "
+            "under the deployment engine each SuperNode is one client: set "
+            "clients-per-worker = 1"
+        )
+    return config
+
+
+def check_task(config: FedsimConfig, task: str) -> None:
+    """One error line if ``config``'s model cannot learn ``task``, or an option does not fit."""
+    tasks = registry.tasks_of(config.model, registry.MODELS, "model")
+    if tasks and task not in tasks:
+        fits = sorted(m for m, part in registry.MODELS.items() if task in part.tasks)
+        raise FedsimError(
+            f"model {config.model} cannot learn dataset {config.dataset} ({task}); "
+            f"use model {' or '.join(fits)} for it, or an image dataset for {config.model}"
+        )
+    if config.next_char_loss != "last" and task != registry.NEXT_CHAR:
+        raise FedsimError(
+            f"next-char-loss {config.next_char_loss} applies only to next-char datasets "
+            f"(shakespeare), not {config.dataset}; remove it"
+        )
+
+
+def check_options(config: FedsimConfig) -> None:
+    """Partition options that fit the dataset (``ValueError``: the schema words it)."""
+    builtin = config.dataset in registry.DATASETS
+    if config.partition == "natural" and builtin and config.dataset not in registry.NATURAL_USERS:
+        raise ValueError(
+            f"partition natural needs a dataset with natural users "
+            f"({', '.join(sorted(registry.NATURAL_USERS))}); dataset {config.dataset} has none, "
+            "use iid, dirichlet or shards"
+        )
+    if config.partition != "natural" and config.min_samples != 1:
+        raise ValueError("min-samples selects users and applies only to partition natural")
+
+
+def check_audit(config: FedsimConfig, task: str | None) -> None:
+    """Sample-level canaries are images: an audit of that unit needs an image dataset."""
+    if "sample" in config.audit_units and task is not None and task != registry.IMAGE:
+        raise ValueError(
+            f"audit-canaries audits the sample unit with image canaries: it supports image "
+            f"datasets only, not {config.dataset} ({task}); set audit-canaries = 0"
+            + (" or dp = user" if config.dp == "both" else "")
+        )
+
+
+def check_strategy(config: FedsimConfig) -> None:
+    """Strategy options only for strategies that take them; no DP wrappers, sums only."""
+    used = registry.STRATEGY_ARGS.get(config.strategy, {})
+    defaults = type(config).model_fields
+    for key in ("proximal-mu", "server-lr", "server-momentum", "server-beta2", "server-tau"):
+        name = key.replace("-", "_")
+        if key not in used and getattr(config, name) != defaults[name].default:
+            takers = sorted(s for s, args in registry.STRATEGY_ARGS.items() if key in args)
+            raise ValueError(
+                f"{key} does not apply to strategy {config.strategy}; "
+                f"set strategy to {' or '.join(takers)}, or remove {key}"
+            )
+    if registry.is_import_path(config.strategy):
+        classes = getattr(registry.resolve(config.strategy, {}, "strategy"), "__mro__", ())
+        names = {c.__name__ for c in classes}
+        if names & {"DifferentialPrivacyFixedClippingBase", "DifferentialPrivacyAdaptiveBase"}:
+            raise ValueError(
+                "Flower's DP wrappers noise a weighted mean and count only RDP; fedsim adds "
+                "and counts DP itself: use a plain strategy with dp = user or both"
+            )
+        if config.dp_user and names & set(registry.NOT_A_SUM):
+            raise ValueError(
+                f"strategy {config.strategy} does not aggregate by a sum: one client can "
+                "move its output without bound, which the user-level noise does not "
+                "cover; use a FedAvg-like strategy with dp = user or both"
+            )

@@ -1,0 +1,208 @@
+"""Configs from TOML files, ``--set`` overrides, mappings and Flower's run config.
+
+Every entry point ends in ``parse_config``, so all of them validate alike and report the
+first bad key in one line that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+from pydantic import ValidationError
+
+from fedsim.config.schema import FedsimConfig
+from fedsim.errors import FedsimError
+
+
+def parse_config(values: dict[str, Any]) -> FedsimConfig:
+    """Validate a flat kebab-case mapping into a config.
+
+    Raises
+    ------
+    FedsimError
+        One line naming the first bad key, what is wrong, and what to do instead.
+
+    """
+    unknown = [key for key in values if key not in _KEYS]
+    if unknown:
+        raise FedsimError(_unknown_key_message(unknown[0]))
+    try:
+        return FedsimConfig.model_validate(values)
+    except ValidationError as exc:
+        raise FedsimError(_format_error(exc)) from None
+
+
+ConfigLike = Union["FedsimConfig", Mapping[str, Any], str, Path, None]
+
+
+def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
+    """A validated config from a config, a mapping, a TOML file's path, or the defaults.
+
+    ``overrides`` are keys as Python names (``num_rounds=3``); a mapping's keys may be
+    kebab-case or Python names. The whole result is validated again.
+    """
+    return parse_config(config_mapping(config, **overrides))
+
+
+def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
+    """The unvalidated kebab-case ``{key: value}`` of what :func:`as_config` takes."""
+    if isinstance(config, FedsimConfig):
+        values = config.to_flat()
+    elif isinstance(config, str | Path):
+        values = read_toml(Path(config))
+    else:
+        values = dict(config or {})
+    return {key.replace("_", "-"): value for key, value in (values | overrides).items()}
+
+
+def key_table() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every config key, in schema order."""
+    return [
+        (field.alias or name, toml_literal(field.default), field.description or "")
+        for name, field in FedsimConfig.model_fields.items()
+    ]
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal: what ``--set`` and run-config files hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def toml_table(values: Mapping[str, Any]) -> str:
+    """A flat TOML table of ``values``."""
+    return "".join(f"{key} = {toml_literal(value)}\n" for key, value in values.items())
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> FedsimConfig:
+    """Read an optional TOML file, apply ``KEY=VALUE`` overrides, and validate.
+
+    Parameters
+    ----------
+    path
+        A TOML file of kebab-case keys, flat or under ``[tool.flwr.app.config]``.
+    overrides
+        ``KEY=VALUE`` strings; values are TOML literals, or plain strings otherwise.
+
+    """
+    return parse_config(config_values(path, overrides))
+
+
+def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """The unvalidated ``{key: value}`` of an optional TOML file and ``KEY=VALUE`` overrides.
+
+    One override may hold several pairs, as Flower's ``--run-config`` does:
+    ``"num-rounds=3 data-dir='/my data'"``.
+    """
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
+    for item in overrides or []:
+        values.update(parse_override(pair) for pair in _pairs(item))
+    return values
+
+
+_PAIR = r"""[^\s=]+=(?:"[^"]*"|'[^']*'|\S*)"""
+
+
+def _pairs(item: str) -> list[str]:
+    """``KEY=VALUE`` pairs of one override; quoted values may hold spaces."""
+    if re.fullmatch(rf"\s*(?:{_PAIR}\s*)+", item):
+        return re.findall(_PAIR, item)
+    return [item]  # not a list of pairs: parse_override says what is wrong with it
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; Flower's pyproject layout is accepted too."""
+    if not path.is_file():
+        raise FedsimError(f"config file {path} does not exist; pass an existing .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedsimError(f"config file {path} is not valid TOML: {exc}") from None
+    return _app_config(path, data)
+
+
+def _app_config(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A Flower pyproject's ``[tool.flwr.app.config]`` table, or else the file's keys."""
+    table: Any = data
+    for level in ("tool", "flwr", "app"):
+        table = table.get(level) if isinstance(table, dict) else None
+    if not isinstance(table, dict) or "config" not in table:
+        return data  # a flat config: a stray `tool` is then an unknown key
+    if not isinstance(table["config"], dict):
+        raise FedsimError(
+            f"config file {path}: tool.flwr.app.config is {toml_literal(table['config'])}, "
+            "not a table; put the config keys under a [tool.flwr.app.config] header"
+        )
+    return dict(table["config"])
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; ``VALUE`` is a TOML literal (1, 0.5, true) or a bare string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FedsimError(f"--set expects KEY=VALUE, got '{item}'; for example --set num-rounds=5")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+_KEYS = {field.alias or name for name, field in FedsimConfig.model_fields.items()}
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(_KEYS), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(_KEYS))}"
+    return f"config: unknown key '{key}'; {hint}"
+
+
+_DEFAULTS = {
+    field.alias or name: field.default for name, field in FedsimConfig.model_fields.items()
+}
+# pydantic's strict type errors, as what a TOML value should have been
+_EXPECTED = {
+    "int_type": "a whole number",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+}
+_KINDS: dict[type, str] = {
+    bool: "a boolean",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    dict: "a table",
+    list: "an array",
+}
+
+
+def _format_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] in _EXPECTED and key in _DEFAULTS:
+        return _type_message(key, _EXPECTED[error["type"]], error["input"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"config: {key}: {message} (got {error['input']!r})"
+    return f"config: {message}"
+
+
+def _type_message(key: str, expected: str, value: Any) -> str:
+    """``key`` holds a value of the wrong type: what it got, and one that would do."""
+    got = f"{toml_literal(value)} ({_KINDS.get(type(value), type(value).__name__)})"
+    if expected == _EXPECTED["string_type"] and isinstance(value, int | float):  # bools too
+        fix = f"quote it: {key} = {json.dumps(toml_literal(value))}"
+    else:
+        fix = f"for example {key} = {toml_literal(_DEFAULTS[key])}"
+    return f"config: {key}: expected {expected}, got {got}; {fix}"
