@@ -10,6 +10,7 @@ from it with ``fedsim run --resume``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -206,15 +207,23 @@ def _backend_config(config: FedsimConfig, verbose: bool) -> dict:
     ``ray-address`` "" passes "local": a new Ray of this run's own, even where
     ``RAY_ADDRESS`` is set or ``ray start`` left a cluster running on this machine (Ray
     would join those otherwise). Any other value is handed to ``ray.init(address=...)``.
+
+    Flower starts as many worker processes as the resources fit (16 on a 16-core machine
+    at one CPU a client), whatever the run needs; a Ray of the run's own gets only the
+    CPUs of its ``simulation_workers``, so no worker starts that would never train.
     """
+    init_args: dict[str, object] = {
+        "address": config.ray_address or "local",
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+        "include_dashboard": False,
+    }
+    if not config.ray_address:
+        needed = math.ceil(config.simulation_workers * config.client_cpus)
+        init_args["num_cpus"] = min(os.cpu_count() or 1, needed)
     return {
         "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
-        "init_args": {
-            "address": config.ray_address or "local",
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
+        "init_args": init_args,
     }
 
 

@@ -79,6 +79,7 @@ def test_run_config_file_round_trips():
 
 def test_ray_address_goes_to_ray_init():
     assert _backend_config(parse_config({}), False)["init_args"]["address"] == "local"
+    assert "num_cpus" not in _backend_config(parse_config({"ray-address": "auto"}), False)
     config = parse_config({"ray-address": "10.0.0.2:6379", "client-gpus": 0.25})
     backend = _backend_config(config, False)
     assert backend["init_args"]["address"] == "10.0.0.2:6379"
@@ -86,6 +87,23 @@ def test_ray_address_goes_to_ray_init():
     for bad in ("nowhere", "10.0.0.2", "auto:x"):
         with pytest.raises(FedsimError, match="ray-address"):
             parse_config({"ray-address": bad})
+
+
+@pytest.mark.parametrize(
+    ("values", "cpus"),
+    [
+        ({"num-clients": 5, "clients-per-round": 2}, 2),
+        ({"num-clients": 8, "clients-per-round": 8, "clients-per-worker": 4}, 2),
+        ({"num-clients": 3, "clients-per-round": 3, "client-cpus": 0.5}, 2),
+        ({"num-clients": 1, "clients-per-round": 1}, 1),
+    ],
+)
+def test_a_local_ray_gets_the_cpus_of_the_workers_a_run_needs(values, cpus, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    init = _backend_config(parse_config(values), False)["init_args"]
+    assert init["num_cpus"] == cpus  # Flower starts as many workers as these CPUs fit
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert _backend_config(parse_config(values), False)["init_args"]["num_cpus"] == 1
 
 
 @pytest.mark.parametrize(
