@@ -76,13 +76,15 @@ DP = {"epochs": 2, "batch_size": 16, "lr": 0.1, "noise_multiplier": 1.0, "max_gr
         ("transformer", CHARS, (20, 33), {"grad_sample": "fast", "all_positions": True}),
     ],
 )
-def test_dp_sgd_equals_train_local_client_by_client(name, kwargs, sizes, options):
+@pytest.mark.parametrize("clipping", ["one-pass", "per-sample"])
+def test_dp_sgd_equals_train_local_client_by_client(name, kwargs, sizes, options, clipping):
     data = windows(sizes) if kwargs is CHARS else images(sizes)
     start = start_of(name, kwargs)
+    options = dict(options)
     grad_sample = options.pop("grad_sample")
     train = {**DP, "batch_size": 16 if name == "cnn" else 8, **options}
     want = sequential(name, kwargs, start, data, grad_sample=grad_sample, **train)
-    got = cohort(name, kwargs, start, data, **train)
+    got = cohort(name, kwargs, start, data, clipping=clipping, **train)
     for (state, loss), update in zip(want, got, strict=True):
         assert list(update.state) == list(state)
         assert max_diff(update.state, start) > 0.01  # it trained

@@ -111,17 +111,20 @@ def cohort(work: Workload, data: list, start: dict, args: argparse.Namespace) ->
         model, [start] * work.clients, data, epochs=args.epochs, batch_size=work.batch,
         lr=LR, noise_multiplier=SIGMA if work.dp else None, max_grad_norm=CLIP,
         randomness=[randomness(work, k, args.device) for k in range(work.clients)],
-        device=args.device, chunk_size=chunk_size(model, work, args.memory_gib),
+        device=args.device, chunk_size=chunk_size(model, work, args),
+        clipping=args.clipping,
     )  # fmt: skip
     return [update.state for update in updates]
 
 
-def chunk_size(model: torch.nn.Module, work: Workload, memory_gib: float) -> int | None:
-    """Clients per vmap chunk so that DP's per-sample gradients fit in ``memory_gib``.
+def chunk_size(model: torch.nn.Module, work: Workload, args: argparse.Namespace) -> int | None:
+    """Clients per vmap chunk so that DP's per-sample gradients fit in ``--memory-gib``.
 
-    A Poisson batch rarely exceeds twice its expectation B; float32 gradients.
+    A Poisson batch rarely exceeds twice its expectation B; float32 gradients. One-pass
+    clipping builds no per-sample copies of the big (linear) weights: one chunk.
     """
-    if not work.dp:
+    memory_gib = args.memory_gib
+    if not work.dp or args.clipping == "one-pass":
         return None
     per_client = 2 * work.batch * sum(p.numel() for p in model.parameters()) * 4
     chunk = max(1, int(memory_gib * 2**30 // per_client))
@@ -172,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda, but torch sees no CUDA device")
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"device: {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"epochs {args.epochs}, lr {LR}, DP: σ {SIGMA}, C {CLIP}, grad-sample {args.grad_sample}")
+    print(
+        f"epochs {args.epochs}, lr {LR}, DP: σ {SIGMA}, C {CLIP}, "
+        f"grad-sample {args.grad_sample}, cohort clipping {args.clipping}"
+    )
     tf32 = "off" if args.no_tf32 else "on (cuDNN's default)"
     tf32 = f"; TF32 convolutions {tf32}" if args.device.startswith("cuda") else ""
     print(f"median of {args.repeats} after {args.warmup} warm-up{tf32}\n")
@@ -220,6 +226,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-tf32", action="store_true", help="full-float32 convolutions (cuDNN's default: TF32)"
     )
     parser.add_argument("--grad-sample", default="fast", help="(a)'s mode: fast, hooks, ghost")
+    parser.add_argument(
+        "--clipping", default="one-pass", choices=["one-pass", "per-sample"],
+        help="(b)'s DP clipping: one backward pass (default), or per-sample gradients",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="default 3; 2 with --quick")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(

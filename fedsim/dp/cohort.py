@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from opacus.optimizers.optimizer import _generate_noise
@@ -86,6 +86,7 @@ def train_cohort(
     all_positions: bool = False,
     proximal_mu: float = 0.0,
     chunk_size: int | None = None,
+    clipping: Literal["one-pass", "per-sample"] = "one-pass",
 ) -> list[CohortUpdate]:
     """Train K clients from their own start weights on their own data, all at once.
 
@@ -109,6 +110,10 @@ def train_cohort(
         Clients per ``vmap`` chunk; ``None``: all. A step holds chunk · B of every layer's
         inputs and output gradients (the per-sample fallback: chunk · B · parameters
         gradients): smaller chunks bound that memory.
+    clipping
+        DP's clipped sum: ``"one-pass"`` (layer rules on each layer's inputs and output
+        gradients; per-sample gradients for a model where a layer has no rule) or
+        ``"per-sample"`` (every sample's gradient by ``vmap(grad(...))``: the reference).
 
     Returns
     -------
@@ -138,7 +143,12 @@ def train_cohort(
     update = _SGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
     example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
     step = client_step(
-        template, (*example, x[:1], y[:1]), dp=dp, clip=max_grad_norm, all_positions=all_positions
+        template,
+        (*example, x[:1], y[:1]),
+        dp=dp,
+        clip=max_grad_norm,
+        all_positions=all_positions,
+        one_pass=clipping == "one-pass",
     )
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math attention has vmap rules
         losses = _train(weights, consts, (x, y), layout, vmap(step, chunk_size=chunk_size), update)

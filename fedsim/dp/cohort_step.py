@@ -43,15 +43,24 @@ Example = tuple[Weights, Weights, Tensor, Tensor]  # one client's weights, state
 
 
 def client_step(
-    model: nn.Module, example: Example, *, dp: bool, clip: float, all_positions: bool
+    model: nn.Module,
+    example: Example,
+    *,
+    dp: bool,
+    clip: float,
+    all_positions: bool,
+    one_pass: bool = True,
 ) -> Step:
     """One client's step for vmap over clients: its gradient (DP: clipped sum) and loss.
 
     ``example`` is as in :func:`one_pass_clipped_sum`; ``all_positions`` as in
-    ``clients.training.train_local``.
+    ``clients.training.train_local``. ``one_pass=False`` clips per-sample gradients even
+    where every layer has a rule (the reference).
     """
     per_sample = functional_per_sample(model, all_positions=all_positions)
-    one_pass = one_pass_clipped_sum(model, per_sample, example, clip=clip) if dp else None
+    clipped_sum = None
+    if dp and one_pass:
+        clipped_sum = one_pass_clipped_sum(model, per_sample, example, clip=clip)
 
     def one(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss = per_sample(weights, consts, x[None], y[None]).sum()  # one sample, batch of 1
@@ -60,8 +69,8 @@ def client_step(
     per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0))
 
     def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
-        if one_pass is not None:
-            summed, loss = one_pass(w, c, x, y, rows)
+        if clipped_sum is not None:
+            summed, loss = clipped_sum(w, c, x, y, rows)
             return summed, mean_loss(loss, rows)
         grads, loss = per_grad(w, c, x, y)  # (B, *shape) each, (B,)
         norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], 1)
