@@ -104,27 +104,31 @@ def sequential(work: Workload, data: list, start: dict, args: argparse.Namespace
     return states
 
 
-def cohort(work: Workload, data: list, start: dict, args: argparse.Namespace) -> States:
+def cohort(
+    work: Workload, data: list, start: dict, args: argparse.Namespace, clipping: str
+) -> States:
     """(b): every client at once, ``fedsim.dp.train_cohort``."""
     model = build_model(work.model, input_shape=SHAPE, num_classes=CLASSES)
     updates = train_cohort(
         model, [start] * work.clients, data, epochs=args.epochs, batch_size=work.batch,
         lr=LR, noise_multiplier=SIGMA if work.dp else None, max_grad_norm=CLIP,
         randomness=[randomness(work, k, args.device) for k in range(work.clients)],
-        device=args.device, chunk_size=chunk_size(model, work, args),
-        clipping=args.clipping,
+        device=args.device, chunk_size=chunk_size(model, work, args, clipping),
+        clipping=clipping,
     )  # fmt: skip
     return [update.state for update in updates]
 
 
-def chunk_size(model: torch.nn.Module, work: Workload, args: argparse.Namespace) -> int | None:
+def chunk_size(
+    model: torch.nn.Module, work: Workload, args: argparse.Namespace, clipping: str
+) -> int | None:
     """Clients per vmap chunk so that DP's per-sample gradients fit in ``--memory-gib``.
 
     A Poisson batch rarely exceeds twice its expectation B; float32 gradients. One-pass
     clipping builds no per-sample copies of the big (linear) weights: one chunk.
     """
     memory_gib = args.memory_gib
-    if not work.dp or args.clipping == "one-pass":
+    if not work.dp or clipping == "one-pass":
         return None
     per_client = 2 * work.batch * sum(p.numel() for p in model.parameters()) * 4
     chunk = max(1, int(memory_gib * 2**30 // per_client))
@@ -141,28 +145,37 @@ def timed(run: Callable[[], States], device: str) -> tuple[float, States]:
     return time.perf_counter() - start, states
 
 
-def measure(work: Workload, args: argparse.Namespace) -> tuple[float, float, float]:
-    """Median seconds of (a) and (b) over the repeats, and their largest weight difference."""
+def measure(work: Workload, args: argparse.Namespace) -> tuple[float, list[float], float]:
+    """Median seconds of (a) and of (b) per clipping, and the largest weight difference."""
     data = client_data(work, args.device)
     torch.manual_seed(0)
     start = build_model(work.model, input_shape=SHAPE, num_classes=CLASSES).state_dict()
-    a = functools.partial(sequential, work, data, start, args)
-    b = functools.partial(cohort, work, data, start, args)
+    runs = [functools.partial(sequential, work, data, start, args)]
+    runs += [functools.partial(cohort, work, data, start, args, c) for c in clippings(work, args)]
     for _ in range(args.warmup):  # allocator, cuDNN's choices, Opacus's first imports
-        timed(a, args.device)
-        timed(b, args.device)
-    times_a, times_b = [], []
-    for _ in range(args.repeats):  # interleaved, so that drift hits both alike
-        seconds, states_a = timed(a, args.device)
-        times_a.append(seconds)
-        seconds, states_b = timed(b, args.device)
-        times_b.append(seconds)
+        for run in runs:
+            timed(run, args.device)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(args.repeats):  # interleaved, so that drift hits all alike
+        results = [timed(run, args.device) for run in runs]
+        for seconds, (took, _) in zip(times, results, strict=True):
+            seconds.append(took)
+    want = results[0][1]
     diff = max(
         (sa[key].float() - sb[key].float()).abs().max().item()
-        for sa, sb in zip(states_a, states_b, strict=True)
+        for _, states in results[1:]
+        for sa, sb in zip(want, states, strict=True)
         for key in sa
     )
-    return statistics.median(times_a), statistics.median(times_b), diff
+    medians = [statistics.median(t) for t in times]
+    return medians[0], medians[1:], diff
+
+
+def clippings(work: Workload, args: argparse.Namespace) -> list[str]:
+    """The cohort's clipping variants to time (without DP there is nothing to clip)."""
+    if not work.dp:
+        return ["one-pass"]
+    return ["one-pass", "per-sample"] if args.clipping == "both" else [args.clipping]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,13 +204,14 @@ def main(argv: list[str] | None = None) -> None:
             f"| {work.batch} | {'yes' if work.dp else 'no'} |"
         )
         try:
-            a, b, diff = measure(work, args)
+            a, cohorts, diff = measure(work, args)
         except (RuntimeError, FedsimError) as error:  # e.g. out of memory: say so, go on
             print(f"{head} failed: {str(error).splitlines()[0][:120]} | | | |", flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        print(f"{head} {a:.3f} | {b:.3f} | {a / b:.1f}× | {diff:.1e} |", flush=True)
+        b = " / ".join(f"{t:.3f}" for t in cohorts)
+        print(f"{head} {a:.3f} | {b} | {a / cohorts[0]:.1f}× | {diff:.1e} |", flush=True)
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
@@ -227,8 +241,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--grad-sample", default="fast", help="(a)'s mode: fast, hooks, ghost")
     parser.add_argument(
-        "--clipping", default="one-pass", choices=["one-pass", "per-sample"],
-        help="(b)'s DP clipping: one backward pass (default), or per-sample gradients",
+        "--clipping", default="one-pass", choices=["one-pass", "per-sample", "both"],
+        help="(b)'s DP clipping: one backward pass (default), per-sample gradients, or both "
+        "(cohort column: one-pass / per-sample; speedup: one-pass's)",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="default 3; 2 with --quick")
     parser.add_argument("--warmup", type=int, default=1)
