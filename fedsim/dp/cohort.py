@@ -25,11 +25,11 @@ weight-0 rows (copies of a real example, so their gradients are finite and × 0 
 exact zero), and clients are sorted by step count, so that those still training at step
 t are a prefix of the stack; the others are not computed at all.
 
-Cost (experiments/research/bench_cohort.py; docs/benchmarks.md): per-sample gradients
-of ``fedavg-cnn``'s 1.6 M-weight linear layer dominated the per-sample step (B copies per
-client and step); the one-pass step never builds them, 3.3x faster on a CPU. What is
-left under DP is mostly the convolutions' per-sample weight gradients: vmap makes them
-grouped convolutions, one group per (client, sample).
+Cost (experiments/research/bench_cohort.py; docs/benchmarks.md): on a CPU the one-pass
+step made ``fedavg-cnn``'s DP round 3.0x faster than per-sample gradients (it never
+builds B copies of the 1.6 M-weight linear layer). On an H200, measured with per-sample
+clipping, the convolutions' per-sample weight gradients dominated: vmap makes them grouped
+convolutions, one group per (client, sample).
 """
 
 from __future__ import annotations
