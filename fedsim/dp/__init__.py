@@ -6,7 +6,8 @@ pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` a
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func
-(``cohort_step``: one client's step inside vmap, clipping in one backward pass);
+(``cohort_step``: one client's step inside vmap, clipping in one backward pass;
+``cohort_update``: each client's noise and SGD update);
 ``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses into an ε
 lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
 

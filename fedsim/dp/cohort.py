@@ -39,13 +39,13 @@ import itertools
 from typing import Literal, NamedTuple
 
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedsim.dp.cohort_step import Step, Weights, client_step
+from fedsim.dp.cohort_update import CohortNoise, CohortSGD
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
@@ -139,8 +139,8 @@ def train_cohort(
     noise = None
     if noise_multiplier is not None:
         std = noise_multiplier * max_grad_norm
-        noise = _Noise([rand[k] for k in order], std, sizes, batch_size=batch_size)
-    update = _SGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
+        noise = CohortNoise([rand[k] for k in order], std, sizes, batch_size=batch_size)
+    update = CohortSGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
     example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
     step = client_step(
         template,
@@ -249,65 +249,13 @@ def _layout(
     return _Layout(index.to(device), rows.to(device), active, width)
 
 
-class _Noise:
-    """DP-SGD's noise and scale for the active clients: (Σ clipped + N(0, σ²C²)) / E[B]."""
-
-    def __init__(
-        self, rand: list[DPRandomness], std: float, sizes: list[int], *, batch_size: int
-    ) -> None:
-        self.rand, self.std = rand, std
-        # Opacus divides by int(n · q), q = 1 / len(loader), as PrivacyEngine computes it
-        steps = [poisson_schedule(n, batch_size=batch_size, epochs=1).batches for n in sizes]
-        expected = [int(n * (1 / s)) for n, s in zip(sizes, steps, strict=True)]
-        self.expected = torch.tensor(expected, dtype=torch.float64)
-
-    def __call__(self, summed: Weights, k: int) -> Weights:
-        """``summed`` (k, *shape) each, noised and scaled; each generator draws as Opacus's."""
-        out = {}
-        for name, s in summed.items():  # per generator: one draw a parameter, in order
-            noise = [
-                _generate_noise(
-                    std=self.std, reference=s[j], generator=r.noise, secure_mode=r.secure
-                )
-                for j, r in enumerate(self.rand[:k])
-            ]
-            scale = self.expected[:k].to(s.device, s.dtype).view(-1, *[1] * (s.dim() - 1))
-            out[name] = (s + torch.stack(noise)) / scale
-        return out
-
-
-class _SGD:
-    """``torch.optim.SGD`` (momentum, then FedProx's pull) on the active clients' weights."""
-
-    def __init__(
-        self, weights: Weights, *, lr: float, momentum: float, pull: float, noise: _Noise | None
-    ) -> None:
-        self.weights, self.lr, self.momentum, self.pull = weights, lr, momentum, pull
-        self.noise = noise
-        # a zero velocity makes torch's first step (buf = grad) the general one: 0·m + g = g
-        self.velocity = {n: torch.zeros_like(p) for n, p in weights.items()} if momentum else {}
-        self.origin = {n: p.clone() for n, p in weights.items()} if pull else {}
-
-    def __call__(self, grads: Weights, k: int) -> None:
-        grads = {name: grads[name] for name in self.weights}  # parameter order, as Opacus's
-        if self.noise is not None:
-            grads = self.noise(grads, k)
-        for name, g in grads.items():
-            p = self.weights[name][:k]  # a view: updates the stack in place
-            if self.velocity:
-                g = self.velocity[name][:k].mul_(self.momentum).add_(g)
-            p.add_(g, alpha=-self.lr)
-            if self.origin:
-                p.sub_(self.pull * (p - self.origin[name][:k]))
-
-
 def _train(
     weights: Weights,
     consts: Weights,
     data: tuple[Tensor, Tensor],
     layout: _Layout,
     step: Step,
-    update: _SGD,
+    update: CohortSGD,
 ) -> list[float]:
     """Every step of the cohort; each client's mean loss over its non-empty steps.
 

@@ -1,0 +1,103 @@
+"""The optimizer side of a cohort's step: each client's DP noise and its SGD update.
+
+``fedsim.dp.cohort`` keeps K clients' weights stacked; these apply, to the clients still
+training, what Opacus's ``DPOptimizer`` and ``torch.optim.SGD`` do to one client: the
+noise from each client's own generator, one draw per parameter in parameter order, the
+division by the expected batch size, then momentum and FedProx's pull.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.optimizers.optimizer import _generate_noise
+from torch import Tensor
+
+from fedsim.dp.cohort_step import Weights
+from fedsim.dp.randomness import DPRandomness
+from fedsim.dp.schedule import poisson_schedule
+
+
+class CohortNoise:
+    """DP-SGD's noise and scale for the active clients: (Σ clipped + N(0, σ²C²)) / E[B]."""
+
+    def __init__(
+        self, rand: list[DPRandomness], std: float, sizes: list[int], *, batch_size: int
+    ) -> None:
+        self.rand, self.std = rand, std
+        # Opacus divides by int(n · q), q = 1 / len(loader), as PrivacyEngine computes it
+        steps = [poisson_schedule(n, batch_size=batch_size, epochs=1).batches for n in sizes]
+        expected = [int(n * (1 / s)) for n, s in zip(sizes, steps, strict=True)]
+        self.expected = torch.tensor(expected, dtype=torch.float64)
+        self._scales: dict[tuple, Tensor] = {}
+
+    def __call__(self, summed: Weights, k: int) -> Weights:
+        """``summed`` (k, *shape) each, noised and scaled; each generator draws as Opacus's."""
+        out = {}
+        for name, s in summed.items():  # per generator: one draw a parameter, in order
+            noise = [_noise(self.std, s[j], r) for j, r in enumerate(self.rand[:k])]
+            out[name] = (s + torch.stack(noise)) / self._scale(s)[:k]
+        return out
+
+    def _scale(self, like: Tensor) -> Tensor:
+        """E[B] per client, shaped to divide ``like``, moved to its device once.
+
+        Not every step: a copy from host memory waits for the device to finish all it was
+        given, a host synchronisation per parameter and step.
+        """
+        key = (like.device, like.dtype, like.dim())
+        if key not in self._scales:
+            shape = (-1, *[1] * (like.dim() - 1))
+            self._scales[key] = self.expected.to(like.device, like.dtype).view(shape)
+        return self._scales[key]
+
+
+def _noise(std: float, reference: Tensor, rand: DPRandomness) -> Tensor:
+    """N(0, std²) shaped like ``reference``: the same draws as Opacus's ``_generate_noise``.
+
+    Opacus fills a zero tensor first, used only for std = 0 and secure noise; without
+    them one ``torch.normal`` call is its whole draw, one kernel fewer per parameter.
+    """
+    if std == 0 or rand.secure:
+        return _generate_noise(
+            std=std, reference=reference, generator=rand.noise, secure_mode=rand.secure
+        )
+    return torch.normal(
+        mean=0,
+        std=std,
+        size=reference.shape,
+        device=reference.device,
+        generator=rand.noise,
+        dtype=reference.dtype,
+    )
+
+
+class CohortSGD:
+    """``torch.optim.SGD`` (momentum, then FedProx's pull) on the active clients' weights."""
+
+    def __init__(
+        self,
+        weights: Weights,
+        *,
+        lr: float,
+        momentum: float,
+        pull: float,
+        noise: CohortNoise | None,
+    ) -> None:
+        self.weights, self.lr, self.momentum, self.pull = weights, lr, momentum, pull
+        self.noise = noise
+        # a zero velocity makes torch's first step (buf = grad) the general one: 0·m + g = g
+        self.velocity = {n: torch.zeros_like(p) for n, p in weights.items()} if momentum else {}
+        self.origin = {n: p.clone() for n, p in weights.items()} if pull else {}
+
+    def __call__(self, grads: Weights, k: int) -> None:
+        """One step of the first ``k`` clients, in place, from their gradients (k, *shape)."""
+        grads = {name: grads[name] for name in self.weights}  # parameter order, as Opacus's
+        if self.noise is not None:
+            grads = self.noise(grads, k)
+        for name, g in grads.items():
+            p = self.weights[name][:k]  # a view: updates the stack in place
+            if self.velocity:
+                g = self.velocity[name][:k].mul_(self.momentum).add_(g)
+            p.add_(g, alpha=-self.lr)
+            if self.origin:
+                p.sub_(self.pull * (p - self.origin[name][:k]))
