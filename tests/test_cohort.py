@@ -310,3 +310,26 @@ def test_layers_without_a_one_pass_rule_fall_back_to_per_sample_gradients(model)
     got = train_cohort(model, [start] * 2, tensors, randomness=[randomness(0), randomness(1)], **DP)
     for update in got:
         assert 0 < max_diff(update.state, start) < math.inf
+
+
+class _InPlaceResidual(nn.Module):
+    """``h += block(h)`` changes block's input after block ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Flatten(), nn.Linear(784, 8))
+        self.block, self.head = nn.Linear(8, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h += self.block(h)
+        return self.head(h)
+
+
+def test_a_layer_input_changed_in_place_is_refused_before_training():
+    # its rule would read the changed input: a wrong gradient, silently
+    model = _InPlaceResidual()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in images((20,))]
+    with pytest.raises(FedsimError, match="modified in place after it ran"):
+        train_cohort(model, [start], tensors, randomness=[randomness(0)], **DP)

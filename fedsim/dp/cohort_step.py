@@ -150,8 +150,11 @@ def _probed(layers: list[nn.Module], calls: list[Call], probes: list[Tensor]) ->
     """Every layer call is recorded in ``calls`` and gets the next probe added to its output."""
     pending = iter(probes)
 
+    versions: list[tuple[int, ...]] = []
+
     def hook(layer: nn.Module, inputs: tuple, output: Any) -> Tensor:
         calls.append((layer, inputs))
+        versions.append(_versions(inputs))
         return output + next(pending)
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
@@ -162,6 +165,22 @@ def _probed(layers: list[nn.Module], calls: list[Call], probes: list[Tensor]) ->
             handle.remove()
     if [layer for layer, _ in calls] != layers:
         raise FedsimError("a layer ran in another order than when its probes were shaped")
+    _check_unmodified(calls, versions)
+
+
+def _versions(inputs: tuple) -> tuple[int, ...]:
+    return tuple(t._version for t in inputs if isinstance(t, Tensor))
+
+
+def _check_unmodified(calls: list[Call], versions: list[tuple[int, ...]]) -> None:
+    """Refuse a layer input changed in place after the layer ran: its rule would read it."""
+    for (layer, inputs), seen in zip(calls, versions, strict=True):
+        if _versions(inputs) != seen:
+            raise FedsimError(
+                f"vectorized DP-SGD: the input of {type(layer).__name__} was modified in "
+                "place after it ran (e.g. x += layer(x)); use an out-of-place op "
+                "(x = x + layer(x))"
+            )
 
 
 def _probe_shapes(
@@ -173,13 +192,22 @@ def _probe_shapes(
     something other than a tensor.
     """
     outputs: list[tuple[nn.Module, Any]] = []
-    handles = [m.register_forward_hook(lambda m, _, out: outputs.append((m, out))) for m in layers]
+    calls: list[Call] = []
+    versions: list[tuple[int, ...]] = []
+
+    def record(layer: nn.Module, inputs: tuple, output: Any) -> None:
+        outputs.append((layer, output))
+        calls.append((layer, inputs))
+        versions.append(_versions(inputs))
+
+    handles = [m.register_forward_hook(record) for m in layers]
     try:
         with torch.no_grad():
             per_sample(*example)
     finally:
         for handle in handles:
             handle.remove()
+    _check_unmodified(calls, versions)  # before training, not in its first step
     ran = [id(m) for m, _ in outputs]
     if sorted(ran) != sorted(map(id, layers)) or not all(isinstance(o, Tensor) for _, o in outputs):
         return None
