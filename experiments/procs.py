@@ -113,25 +113,28 @@ def stop_tree(proc: subprocess.Popen, tag: str = "", grace: float = STOP_GRACE_S
     """
     pids = [proc.pid, *descendants(proc.pid)] if proc.poll() is None else []
     pids += [pid for pid in (tagged(tag) if tag else []) if pid not in pids]
-    if grace > 0:
-        _signal_all(pids, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _alive(pids):
-            proc.poll()  # reap our own child so it stops counting as alive
-            time.sleep(0.1)
-    _signal_all(_alive(pids), signal.SIGKILL)
+    stop_processes(pids, grace=grace, reap=proc)
     if tag:
         kill_tagged(tag)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=max(grace, 1.0))
 
 
-def stop_processes(pids: list[int], grace: float = 2.0) -> None:
-    """SIGTERM ``pids``, then SIGKILL whichever still runs after ``grace`` seconds."""
-    _signal_all(_alive(pids), signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pids):
-        time.sleep(0.05)
+def stop_processes(
+    pids: list[int], grace: float = 2.0, reap: subprocess.Popen | None = None
+) -> None:
+    """SIGTERM ``pids``, then SIGKILL whichever still runs after ``grace`` seconds.
+
+    ``grace`` 0 sends SIGKILL at once. ``reap``, a child of ours among ``pids``, is
+    reaped while waiting, so that it stops counting as alive once it has exited.
+    """
+    if grace > 0:
+        _signal_all(_alive(pids), signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pids):
+            if reap is not None:
+                reap.poll()
+            time.sleep(0.05)
     _signal_all(_alive(pids), signal.SIGKILL)
 
 

@@ -28,6 +28,19 @@ def flower_run():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
+def start_fedsim(*args: str, cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """``fedsim ARGS`` from this checkout as a process of its own, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.experiments.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
+
+
 # Runs `fedsim ARGS` for many (args, folder) cases in one Python process, each with its
 # own stdout and stderr: the engine's imports (torch, Flower, Ray: about 10 s on 2 cores)
 # are paid once, not once per bad-input case. Each case is still the command's own main().

@@ -7,12 +7,11 @@ Each client straggles for minutes, so that a run which waits for its round to en
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import start_fedsim
 
 pytestmark = pytest.mark.slow
 SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300"]
@@ -20,15 +19,7 @@ SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300"]
 
 def start(out, tmp_path, sets=SLOW_CLIENTS):
     args = [a for s in sets for a in ("--set", s)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return start_fedsim("run", "--out", str(out), *args, cwd=tmp_path, new_session=True)
 
 
 def wait_for_round_zero(proc):

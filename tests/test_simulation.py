@@ -6,7 +6,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ from dp_accounting import rdp
 
 from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.results import read_csv
-from tests.conftest import ROOT
+from tests.conftest import start_fedsim
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -31,14 +30,7 @@ SMALL = [
 
 def start_run(out, *sets):
     args = [a for s in (*SMALL, *sets) for a in ("--set", s)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args],
-        cwd=out.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return start_fedsim("run", "--out", str(out), *args, cwd=out.parent)
 
 
 def finish(proc):
@@ -52,14 +44,7 @@ def fedsim_run(out, *sets):
 
 
 def start_resume(out):
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedsim.experiments.cli", "run", "--resume", str(out)],
-        cwd=out.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return start_fedsim("run", "--resume", str(out), cwd=out.parent)
 
 
 @pytest.fixture(scope="module")
@@ -157,16 +142,7 @@ def test_dropout_finishes_and_records_dropped_clients(two_runs):
 def run_until(out, round_no, sig, tmp_path):
     """Start a run, send ``sig`` to its process group once ``round_no`` is printed."""
     args = [a for s in SMALL for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "fedsim.experiments.cli", "run", "--out", str(out), *args]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_fedsim("run", "--out", str(out), *args, cwd=tmp_path, new_session=True)
     try:
         for line in proc.stdout:
             if line.startswith(f"round {round_no:>3}/"):
