@@ -108,15 +108,14 @@ def one_pass_clipped_sum(
     if not layers or len(owned) != len(set(owned)):
         return None
     try:
-        for layer in layers:
-            rule_for(layer)
+        rule_of = {layer: rule_for(layer) for layer in layers}
     except FedsimError:
         return None
     probed = _probe_shapes(model, layers, per_sample, example)
     if probed is None:
         return None
     layers = [layer for layer, _, _ in probed]  # in the order they run
-    rules = [rule_for(layer) for layer in layers]
+    rules = [rule_of[layer] for layer in layers]
     names = {id(p): n for n, p in model.named_parameters()}
 
     def clipped_sum(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
@@ -191,13 +190,13 @@ def _probe_shapes(
     Also the output's dtype; ``None`` where a layer runs other than once or returns
     something other than a tensor.
     """
-    outputs: list[tuple[nn.Module, Any]] = []
     calls: list[Call] = []
+    outputs: list[Any] = []
     versions: list[tuple[int, ...]] = []
 
     def record(layer: nn.Module, inputs: tuple, output: Any) -> None:
-        outputs.append((layer, output))
         calls.append((layer, inputs))
+        outputs.append(output)
         versions.append(_versions(inputs))
 
     handles = [m.register_forward_hook(record) for m in layers]
@@ -208,10 +207,12 @@ def _probe_shapes(
         for handle in handles:
             handle.remove()
     _check_unmodified(calls, versions)  # before training, not in its first step
-    ran = [id(m) for m, _ in outputs]
-    if sorted(ran) != sorted(map(id, layers)) or not all(isinstance(o, Tensor) for _, o in outputs):
+    ran = [layer for layer, _ in calls]
+    if sorted(map(id, ran)) != sorted(map(id, layers)):  # each layer exactly once
         return None
-    return [(m, tuple(out.shape[1:]), out.dtype) for m, out in outputs]
+    if not all(isinstance(out, Tensor) for out in outputs):
+        return None
+    return [(m, tuple(out.shape[1:]), out.dtype) for m, out in zip(ran, outputs, strict=True)]
 
 
 def functional_per_sample(model: nn.Module, *, all_positions: bool) -> PerSample:

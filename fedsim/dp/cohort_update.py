@@ -35,19 +35,19 @@ class CohortNoise:
         out = {}
         for name, s in summed.items():  # per generator: one draw a parameter, in order
             noise = [_noise(self.std, s[j], r) for j, r in enumerate(self.rand[:k])]
-            out[name] = (s + torch.stack(noise)) / self._scale(s)[:k]
+            scale = self._expected_on(s)[:k].view(-1, *[1] * (s.dim() - 1))
+            out[name] = (s + torch.stack(noise)) / scale
         return out
 
-    def _scale(self, like: Tensor) -> Tensor:
-        """E[B] per client, shaped to divide ``like``, moved to its device once.
+    def _expected_on(self, like: Tensor) -> Tensor:
+        """E[B] per client on ``like``'s device and dtype, moved there once.
 
         Not every step: a copy from host memory waits for the device to finish all it was
         given, a host synchronisation per parameter and step.
         """
-        key = (like.device, like.dtype, like.dim())
+        key = (like.device, like.dtype)
         if key not in self._scales:
-            shape = (-1, *[1] * (like.dim() - 1))
-            self._scales[key] = self.expected.to(like.device, like.dtype).view(shape)
+            self._scales[key] = self.expected.to(like.device, like.dtype)
         return self._scales[key]
 
 
