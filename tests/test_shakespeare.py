@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedsim.data import load_dataset
+from fedsim.data import UNK_ID, load_dataset
 from fedsim.data.shakespeare import (
     MAX_TEST,
     SEQ_LEN,
@@ -89,10 +89,20 @@ def test_windows_hold_out_the_end_of_each_role():
         role_windows({"C": ["short"]}, name="t")
 
 
+def test_the_alphabet_does_not_depend_on_the_text():
+    # one role's rare characters must change neither vocab.json nor the model's shape
+    plain = "To be, or not to be: that is the question." * 3
+    ds_a = role_windows({"A": [plain], "B": [plain + " Zß—"]}, name="t")
+    ds_b = role_windows({"A": [plain], "B": [plain + " abc"]}, name="t")
+    assert ds_a.vocab == ds_b.vocab and ds_a.num_classes == len(ds_a.vocab) == 98
+    assert np.array_equal(ds_a.x_train[:10], ds_b.x_train[:10])
+    assert ds_a.x_test.max() < 98 and UNK_ID in ds_a.x_test[-1]  # ß and — are unknown
+
+
 def test_tinyshakespeare_by_speaker(shared_data):
     ds = load_dataset("shakespeare", shared_data / "tinyshakespeare")
     assert len(ds.users) == 299 and ds.task == "next-char" and ds.input_shape == (SEQ_LEN,)
-    assert ds.x_train.dtype == np.uint8 and ds.num_classes == len(ds.vocab) == 67
+    assert ds.x_train.dtype == np.uint8 and ds.num_classes == len(ds.vocab) == 98
     assert len(ds.client_ids) == len(ds.y_train) > 800_000
     assert "\n" in ds.vocab and ds.users.index("First Citizen") >= 0
 

@@ -1,30 +1,53 @@
 """Text classification TSVs (SST-2, SMS spam): real files, corrupt ones, tokenization."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from fedsim.data import PAD_ID, UNK_ID, load_dataset, vocab_record
-from fedsim.data.text import SEQ_LEN, build_vocab, encode, tokenize
+from fedsim.data import PAD_ID, load_dataset, vocab_record
+from fedsim.data.text import SEQ_LEN, VOCAB_SIZE, encode, text_dataset, token_id, tokenize
 from fedsim.errors import FedsimError
 
 
-def test_tokenize_and_vocab_are_deterministic():
+def test_tokenize_and_ids_are_deterministic():
     assert tokenize("Don't STOP, it's 2 good!") == ["don't", "stop", ",", "it's", "2", "good", "!"]
-    texts = ["b a a", "c b a", "d"]
-    assert build_vocab(texts) == ("<pad>", "<unk>", "a", "b")  # by count, then name; c, d once
-    assert build_vocab(list(reversed(texts))) == build_vocab(texts)
-    ids = encode(["a b c", ""], build_vocab(texts), seq_len=4)
-    assert ids.tolist() == [[2, 3, UNK_ID, PAD_ID], [PAD_ID] * 4]
+    ids = encode(["a b c", ""], seq_len=4)
+    # the rule vocab.json states, computed here without fedsim
+    expected = [
+        2 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") % 8190
+        for w in "abc"
+    ]
+    assert ids.tolist() == [[*expected, PAD_ID], [PAD_ID] * 4]
+    assert token_id("naïve") == 2 + int.from_bytes(
+        hashlib.blake2b("naïve".encode(), digest_size=8).digest(), "little"
+    ) % (VOCAB_SIZE - 2)
+
+
+def test_the_vocabulary_does_not_depend_on_the_training_texts():
+    # a word only one example has must change neither vocab.json nor the model's shape
+    common = ["the cat sat", "the dog sat", "my password hunter2"]
+    ds_a = text_dataset("t", (common, np.array([0, 1, 0])), (["x"], np.array([0])), 2)
+    ds_b = text_dataset(
+        "t", ([*common[:2], "my password is"], np.array([0, 1, 0])), (["x"], np.array([0])), 2
+    )
+    assert ds_a.vocab == ds_b.vocab and len(ds_a.vocab) == VOCAB_SIZE
+    assert (
+        vocab_record(ds_a) == vocab_record(ds_b)
+        and "mod 8190" in vocab_record(ds_a)["tokenization"]
+    )
+    assert np.array_equal(ds_a.x_train[:2], ds_b.x_train[:2])
 
 
 def test_sst2_real(shared_data):
     ds = load_dataset("sst2", shared_data / "sst2")
     assert (len(ds.y_train), len(ds.y_test)) == (67349, 1821)  # the header rows are skipped
     assert ds.x_train.shape == (67349, SEQ_LEN) and ds.task == "text-classification"
-    assert ds.vocab[:2] == ("<pad>", "<unk>") and len(ds.vocab) <= 8192
+    assert ds.vocab[:2] == ("<pad>", "<unk>") and len(ds.vocab) == 8192
     assert set(np.unique(ds.y_train)) == {0, 1}
-    first = [ds.vocab[i] for i in ds.x_train[0] if i != PAD_ID]  # CRLF: no '\r' token
-    assert first == ["hide", "new", "<unk>", "from", "the", "parental", "<unk>"]  # rare: unknown
+    first = [i for i in ds.x_train[0] if i != PAD_ID]  # CRLF: no '\r' token
+    words = ["hide", "new", "secretions", "from", "the", "parental", "units"]
+    assert first == [token_id(w) for w in words]
     record = vocab_record(ds)
     assert record["tokens"] == list(ds.vocab) and record["seq_len"] == SEQ_LEN
 

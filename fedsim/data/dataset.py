@@ -100,10 +100,12 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
 
 
 TOKENIZATION = {
-    NEXT_CHAR: "characters: one token per character",
+    NEXT_CHAR: "characters: one token per character, its id its index in tokens, else <unk>",
     TEXT_CLASSIFICATION: (
         "words: lower-cased, then runs of word characters and apostrophes, or one "
-        "punctuation mark (fedsim.data.text.tokenize)"
+        "punctuation mark (fedsim.data.text.tokenize); a word's id is 2 + its 8-byte "
+        "BLAKE2b digest, little-endian, mod 8190 (fedsim.data.text.token_id), so tokens "
+        "names hash buckets, not words"
     ),
 }
 

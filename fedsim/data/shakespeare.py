@@ -13,6 +13,8 @@ spaces, stage directions removed), speeches separated by ``\n``. Samples are LEA
 80-character window of a role's text, labelled with the character that follows. The last
 20% of each role's windows are held out for the test set, so no test label is ever a
 training input; the test set is capped at ``MAX_TEST`` windows spread evenly over all roles.
+Characters are ids in the fixed ``VOCAB`` (newline and printable ASCII); any other character
+is ``<unk>``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SEQ_LEN = 80
 TEST_FRACTION = 0.2
 MAX_TEST = 2000
 PAD, UNK = "<pad>", "<unk>"
+# fixed, not the training text's characters: that set would be published (vocab.json, the
+# model's shape) and one speech can decide whether its rare character is in it
+VOCAB = (PAD, UNK, "\n", *map(chr, range(32, 127)))  # PAD_ID 0, UNK_ID 1, printable ASCII
 PLAIN_SPEAKER = re.compile(r"([^\s:][^:]*):")
 MD_SPEAKER = re.compile(r"\*\*([^*]+)\*\*")
 # inline stage directions: _Aside_, *Sound a horn.*, [Within]; then stray markup
@@ -135,12 +140,10 @@ def role_windows(roles: dict[str, list[str]], *, name: str) -> Dataset:
     users = tuple(sorted(roles))
     texts = ["\n".join(roles[user]) for user in users]
     cuts = [_split_point(len(text)) for text in texts]
-    train_chars = sorted({c for text, cut in zip(texts, cuts, strict=True) for c in text[:cut]})
-    vocab = (PAD, UNK, *train_chars)  # PAD_ID 0, UNK_ID 1
-    lookup = {c: i for i, c in enumerate(vocab)}
+    lookup = {c: i for i, c in enumerate(VOCAB)}
     train, test, owners = [], [], []
     for user_id, (text, cut) in enumerate(zip(texts, cuts, strict=True)):
-        ids = token_array([lookup.get(c, UNK_ID) for c in text], len(vocab))
+        ids = token_array([lookup.get(c, UNK_ID) for c in text], len(VOCAB))
         windows = _windows(ids)  # (len - SEQ_LEN, SEQ_LEN + 1): context and target
         train.append(windows[: cut - SEQ_LEN])
         test.append(windows[cut - SEQ_LEN :])
@@ -155,12 +158,12 @@ def role_windows(roles: dict[str, list[str]], *, name: str) -> Dataset:
         train_w[:, SEQ_LEN].astype(np.int64),
         np.ascontiguousarray(test_w[:, :SEQ_LEN]),
         test_w[:, SEQ_LEN].astype(np.int64),
-        len(vocab),
+        len(VOCAB),
         (SEQ_LEN,),
         NEXT_CHAR,
         client_ids=np.concatenate(owners),
         users=users,
-        vocab=vocab,
+        vocab=VOCAB,
     )
 
 

@@ -1,17 +1,21 @@
-"""Text classification from TSV files, with a deterministic word vocabulary.
+"""Text classification from TSV files, with a vocabulary that does not depend on the data.
 
 Tokenization: lower-case, then runs of word characters (apostrophes kept inside words,
-``don't``, ``'s``) and single punctuation marks, in order. The vocabulary is built from
-the training texts only: ``<pad>`` (id 0), ``<unk>`` (id 1), then every token seen at least
-``MIN_COUNT`` times, most frequent first, ties in alphabetical order, at most
-``MAX_VOCAB`` entries in all. Each text becomes its first ``SEQ_LEN`` token ids, padded
-on the right with 0. The same rule applies to ``hf-text``.
+``don't``, ``'s``) and single punctuation marks, in order. Each token's id is a hash
+bucket (``token_id``): ``<pad>`` is 0, ``<unk>`` 1 (never used for words), then 2 + the
+token's 64-bit BLAKE2b digest modulo ``VOCAB_SIZE - 2``. A vocabulary built from the
+training texts (say, every word seen twice) would be published with the run, in
+``vocab.json`` and in the model's shape, and one example can decide whether its word is in
+it: a release outside any ε. Hashing costs collisions between rare words instead. Each text
+becomes its first ``SEQ_LEN`` token ids, padded on the right with 0. The same rule applies
+to ``hf-text``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +24,6 @@ import numpy as np
 from fedsim.data.dataset import (
     PAD_ID,
     TEXT_CLASSIFICATION,
-    UNK_ID,
     Dataset,
     stratified_split,
     token_array,
@@ -28,9 +31,10 @@ from fedsim.data.dataset import (
 from fedsim.errors import FedsimError
 
 SEQ_LEN = 64
-MIN_COUNT = 2
-MAX_VOCAB = 8192
+VOCAB_SIZE = 8192
 PAD, UNK = "<pad>", "<unk>"
+# bucket i is named "#i": the ids say which bucket, not which word
+VOCAB = (PAD, UNK, *(f"#{i}" for i in range(2, VOCAB_SIZE)))
 TOKEN = re.compile(r"[\w']+|[^\w\s]")
 SST2_LABELS = {"0": 0, "1": 1}
 SMS_LABELS = {"ham": 0, "spam": 1}
@@ -41,23 +45,20 @@ def tokenize(text: str) -> list[str]:
     return TOKEN.findall(text.lower())
 
 
-def build_vocab(texts: Sequence[str]) -> tuple[str, ...]:
-    """The vocabulary of ``texts``: pad, unk, then tokens by count (≥ MIN_COUNT), then name."""
-    counts = Counter(token for text in texts for token in tokenize(text))
-    frequent = sorted(
-        (t for t, n in counts.items() if n >= MIN_COUNT), key=lambda t: (-counts[t], t)
-    )
-    return (PAD, UNK, *frequent[: MAX_VOCAB - 2])
+@functools.lru_cache(maxsize=1 << 20)
+def token_id(token: str) -> int:
+    """The id of ``token``: 2 + its 8-byte BLAKE2b digest (little-endian) mod VOCAB_SIZE - 2."""
+    digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
+    return 2 + int.from_bytes(digest, "little") % (VOCAB_SIZE - 2)
 
 
-def encode(texts: Sequence[str], vocab: Sequence[str], seq_len: int = SEQ_LEN) -> np.ndarray:
+def encode(texts: Sequence[str], seq_len: int = SEQ_LEN) -> np.ndarray:
     """Token ids (N, seq_len): each text's first ``seq_len`` tokens, right-padded with 0."""
-    lookup = {token: i for i, token in enumerate(vocab)}
     rows = np.full((len(texts), seq_len), PAD_ID, dtype=np.int64)
     for row, text in zip(rows, texts, strict=True):
-        ids = [lookup.get(token, UNK_ID) for token in tokenize(text)[:seq_len]]
-        row[: len(ids)] = ids
-    return token_array(rows, len(vocab))
+        tokens = tokenize(text)[:seq_len]
+        row[: len(tokens)] = [token_id(t) for t in tokens]
+    return token_array(rows, VOCAB_SIZE)
 
 
 def text_dataset(
@@ -67,8 +68,7 @@ def text_dataset(
     num_classes: int,
 ) -> Dataset:
     """A text-classification ``Dataset`` from raw (texts, labels) train and test splits."""
-    vocab = build_vocab(train[0])
-    x_train, x_test = encode(train[0], vocab), encode(test[0], vocab)
+    x_train, x_test = encode(train[0]), encode(test[0])
     return Dataset(
         name,
         x_train,
@@ -78,7 +78,7 @@ def text_dataset(
         num_classes,
         (SEQ_LEN,),
         TEXT_CLASSIFICATION,
-        vocab=vocab,
+        vocab=VOCAB,
     )
 
 
