@@ -7,7 +7,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from torch import nn
 
 from fedsim.clients.training import train_local
-from fedsim.dp import per_sample
+from fedsim.dp import clip_rules, per_sample
 from fedsim.dp.fast_clip import FastClipper, make_private
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.randomness import dp_randomness, seeded_root
@@ -131,6 +131,41 @@ def test_norms_and_clipped_sums_equal_opacus(case, dtype, tol, budget, monkeypat
     assert rel(clipper.per_sample_norms, norms) <= tol
     for param, want in zip(model.parameters(), expected, strict=True):
         assert rel(param.grad, want) <= tol
+
+
+def cancelling(batch, steps, width, scale, eps):
+    """Rows in pairs ``(v, -v + eps w)``: large terms whose sum is small, for sample 0."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, steps, width)
+    base = torch.randn(steps // 2, width) * scale
+    x[0, 0::2], x[0, 1::2] = base, -base + eps * torch.randn(steps // 2, width)
+    return x
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-4, 1e-5])
+def test_cancelling_terms_never_lower_the_norm_used_for_clipping(eps, monkeypatch):
+    # float32 Gram sums came out far below the true norm here (16 against 3.2, 0 against 4):
+    # such a sample went into the sum unclipped
+    monkeypatch.setattr(per_sample, "PER_SAMPLE_BUDGET", 0)  # the Gram form, as at batch 64
+    g = cancelling(8, 80, 1024, 100.0, eps)
+    a = torch.randn(8, 80, 256)
+    a[0, 1::2] = a[0, 0::2] + 1e-3 * torch.randn(40, 256)  # nearly equal inputs, pairwise
+    exact = (g[0].double().T @ a[0].double()).norm()
+    sq_norms, clip = per_sample.outer_weight(a, g)
+    bound = 1e-5 * (g[0].norm(dim=1) * a[0].norm(dim=1)).sum()
+    assert exact * (1 - 1e-6) <= sq_norms[0].sqrt() <= exact + bound
+    coef = torch.zeros(8)
+    coef[0] = 1 / sq_norms[0].sqrt().clamp(min=1)
+    assert clip(coef).norm() <= 1 + 1e-5
+    # the embedding rule: the same token at every position
+    emb = nn.Embedding(5, 64)
+    g = cancelling(8, 80, 64, 100.0, eps)
+    ids = torch.randint(0, 5, (8, 80))
+    ids[0] = 3
+    exact = g[0].double().sum(0).norm()
+    sq_norms, _ = clip_rules.embedding_rule(emb, (ids,), g)
+    bound = 1e-5 * g[0].norm(dim=1).sum()  # over-clipping only by the rounding bound
+    assert exact * (1 - 1e-6) <= sq_norms[0].sqrt() <= exact + bound
 
 
 def brute_force_clipped(model, x, y, lengths, max_norm):

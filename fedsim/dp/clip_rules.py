@@ -17,6 +17,7 @@ them with Opacus's per-sample gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.per_sample import outer_weight, scaled, sq
+from fedsim.dp.per_sample import gram64, outer_weight, row_norms, scaled, sq, summed_products
 from fedsim.errors import FedsimError
 
 Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum
@@ -54,7 +55,8 @@ def _outer_rule(
     pairs: Sequence[tuple[Tensor, Tensor]], maybe_biases: Sequence[Tensor | None], g: Tensor
 ) -> tuple[Tensor, ClipFn]:
     """Weights with gradient ``sum_t g_t a_t^T``, biases with ``sum_t g_t``; all ``(B, T, .)``."""
-    weights = [(w, outer_weight(a, g)) for w, a in pairs if w.requires_grad]
+    g_gram = functools.cache(lambda: gram64(g))  # the LSTM's two weights share g
+    weights = [(w, outer_weight(a, g, g_gram)) for w, a in pairs if w.requires_grad]
     biases = [b for b in maybe_biases if b is not None and b.requires_grad]
     total = g.new_zeros(g.shape[0])
     for _, (sq_norms, _) in weights:
@@ -88,8 +90,9 @@ def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Te
     g = grad.reshape(batch, -1, layer.embedding_dim)
     if layer.padding_idx is not None:  # the padding row never gets a gradient
         g = g * (ids != layer.padding_idx).unsqueeze(2).to(g.dtype)
-    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
-    total = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)).clamp(min=0)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).double()  # the inputs' (one-hot) Grams
+    m = row_norms(g).sum(1)
+    total = summed_products(gram64(g), same, m, layer.embedding_dim).to(g.dtype)
 
     def clip(coef: Tensor) -> Grads:
         rows = scaled(g, coef).reshape(-1, layer.embedding_dim)

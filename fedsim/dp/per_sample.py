@@ -34,22 +34,52 @@ def outer_sum(g: Tensor, a: Tensor) -> Tensor:
     return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
 
 
-def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+def gram64(x: Tensor) -> Tensor:
+    """Every sample's Gram matrix ``x_b x_b^T``, ``(B, T, T)`` from ``(B, T, n)``, in float64."""
+    x = x.double()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def summed_products(gg: Tensor, aa: Tensor, m: Tensor, length: int) -> Tensor:
+    """``sum_{t,s} gg[b,t,s] aa[b,t,s]`` per sample b, rounded *up* by its rounding error.
+
+    The terms can cancel: a float32 sum may come out near 0 for a gradient of norm 4, and
+    that sample would then not be clipped. So the Gram matrices are float64 and the result
+    is raised by a bound on all its rounding, twice over: ``gamma_n |g_t| |g_s| |a_t| |a_s|``
+    per term (``gamma_n = n u``, ``n`` = ``length``, the two dot products' lengths), then
+    ``gamma_{T^2}`` for the sum; with ``m_b = sum_t |g_t| |a_t|`` that is at most
+    ``(length + T^2) u m_b^2``.
+    """
+    total = (gg * aa).sum((1, 2))
+    terms = length + gg.shape[1] ** 2 + 2
+    return total.clamp(min=0) + 2 * terms * torch.finfo(torch.float64).eps * m.double().square()
+
+
+def row_norms(x: Tensor) -> Tensor:
+    """``|x[b, t]|`` for every b and t, in float64, from ``(B, T, n)``."""
+    return torch.linalg.vector_norm(x, dim=2, dtype=torch.float64)
+
+
+def weight_sq_norms(a: Tensor, g: Tensor, g_gram: Callable[[], Tensor] | None = None) -> Tensor:
     """``|G_b|^2`` for every b, for ``a`` and ``g`` of shape ``(B, T, .)``.
 
     Takes the cheaper exact form: row norms when T = 1, else T x T Gram matrices
-    (``|G_b|^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)``) or the per-sample gradients themselves.
+    (``|G_b|^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)``, ``summed_products``) or the per-sample
+    gradients themselves. ``g_gram`` gives ``gram64(g)`` where weights share ``g``.
     """
     steps, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
     if steps == 1:
         return sq(a, (1, 2)) * sq(g, (1, 2))
     if steps * (n_in + n_out) < n_in * n_out:
-        gram = torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))
-        return gram.sum((1, 2)).clamp(min=0)
+        gg = g_gram() if g_gram is not None else gram64(g)
+        m = (row_norms(g) * row_norms(a)).sum(1)
+        return summed_products(gg, gram64(a), m, n_in + n_out).to(g.dtype)
     return sq(torch.bmm(g.transpose(1, 2), a), (1, 2))
 
 
-def outer_weight(a: Tensor, g: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def outer_weight(
+    a: Tensor, g: Tensor, g_gram: Callable[[], Tensor] | None = None
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``|G_b|^2`` for every b, and ``coef -> sum_b coef_b G_b``; ``a``, ``g`` ``(B, T, .)``.
 
     Either materialises the per-sample gradients (one ``bmm``, then a weighted sum) or
@@ -68,4 +98,4 @@ def outer_weight(a: Tensor, g: Tensor) -> tuple[Tensor, Callable[[Tensor], Tenso
             return outer_sum(scaled(g, coef), a)
         return outer_sum(g, scaled(a, coef))
 
-    return weight_sq_norms(a, g), clip
+    return weight_sq_norms(a, g, g_gram), clip
