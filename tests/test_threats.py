@@ -262,6 +262,7 @@ def test_every_batch_count_runs_and_records_the_schedule_the_solver_assumes():
         )  # fmt: skip
         assert len(private.data_loader) == k, k  # Opacus alone: int(1 / q), k - 1 for 93
         assert private.data_loader.batch_sampler.sample_rate == schedule.sample_rate
+        assert private.optimizer.expected_batch_size == n / k  # Opacus: int(n · q)
         xb, yb = next(iter(private.data_loader))
         private.criterion(model(xb), yb).backward()
         private.optimizer.step()
@@ -270,6 +271,22 @@ def test_every_batch_count_runs_and_records_the_schedule_the_solver_assumes():
         spend = privacy.prescribed_spend(n, noise_multiplier=1.0, batch_size=10, epochs=1)
         assert engine.accountant.history == [(1.0, spend.sample_rate[0], 1)]
         assert spend.steps == (k,)
+
+
+@pytest.mark.parametrize("grad_sample", ["fast", "hooks", "ghost"])
+def test_batch_size_one_trains_for_every_client_size(grad_sample):
+    # Opacus's int(n · q) is 0 at n = 49, 98, 103, ...: the update was divided by zero
+    for n in (49, 98, 103):
+        assert poisson_schedule(n, batch_size=1, epochs=1).expected_batch == 1.0
+        torch.manual_seed(n)
+        model = nn.Linear(3, 2)
+        x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
+        loss, spent = train_local(
+            model, x, y, epochs=1, batch_size=1, lr=0.1, noise_multiplier=1.0,
+            grad_sample=grad_sample, randomness=seeded(client=n),
+        )  # fmt: skip
+        assert math.isfinite(loss) and spent.steps == (n,)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize(

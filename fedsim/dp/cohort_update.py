@@ -24,9 +24,9 @@ class CohortNoise:
         self, rand: list[DPRandomness], std: float, sizes: list[int], *, batch_size: int
     ) -> None:
         self.rand, self.std = rand, std
-        # Opacus divides by int(n · q), q = 1 / len(loader), as PrivacyEngine computes it
-        steps = [poisson_schedule(n, batch_size=batch_size, epochs=1).batches for n in sizes]
-        expected = [int(n * (1 / s)) for n, s in zip(sizes, steps, strict=True)]
+        expected = [
+            poisson_schedule(n, batch_size=batch_size, epochs=1).expected_batch for n in sizes
+        ]
         self.expected = torch.tensor(expected, dtype=torch.float64)
         self._scales: dict[tuple, Tensor] = {}
 

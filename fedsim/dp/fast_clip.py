@@ -289,6 +289,8 @@ def make_private(
         private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
+    # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
+    private.optimizer.expected_batch_size = schedule.expected_batch
     return private
 
 

@@ -4,7 +4,9 @@ The σ solver, the expected spend of a client that did not reply, and the client
 Poisson data loader all use :func:`poisson_schedule`, so the ledger records exactly what
 the solver assumed. Opacus's own loader takes ``int(1 / q)`` steps an epoch, which is
 one step short of ``⌈n / B⌉`` for some batch counts (93, 99, 105, ...); the client's
-loader is built from this schedule instead (``clients.training``).
+loader is built from this schedule instead (``clients.training``). Opacus also divides by
+``int(n · q)``, which is 0 for some n at batch size 1 (n = 49: 49 · (1/49) < 1 in floats);
+the schedule's ``expected_batch`` is n / k exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Schedule:
     sample_rate: float
     batches: int  # steps per epoch
     epochs: int
+    expected_batch: float  # n / batches: DP-SGD divides the noised sum by it
 
     @property
     def steps(self) -> int:
@@ -33,4 +36,9 @@ def poisson_schedule(num_examples: int, *, batch_size: int, epochs: int) -> Sche
     The expected batch is then n/k ≤ B, and one epoch sees every example once on average.
     """
     batches = max(1, math.ceil(num_examples / batch_size))
-    return Schedule(sample_rate=1.0 / batches, batches=batches, epochs=epochs)
+    return Schedule(
+        sample_rate=1.0 / batches,
+        batches=batches,
+        epochs=epochs,
+        expected_batch=num_examples / batches,
+    )
