@@ -29,13 +29,12 @@ from fedsim import results
 from fedsim.clients.client_app import simulation_app
 from fedsim.config import FedsimConfig, check_task
 from fedsim.data import Dataset, load_dataset, partition_dataset
-from fedsim.dp import check_cohort_model
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
 from fedsim.experiments.signals import Signals, kill_run_processes, run_environment
-from fedsim.models import build_model, model_kwargs
+from fedsim.models import check_client_model
 from fedsim.server.server_app import build_server_app
 from fedsim.server.state import load_checkpoint, restore
 
@@ -51,8 +50,7 @@ def preflight(config: FedsimConfig) -> Dataset:
     dataset = load_dataset(config.dataset, config.data_dir)
     check_task(config, dataset.task)  # a dataset of your own states its task only now
     partition_dataset(dataset, config)
-    if config.clients_per_worker > 1:  # a model of your own may not vectorize
-        check_cohort_model(build_model(config.model, **model_kwargs(dataset)))
+    check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
     if config.ray_address:
         check_ray_address(config.ray_address)
         return dataset  # the cluster's resources count, not this machine's

@@ -19,7 +19,7 @@ from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset, 
 from fedsim.dp import UserCanaries, accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
-from fedsim.models import build_model, evaluate, model_kwargs, run_device
+from fedsim.models import build_model, check_client_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
 from fedsim.server import audit, outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
@@ -214,8 +214,9 @@ def run_federation(
     started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     # one copy for partitions, partition.csv, vocab.json and evaluation
-    if dataset is None:
+    if dataset is None:  # `flwr run`: no preflight has checked the model
         dataset = load_dataset(config.dataset, config.data_dir)
+        check_client_model(config, dataset)
     state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
     if not node_per_client and cfg.clients_per_worker > 1:

@@ -8,6 +8,7 @@ from opacus.validators import ModuleValidator
 from fedsim.clients.training import train_local
 from fedsim.config import parse_config
 from fedsim.data import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
+from fedsim.dp import check_samples_apart
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, opacus_lstm_layer
 from fedsim.registry import DATASETS, MODELS
@@ -43,6 +44,7 @@ def build(name, task, *, dp):
 def test_valid_for_opacus_forward_backward(name, task):
     model = build(name, task, dp=True)
     assert ModuleValidator.validate(model, strict=False) == []
+    check_samples_apart(model, torch.as_tensor(batch(task)[0]))  # no false alarm
     x, y = batch(task)
     logits = model(torch.from_numpy(x))
     assert logits.shape == (len(x), SPECS[task][1])

@@ -45,6 +45,7 @@ from fedsim.dp.randomness import (
     stream_seed,
     torch_generator,
 )
+from fedsim.dp.sample_check import PROBE_SAMPLES, check_samples_apart
 from fedsim.dp.schedule import Schedule, poisson_schedule
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
 
@@ -80,6 +81,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "ACCOUNTANTS",
     "GRAD_SAMPLE_MODES",
+    "PROBE_SAMPLES",
     "RDP_ORDERS",
     "REPLACE_ONE",
     "Canaries",
@@ -99,6 +101,7 @@ __all__ = [
     "canary_seed",
     "canary_set",
     "check_cohort_model",
+    "check_samples_apart",
     "dp_randomness",
     "epsilon_ceiling",
     "gaussian_estimate",

@@ -6,13 +6,18 @@ a batch, so it has no per-sample gradient and breaks DP-SGD's per-example clippi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from fedsim.data import IMAGE, Dataset
+from fedsim.dp import PROBE_SAMPLES, check_cohort_model, check_samples_apart
 from fedsim.errors import FedsimError
 from fedsim.registry import MODELS, resolve, tasks_of
+
+if TYPE_CHECKING:
+    from fedsim.config import FedsimConfig
 
 
 def build_model(
@@ -57,3 +62,19 @@ def model_kwargs(dataset: Dataset) -> dict[str, Any]:
         "task": dataset.task,
         "vocab_size": len(dataset.vocab or ()),
     }
+
+
+def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
+    """Refuse, before any round, a client model that DP-SGD or the cohort cannot train.
+
+    Under sample-level DP the model must keep a batch's samples apart
+    (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs); with
+    ``clients-per-worker`` > 1 it must vectorize (:func:`fedsim.dp.check_cohort_model`).
+    """
+    if not (config.dp_sample or config.clients_per_worker > 1):
+        return
+    model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
+    if config.dp_sample:
+        check_samples_apart(model, torch.as_tensor(dataset.x_train[:PROBE_SAMPLES]))
+    if config.clients_per_worker > 1:
+        check_cohort_model(model)
