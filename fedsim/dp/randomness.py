@@ -89,8 +89,10 @@ def numpy_generator(seed: bytes) -> np.random.Generator:
 def torch_generator(seed: bytes, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch generator on one stream, for ``device``.
 
-    CUDA's generator (Philox) takes a 64-bit seed whole. The CPU generator gets the full
-    MT19937 state: 624 words expanded from the 256-bit seed by SHAKE-256.
+    CUDA's generator (Philox) takes a 64-bit key: the seed's first 8 bytes, so a GPU
+    stream has 64 secret bits, not 256 (README, "Who the privacy protects against"). The
+    CPU generator gets the full MT19937 state: 624 words expanded from the 256-bit seed by
+    SHAKE-256.
     """
     device = torch.device(device)
     generator = torch.Generator(device=device)
