@@ -170,4 +170,7 @@ def test_preflight_refuses_a_model_of_your_own_that_cannot_be_grouped():
     config = parse_config({"model": "tests.test_grouping:batch_norm_net", "clients-per-worker": 2})
     with pytest.raises(FedsimError, match="does not support Sequential: its BatchNorm1d"):
         preflight(config)
-    preflight(config.model_copy(update={"clients_per_worker": 1}))
+    one_by_one = config.model_copy(update={"clients_per_worker": 1})
+    with pytest.raises(FedsimError, match="mixes the samples of a batch"):  # DP-SGD cannot either
+        preflight(one_by_one)
+    preflight(one_by_one.model_copy(update={"dp": "none"}))

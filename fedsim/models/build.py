@@ -74,7 +74,7 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
     if not (config.dp_sample or config.clients_per_worker > 1):
         return
     model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
+    if config.clients_per_worker > 1:  # first: it names the layer
+        check_cohort_model(model)
     if config.dp_sample:
         check_samples_apart(model, torch.as_tensor(dataset.x_train[:PROBE_SAMPLES]))
-    if config.clients_per_worker > 1:
-        check_cohort_model(model)
