@@ -104,8 +104,8 @@ TOKENIZATION = {
     TEXT_CLASSIFICATION: (
         "words: lower-cased, then runs of word characters and apostrophes, or one "
         "punctuation mark (fedsim.data.text.tokenize); a word's id is 2 + its 8-byte "
-        "BLAKE2b digest, little-endian, mod 8190 (fedsim.data.text.token_id), so tokens "
-        "names hash buckets, not words"
+        "BLAKE2b digest, little-endian, mod 8190 (fedsim.data.text.token_id), so the "
+        "tokens are hash buckets, not words"
     ),
 }
 

@@ -45,10 +45,11 @@ def summed_products(gg: Tensor, aa: Tensor, m: Tensor, length: int) -> Tensor:
 
     The terms can cancel: a float32 sum may come out near 0 for a gradient of norm 4, and
     that sample would then not be clipped. So the Gram matrices are float64 and the result
-    is raised by a bound on all its rounding, twice over: ``gamma_n |g_t| |g_s| |a_t| |a_s|``
-    per term (``gamma_n = n u``, ``n`` = ``length``, the two dot products' lengths), then
+    is raised by a bound on all its rounding: ``gamma_n |g_t| |g_s| |a_t| |a_s|`` per term
+    (``gamma_n = n u``, ``n`` = ``length``, the two dot products' lengths), then
     ``gamma_{T^2}`` for the sum; with ``m_b = sum_t |g_t| |a_t|`` that is at most
-    ``(length + T^2) u m_b^2``.
+    ``(length + T^2) u m_b^2``. The margin added is four times that (``eps`` = 2u, doubled
+    for the second-order terms and the rounding of ``m`` itself).
     """
     total = (gg * aa).sum((1, 2))
     terms = length + gg.shape[1] ** 2 + 2
