@@ -76,7 +76,7 @@ def _run(
     """The output for ``xb`` from a fixed random state; every layer's output batch-first."""
     firsts.clear()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # the CPU one only: fork_rng restores it
         out = probe(xb)
     for path, layer, shape in firsts:
         if not shape or shape[0] != len(xb):
