@@ -30,6 +30,7 @@ from fedsim.clients.client_app import simulation_app
 from fedsim.config import FedsimConfig, check_task
 from fedsim.data import Dataset, load_dataset, partition_dataset
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
+from fedsim.experiments.delivery import prompt_delivery
 from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
@@ -179,7 +180,7 @@ def _simulate(
     tag = f"{os.getpid()}-{secrets.token_hex(8)}"
     signals = Signals(stop, progress.note, spare=before, tag=tag)
     try:
-        with signals, run_environment(RUN_TAG_VAR, tag):
+        with signals, run_environment(RUN_TAG_VAR, tag), prompt_delivery():
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

@@ -24,7 +24,7 @@ from fedsim.results import RoundRow
 from fedsim.server import audit, outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.grouping import GroupedGrid
-from fedsim.server.rounds import ReplyFn, run_rounds
+from fedsim.server.rounds import PULL_INTERVAL_S, SIMULATION_PULL_S, ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
 from fedsim.server.strategy import Cohorts, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
@@ -283,6 +283,7 @@ def run_federation(
         stop=stop,
         on_reply=on_reply,
         abandon=not node_per_client,
+        poll_s=PULL_INTERVAL_S if node_per_client else SIMULATION_PULL_S,
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"

@@ -23,7 +23,10 @@ from fedsim.server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
 ReplyFn = Callable[[int, int, int], None]  # (round, replies so far, messages sent)
-PULL_INTERVAL_S = 0.1
+PULL_INTERVAL_S = 0.1  # deployment: each pull is a request to the SuperLink
+# simulation: a pull is a lookup in memory, and at 0.1 s the wait was a fifth of a GPU
+# round of 10 clients (docs/benchmarks.md)
+SIMULATION_PULL_S = 0.005
 
 
 def _reason(reason: str | None) -> str:
@@ -76,13 +79,14 @@ def exchange(
     timeout: float,
     on_reply: Callable[[int, int], None],
     abandon: threading.Event | None = None,
+    poll_s: float = PULL_INTERVAL_S,
 ) -> list[Message]:
     """Send ``messages``; collect replies until all are in or ``timeout`` seconds pass.
 
     Flower's ``send_and_receive`` does the same but says nothing until the end;
     ``on_reply`` gets (replies so far, messages sent) each time more arrive. Once
-    ``abandon`` is set the round is given up (:class:`RunInterrupted`) within
-    ``PULL_INTERVAL_S``: its replies are dropped unread, nothing of it is released.
+    ``abandon`` is set the round is given up (:class:`RunInterrupted`) within ``poll_s``,
+    the seconds between pulls: its replies are dropped unread, nothing of it is released.
     """
     abandon = abandon or threading.Event()
     if abandon.is_set():
@@ -95,7 +99,7 @@ def exchange(
             raise RunInterrupted("stopped during a round; it is run again on resume")
         arrived = list(grid.pull_messages(waiting))
         if not arrived:
-            time.sleep(PULL_INTERVAL_S)
+            time.sleep(poll_s)
             continue
         replies += arrived
         waiting -= {m.metadata.reply_to_message_id for m in arrived}
@@ -120,6 +124,7 @@ def run_rounds(
     stop: threading.Event | None = None,
     on_reply: ReplyFn | None = None,
     abandon: bool = False,
+    poll_s: float = PULL_INTERVAL_S,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
@@ -130,14 +135,19 @@ def run_rounds(
     strategy alone decides. Inside a round ``on_reply`` hears (round, replies, sent)
     each time more clients have replied. Once ``stop`` is set the run stops after the
     round, or at once with ``abandon`` (where replies dropped unread release nothing:
-    a simulation, whose server is trusted).
+    a simulation, whose server is trusted). ``poll_s``: seconds between pulls for replies.
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         report = functools.partial(on_reply or _silent, server_round)
         report(0, len(messages))
         replies = exchange(
-            grid, messages, timeout=timeout, on_reply=report, abandon=stop if abandon else None
+            grid,
+            messages,
+            timeout=timeout,
+            on_reply=report,
+            abandon=stop if abandon else None,
+            poll_s=poll_s,
         )
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)

@@ -6,6 +6,7 @@ import math
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
+from opacus.accountants import create_accountant
 
 from fedsim.dp import accounting
 from fedsim.messages import PrivacySpent
@@ -72,6 +73,19 @@ def test_rdp_matches_independent_rdp(name):
     ours = privacy.client_epsilon(ledger[0], delta=DELTA, accountant="rdp")
     theirs = independent_rdp(HISTORIES[name], DELTA)
     assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(HISTORIES))
+def test_rdp_is_opacus_rdp_to_the_last_bit(name):
+    # fedsim remembers each (σ, q)'s one-step RDP curve; Opacus recomputes it every call
+    opacus = create_accountant(mechanism="rdp")
+    opacus.history = list(HISTORIES[name])
+    want = opacus.get_epsilon(delta=DELTA, alphas=accounting.RDP_ORDERS)
+    grown = [*HISTORIES[name], (1.3, 0.07, 9)]  # a history that grew uses the remembered curves
+    opacus.history = list(grown)
+    want_grown = opacus.get_epsilon(delta=DELTA, alphas=accounting.RDP_ORDERS)
+    assert accounting.history_epsilon(HISTORIES[name], delta=DELTA, accountant="rdp") == want
+    assert accounting.history_epsilon(grown, delta=DELTA, accountant="rdp") == want_grown
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
