@@ -287,11 +287,32 @@ def make_private(
             **args, poisson_sampling=False, grad_sample_mode="hooks"
         )
         private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
+    if grad_sample in ("fast", "ghost"):  # DPOptimizerFastGradientClipping
+        private.optimizer.accumulate = _accumulate_by_clone(private.optimizer.params)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
     # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
     private.optimizer.expected_batch_size = schedule.expected_batch
     return private
+
+
+def _accumulate_by_clone(params: list[nn.Parameter]) -> Callable[[], None]:
+    """Opacus's ``accumulate`` for ``DPOptimizerFastGradientClipping``, cloning, not deep-copying.
+
+    The same tensors; ``copy.deepcopy`` of each gradient took ~0.14 ms of host time a
+    parameter and step, about a fifth of a small model's DP step on a GPU, where the host
+    is the limit (docs/benchmarks.md).
+    """
+
+    def accumulate() -> None:
+        for p in params:
+            summed = getattr(p, "summed_grad", None)
+            if summed is not None:
+                summed.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach().clone()  # type: ignore[attr-defined]
+
+    return accumulate
 
 
 def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
