@@ -306,11 +306,17 @@ def _accumulate_by_clone(params: list[nn.Parameter]) -> Callable[[], None]:
 
     def accumulate() -> None:
         for p in params:
+            grad = p.grad
+            if grad is None:  # where Opacus's deepcopy of None.data fails
+                raise FedsimError(
+                    f"DP-SGD: a parameter of shape {tuple(p.shape)} got no gradient; "
+                    "freeze the parameters the model does not use (requires_grad=False)"
+                )
             summed = getattr(p, "summed_grad", None)
             if summed is not None:
-                summed.add_(p.grad)
+                summed.add_(grad)
             else:
-                p.summed_grad = p.grad.detach().clone()  # type: ignore[attr-defined]
+                p.summed_grad = grad.detach().clone()  # type: ignore[attr-defined]
 
     return accumulate
 
