@@ -7,6 +7,7 @@ signal tests, which need a real run, are in tests/test_signals.py.
 import errno
 import importlib.abc
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -161,10 +162,22 @@ def test_ctrl_c_while_the_command_imports_exits_130_with_one_line(monkeypatch, c
     monkeypatch.delitem(sys.modules, "fedsim.experiments.cli", raising=False)
     monkeypatch.delattr(fedsim.experiments, "cli", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_Interrupting(), *sys.meta_path])
-    with pytest.raises(SystemExit) as stop:
-        console.main()
-    assert stop.value.code == 130
+    assert console.command() == 130
     assert capsys.readouterr().err == "fedsim: interrupted\n"
+
+
+def test_the_command_exits_with_its_status_after_the_exit_handlers(tmp_path):
+    ran = tmp_path / "ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        "from fedsim.experiments import console\n"
+        f"atexit.register(pathlib.Path({str(ran)!r}).write_text, 'handlers ran')\n"
+        "print('flushed', end=''); print('too', end='', file=sys.stderr)\n"
+        "console.leave(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "flushed", "too")
+    assert ran.read_text() == "handlers ran"
 
 
 def test_log_lines_quoted_in_messages_carry_no_colour_codes(tmp_path):
