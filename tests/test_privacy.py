@@ -88,6 +88,24 @@ def test_rdp_is_opacus_rdp_to_the_last_bit(name):
     assert accounting.history_epsilon(grown, delta=DELTA, accountant="rdp") == want_grown
 
 
+@pytest.mark.parametrize(
+    ("accountant", "relation"),
+    [
+        ("pld", dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
+        (accounting.REPLACE_ONE, dp_accounting.NeighboringRelation.REPLACE_ONE),
+    ],
+)
+def test_pld_is_dp_accounting_s_accountant_to_the_last_bit(accountant, relation):
+    # fedsim remembers each (σ, q)'s one-step distribution; the accountant rebuilds it
+    history = [*HISTORIES["mixed"], (1.3, 0.07, 9), (0.9, 0.0, 4)]  # q = 0: nothing happened
+    theirs = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        theirs.compose(_event(sigma, q), steps)
+    assert accounting.history_epsilon(history, delta=DELTA, accountant=accountant) == (
+        theirs.get_epsilon(DELTA)
+    )
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 @pytest.mark.parametrize("name", sorted(HISTORIES))
 def test_never_below_truth_and_close_to_tight(name, accountant):

@@ -16,11 +16,12 @@ guarantee for a whole client implies for one of its examples.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 
 import dp_accounting
 import numpy as np
-from dp_accounting import pld
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from threadpoolctl import ThreadpoolController
@@ -70,16 +71,39 @@ def _rdp_curve(sigma: float, q: float) -> np.ndarray:
     return curve
 
 
+PLD_INTERVAL = 1e-3  # dp-accounting's default; its pessimistic rounding over-reports ε
+
+
 def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[History, float], float]:
     def epsilon(history: History, delta: float) -> float:
-        # the default (pessimistic) discretization over-reports, never under-reports
-        acc = pld.PLDAccountant(relation, value_discretization_interval=1e-3)
+        """dp-accounting's ``PLDAccountant`` on Poisson-subsampled Gaussians, op for op.
+
+        Its one-step distribution per (σ, q) is built once (~70 ms); the accountant
+        rebuilt it on every call, every round.
+        """
+        total = pld_lib.identity(value_discretization_interval=PLD_INTERVAL)
         for sigma, q, steps in history:
-            event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-            acc.compose(event, steps)
-        return float(acc.get_epsilon(delta))
+            if q == 0:  # as the accountant: nothing happened
+                continue
+            if sigma == 0:  # as the accountant: a non-private event
+                return math.inf
+            total = total.compose(_pld_step(sigma, q, relation).self_compose(steps))
+        return float(total.get_epsilon_for_delta(delta))
 
     return epsilon
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_step(
+    sigma: float, q: float, relation: dp_accounting.NeighboringRelation
+) -> pld_lib.PrivacyLossDistribution:
+    """One step of the sampled Gaussian mechanism, discretized pessimistically."""
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=sigma,
+        value_discretization_interval=PLD_INTERVAL,
+        sampling_prob=q,
+        neighboring_relation=relation,
+    )
 
 
 REPLACE_ONE = "pld-replace-one"
