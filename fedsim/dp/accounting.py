@@ -93,7 +93,7 @@ def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[Histo
     return epsilon
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)  # 0.05-0.7 MB each: at most ~90 MB
 def _pld_step(
     sigma: float, q: float, relation: dp_accounting.NeighboringRelation
 ) -> pld_lib.PrivacyLossDistribution:
