@@ -34,7 +34,7 @@ class CohortNoise:
         """``summed`` (k, *shape) each, noised and scaled; each generator draws as Opacus's."""
         out = {}
         for name, s in summed.items():  # per generator: one draw a parameter, in order
-            noise = [_noise(self.std, s[j], r) for j, r in enumerate(self.rand[:k])]
+            noise = [_noise(self.std, s, j, r) for j, r in enumerate(self.rand[:k])]
             scale = self._expected_on(s)[:k].view(-1, *[1] * (s.dim() - 1))
             out[name] = (s + torch.stack(noise)) / scale
         return out
@@ -51,23 +51,24 @@ class CohortNoise:
         return self._scales[key]
 
 
-def _noise(std: float, reference: Tensor, rand: DPRandomness) -> Tensor:
-    """N(0, std²) shaped like ``reference``: the same draws as Opacus's ``_generate_noise``.
+def _noise(std: float, stacked: Tensor, j: int, rand: DPRandomness) -> Tensor:
+    """N(0, std²) shaped like client j's ``stacked[j]``: the draws of Opacus's ``_generate_noise``.
 
     Opacus fills a zero tensor first, used only for std = 0 and secure noise; without
-    them one ``torch.normal`` call is its whole draw, one kernel fewer per parameter.
+    them one ``torch.normal`` call is its whole draw, one kernel fewer per parameter, and
+    no view of the client's row (the host is what limits a cohort's step on a GPU).
     """
     if std == 0 or rand.secure:
         return _generate_noise(
-            std=std, reference=reference, generator=rand.noise, secure_mode=rand.secure
+            std=std, reference=stacked[j], generator=rand.noise, secure_mode=rand.secure
         )
     return torch.normal(
         mean=0,
         std=std,
-        size=reference.shape,
-        device=reference.device,
+        size=stacked.shape[1:],
+        device=stacked.device,
         generator=rand.noise,
-        dtype=reference.dtype,
+        dtype=stacked.dtype,
     )
 
 
