@@ -25,9 +25,9 @@ from fedsim.messages import (
     named_partition,
     split_group_reply,
 )
+from fedsim.server.rounds import SIMULATION_PULL_S
 
 GROUP_FAILED = 1  # Flower error code of a client whose group failed as a whole
-_POLL_S = 0.005  # simulation only: a pull is a lookup in memory
 
 
 class GroupedGrid(Grid):
@@ -116,7 +116,7 @@ class GroupedGrid(Grid):
             replies += arrived
             waiting -= {m.metadata.reply_to_message_id for m in arrived}
             if not arrived:
-                time.sleep(_POLL_S)
+                time.sleep(SIMULATION_PULL_S)  # grouping is for simulations only
         return replies
 
 
