@@ -21,6 +21,7 @@ from typing import Any
 from fedsim.config import ConfigLike, as_config, config_mapping
 from fedsim.experiments import deploy as deploying
 from fedsim.experiments.progress import RunProgress
+from fedsim.experiments.raystart import RayStart
 from fedsim.experiments.run import resume_target, run_experiment
 from fedsim.experiments.sweep import default_jobs, run_sweep
 from fedsim.results import Result, frontier, load_run
@@ -34,6 +35,7 @@ def run(
     force: bool = False,
     verbose: bool = False,
     progress: RunProgress | None = None,
+    ray_start: RayStart | None = None,
     **overrides: Any,
 ) -> Result:
     """Run one experiment in Flower's simulation engine; return its :class:`Result`.
@@ -48,12 +50,18 @@ def run(
         Replace an existing ``out`` once the new run has finished.
     progress
         Hears every round and reply (default: a live bar on a terminal, else lines).
+    ray_start
+        A :class:`~fedsim.experiments.raystart.RayStart` for the same config, already
+        entered: Ray then starts while your script still imports or loads (the
+        ``fedsim`` command starts it before it imports the engine).
     **overrides
         Config keys as Python names, e.g. ``num_rounds=5, dp="user"``.
 
     """
     cfg = as_config(config, **overrides)
-    folder = run_experiment(cfg, out=_path(out), force=force, verbose=verbose, progress=progress)
+    folder = run_experiment(
+        cfg, out=_path(out), force=force, verbose=verbose, progress=progress, ray_start=ray_start
+    )
     return load_run(folder)
 
 

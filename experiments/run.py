@@ -10,17 +10,15 @@ from it with ``fedsim run --resume``.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import secrets
 import shutil
-import socket
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
-import ray
 import torch
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
@@ -31,16 +29,13 @@ from fedsim.config import FedsimConfig, check_task
 from fedsim.data import Dataset, load_dataset, partition_dataset
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.delivery import prompt_delivery
-from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.progress import RunProgress, for_terminal
+from fedsim.experiments.raystart import RayStart
 from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
-from fedsim.experiments.signals import Signals, kill_run_processes, run_environment
+from fedsim.experiments.signals import Signals
 from fedsim.models import check_client_model
 from fedsim.server.server_app import build_server_app
 from fedsim.server.state import load_checkpoint, restore
-
-RAY_CONNECT_TIMEOUT_S = 5.0
-RAY_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # where `ray start` leaves its address
 
 
 def preflight(config: FedsimConfig) -> Dataset:
@@ -53,7 +48,6 @@ def preflight(config: FedsimConfig) -> Dataset:
     partition_dataset(dataset, config)
     check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
     if config.ray_address:
-        check_ray_address(config.ray_address)
         return dataset  # the cluster's resources count, not this machine's
     if config.client_gpus > 0 and not torch.cuda.is_available():
         raise FedsimError(
@@ -67,29 +61,6 @@ def preflight(config: FedsimConfig) -> Dataset:
             f"set client-cpus to at most {cpus}"
         )
     return dataset
-
-
-def check_ray_address(address: str) -> None:
-    """Fail in seconds where nothing answers at ``address`` (Ray itself retries for minutes).
-
-    ``auto`` needs the cluster file ``ray start`` writes; ``[ray://]HOST:PORT`` an open port.
-    """
-    if address == "auto":
-        if not os.environ.get("RAY_ADDRESS") and not RAY_CLUSTER_FILE.is_file():
-            raise FedsimError(
-                "ray-address='auto' but no Ray cluster runs on this machine; start one with "
-                "`ray start --head`, or set ray-address='' for a Ray of the run's own"
-            )
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise FedsimError(
-            f"ray-address='{address}': nothing answers there within "
-            f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); start the Ray head with "
-            "`ray start --head`, or set ray-address='' for a Ray of the run's own"
-        ) from None
 
 
 def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
@@ -115,13 +86,19 @@ def run_experiment(
     verbose: bool = False,
     client_app: ClientApp = simulation_app,
     progress: RunProgress | None = None,
+    ray_start: RayStart | None = None,
 ) -> Path:
     """Run (or resume) ``config`` in Flower's simulation engine; return the results folder.
 
     ``progress`` hears every round and every reply (default: a live bar on a terminal,
     one line per round elsewhere). SIGINT or SIGTERM abandons the round in progress and
     stops (:class:`RunInterrupted`, resumable); a second one aborts at once.
+    ``ray_start``, entered by the caller for this ``config``, is a Ray already starting
+    (the command starts it while it imports the engine); by default the run starts its
+    own once its folder is claimed.
     """
+    if ray_start is not None and ray_start.config != config:
+        raise FedsimError("ray_start was made for another config; make it with this one")
     started = time.time()
     dataset = preflight(config)
     if resume:
@@ -134,7 +111,7 @@ def run_experiment(
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     progress = progress or for_terminal(config)
     try:
-        _simulate(config, dataset, staging, started, verbose, client_app, progress)
+        _simulate(config, dataset, staging, started, verbose, client_app, progress, ray_start)
         claim.finish()
     except RunInterrupted as exc:
         raise RunInterrupted(
@@ -163,9 +140,24 @@ def _simulate(
     verbose: bool,
     client_app: ClientApp,
     progress: RunProgress,
+    ray_start: RayStart | None,
 ) -> None:
     _quiet_logs(verbose)
+    with nullcontext(ray_start) if ray_start else RayStart(config, verbose=verbose) as ray:
+        _simulate_on(config, dataset, staging, started, client_app, progress, ray)
+
+
+def _simulate_on(
+    config: FedsimConfig,
+    dataset: Dataset,
+    staging: Path,
+    started: float,
+    client_app: ClientApp,
+    progress: RunProgress,
+    ray_start: RayStart,
+) -> None:
     stop = threading.Event()
+    # Ray goes on starting while the server is built and evaluates round 0
     server_app = build_server_app(
         config,
         dataset=dataset,
@@ -176,54 +168,29 @@ def _simulate(
         stop=stop,
         node_per_client=False,
     )
-    before = set(descendants(os.getpid()))
-    tag = f"{os.getpid()}-{secrets.token_hex(8)}"
-    signals = Signals(stop, progress.note, spare=before, tag=tag)
+    signals = Signals(stop, progress.note, spare=ray_start.spare, tag=ray_start.tag)
     try:
-        with signals, run_environment(RUN_TAG_VAR, tag), prompt_delivery():
+        with signals, prompt_delivery():
+            ray_start.ready()
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=config.simulation_workers,
-                backend_config=_backend_config(config, verbose),
+                backend_config={"client_resources": client_resources(config)},
             )
     except RunInterrupted:
         raise RunInterrupted(signals.stopped_where(), signals.signum) from None
     finally:
         stop.set()  # the server thread gives up whatever it waits for
-        if ray.is_initialized():  # an error skipped Flower's own shutdown
-            ray.shutdown()
-        kill_run_processes(before, tag)  # Ray's workers can outlive its shutdown by seconds
     if signals.signum:
         raise RunInterrupted(signals.stopped_where(), signals.signum)
     if not (staging / results.SUMMARY).exists():
         raise FedsimError("the simulation ended before the server finished; rerun with --debug")
 
 
-def _backend_config(config: FedsimConfig, verbose: bool) -> dict:
-    """Ray settings: per-client resources, and which Ray to run on.
-
-    ``ray-address`` "" passes "local": a new Ray of this run's own, even where
-    ``RAY_ADDRESS`` is set or ``ray start`` left a cluster running on this machine (Ray
-    would join those otherwise). Any other value is handed to ``ray.init(address=...)``.
-
-    Flower starts as many worker processes as the resources fit (16 on a 16-core machine
-    at one CPU a client), whatever the run needs; a Ray of the run's own gets only the
-    CPUs of its ``simulation_workers``, so no worker starts that would never train.
-    """
-    init_args: dict[str, object] = {
-        "address": config.ray_address or "local",
-        "logging_level": "INFO" if verbose else "ERROR",
-        "log_to_driver": verbose,
-        "include_dashboard": False,
-    }
-    if not config.ray_address:
-        needed = math.ceil(config.simulation_workers * config.client_cpus)
-        init_args["num_cpus"] = min(os.cpu_count() or 1, needed)
-    return {
-        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
-        "init_args": init_args,
-    }
+def client_resources(config: FedsimConfig) -> dict[str, Any]:
+    """What Ray reserves for each simulation worker: Flower starts as many as fit."""
+    return {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}
 
 
 def _quiet_logs(verbose: bool) -> None:
@@ -233,7 +200,5 @@ def _quiet_logs(verbose: bool) -> None:
     line and in ``rounds.csv``, so Flower's tracebacks for them are noise.
     """
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.CRITICAL)
-    # opt in to Ray's future behaviour now; it also silences Ray's warning about it
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:
         warnings.filterwarnings("ignore", module=r"(ray|opacus|torch)\b.*")

@@ -17,9 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ray._private.ray_constants as ray_constants
-import ray._private.utils as ray_utils
-
 from fedsim.experiments.procs import (
     RUN_TAG_VAR,
     descendants,
@@ -28,7 +25,6 @@ from fedsim.experiments.procs import (
     tagged,
 )
 
-RAY_SET_SIGTERM = ray_utils.set_sigterm_handler
 CLIENT_GRACE_S = 2.0  # after a first signal, for clients that finish on their own
 
 
@@ -55,7 +51,6 @@ class Signals:
         self.previous: dict[int, Any] = {}
         self.fds: tuple[int, int] | None = None
         self.old_wakeup = -1
-        self.ray_failure_handler = False
         self.done = threading.Event()  # the run has returned: no client is left to end
 
     def heard(self, signum: int) -> None:
@@ -101,13 +96,6 @@ class Signals:
         for signum in (signal.SIGINT, signal.SIGTERM):
             # a Python handler must be in place for the wakeup fd to hear the signal
             self.previous[signum] = signal.signal(signum, _counted_elsewhere)
-        # ray.init would put its own SIGTERM handler (exit at once, mid-round) in ours'
-        # place: the one function it does that through does nothing while we run
-        ray_utils.set_sigterm_handler = _keep_handler
-        # and its C++ core would install absl's failure handler over ours: it takes SIGTERM
-        # as a crash, prints a stack and aborts (exit 134)
-        self.ray_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
         threading.Thread(target=self._listen, args=(self.fds[0],), daemon=True).start()
         return self
 
@@ -115,8 +103,6 @@ class Signals:
         self.done.set()
         if self.fds is None:
             return
-        ray_utils.set_sigterm_handler = RAY_SET_SIGTERM
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = self.ray_failure_handler
         signal.set_wakeup_fd(self.old_wakeup)
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
@@ -157,7 +143,3 @@ def run_environment(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = previous
-
-
-def _keep_handler(handler: object) -> None:
-    """Stands in for Ray's ``set_sigterm_handler`` while a run's own handler is in place."""

@@ -22,7 +22,8 @@ from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.deploy import deploy_config
 from fedsim.experiments.localfed import is_loopback
 from fedsim.experiments.procs import spawn, stop_tree, tagged
-from fedsim.experiments.run import _backend_config
+from fedsim.experiments.raystart import WORKER_PRELOAD, ray_init_args
+from fedsim.experiments.run import client_resources
 from fedsim.messages import ARRAYS, CONFIG, PARTITION_KEY
 from fedsim.server.rounds import screen_replies
 
@@ -78,12 +79,17 @@ def test_run_config_file_round_trips():
 
 
 def test_ray_address_goes_to_ray_init():
-    assert _backend_config(parse_config({}), False)["init_args"]["address"] == "local"
-    assert "num_cpus" not in _backend_config(parse_config({"ray-address": "auto"}), False)
+    local = ray_init_args(parse_config({}), verbose=False)
+    assert local["address"] == "local"
+    assert local["_system_config"] == {"preload_python_modules": [WORKER_PRELOAD]}
+    assert "runtime_env" not in local  # one would keep Flower's actors out of warm workers
+    auto = ray_init_args(parse_config({"ray-address": "auto"}), verbose=False)
+    assert "num_cpus" not in auto and "_system_config" not in auto  # a cluster takes neither
     config = parse_config({"ray-address": "10.0.0.2:6379", "client-gpus": 0.25})
-    backend = _backend_config(config, False)
-    assert backend["init_args"]["address"] == "10.0.0.2:6379"
-    assert backend["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    remote = ray_init_args(config, verbose=False)
+    assert remote["address"] == "10.0.0.2:6379"
+    assert remote["runtime_env"]["env_vars"]["PYTHONPATH"].split(os.pathsep)[0] == sys.path[0]
+    assert client_resources(config) == {"num_cpus": 1.0, "num_gpus": 0.25}
     for bad in ("nowhere", "10.0.0.2", "auto:x"):
         with pytest.raises(FedsimError, match="ray-address"):
             parse_config({"ray-address": bad})
@@ -100,10 +106,10 @@ def test_ray_address_goes_to_ray_init():
 )
 def test_a_local_ray_gets_the_cpus_of_the_workers_a_run_needs(values, cpus, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    init = _backend_config(parse_config(values), False)["init_args"]
+    init = ray_init_args(parse_config(values), verbose=False)
     assert init["num_cpus"] == cpus  # Flower starts as many workers as these CPUs fit
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert _backend_config(parse_config(values), False)["init_args"]["num_cpus"] == 1
+    assert ray_init_args(parse_config(values), verbose=False)["num_cpus"] == 1
 
 
 @pytest.mark.parametrize(

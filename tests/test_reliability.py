@@ -19,9 +19,10 @@ import fedsim.experiments
 from fedsim import results
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
-from fedsim.experiments import console, procs, rundir
+from fedsim.experiments import console, procs, raystart, rundir
 from fedsim.experiments import run as runner
-from fedsim.experiments.run import check_ray_address, resume_target, run_experiment
+from fedsim.experiments.raystart import check_ray_address
+from fedsim.experiments.run import resume_target, run_experiment
 from fedsim.results import RoundRow
 from fedsim.server import privacy
 from fedsim.server.state import RunState, load_checkpoint, save_checkpoint
@@ -148,7 +149,7 @@ def test_an_unreachable_ray_address_fails_within_seconds():
     started = time.monotonic()
     with pytest.raises(FedsimError, match="nothing answers there"):
         check_ray_address(f"127.0.0.1:{procs.free_port()}")
-    assert time.monotonic() - started < runner.RAY_CONNECT_TIMEOUT_S + 1
+    assert time.monotonic() - started < raystart.RAY_CONNECT_TIMEOUT_S + 1
 
 
 class _Interrupting(importlib.abc.MetaPathFinder):
