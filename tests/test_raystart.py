@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 PRELOADED = ("fedsim.clients.client_app", "torch._dynamo")
 
 
+@pytest.mark.slow
 def test_a_local_ray_s_workers_import_the_client_app_before_their_first_call():
     class Probe:  # a local class travels by value: it imports nothing in the worker
         def modules(self, names):
