@@ -2,9 +2,10 @@
 
 A local Ray imports this module in every worker it starts (``preload_python_modules``,
 set by ``fedsim.experiments.raystart``), so that round 1 does not wait for it: the
-client app (torch, Opacus, Flower: 5-10 s a worker), and ``torch._dynamo``, which every
-``torch.optim`` optimizer's constructor imports on its first call (1 s of a worker's
-first training).
+client app (torch, Opacus, Flower: 5-10 s a worker); Flower's actor class, which hosts
+it (its module pulls in Flower's server side: 1.2 s more); and ``torch._dynamo``, which
+every ``torch.optim`` optimizer's constructor imports on its first call (1 s of a
+worker's first training).
 
 Nothing here may fail: Ray takes any error but an ImportError as the worker's crash, and
 the run would lose the worker with no reason given. A module that does not import is
@@ -15,7 +16,11 @@ client's failure, with its reason.
 import contextlib
 import importlib
 
-PRELOAD = ("fedsim.clients.client_app", "torch._dynamo")
+PRELOAD = (
+    "fedsim.clients.client_app",
+    "flwr.simulation.ray_transport.ray_actor",
+    "torch._dynamo",
+)
 
 for _name in PRELOAD:
     with contextlib.suppress(Exception):

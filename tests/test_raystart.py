@@ -15,7 +15,11 @@ from fedsim.experiments.procs import RUN_TAG_VAR, tagged
 from fedsim.experiments.raystart import RayStart
 from tests.conftest import ROOT
 
-PRELOADED = ("fedsim.clients.client_app", "torch._dynamo")
+PRELOADED = (
+    "fedsim.clients.client_app",
+    "flwr.simulation.ray_transport.ray_actor",
+    "torch._dynamo",
+)
 
 
 @pytest.mark.slow
