@@ -4,8 +4,9 @@ Ray's start used to come after everything else, and each worker's imports came l
 still: the driver loaded the data and built the server, Flower's engine then started
 Ray (3–5 s), then one worker process per client slot, and each worker imported torch,
 Opacus and Flower (5–10 s) only when round 1's first message reached it. Round 1 paid
-for all of it. ``RayStart`` starts Ray as soon as the run's folder is claimed, while the
-driver builds the server and evaluates round 0; Flower finds Ray running and uses it.
+for all of it. ``RayStart`` starts Ray early: ``fedsim run`` before it imports the engine,
+the Python API as soon as the run's folder is claimed, while the driver builds the
+server and evaluates round 0. Flower finds Ray running and uses it.
 A local Ray's workers import the client app as they start
 (``preload_python_modules``), and Flower's actors are placed in those warm workers.
 
