@@ -115,7 +115,6 @@ class RayStart:
     def __init__(self, config: FedsimConfig, *, verbose: bool = False) -> None:
         self.config = config
         self.init_args = ray_init_args(config, verbose=verbose)
-        self.local = not config.ray_address
         self.spare: set[int] = set()
         self.tag = ""
         self._error: BaseException | None = None
@@ -130,8 +129,8 @@ class RayStart:
                 "Ray already runs in this process, and a run starts its own; call "
                 "ray.shutdown() first, or set ray-address to run on a Ray cluster"
             )
-        if not self.local:
-            check_ray_address(self.init_args["address"])
+        if self.config.ray_address:
+            check_ray_address(self.config.ray_address)
         self.spare = set(descendants(os.getpid()))
         self.tag = f"{os.getpid()}-{secrets.token_hex(8)}"
         env = {RUN_TAG_VAR: self.tag}
@@ -139,7 +138,7 @@ class RayStart:
         env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = os.environ.get(
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
         )
-        if self.local:
+        if not self.config.ray_address:  # a cluster's workers get it by runtime_env
             env["PYTHONPATH"] = driver_path()
         for name, value in env.items():
             self._restore.enter_context(run_environment(name, value))
