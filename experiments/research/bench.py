@@ -7,8 +7,10 @@ run round-robin: every repeat times every mode once, so a neighbour's load on a 
 machine hits all modes alike; the table gives medians over the repeats. CPU time is this
 process's (robust to being descheduled); wall time is what a user waits. Modes: ``none``
 (no DP), Opacus 1.6's ``hooks`` (its default), ``ghost``, ``functorch`` and ``ew``, and fedsim's
-``fast`` (one backward pass, ``fedsim.dp.fast_clip``). The LSTM rows also time the fused
-``nn.LSTM`` without DP, the denominator of its ratios, and Opacus's ``DPLSTM``.
+``fast`` (one backward pass, ``fedsim.dp.fast_clip``, noise added by ``fedsim.dp.noise``).
+The LSTM rows also time the fused ``nn.LSTM`` without DP, the denominator of its ratios,
+and Opacus's ``DPLSTM``. ``ops/step`` counts the operator calls of one step that compute:
+on a GPU, kernel launches, which limit a small model's step there.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import opacus
 import torch
 from opacus import PrivacyEngine
 from opacus.layers import DPLSTM
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedsim.dp import FastDPLSTM, make_private_fast
 from fedsim.models.image import cnn as project_cnn
@@ -138,13 +142,47 @@ def cases(
     return rows, tokens
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the operator calls that compute (views and bare allocations are not counted).
+
+    On a GPU each is a kernel launch (``torch._foreach_*``: one for many tensors), which
+    is what limits a small model's step there: a count that the CPU measures as well.
+    """
+
+    FREE = frozenset(
+        {
+            "alias", "as_strided", "detach", "empty", "empty_like", "expand", "lift_fresh",
+            "new_empty", "permute", "_reshape_alias", "select", "set_", "slice", "split",
+            "split_with_sizes", "squeeze", "squeeze_", "t", "transpose", "unbind",
+            "unsqueeze", "_unsafe_view", "view",
+        }
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Count ``func`` unless it only makes a view or an allocation, then run it."""
+        if func.namespace == "aten" and func.__name__.split(".")[0] not in self.FREE:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step: Step) -> int:
+    """Operator calls that compute in one call of ``step`` (:class:`OpCount`)."""
+    with OpCount() as counter:
+        step()
+    return counter.calls
+
+
 def measure(
     name: str, repeats: int, *, batch: int = BATCH, device: str = "cpu"
-) -> list[tuple[str, float, float, float, float]]:
-    """(label, CPU ms, CPU ratio, wall ms, wall ratio) per row, medians over ``repeats``.
+) -> list[tuple[str, float, float, float, float, int]]:
+    """(label, CPU ms, CPU ratio, wall ms, wall ratio, ops) per row, medians over ``repeats``.
 
     On a GPU the wall clock is read after ``torch.cuda.synchronize()``: the step's time
-    on the device, not the time to queue its kernels.
+    on the device, not the time to queue its kernels. ``ops``: :func:`count_ops`.
     """
     rows, x = cases(name, batch)
     y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
@@ -158,6 +196,7 @@ def measure(
         except Exception as exc:  # a mode Opacus does not support for this model
             print(f"  {name} {label}: not run ({type(exc).__name__}: {str(exc)[:80]})")
             steps.pop(label, None)
+    ops = {label: count_ops(step) for label, step in steps.items()}
     cpu: dict[str, list[float]] = {label: [] for label in steps}
     wall: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
@@ -172,7 +211,8 @@ def measure(
     c_base, w_base = statistics.median(cpu[base]), statistics.median(wall[base])
     return [
         (label, 1e3 * statistics.median(cpu[label]), statistics.median(cpu[label]) / c_base,
-         1e3 * statistics.median(wall[label]), statistics.median(wall[label]) / w_base)
+         1e3 * statistics.median(wall[label]), statistics.median(wall[label]) / w_base,
+         ops[label])
         for label in steps
     ]  # fmt: skip
 
@@ -201,15 +241,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {datetime.date.today()}  {where}  torch {torch.__version__}  "
           f"opacus {opacus.__version__}  threads {args.threads}  "
           f"median of {args.repeats}, interleaved", flush=True)  # fmt: skip
-    print("| model | batch | mode | CPU ms/step | CPU ratio | wall ms/step | wall ratio |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print("| model | batch | mode | CPU ms/step | CPU ratio | wall ms/step | wall ratio "
+          "| ops/step |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for batch in map(int, args.batch.split(",")):
         for name in args.models.split(","):
-            for label, c_ms, c_ratio, w_ms, w_ratio in measure(
+            for label, c_ms, c_ratio, w_ms, w_ratio, ops in measure(
                 name, args.repeats, batch=batch, device=args.device
             ):
                 print(f"| {name} | {batch} | {label} | {c_ms:.1f} | {c_ratio:.2f} | "
-                      f"{w_ms:.2f} | {w_ratio:.2f} |", flush=True)  # fmt: skip
+                      f"{w_ms:.2f} | {w_ratio:.2f} | {ops} |", flush=True)  # fmt: skip
     if args.all:
         from experiments.research import bench_federation, bench_population
 

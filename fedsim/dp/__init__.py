@@ -4,7 +4,8 @@ The public face of the package. ``fast_clip`` clips per-sample gradients in one 
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
 ``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
-purpose) its own stream; ``accounting`` turns histories into ε and targets into σ;
+purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in one call
+and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func
 (``cohort_step``: one client's step inside vmap, clipping in one backward pass;
 ``cohort_update``: each client's noise and SGD update);

@@ -10,10 +10,11 @@ layer has a rule, and from per-sample gradients (``vmap(grad(...))`` over sample
 otherwise.
 
 Each client's mechanism is the one-client path's, draw for draw: its Poisson masks come
-from Opacus's own sampler on the client's ``batches`` generator, and its noise is drawn as
-Opacus's ``_generate_noise`` draws it, from the client's ``noise`` generator, per parameter
-in parameter order (``cohort_update``). With equal generators a client's new weights
-equal ``train_local``'s up to float rounding (tests/test_cohort.py). One exception: where
+from Opacus's own sampler on the client's ``batches`` generator, and its noise is one draw
+a step from the client's ``noise`` generator, of all parameters' elements in parameter
+order, as ``fedsim.dp.noise`` draws it for one client (``cohort_update``). With equal
+generators a client's new weights equal ``train_local``'s up to float rounding
+(tests/test_cohort.py). One exception: where
 a max-pooling window holds tied values (flat regions of an image), the cohort's
 convolutions (batched over clients by vmap) and one client's may round differently and
 the tie's gradient go to another of its inputs; both are valid per-sample gradients,

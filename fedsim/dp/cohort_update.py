@@ -1,18 +1,20 @@
 """The optimizer side of a cohort's step: each client's DP noise and its SGD update.
 
 ``fedsim.dp.cohort`` keeps K clients' weights stacked; these apply, to the clients still
-training, what Opacus's ``DPOptimizer`` and ``torch.optim.SGD`` do to one client: the
-noise from each client's own generator, one draw per parameter in parameter order, the
-division by the expected batch size, then momentum and FedProx's pull.
+training, what ``fedsim.dp.noise`` and ``torch.optim.SGD`` do to one client: the noise from
+each client's own generator, one draw of all its parameters' elements in parameter order,
+the division by the expected batch size, then momentum and FedProx's pull.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor
 
 from fedsim.dp.cohort_step import Weights
+from fedsim.dp.noise import gaussian_noise, split_like
 from fedsim.dp.randomness import DPRandomness
 from fedsim.dp.schedule import poisson_schedule
 
@@ -31,13 +33,29 @@ class CohortNoise:
         self._scales: dict[tuple, Tensor] = {}
 
     def __call__(self, summed: Weights, k: int) -> Weights:
-        """``summed`` (k, *shape) each, noised and scaled; each generator draws as Opacus's."""
-        out = {}
-        for name, s in summed.items():  # per generator: one draw a parameter, in order
-            noise = [_noise(self.std, s, j, r) for j, r in enumerate(self.rand[:k])]
-            scale = self._expected_on(s)[:k].view(-1, *[1] * (s.dim() - 1))
-            out[name] = (s + torch.stack(noise)) / scale
-        return out
+        """``summed`` (k, *shape) each, noised and scaled; each client's noise one draw."""
+        ref = next(iter(summed.values()))
+        shapes = [s.shape[1:] for s in summed.values()]
+        total = sum(math.prod(shape) for shape in shapes)
+        flat = torch.stack(
+            [
+                gaussian_noise(
+                    self.std,
+                    total,
+                    generator=r.noise,
+                    secure=r.secure,
+                    device=ref.device,
+                    dtype=ref.dtype,
+                )
+                for r in self.rand[:k]
+            ]
+        )  # (k, Σ numel): client j's row is the draw train_local's optimizer makes
+        noise = split_like(flat, shapes)
+        scale = self._expected_on(ref)[:k]
+        return {
+            name: (s + n) / scale.view(-1, *[1] * (s.dim() - 1))
+            for (name, s), n in zip(summed.items(), noise, strict=True)
+        }
 
     def _expected_on(self, like: Tensor) -> Tensor:
         """E[B] per client on ``like``'s device and dtype, moved there once.
@@ -49,27 +67,6 @@ class CohortNoise:
         if key not in self._scales:
             self._scales[key] = self.expected.to(like.device, like.dtype)
         return self._scales[key]
-
-
-def _noise(std: float, stacked: Tensor, j: int, rand: DPRandomness) -> Tensor:
-    """N(0, std²) shaped like client j's ``stacked[j]``: the draws of Opacus's ``_generate_noise``.
-
-    Opacus fills a zero tensor first, used only for std = 0 and secure noise; without
-    them one ``torch.normal`` call is its whole draw, one kernel fewer per parameter, and
-    no view of the client's row (the host is what limits a cohort's step on a GPU).
-    """
-    if std == 0 or rand.secure:
-        return _generate_noise(
-            std=std, reference=stacked[j], generator=rand.noise, secure_mode=rand.secure
-        )
-    return torch.normal(
-        mean=0,
-        std=std,
-        size=stacked.shape[1:],
-        device=stacked.device,
-        generator=rand.noise,
-        dtype=stacked.dtype,
-    )
 
 
 class CohortSGD:
@@ -91,14 +88,23 @@ class CohortSGD:
         self.origin = {n: p.clone() for n, p in weights.items()} if pull else {}
 
     def __call__(self, grads: Weights, k: int) -> None:
-        """One step of the first ``k`` clients, in place, from their gradients (k, *shape)."""
+        """One step of the first ``k`` clients, in place, from their gradients (k, *shape).
+
+        Each line is one fused call over all parameters (``torch._foreach_*``: on a GPU one
+        kernel where a loop launched one a parameter); the arithmetic is SGD's.
+        """
         grads = {name: grads[name] for name in self.weights}  # parameter order, as Opacus's
         if self.noise is not None:
             grads = self.noise(grads, k)
-        for name, g in grads.items():
-            p = self.weights[name][:k]  # a view: updates the stack in place
-            if self.velocity:
-                g = self.velocity[name][:k].mul_(self.momentum).add_(g)
-            p.add_(g, alpha=-self.lr)
-            if self.origin:
-                p.sub_(self.pull * (p - self.origin[name][:k]))
+        names = list(self.weights)
+        step = [grads[name] for name in names]
+        params = [self.weights[name][:k] for name in names]  # views: update the stack in place
+        if self.velocity:
+            step = [self.velocity[name][:k] for name in names]
+            torch._foreach_mul_(step, self.momentum)
+            torch._foreach_add_(step, [grads[name] for name in names])
+        torch._foreach_add_(params, step, alpha=-self.lr)
+        if self.origin:
+            pulls = torch._foreach_sub(params, [self.origin[name][:k] for name in names])
+            torch._foreach_mul_(pulls, self.pull)
+            torch._foreach_sub_(params, pulls)

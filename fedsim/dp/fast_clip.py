@@ -1,4 +1,4 @@
-"""DP-SGD with per-sample clipping in one backward pass; Opacus adds the noise and counts.
+"""DP-SGD with per-sample clipping in one backward pass; Opacus's optimizer steps and counts.
 
 Opacus computes per-sample gradients (``hooks``: materialised, ``B`` copies of every
 weight) or runs two backward passes (``ghost``). ``make_private_fast`` does one backward
@@ -6,8 +6,9 @@ pass that asks autograd only for dl/d(output) of every trainable layer, never fo
 ordinary parameter gradients. Per-layer rules (``fedsim.dp.clip_rules``) turn those into
 per-sample gradient norms and, once the clipping coefficients are known, into the clipped
 gradient sum, which becomes ``p.grad``. From there Opacus's own objects take over: the
-optimizer is Opacus's ``DPOptimizerFastGradientClipping`` (adds the Gaussian noise, scales,
-steps the accountant), built by ``PrivacyEngine.make_private``, and the data loader is
+optimizer is Opacus's ``DPOptimizerFastGradientClipping`` (steps the accountant), built by
+``PrivacyEngine.make_private``, with its noise and scaling done in fused operations by
+``fedsim.dp.noise`` (in every mode: one draw a step, the same mechanism), and the data loader is
 Opacus's Poisson ``DPDataLoader`` on the schedule of ``fedsim.dp.schedule``, so the ledger
 records exactly the (q, steps) the σ solver assumed. Masks and noise come from the
 generators the caller passes (``fedsim.dp.randomness``).
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedsim.dp.clip_rules import rule_for
+from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.randomness import DPRandomness
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
@@ -190,6 +192,7 @@ def make_private_fast(
         wrap_model=False,
     )
     hooks.cleanup()
+    fuse_noise_step(dp_optimizer)
     clipper = FastClipper(module, max_grad_norm=max_grad_norm)
 
     def criterion(output: Tensor, target: Tensor) -> ClippedLoss:
@@ -282,43 +285,18 @@ def make_private(
             grad_sample_mode="ghost",
         )
         private = PrivateTraining(model, opt, _per_sequence(ghost), loader, model._close)
+        fuse_noise_step(private.optimizer)
     else:
         model, opt, loader = engine.make_private(
             **args, poisson_sampling=False, grad_sample_mode="hooks"
         )
         private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
-    if grad_sample in ("fast", "ghost"):  # DPOptimizerFastGradientClipping
-        private.optimizer.accumulate = _accumulate_by_clone(private.optimizer.params)
+        fuse_noise_step(private.optimizer)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
     # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
     private.optimizer.expected_batch_size = schedule.expected_batch
     return private
-
-
-def _accumulate_by_clone(params: list[nn.Parameter]) -> Callable[[], None]:
-    """Opacus's ``accumulate`` for ``DPOptimizerFastGradientClipping``, cloning, not deep-copying.
-
-    The same tensors; ``copy.deepcopy`` of each gradient took ~0.14 ms of host time a
-    parameter and step, about a fifth of a small model's DP step on a GPU, where the host
-    is the limit (docs/benchmarks.md).
-    """
-
-    def accumulate() -> None:
-        for p in params:
-            grad = p.grad
-            if grad is None:  # where Opacus's deepcopy of None.data fails
-                raise FedsimError(
-                    f"DP-SGD: a parameter of shape {tuple(p.shape)} got no gradient; "
-                    "freeze the parameters the model does not use (requires_grad=False)"
-                )
-            summed = getattr(p, "summed_grad", None)
-            if summed is not None:
-                summed.add_(grad)
-            else:
-                p.summed_grad = grad.detach().clone()  # type: ignore[attr-defined]
-
-    return accumulate
 
 
 def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
