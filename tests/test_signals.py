@@ -61,25 +61,33 @@ def session_processes(sid, grace=3.0):
 
 
 def stop_and_time(proc, *signals):
+    """Seconds until the run ended, processes of its session left, and its stderr.
+
+    Both pipes are drained while waiting: a run that wrote more than a pipe holds would
+    otherwise block on the write, and look like a run that ignores the signal.
+    """
     started = time.monotonic()
     for sig in signals:
         os.kill(proc.pid, sig)  # the command only, as `kill PID` does
         time.sleep(0.2)
     try:
-        proc.wait(timeout=60)
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"still running 60 s after {signals}; its stderr ended:\n{stderr[-3000:]}")
     finally:
         leftovers = session_processes(proc.pid)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
-    return time.monotonic() - started, leftovers
+    return time.monotonic() - started, leftovers, stderr
 
 
 def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
     out = tmp_path / "run"
     proc = start(out, tmp_path)
     wait_for_round_zero(proc)
-    seconds, leftovers = stop_and_time(proc, signal.SIGTERM)
-    stderr = proc.stderr.read()
+    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert "stopped by SIGTERM" in stderr and f"fedsim run --resume {out}" in stderr
@@ -91,8 +99,7 @@ def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     proc = start(tmp_path / "run", tmp_path)
     wait_for_round_zero(proc)
-    seconds, leftovers = stop_and_time(proc, signal.SIGINT, signal.SIGINT)
-    stderr = proc.stderr.read()
+    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGINT, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert "Traceback" not in stderr
@@ -105,8 +112,7 @@ def test_sigterm_between_rounds_is_the_runs_not_rays(tmp_path):
     for line in proc.stdout:
         if line.startswith("round   2/"):
             break
-    seconds, leftovers = stop_and_time(proc, signal.SIGTERM)
-    stderr = proc.stderr.read()
+    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
