@@ -66,15 +66,9 @@ class TwinLayers(nn.Module):
         return self.b(self.a(x))
 
 
-@pytest.mark.parametrize("grad_sample", ["fast", "hooks", "ghost"])
-@pytest.mark.parametrize("secure", [False, True])
-def test_a_step_is_the_clipped_sum_plus_one_draw_over_the_expected_batch(grad_sample, secure):
-    # one step of n = B = 8 (q = 1: every example), σ = 2, C = 1, lr 1, computed by hand
-    torch.manual_seed(0)
-    model, x, y = TwinLayers(), torch.randn(8, 64), torch.randint(0, 64, (8,))
-    start = [p.detach().clone() for p in model.parameters()]
-    clipped = clipped_sum(model, x, y)
-    private = make_private(
+def one_step_training(model, x, y, *, grad_sample, secure):
+    """DP-SGD on ``(x, y)`` of 8 examples: q = 1, σ = 2, C = 1, lr 1, noise from seed 4."""
+    return make_private(
         PrivacyEngine(accountant="rdp"),
         grad_sample=grad_sample,
         module=model,
@@ -85,6 +79,17 @@ def test_a_step_is_the_clipped_sum_plus_one_draw_over_the_expected_batch(grad_sa
         max_grad_norm=1.0,
         randomness=DPRandomness(generator(3), generator(4), secure),
     )
+
+
+@pytest.mark.parametrize("grad_sample", ["fast", "hooks", "ghost"])
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_step_is_the_clipped_sum_plus_one_draw_over_the_expected_batch(grad_sample, secure):
+    # one step of n = B = 8 (q = 1: every example), σ = 2, C = 1, lr 1, computed by hand
+    torch.manual_seed(0)
+    model, x, y = TwinLayers(), torch.randn(8, 64), torch.randint(0, 64, (8,))
+    start = [p.detach().clone() for p in model.parameters()]
+    clipped = clipped_sum(model, x, y)
+    private = one_step_training(model, x, y, grad_sample=grad_sample, secure=secure)
     private.optimizer.zero_grad()
     private.criterion(private.module(x), y).backward()
     private.optimizer.step()
@@ -128,17 +133,7 @@ class Calls(TorchDispatchMode):
 @pytest.mark.parametrize("secure", [False, True])
 def test_a_step_draws_its_noise_in_one_call_not_one_per_parameter(secure):
     model, x, y = TwinLayers(), torch.randn(8, 64), torch.randint(0, 64, (8,))
-    private = make_private(
-        PrivacyEngine(accountant="rdp"),
-        grad_sample="fast",
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        dataset=TensorDataset(x, y),
-        schedule=poisson_schedule(8, batch_size=8, epochs=1),
-        noise_multiplier=2.0,
-        max_grad_norm=1.0,
-        randomness=DPRandomness(generator(3), generator(4), secure),
-    )
+    private = one_step_training(model, x, y, grad_sample="fast", secure=secure)
     private.criterion(private.module(x), y).backward()
     with Calls() as calls:
         private.optimizer.step()
