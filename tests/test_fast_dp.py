@@ -346,3 +346,15 @@ def test_bench_prints_a_table(capsys):
     assert [row[3].strip() for row in rows] == ["none", "hooks", "ghost", "fast"]
     ops = {row[3].strip(): int(row[8]) for row in rows}  # operator calls that compute
     assert ops["none"] < ops["fast"] < ops["hooks"]
+
+
+def test_bench_graphs_times_the_eager_step_on_a_cpu(capsys):
+    from experiments.research import bench_graphs
+
+    bench_graphs.main(
+        ["--device", "cpu", "--repeats", "1", "--batch", "4", "--models", "project-cnn"]
+    )
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    rows = [row for row in rows if len(row) > 4 and row[1] == " project-cnn "]
+    assert [row[3].strip() for row in rows] == ["no", "yes"]
+    assert all(float(row[4]) > 0 and row[5].strip() == "" for row in rows)  # no graphs on a CPU
