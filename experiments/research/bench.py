@@ -176,6 +176,21 @@ def count_ops(step: Step) -> int:
     return counter.calls
 
 
+def fixed_batch(
+    name: str, batch: int, device: str
+) -> tuple[list[tuple[str, Callable[[], nn.Module], str]], torch.Tensor, torch.Tensor]:
+    """:func:`cases` of ``name``, with its batch's inputs and random labels on ``device``."""
+    rows, x = cases(name, batch)
+    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
+    return rows, x.to(device), y.to(device)
+
+
+def fresh_model(rows: list[tuple[str, Callable[[], nn.Module], str]], device: str) -> nn.Module:
+    """The model of ``rows`` (its first, no-DP row), built from seed 0 on ``device``."""
+    torch.manual_seed(0)
+    return rows[0][1]().to(device)
+
+
 def measure(
     name: str, repeats: int, *, batch: int = BATCH, device: str = "cpu"
 ) -> list[tuple[str, float, float, float, float, int]]:
@@ -184,9 +199,7 @@ def measure(
     On a GPU the wall clock is read after ``torch.cuda.synchronize()``: the step's time
     on the device, not the time to queue its kernels. ``ops``: :func:`count_ops`.
     """
-    rows, x = cases(name, batch)
-    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
-    x, y = x.to(device), y.to(device)
+    rows, x, y = fixed_batch(name, batch, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     steps = {}
     for label, build, mode in rows:

@@ -27,10 +27,8 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from experiments.research.bench import VOCAB, cases
+from experiments.research.bench import Step, fixed_batch, fresh_model
 from fedsim.dp import make_private_fast
-
-Step = Callable[[], None]
 
 
 class Case(NamedTuple):
@@ -44,11 +42,8 @@ class Case(NamedTuple):
 
 def build(name: str, batch: int, dp: bool, device: str) -> Case:
     """``bench.py``'s model ``name`` on a fixed batch, with or without DP (``fast``)."""
-    rows, x = cases(name, batch)
-    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
-    x, y = x.to(device), y.to(device)
-    torch.manual_seed(0)
-    model = rows[0][1]().to(device)
+    rows, x, y = fixed_batch(name, batch, device)
+    model = fresh_model(rows, device)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion: Callable = nn.CrossEntropyLoss()
     generator = torch.Generator(device) if dp else None

@@ -28,7 +28,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from experiments.research.bench import VOCAB, Step, cases, count_ops
+from experiments.research.bench import Step, count_ops, fixed_batch, fresh_model
 from fedsim.dp import DPRandomness, make_private, poisson_schedule
 
 
@@ -52,11 +52,8 @@ def opacus_noise(optimizer: DPOptimizer) -> None:
 
 def make_step(name: str, noise: str, batch: int, device: str) -> Step:
     """One DP step (``noise``: ``opacus`` or ``fused``; ``none``: no DP) of a fresh model."""
-    rows, x = cases(name, batch)
-    y = torch.randint(0, 10 if "cnn" in name else VOCAB, (batch,))
-    x, y = x.to(device), y.to(device)
-    torch.manual_seed(0)
-    model = rows[0][1]().to(device)
+    rows, x, y = fixed_batch(name, batch, device)
+    model = fresh_model(rows, device)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion: Callable[[Tensor, Tensor], Any] = nn.CrossEntropyLoss()
     if noise != "none":
