@@ -100,9 +100,10 @@ class CohortSGD:
         step = [grads[name] for name in names]
         params = [self.weights[name][:k] for name in names]  # views: update the stack in place
         if self.velocity:
-            step = [self.velocity[name][:k] for name in names]
-            torch._foreach_mul_(step, self.momentum)
-            torch._foreach_add_(step, [grads[name] for name in names])
+            velocity = [self.velocity[name][:k] for name in names]
+            torch._foreach_mul_(velocity, self.momentum)
+            torch._foreach_add_(velocity, step)
+            step = velocity
         torch._foreach_add_(params, step, alpha=-self.lr)
         if self.origin:
             pulls = torch._foreach_sub(params, [self.origin[name][:k] for name in names])
