@@ -127,12 +127,12 @@ def one_pass_clipped_sum(
 
         probes = [x.new_zeros((x.shape[0], *shape), dtype=dtype) for _, shape, dtype in probed]
         out_grads, (losses, inputs) = grad(summed_loss, has_aux=True)(probes)
-        sq_norms = losses.new_zeros(x.shape[0])
-        clips = []
+        parts, clips = [], []
         for layer, rule, layer_inputs, g in zip(layers, rules, inputs, out_grads, strict=True):
             layer_sq, layer_clip = rule(layer, layer_inputs, g)
-            sq_norms = sq_norms + layer_sq
+            parts.append(layer_sq)
             clips.append(layer_clip)
+        sq_norms = sum(parts[1:], parts[0])  # as from zero (0 + x = x), an add fewer
         coef = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
         summed: Weights = {}
         for layer_clip in clips:

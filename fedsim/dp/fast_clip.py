@@ -80,13 +80,19 @@ class FastClipper:
         _check_calls(calls)
         outputs = [out for _, _, out, _ in calls]
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
-        sq = per_sample_loss.new_zeros(batch, dtype=self.params[0].dtype)
+        dtype = self.params[0].dtype
+        parts: list[Tensor] = []
         clips: list[Callable[[Tensor], dict]] = []
         for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
             if grad is not None:
                 layer_sq, clip = rule_for(layer)(layer, inputs, grad)
-                sq = sq + layer_sq
+                parts.append(layer_sq)
                 clips.append(clip)
+        # left to right from the first layer's: the sum from zero, without adding the zero
+        if parts:
+            sq = sum(parts[1:], parts[0].to(dtype))
+        else:  # every layer's output was unused
+            sq = per_sample_loss.new_zeros(batch, dtype=dtype)
         self.per_sample_norms = sq.sqrt()
         coef = (self.max_grad_norm / (self.per_sample_norms + 1e-6)).clamp(max=1.0)
         summed: dict[nn.Parameter, Tensor] = {}
