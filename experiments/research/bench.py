@@ -91,8 +91,7 @@ class Encoder(nn.Module):
 
 def make_step(build: Callable[[], nn.Module], mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
     """One training step of a fresh model in ``mode`` on the fixed batch ``(x, y)``."""
-    torch.manual_seed(0)
-    model = build().to(x.device)
+    model = fresh_model(build, x.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion = nn.CrossEntropyLoss()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
@@ -185,10 +184,10 @@ def fixed_batch(
     return rows, x.to(device), y.to(device)
 
 
-def fresh_model(rows: list[tuple[str, Callable[[], nn.Module], str]], device: str) -> nn.Module:
-    """The model of ``rows`` (its first, no-DP row), built from seed 0 on ``device``."""
+def fresh_model(build: Callable[[], nn.Module], device: str | torch.device) -> nn.Module:
+    """``build()``, from seed 0, on ``device``: every mode starts from the same weights."""
     torch.manual_seed(0)
-    return rows[0][1]().to(device)
+    return build().to(device)
 
 
 def measure(

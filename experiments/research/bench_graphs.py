@@ -43,7 +43,7 @@ class Case(NamedTuple):
 def build(name: str, batch: int, dp: bool, device: str) -> Case:
     """``bench.py``'s model ``name`` on a fixed batch, with or without DP (``fast``)."""
     rows, x, y = fixed_batch(name, batch, device)
-    model = fresh_model(rows, device)
+    model = fresh_model(rows[0][1], device)  # the no-DP row's builder
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion: Callable = nn.CrossEntropyLoss()
     generator = torch.Generator(device) if dp else None

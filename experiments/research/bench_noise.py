@@ -53,7 +53,7 @@ def opacus_noise(optimizer: DPOptimizer) -> None:
 def make_step(name: str, noise: str, batch: int, device: str) -> Step:
     """One DP step (``noise``: ``opacus`` or ``fused``; ``none``: no DP) of a fresh model."""
     rows, x, y = fixed_batch(name, batch, device)
-    model = fresh_model(rows, device)
+    model = fresh_model(rows[0][1], device)  # the no-DP row's builder
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     criterion: Callable[[Tensor, Tensor], Any] = nn.CrossEntropyLoss()
     if noise != "none":
