@@ -143,6 +143,34 @@ def test_solved_sigma_meets_target_tightly(accountant):
     assert check <= 3.0
 
 
+@pytest.mark.parametrize(
+    ("schedules", "target", "delta"),
+    [
+        ([(64 / 479, 24), (64 / 480, 24)], 4.0, 1e-5),  # tests/test_simulation.py's runs
+        ([(0.3, 20), (0.1, 60)], 1.5, 1e-6),  # the second client in sorted order fails
+    ],
+)
+def test_rdp_solve_equals_bisection_on_whole_curves(schedules, target, delta):
+    """The RDP solver decides order by order; the same bisection on whole curves agrees."""
+
+    def within(sigma):  # Opacus's epsilon over all orders, for every client
+        history = [[(sigma, q, t)] for q, t in schedules]
+        return all(
+            accounting.history_epsilon(h, delta=delta, accountant="rdp") <= target for h in history
+        )
+
+    low, high = 0.0, 1.0
+    while not within(high):
+        low, high = high, 2 * high
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if within(mid) else (mid, high)
+    sigma = accounting.solve_noise_multiplier(
+        target_epsilon=target, delta=delta, accountant="rdp", schedules=schedules
+    )
+    assert sigma == high  # to the last bit
+
+
 def test_prescribed_spend_is_the_poisson_schedule():
     spend = privacy.prescribed_spend(100, noise_multiplier=1.5, batch_size=32, epochs=2)
     assert spend == PrivacySpent((1.5,), (0.25,), (8,))
