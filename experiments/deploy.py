@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import signal
 import tempfile
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,9 @@ def deploy(
         ):
             if tls:
                 fed.certs = make_certificates(work / "certs", _cert_hosts(host))
+            app = app_sources(work / "app")
             _start(fed, config, node_data_dirs)
-            _submit_and_follow(fed, config, staging, timeout=timeout, verbose=verbose)
+            _submit_and_follow(fed, config, app, staging, timeout=timeout, verbose=verbose)
         _finish(staging, run_dir)
     except FedsimError as exc:  # keep the work folder: its logs tell what went wrong
         if str(work) not in str(exc):
@@ -142,8 +144,34 @@ def _cert_hosts(host: str) -> tuple[str, ...]:
     return () if is_loopback(host) or host in ("0.0.0.0", "::", "") else (host,)
 
 
+def app_sources(folder: Path) -> Path:
+    """A copy in ``folder`` of what a FAB ships: pyproject.toml and its ``fab-include`` files.
+
+    ``flwr run`` walks and resolves every file under the folder it is given before its
+    patterns filter them, a checkout's ``.venv`` included: 7.6 s of a 9.6 s ``flwr build``
+    of this checkout on 2 cores. Of the copy it takes 2.2 s, most of it importing Flower.
+    """
+    pyproject = APP_DIR / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["fab-include"]
+    folder.mkdir()
+    shutil.copy2(pyproject, folder)
+    for pattern in patterns:
+        for path in APP_DIR.glob(pattern):
+            if path.is_file() and "__pycache__" not in path.parts:
+                copy = folder / path.relative_to(APP_DIR)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy)
+    return folder
+
+
 def _submit_and_follow(
-    fed: LocalFederation, config: FedsimConfig, staging: Path, *, timeout: float, verbose: bool
+    fed: LocalFederation,
+    config: FedsimConfig,
+    app: Path,
+    staging: Path,
+    *,
+    timeout: float,
+    verbose: bool,
 ) -> None:
     """``flwr run`` with the resolved config; the ServerApp writes into ``staging``."""
     mode = "insecure"
@@ -156,7 +184,7 @@ def _submit_and_follow(
     run_config = fed.work / "run-config.toml"
     run_config.write_text(toml_table({**config.to_flat(), "out-dir": str(staging)}))
     print("fedsim: submitting the run with flwr run", flush=True)
-    run = fed.submit(APP_DIR, run_config)
+    run = fed.submit(app, run_config)
     follow_run(fed, run, config, staging, timeout=timeout, verbose=verbose)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
+from fedsim.experiments.deploy import app_sources
 from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
 from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree
 from fedsim.results import read_csv
@@ -237,6 +238,21 @@ def test_deploy_bad_input_one_line(bad_deploys, index, needle):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], stderr
     assert not list(folders[index].iterdir()) and not list(folders[-1].iterdir())
+
+
+def test_the_submitted_app_holds_every_package_source_and_nothing_else(tmp_path):
+    """`fedsim deploy` submits a copy: the packages' modules and configs, no .venv or docs."""
+    app = app_sources(tmp_path / "app")
+    copied = {p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()}
+    folders = ("fedsim", "clients", "server", "experiments")
+    sources = {
+        p.relative_to(ROOT).as_posix()
+        for folder in folders
+        for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts
+    }
+    assert copied == sources | {"pyproject.toml"}
+    assert (app / "pyproject.toml").read_text() == (ROOT / "pyproject.toml").read_text()
 
 
 def test_missing_flower_tools_named(tmp_path, monkeypatch):
