@@ -2,12 +2,10 @@
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import dp_accounting
 import pytest
@@ -139,10 +137,9 @@ def test_dropout_finishes_and_records_dropped_clients(two_runs):
             assert r in [e["round"] for e in ledger[client]]
 
 
-def run_until(out, round_no, sig, tmp_path):
-    """Start a run, send ``sig`` to its process group once ``round_no`` is printed."""
-    args = [a for s in SMALL for a in ("--set", s)]
-    proc = start_fedsim("run", "--out", str(out), *args, cwd=tmp_path, new_session=True)
+def run_until(args, round_no, sig, cwd):
+    """Start ``fedsim ARGS``, send ``sig`` to its process group once ``round_no`` is printed."""
+    proc = start_fedsim(*args, cwd=cwd, new_session=True)
     try:
         for line in proc.stdout:
             if line.startswith(f"round {round_no:>3}/"):
@@ -202,30 +199,26 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     assert all("clients" not in unit for unit in units.values())
 
 
-def test_killed_and_stopped_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
-    """SIGKILL after a random round and Ctrl-C after round 1, two runs at once; each resumes."""
-    (tmp_path / "k").mkdir()
-    (tmp_path / "c").mkdir()
-    with ThreadPoolExecutor(2) as pool:
-        kill = pool.submit(run_until, tmp_path / "k" / "run", random.randint(1, 2), signal.SIGKILL,
-                           tmp_path / "k")  # fmt: skip
-        stop = pool.submit(run_until, tmp_path / "c" / "run", 1, signal.SIGINT, tmp_path / "c")
-        (killed, _), (stopped, leftovers) = kill.result(), stop.result()
-    assert killed.returncode == -signal.SIGKILL
-    assert (tmp_path / "k" / ".run.partial" / "private" / "checkpoint.pt").exists()
+def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
+    """Ctrl-C after round 1; the resumed run is SIGKILLed after round 2; resumed again, the
+    run ends with the rounds of the uninterrupted one."""
+    out = tmp_path / "run"
+    args = [a for s in SMALL for a in ("--set", s)]
+    stopped, leftovers = run_until(["run", "--out", str(out), *args], 1, signal.SIGINT, tmp_path)
     stderr = stopped.stderr.read()
     assert stopped.returncode == 130, stderr
-    assert "continue with: fedsim run --resume" in stderr
+    assert f"continue with: fedsim run --resume {out}" in stderr
     assert leftovers == [], "Ray or worker processes outlived the run"
-    for folder in (tmp_path / "k", tmp_path / "c"):
-        assert not (folder / "run").exists()
-    resumed = [start_resume(tmp_path / name / "run") for name in ("k", "c")]
-    for proc, name in zip(resumed, ("k", "c"), strict=True):
-        finish(proc)
-        out = tmp_path / name / "run"
-        assert without_seconds(out / "rounds.csv") == reference
-        assert not (tmp_path / name / ".run.partial").exists()
-        assert not (out / "private" / "checkpoint.pt").exists()
+    assert not out.exists()
+    killed, leftovers = run_until(["run", "--resume", str(out)], 2, signal.SIGKILL, tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    assert leftovers == [], "Ray or worker processes outlived the run"
+    assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").exists()
+    assert not out.exists()
+    finish(start_resume(out))
+    assert without_seconds(out / "rounds.csv") == reference
+    assert not (tmp_path / ".run.partial").exists()
+    assert not (out / "private" / "checkpoint.pt").exists()
 
 
 def test_natural_partition_text_run_records_users_and_vocab(tmp_path, shared_data):
