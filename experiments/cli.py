@@ -14,8 +14,9 @@ import traceback
 from pathlib import Path
 
 from fedsim.config import FedsimConfig, config_values, key_table, load_config
+from fedsim.data import load_checked
 from fedsim.errors import FedsimError, RunInterrupted
-from fedsim.results import Result, report
+from fedsim.results import Result, load_run, report
 
 FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fedsim report)"
 KEYS_HINT = "every config key, its default and meaning: fedsim keys"
@@ -119,20 +120,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
-    """Run ``config``, with Ray starting while the engine imports (5-12 s each)."""
+    """Run ``config``, with Ray starting while the engine imports (5-12 s each).
+
+    The data is checked first (numpy only): a wrong data-dir or an infeasible partition
+    fails in a second or two, before Ray has to be started and stopped again.
+    """
     print(
         f"fedsim: {config.name}: {config.model} on {config.dataset}, {config.num_clients} "
         f"clients, {config.num_rounds} rounds, dp={config.dp}",
         flush=True,
     )
+    dataset = load_checked(config)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 
     with RayStart(config, verbose=args.verbose) as ray_start:
-        from fedsim.experiments import api  # the engine: torch, Opacus, Flower
+        from fedsim.experiments.run import run_experiment  # the engine: torch, Opacus, Flower
 
-        return api.run(
-            config, out=args.out, force=args.force, verbose=args.verbose, ray_start=ray_start
+        folder = run_experiment(
+            config,
+            out=args.out,
+            force=args.force,
+            verbose=args.verbose,
+            ray_start=ray_start,
+            dataset=dataset,
         )
+    return load_run(folder)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

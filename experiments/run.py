@@ -25,8 +25,8 @@ from flwr.simulation import run_simulation
 
 from fedsim import results
 from fedsim.clients.client_app import simulation_app
-from fedsim.config import FedsimConfig, check_task
-from fedsim.data import Dataset, load_dataset, partition_dataset
+from fedsim.config import FedsimConfig
+from fedsim.data import Dataset, load_checked
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.delivery import prompt_delivery
 from fedsim.experiments.progress import RunProgress, for_terminal
@@ -38,14 +38,14 @@ from fedsim.server.server_app import build_server_app
 from fedsim.server.state import load_checkpoint, restore
 
 
-def preflight(config: FedsimConfig) -> Dataset:
-    """Check what the schema cannot: data files, partition feasibility, devices.
+def preflight(config: FedsimConfig, dataset: Dataset | None = None) -> Dataset:
+    """Check what the schema cannot: data files, partition feasibility, model, devices.
 
+    ``dataset``, where given, is ``load_checked(config)``'s: the data is not loaded again.
     Returns the loaded dataset, for the server to reuse.
     """
-    dataset = load_dataset(config.dataset, config.data_dir)
-    check_task(config, dataset.task)  # a dataset of your own states its task only now
-    partition_dataset(dataset, config)
+    if dataset is None:
+        dataset = load_checked(config)
     check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
     if config.ray_address:
         return dataset  # the cluster's resources count, not this machine's
@@ -87,6 +87,7 @@ def run_experiment(
     client_app: ClientApp = simulation_app,
     progress: RunProgress | None = None,
     ray_start: RayStart | None = None,
+    dataset: Dataset | None = None,
 ) -> Path:
     """Run (or resume) ``config`` in Flower's simulation engine; return the results folder.
 
@@ -95,12 +96,12 @@ def run_experiment(
     stops (:class:`RunInterrupted`, resumable); a second one aborts at once.
     ``ray_start``, entered by the caller for this ``config``, is a Ray already starting
     (the command starts it while it imports the engine); by default the run starts its
-    own once its folder is claimed.
+    own once its folder is claimed. ``dataset``, where given, is ``load_checked(config)``'s.
     """
     if ray_start is not None and ray_start.config != config:
         raise FedsimError("ray_start was made for another config; make it with this one")
     started = time.time()
-    dataset = preflight(config)
+    dataset = preflight(config, dataset)
     if resume:
         claim = claim_resume(Path(out or ""))
     elif out is not None:

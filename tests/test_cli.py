@@ -72,6 +72,21 @@ def test_bad_input_as_its_own_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("bad", ["data-dir=/no/such/folder", "num-clients=5000", "dataset=mnist"])
+def test_bad_data_fails_before_ray_starts_or_the_engine_imports(tmp_path, bad):
+    code = (
+        "import sys; from fedsim.experiments.cli import main; "
+        f"code = main(['run', '--set', {bad!r}]); "
+        "print(code, sorted({'torch', 'flwr', 'opacus', 'ray'} & set(sys.modules)))"
+    )
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert out.stdout.splitlines()[-1] == "2 []", out.stdout + out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_existing_results_never_overwritten(bad_runs):
     folders, results = bad_runs
     code, _, stderr = results[-1]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim.config import FedsimConfig, check_task
+from fedsim.data.partition import partition_dataset
 from fedsim.errors import FedsimError
 from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, resolve
 
@@ -96,6 +98,19 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
             f"dataset '{name}' returned a {type(dataset).__name__}; a dataset loader "
             "returns a fedsim.data.Dataset"
         )
+    return dataset
+
+
+def load_checked(config: FedsimConfig) -> Dataset:
+    """``config``'s dataset, loaded and checked: its task fits the model, its partition draws.
+
+    numpy only, no torch or Flower: the ``fedsim`` command calls it before it starts Ray
+    and imports the engine, so a wrong data-dir or an infeasible partition fails in a
+    second, not after the 10-15 s those take.
+    """
+    dataset = load_dataset(config.dataset, config.data_dir)
+    check_task(config, dataset.task)  # a dataset of your own states its task only now
+    partition_dataset(dataset, config)
     return dataset
 
 
