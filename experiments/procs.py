@@ -43,17 +43,33 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def live_pids(tries: int = 5) -> list[int]:
+    """The process ids /proc lists, this one included; Linux only.
+
+    Listing /proc while processes exit failed once with EBADF on '/proc' itself (a run's
+    last cleanup, in a container); that is transient, so the listing is tried again.
+    """
+    for attempt in range(tries):
+        try:
+            return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+    return []
+
+
 def _parent_map() -> dict[int, int]:
     if Path("/proc/self/stat").exists():
         parents = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for pid in live_pids():
             try:
                 # the command name may hold spaces and parentheses: split after the last ')'
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
             if fields[0] != "Z":
-                parents[int(stat.parent.name)] = int(fields[1])
+                parents[pid] = int(fields[1])
         return parents
     out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
     return {int(p): int(pp) for p, pp in (line.split() for line in out.stdout.splitlines())}
@@ -67,13 +83,13 @@ def tagged(tag: str, *, prefix: bool = False, var: str = TAG_VAR) -> list[int]:
     """
     needle = f"{var}={tag}".encode()
     found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    for pid in live_pids():
         try:
-            entries = environ.read_bytes().split(b"\0")
+            entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if any(e == needle or (prefix and e.startswith(needle)) for e in entries):
-            found.append(int(environ.parent.name))
+            found.append(pid)
     return found
 
 

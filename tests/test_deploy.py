@@ -20,7 +20,7 @@ import pytest
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.deploy import app_sources
 from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
-from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree
+from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree, tagged
 from fedsim.results import read_csv
 from tests.conftest import ROOT, cli_runs
 from tests.test_api import readme_example
@@ -32,15 +32,7 @@ RESULT_FILES = ("summary.json", "rounds.csv", "privacy.json", "partition.csv", "
 
 def leftovers(prefix) -> list[int]:
     """Live processes tagged with a tag under ``prefix``."""
-    needle = f"{TAG_VAR}={prefix}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if any(entry.startswith(needle) for entry in environ.read_bytes().split(b"\0")):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
+    return tagged(str(prefix), prefix=True)
 
 
 def assert_all_stopped(prefix, within=15.0):

@@ -185,3 +185,29 @@ def test_log_lines_quoted_in_messages_carry_no_colour_codes(tmp_path):
     log = tmp_path / "supernode.log"
     log.write_text("\x1b[92mINFO \x1b[0m:      Starting\n\x1b[91mERROR \x1b[0m: gone\n")
     assert procs.tail(log) == "ERROR : gone"
+
+
+def test_a_transient_error_listing_proc_is_retried(monkeypatch):
+    """EBADF on '/proc' once failed a finished run in its last cleanup (exit 1)."""
+    env = {**os.environ, "FEDSIM_TEST_TAG": "transient"}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    listdir, failures = os.listdir, []
+
+    def flaky(path, fail=2):
+        if path == "/proc" and len(failures) < fail:
+            failures.append(path)
+            raise OSError(errno.EBADF, "Bad file descriptor", "/proc")
+        return listdir(path)
+
+    monkeypatch.setattr(procs.os, "listdir", flaky)
+    try:
+        assert child.pid in procs.descendants(os.getpid())
+        assert procs.tagged("transient", var="FEDSIM_TEST_TAG") == [child.pid]
+        assert len(failures) == 2
+        # an error that persists is raised, not taken for an empty process table
+        monkeypatch.setattr(procs.os, "listdir", lambda path: flaky(path, fail=100))
+        with pytest.raises(OSError):
+            procs.live_pids()
+    finally:
+        child.kill()
+        child.wait()
