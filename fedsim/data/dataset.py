@@ -104,9 +104,9 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
 def load_checked(config: FedsimConfig) -> Dataset:
     """``config``'s dataset, loaded and checked: its task fits the model, its partition draws.
 
-    numpy only, no torch or Flower: the ``fedsim`` command calls it before it starts Ray
-    and imports the engine, so a wrong data-dir or an infeasible partition fails in a
-    second, not after the 10-15 s those take.
+    The built-in loaders need numpy, not torch or Flower: the ``fedsim`` command calls it
+    before it starts Ray and imports the engine, so a wrong data-dir or an infeasible
+    partition fails in a second, not after the 10-15 s those take.
     """
     dataset = load_dataset(config.dataset, config.data_dir)
     check_task(config, dataset.task)  # a dataset of your own states its task only now
