@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigLike, as_config, config_mapping
+from fedsim.config import ConfigLike, as_config, config_mapping, deploy_config
 from fedsim.experiments import deploy as deploying
 from fedsim.experiments.progress import RunProgress
 from fedsim.experiments.raystart import RayStart
@@ -118,7 +118,7 @@ def deploy(
     folder per SuperNode, each training on its own data there.
     """
     nodes = num_nodes if num_nodes is not None or not node_data_dirs else len(node_data_dirs)
-    cfg = deploying.deploy_config(config_mapping(config, **overrides), nodes)
+    cfg = deploy_config(config_mapping(config, **overrides), nodes)
     folder = deploying.deploy(
         cfg,
         out=_path(out),

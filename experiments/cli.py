@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from fedsim.config import FedsimConfig, config_values, key_table, load_config
+from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
 from fedsim.data import load_checked
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.results import Result, load_run, report
@@ -150,9 +150,9 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε line."""
     values = config_values(args.config, args.overrides)
-    from fedsim.experiments import api, deploy  # the engine: Flower, certificates
+    deploy_config(values, args.num_nodes)  # a bad config fails before the engine imports
+    from fedsim.experiments import api  # the engine: torch, Flower, certificates
 
-    deploy.deploy_config(values, args.num_nodes)  # a bad config fails before anything starts
     result = api.deploy(
         values,
         num_nodes=args.num_nodes,

@@ -13,12 +13,11 @@ import shutil
 import signal
 import tempfile
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from fedsim import results
-from fedsim.config import FedsimConfig, check_deployment, parse_config, toml_table
+from fedsim.config import FedsimConfig, toml_table
 from fedsim.data import load_dataset
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
@@ -29,31 +28,6 @@ from fedsim.experiments.watch import follow_run
 from fedsim.registry import import_roots
 
 APP_DIR = Path(__file__).resolve().parents[1]
-
-
-def deploy_config(values: Mapping[str, Any], num_nodes: int | None) -> FedsimConfig:
-    """The run's config from unvalidated ``values``; ``num_nodes`` sets ``num-clients``.
-
-    Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
-    ``secure-noise`` is on unless given, and refused if turned off: the server must not
-    know its clients' noise.
-    """
-    if num_nodes is not None and num_nodes < 1:
-        raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
-    values = {"secure-noise": True} | dict(values)
-    if num_nodes is not None:
-        if values.get("num-clients", num_nodes) != num_nodes:
-            raise FedsimError(
-                f"--num-nodes {num_nodes} disagrees with num-clients={values['num-clients']}; "
-                "give only one of them"
-            )
-        values["num-clients"] = num_nodes
-        default = FedsimConfig.model_fields["clients_per_round"].default
-        values.setdefault("clients-per-round", min(default, num_nodes))
-    config = check_deployment(parse_config(values))
-    if config.data_dir:  # the ServerApp and ClientApps run in other folders
-        config = config.model_copy(update={"data_dir": str(Path(config.data_dir).resolve())})
-    return config
 
 
 def deploy(

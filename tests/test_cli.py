@@ -72,11 +72,21 @@ def test_bad_input_as_its_own_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", ["data-dir=/no/such/folder", "num-clients=5000", "dataset=mnist"])
-def test_bad_data_fails_before_ray_starts_or_the_engine_imports(tmp_path, bad):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--set", "data-dir=/no/such/folder"],
+        ["run", "--set", "num-clients=5000"],
+        ["run", "--set", "dataset=mnist"],
+        ["deploy", "--set", "num-rnds=3"],
+        ["deploy", "--num-nodes", "2", "--set", "num-clients=3"],
+        ["deploy", "--set", "secure-noise=false"],
+    ],
+)
+def test_bad_input_fails_before_ray_starts_or_the_engine_imports(tmp_path, command):
     code = (
         "import sys; from fedsim.experiments.cli import main; "
-        f"code = main(['run', '--set', {bad!r}]); "
+        f"code = main({command!r}); "
         "print(code, sorted({'torch', 'flwr', 'opacus', 'ray'} & set(sys.modules)))"
     )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}

@@ -15,11 +15,10 @@ from flwr.app.message.message import make_message
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedsim.config import parse_config, toml_table
+from fedsim.config import deploy_config, parse_config, toml_table
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import main as certs_main
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
-from fedsim.experiments.deploy import deploy_config
 from fedsim.experiments.localfed import is_loopback
 from fedsim.experiments.procs import spawn, stop_tree, tagged
 from fedsim.experiments.raystart import WORKER_PRELOAD, ray_init_args

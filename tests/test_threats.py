@@ -23,7 +23,7 @@ from fedsim import results
 from fedsim.clients import client_app, local
 from fedsim.clients.task import client_info
 from fedsim.clients.training import train_local
-from fedsim.config import check_deployment, parse_config
+from fedsim.config import check_deployment, deploy_config, parse_config
 from fedsim.dp import accounting
 from fedsim.dp.fast_clip import FastClipper, make_private, per_sample_cross_entropy
 from fedsim.dp.randomness import (
@@ -37,7 +37,6 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
-from fedsim.experiments.deploy import deploy_config
 from fedsim.messages import (
     ARRAYS,
     CONFIG,

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
+from fedsim.config.checks import check_deployment
 from fedsim.config.schema import FedsimConfig
 from fedsim.errors import FedsimError
 
@@ -39,6 +40,31 @@ def parse_config(values: dict[str, Any]) -> FedsimConfig:
 
 
 ConfigLike = Union["FedsimConfig", Mapping[str, Any], str, Path, None]
+
+
+def deploy_config(values: Mapping[str, Any], num_nodes: int | None) -> FedsimConfig:
+    """The run's config from unvalidated ``values``; ``num_nodes`` sets ``num-clients``.
+
+    Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
+    ``secure-noise`` is on unless given, and refused if turned off: the server must not
+    know its clients' noise.
+    """
+    if num_nodes is not None and num_nodes < 1:
+        raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
+    values = {"secure-noise": True} | dict(values)
+    if num_nodes is not None:
+        if values.get("num-clients", num_nodes) != num_nodes:
+            raise FedsimError(
+                f"--num-nodes {num_nodes} disagrees with num-clients={values['num-clients']}; "
+                "give only one of them"
+            )
+        values["num-clients"] = num_nodes
+        default = FedsimConfig.model_fields["clients_per_round"].default
+        values.setdefault("clients-per-round", min(default, num_nodes))
+    config = check_deployment(parse_config(values))
+    if config.data_dir:  # the ServerApp and ClientApps run in other folders
+        config = config.model_copy(update={"data_dir": str(Path(config.data_dir).resolve())})
+    return config
 
 
 def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
