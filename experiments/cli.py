@@ -14,7 +14,6 @@ import traceback
 from pathlib import Path
 
 from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
-from fedsim.data import load_checked
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.results import Result, load_run, report
 
@@ -130,6 +129,8 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
         f"clients, {config.num_rounds} rounds, dp={config.dp}",
         flush=True,
     )
+    from fedsim.data import load_checked  # numpy: the other commands do without it
+
     dataset = load_checked(config)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 
