@@ -63,10 +63,10 @@ class TinyTransformer(nn.Module):
 
 
 class LstmNet(nn.Module):
-    def __init__(self):
+    def __init__(self, fused=None):
         super().__init__()
         self.emb = nn.Embedding(11, 5)
-        self.lstm = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True)
+        self.lstm = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True, fused=fused)
         self.fc = nn.Linear(14, 3)
 
     def forward(self, x, lengths=None):
@@ -83,6 +83,7 @@ CASES = {
     "conv1d": (Conv1dNet, lambda: torch.randn(BATCH, 3, 10)),
     "transformer": (TinyTransformer, lambda: torch.randint(0, 11, (BATCH, 9))),
     "lstm": (LstmNet, lambda: torch.randint(0, 11, (BATCH, 9))),
+    "lstm-fused": (lambda: LstmNet(fused=True), lambda: torch.randint(0, 11, (BATCH, 9))),
 }
 
 

@@ -16,11 +16,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 F64 = torch.float64
 
 
-def twins(bidirectional, batch_first=True, dtype=F64, input_size=5, hidden=7, layers=2):
+def twins(bidirectional, batch_first=True, dtype=F64, input_size=5, hidden=7, layers=2, fused=None):
     """An nn.LSTM and a FastDPLSTM with the same weights."""
     ref = nn.LSTM(input_size, hidden, layers, batch_first=batch_first, bidirectional=bidirectional)
     fast = FastDPLSTM(
-        input_size, hidden, layers, batch_first=batch_first, bidirectional=bidirectional
+        input_size,
+        hidden,
+        layers,
+        batch_first=batch_first,
+        bidirectional=bidirectional,
+        fused=fused,
     )
     fast.load_state_dict(ref.state_dict())
     return ref.to(dtype), fast.to(dtype)
@@ -35,11 +40,12 @@ def close(a, b, tol=1e-10):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item() <= tol
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_same_function_and_gradients_as_nn_lstm(bidirectional, batch_first):
+def test_same_function_and_gradients_as_nn_lstm(bidirectional, batch_first, fused):
     torch.manual_seed(0)
-    ref, fast = twins(bidirectional, batch_first)
+    ref, fast = twins(bidirectional, batch_first, fused=fused)
     assert list(fast.state_dict()) == list(ref.state_dict())
     x = torch.randn(4, 6, 5, dtype=F64)
     x = x if batch_first else x.transpose(0, 1).contiguous()
@@ -59,10 +65,11 @@ def test_same_function_and_gradients_as_nn_lstm(bidirectional, batch_first):
     assert all(close(g2[name], g1[name]) for name in g1)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_padded_and_packed_sequences_like_nn_lstm_packed(bidirectional):
+def test_padded_and_packed_sequences_like_nn_lstm_packed(bidirectional, fused):
     torch.manual_seed(0)
-    ref, fast = twins(bidirectional)
+    ref, fast = twins(bidirectional, fused=fused)
     lengths = torch.tensor([3, 6, 1, 6, 2])
     x = torch.randn(5, 6, 5, dtype=F64)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
@@ -103,10 +110,11 @@ class TextModel(nn.Module):
         return self.fc(out.sum(1)) + h.sum(0)[:, :3]
 
 
-def text_twins(bidirectional, dtype):
+def text_twins(bidirectional, dtype, fused=None):
     torch.manual_seed(0)
     ref = TextModel(DPLSTM(5, 7, 2, batch_first=True, bidirectional=bidirectional))
-    fast = TextModel(FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=bidirectional))
+    lstm = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=bidirectional, fused=fused)
+    fast = TextModel(lstm)
     # DPLSTM's nested state dict also lists its old names; take the nn.LSTM ones
     fast.load_state_dict({k: v for k, v in ref.state_dict().items() if k in fast.state_dict()})
     return ref.to(dtype), fast.to(dtype)
@@ -128,10 +136,11 @@ def per_sample(model, x, y, lengths=None):
     return result
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-5), (torch.float32, 1e-4)])
-def test_per_sample_gradients_equal_opacus_dplstm(bidirectional, dtype, tol):
-    ref, fast = text_twins(bidirectional, dtype)
+def test_per_sample_gradients_equal_opacus_dplstm(bidirectional, dtype, tol, fused):
+    ref, fast = text_twins(bidirectional, dtype, fused)
     x, y = torch.randint(0, 11, (6, 9)), torch.randint(0, 3, (6,))
     expected, got = per_sample(ref, x, y), per_sample(fast, x, y)
     assert set(got) == set(expected)
@@ -152,11 +161,12 @@ def brute_force(model, x, y, lengths):
     return [torch.stack(column) for column in zip(*rows, strict=True)]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_variable_length_per_sample_gradients_are_exact(bidirectional):
+def test_variable_length_per_sample_gradients_are_exact(bidirectional, fused):
     # Opacus 1.6's DPLSTM puts unsorted packed sequences' per-sample gradients on the
     # wrong rows, so the reference here is the definition itself
-    _, fast = text_twins(bidirectional, F64)
+    _, fast = text_twins(bidirectional, F64, fused)
     x, y = torch.randint(0, 11, (6, 9)), torch.randint(0, 3, (6,))
     lengths = torch.tensor([9, 3, 5, 9, 1, 7])
     expected = brute_force(fast, x, y, lengths)
@@ -166,9 +176,10 @@ def test_variable_length_per_sample_gradients_are_exact(bidirectional):
         assert close(param.grad_sample, want, 1e-10)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([9, 3, 5, 9, 1, 7])])
-def test_ghost_norms_equal_per_sample_gradient_norms(lengths):
-    _, fast = text_twins(True, F64)
+def test_ghost_norms_equal_per_sample_gradient_norms(lengths, fused):
+    _, fast = text_twins(True, F64, fused)
     x, y = torch.randint(0, 11, (6, 9)), torch.randint(0, 3, (6,))
     reference = torch.cat([g.reshape(6, -1) for g in per_sample(fast, x, y, lengths).values()], 1)
     ghost = GradSampleModuleFastGradientClipping(fast, max_grad_norm=1.0)
@@ -213,3 +224,24 @@ def test_bad_lengths_are_rejected():
         lstm(torch.randn(2, 5, 3), lengths=torch.tensor([5, 0]))
     with pytest.raises(FedsimError, match="input of shape"):
         lstm(torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([4, 9, 1, 9, 6])])
+def test_the_fused_recurrence_runs_the_loops_function(lengths):
+    # both ways side by side, on one set of weights: the loop is the reference
+    torch.manual_seed(0)
+    loop = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True, fused=False).to(F64)
+    fused = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True, fused=True).to(F64)
+    fused.load_state_dict(loop.state_dict())
+    x = torch.randn(5, 9, 5, dtype=F64)
+    hx = (torch.randn(4, 5, 7, dtype=F64), torch.randn(4, 5, 7, dtype=F64))
+    results = []
+    for module in (loop, fused):
+        xi = x.clone().requires_grad_()
+        out, (h, c) = module(xi, hx, lengths=lengths)
+        torch.manual_seed(1)
+        loss = (out * torch.randn(out.shape, dtype=F64)).sum() + (h * c).sum()
+        loss.backward()
+        results.append([out, h, c, xi.grad, *(p.grad for p in module.parameters())])
+    for want, got in zip(*results, strict=True):
+        assert close(got, want)

@@ -9,14 +9,16 @@ process's (robust to being descheduled); wall time is what a user waits. Modes: 
 (no DP), Opacus 1.6's ``hooks`` (its default), ``ghost``, ``functorch`` and ``ew``, and fedsim's
 ``fast`` (one backward pass, ``fedsim.dp.fast_clip``, noise added by ``fedsim.dp.noise``).
 The LSTM rows also time the fused ``nn.LSTM`` without DP, the denominator of its ratios,
-and Opacus's ``DPLSTM``. ``ops/step`` counts the operator calls of one step that compute:
-on a GPU, kernel launches, which limit a small model's step there.
+Opacus's ``DPLSTM``, and ``FastDPLSTM``'s two recurrences (``loop``, ``fused``) apart.
+``ops/step`` counts the operator calls of one step that compute: on a GPU, kernel launches,
+which limit a small model's step there.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -42,7 +44,7 @@ Step = Callable[[], None]
 class CharLSTM(nn.Module):
     """LEAF Shakespeare: 8-dim embedding, 2-layer LSTM of 256, next character of 80."""
 
-    def __init__(self, lstm: type[nn.Module]) -> None:
+    def __init__(self, lstm: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, 8)
         self.lstm = lstm(8, 256, num_layers=2, batch_first=True)
@@ -138,6 +140,10 @@ def cases(
         (f"FastDPLSTM {m}", lambda: CharLSTM(FastDPLSTM), m)
         for m in ("none", "hooks", "ghost", "fast")
     ]
+    # the rows above use this device's default recurrence: time both, whichever it is
+    for way, fused in (("loop", False), ("fused", True)):
+        lstm = functools.partial(FastDPLSTM, fused=fused)
+        rows.append((f"FastDPLSTM fast, {way}", functools.partial(CharLSTM, lstm), "fast"))
     return rows, tokens
 
 

@@ -71,6 +71,10 @@ class FastDPLSTM(nn.Module):
     ----------
     input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional
         As in ``nn.LSTM`` (``proj_size`` is not supported).
+    fused
+        Run each layer's recurrence in torch's LSTM kernel (cuDNN on a GPU) instead of
+        fedsim's loop (``fedsim.dp.lstm_recurrence``); ``None``: on CUDA tensors only.
+        The same function, gradients and per-sample gradients either way, up to rounding.
 
     Notes
     -----
@@ -92,6 +96,8 @@ class FastDPLSTM(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        *,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1 or hidden_size < 1 or not 0.0 <= dropout < 1.0:
@@ -101,6 +107,7 @@ class FastDPLSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.bidirectional = bias, batch_first, bidirectional
         self.num_directions = 2 if bidirectional else 1
+        self.fused = fused
         self.dropout = nn.Dropout(dropout)
         self.cells = nn.ModuleDict()
         for layer in range(num_layers):
@@ -183,7 +190,9 @@ class FastDPLSTM(nn.Module):
         token = hidden_weight_grad(
             cell.weight_hh, h_prev, gates_x.shape, lengths if reverse else False
         )
-        out, h_n, c_n = lstm_recurrence(gates_x, cell.weight_hh.detach(), h0, c0, lengths, token)
+        out, h_n, c_n = lstm_recurrence(
+            gates_x, cell.weight_hh.detach(), h0, c0, lengths, token, fused=self.fused
+        )
         with torch.no_grad():  # h_{t-1} of every step, in the time order of cell's output
             shifted = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1)
             h_prev[:, :-1] = reverse_padded(shifted, lengths) if reverse else shifted

@@ -1,16 +1,27 @@
-"""The LSTM recurrence as one autograd node, with a hand-written backward through time.
+"""The LSTM recurrence, with dL/d(gate pre-activations) of every step as its input's gradient.
 
 ``lstm_recurrence(gates_x, w_hh, h0, c0, lengths)`` runs ``g_t = gates_x_t + h_{t-1} W_hh^T``
 and the cell for every step. Its backward returns dL/d(g_t) of every step as the gradient of
-``gates_x``, which is what the per-sample gradients of ``FastDPLSTM`` are made of, and
-computes ``W_hh``'s gradient with one matrix product over the whole sequence instead of one
-per step. One node instead of a dozen per step also keeps autograd's overhead small.
+``gates_x``, which is what the per-sample gradients of ``FastDPLSTM`` are made of. ``W_hh``'s
+gradient comes from one matrix product over the whole sequence instead of one per step.
+
+Two ways run it, with the same results up to rounding:
+
+- a loop: one autograd node whose forward and hand-written backward step through time in
+  Python, about 8 operators a step forward and 15 back. On a CPU it is the faster one.
+- ``fused``: torch's own LSTM kernel (cuDNN on a GPU, one call for the whole sequence) with
+  an identity input weight and no biases. Its input *is* ``gates_x``, so autograd's gradient
+  of that input is dL/d(gates). The identity costs a ``(4H, 4H)`` product a step, which a
+  GPU does in one batched call; on a GPU the loop's thousands of kernel launches cost more.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fedsim.dp.per_sample import outer_sum
 
@@ -22,11 +33,14 @@ def lstm_recurrence(
     c0: Tensor,
     lengths: Tensor | None,
     token: Tensor | None = None,
+    *,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the LSTM cell over ``gates_x`` (``(B, T, 4H)``, gates i, f, g, o).
 
     ``w_hh`` gets no gradient here; pass ``token = hidden_weight_grad(...)`` to route
-    dL/d(gates) to the node that computes it.
+    dL/d(gates) to the node that computes it. ``fused`` runs torch's LSTM kernel instead of
+    the loop (see the module notes); ``None``: on CUDA tensors only.
 
     Returns
     -------
@@ -35,7 +49,41 @@ def lstm_recurrence(
         states after each sequence's last valid step).
 
     """
+    if fused if fused is not None else gates_x.is_cuda:
+        if token is not None:  # a zero: its node receives dL/d(gates) for W_hh
+            gates_x = gates_x + token
+        return _fused_recurrence(gates_x, w_hh.detach(), h0, c0, lengths)
     return _Recurrence.apply(gates_x, w_hh.detach(), h0, c0, lengths, token)
+
+
+def _fused_recurrence(
+    gates: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.lstm`` on ``gates`` with ``W_ih = I``, no biases: (output, h_n, c_n)."""
+    weights = [torch.eye(gates.shape[2], dtype=gates.dtype, device=gates.device), w_hh]
+    hx = (h0.unsqueeze(0), c0.unsqueeze(0))  # (layers, B, H)
+    with warnings.catch_warnings():
+        # cuDNN copies weights that are not views of one buffer into one, and says so
+        # every call; the copy is two small kernels, where flattening would cost the same
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        if lengths is None:
+            out, h_n, c_n = torch.lstm(gates, hx, weights, False, 1, 0.0, True, False, True)
+            return out, h_n[0], c_n[0]
+        # packed like nn.LSTM packs: padded steps neither move the state nor get a gradient
+        packed = pack_padded_sequence(gates, lengths, batch_first=True, enforce_sorted=False)
+        order, undo = packed.sorted_indices, packed.unsorted_indices
+        hx = (hx[0][:, order], hx[1][:, order]) if order is not None else hx
+        data, h_n, c_n = torch.lstm(
+            packed.data, packed.batch_sizes, hx, weights, False, 1, 0.0, True, False
+        )
+    out, _ = pad_packed_sequence(
+        PackedSequence(data, packed.batch_sizes, order, undo),
+        batch_first=True,
+        total_length=gates.shape[1],
+    )
+    if undo is not None:
+        h_n, c_n = h_n[:, undo], c_n[:, undo]
+    return out, h_n[0], c_n[0]
 
 
 def hidden_weight_grad(

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 14's measurements on a GPU machine that has CUDA torch but not flwr, Ray or Opacus,
+# in one call of about 8 minutes. Each part has its own time limit and writes its output
+# to $OUT/NN-part.txt as it goes, so a part that runs out of time loses only itself.
+#
+# Prepare, in the checkout (../shared/gpu-site/README.md; .gpu/ is ignored by git):
+#   mkdir -p .gpu/data && cp ../shared/gpu-site/site-py312.tar.xz .gpu/ \
+#     && cp -r ../shared/data/mnist .gpu/data/ && echo /.gpu/ >> .git/info/exclude
+# Then, on the GPU machine, from the checkout's root (the device tool: carry [".gpu"]):
+#   bash experiments/research/gpu_check.sh [parts, e.g. "lstm rounds"]
+set -u
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/gpu-out}
+PARTS=${1:-"lstm rounds step noise graphs startup"}
+mkdir -p "$OUT" /tmp/site
+if [ ! -d /tmp/site/opacus ]; then
+    xz -dc .gpu/site-py312.tar.xz | tar -x -C /tmp/site || exit 1
+    python3 -m compileall -q /tmp/site >/dev/null 2>&1
+fi
+export PYTHONPATH=/tmp/site:$ROOT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/00-gpu.txt"
+python3 -c "import torch; print(torch.__version__, torch.backends.cudnn.version())" \
+    >>"$OUT/00-gpu.txt" 2>&1
+
+part() {  # part NAME SECONDS COMMAND...: run it if NAME was asked for
+    local name=$1 limit=$2
+    shift 2
+    case " $PARTS " in *" $name "*) ;; *) return ;; esac
+    N=$((N + 1))
+    local file
+    file="$OUT/$(printf '%02d' "$N")-$name.txt"
+    echo "\$ $*" >"$file"
+    local start=$SECONDS
+    timeout "$limit" "$@" >>"$file" 2>&1
+    echo "[exit $? after $((SECONDS - start)) s]" >>"$file"
+}
+N=0
+M=experiments.research
+# the LSTM's two recurrences (loop, fused) and the DP ÷ non-DP ratios, batch 256
+part lstm 150 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
+    --models lstm,project-cnn,transformer
+# issue 14's mnist-cnn round: seconds a round and GPU utilisation, one client a worker
+part rounds 150 python3 -m $M.bench_rounds --data-dir .gpu/data/mnist \
+    --set "client-gpus=0.1" --workers 1
+# the cohort against one by one: issue 14's 10- and 100-client workloads
+part step 90 python3 -m $M.bench_cohort --device cuda --suite
+part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
+part graphs 40 python3 -m $M.bench_graphs --device cuda
+part startup 90 python3 -m $M.bench_startup --repeat 2 \
+    --set "dataset=\"mnist\" data-dir=\"$ROOT/.gpu/data/mnist\" client-gpus=0.1"
+tail -n 3 "$OUT"/*.txt
