@@ -151,7 +151,15 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε line."""
     values = config_values(args.config, args.overrides)
-    deploy_config(values, args.num_nodes)  # a bad config fails before the engine imports
+    # a bad config or data fails before the engine imports (10 s)
+    dirs = args.node_data_dirs
+    config = deploy_config(values, len(dirs) if args.num_nodes is None and dirs else args.num_nodes)
+    from fedsim.data import check_node_data, load_checked  # numpy
+
+    if dirs:
+        check_node_data(config, dirs)
+    else:
+        load_checked(config)
     from fedsim.experiments import api  # the engine: torch, Flower, certificates
 
     result = api.deploy(

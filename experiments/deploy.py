@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedsim import results
 from fedsim.config import FedsimConfig, toml_table
-from fedsim.data import load_dataset
+from fedsim.data import check_node_data
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
@@ -70,11 +70,6 @@ def deploy(
     if auth and not tls:
         raise FedsimError(
             "--auth needs --tls: Flower's SuperLink refuses SuperNode auth without TLS"
-        )
-    if node_data_dirs and len(node_data_dirs) != config.num_clients:
-        raise FedsimError(
-            f"{len(node_data_dirs)} --node-data-dir for {config.num_clients} SuperNodes; "
-            "give one per SuperNode, or none"
         )
     flower_bin()
     if not (APP_DIR / "pyproject.toml").is_file():
@@ -164,13 +159,10 @@ def _submit_and_follow(
 
 
 def _preflight(config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
-    if not node_data_dirs:
+    if node_data_dirs:
+        check_node_data(config, node_data_dirs)
+    else:
         preflight(config)
-        return
-    load_dataset(config.dataset, config.data_dir)  # the server evaluates on its test split
-    for folder in node_data_dirs:
-        if len(load_dataset(config.dataset, folder).y_train) == 0:
-            raise FedsimError(f"{folder} holds no training examples; give every node some data")
 
 
 def _start(fed: LocalFederation, config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:

@@ -81,6 +81,8 @@ def test_bad_input_as_its_own_process(tmp_path):
         ["deploy", "--set", "num-rnds=3"],
         ["deploy", "--num-nodes", "2", "--set", "num-clients=3"],
         ["deploy", "--set", "secure-noise=false"],
+        ["deploy", "--set", "data-dir=/no/such/folder"],
+        ["deploy", "--node-data-dir", "/no/such/folder"],
     ],
 )
 def test_bad_input_fails_before_ray_starts_or_the_engine_imports(tmp_path, command):

@@ -8,6 +8,7 @@ are imported only when their dataset is loaded (``fedsim.registry``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,28 @@ def load_checked(config: FedsimConfig) -> Dataset:
     check_task(config, dataset.task)  # a dataset of your own states its task only now
     partition_dataset(dataset, config)
     return dataset
+
+
+def check_node_data(config: FedsimConfig, folders: Sequence[Path]) -> None:
+    """Deployment with a data folder per SuperNode: one each, and each holds training data.
+
+    The run's own ``data-dir`` must load too: the server evaluates on its test split.
+    Numpy only, like :func:`load_checked`, so that ``fedsim deploy`` checks before it
+    imports the engine.
+    """
+    if len(folders) != config.num_clients:
+        raise FedsimError(
+            f"{len(folders)} --node-data-dir for {config.num_clients} SuperNodes; "
+            "give one per SuperNode, or none"
+        )
+    check_task(config, load_dataset(config.dataset, config.data_dir).task)
+    for folder in folders:
+        try:
+            examples = len(load_dataset(config.dataset, folder).y_train)
+        except FedsimError as exc:
+            raise FedsimError(f"a SuperNode's data folder: {exc}") from None
+        if examples == 0:
+            raise FedsimError(f"{folder} holds no training examples; give every node some data")
 
 
 TOKENIZATION = {
