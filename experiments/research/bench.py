@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         "(experiments.research.bench_federation, ~30 min) and population scale "
         "(experiments.research.bench_population, ~3 min)",
     )
+    parser.add_argument(
+        "--rounds", action="store_true", help="then issue 14's round table (bench_rounds)"
+    )
+    parser.add_argument("--data-dir", default="", help="MNIST's folder, for --rounds' runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
@@ -269,6 +273,11 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 print(f"| {name} | {batch} | {label} | {c_ms:.1f} | {c_ratio:.2f} | "
                       f"{w_ms:.2f} | {w_ratio:.2f} | {ops} |", flush=True)  # fmt: skip
+    if args.rounds:
+        from experiments.research import bench_rounds  # the engine: Flower, Ray
+
+        print("\n# one round of mnist-cnn: one client at a time, vectorized, whole runs")
+        print(bench_rounds.round_table(args.device, args.data_dir, repeats=args.repeats))
     if args.all:
         from experiments.research import bench_federation, bench_population
 

@@ -22,6 +22,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from experiments.research import bench_cohort
 from fedsim.experiments.api import run
 
 MNIST_CNN = {
@@ -73,7 +74,7 @@ def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [_cell(v) for v in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,6 +96,63 @@ def main() -> None:
         for k in (int(v) for v in args.workers.split(",")):
             rows.append(one_run({**base, "clients-per-worker": k}, Path(tmp) / f"k{k}"))
     print(markdown(rows))
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def round_table(device: str, data_dir: str, *, quick: bool = False, repeats: int = 3) -> str:
+    """Issue 14's round table: one round of ``mnist-cnn``, done three ways.
+
+    Its training alone (10 clients, 23 DP steps of 256, ``bench_cohort``'s random
+    MNIST-shaped data), one client after another as workers do and vectorized as one
+    cohort; then, given MNIST's ``data_dir``, whole runs of ``fedsim run`` with
+    ``clients-per-worker`` 1 and 10 (``client-gpus = 0.1`` on a GPU). ``quick``: tiny
+    shapes, and the runs on digits, for a CPU check.
+    """
+    work = (bench_cohort.QUICK if quick else bench_cohort.SUITE)[0]
+    args = bench_cohort.parse(["--device", device, "--repeats", str(repeats)])
+    one, cohorts, diff = bench_cohort.measure(work, args)
+    rows = [
+        _way("training only, one client at a time", one, f"{work.clients} clients"),
+        _way("training only, vectorized", cohorts[0], f"max abs Δw {diff:.1e}"),
+    ]
+    if data_dir or quick:
+        base = dict(QUICK) if quick else {**MNIST_CNN, "data-dir": data_dir}
+        base["client-gpus"] = 0.1 if device.startswith("cuda") else 0.0
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in (1, base["clients-per-round"]):
+                run_row = one_run({**base, "clients-per-worker": k}, Path(tmp) / f"k{k}")
+                rows.append(_way(f"fedsim run, clients-per-worker {k}", **_run_cells(run_row)))
+    return markdown(rows)
+
+
+def _way(
+    way: str,
+    seconds: float,
+    note: str = "",
+    round_1: float | None = None,
+    util: float | None = None,
+) -> dict:
+    return {
+        "way": way,
+        "s a round": seconds,
+        "round 1 s": round_1,
+        "GPU util %": util,
+        "note": note,
+    }
+
+
+def _run_cells(row: dict) -> dict:
+    return {
+        "seconds": row["later rounds s"],
+        "round_1": row["round 1 s"],
+        "util": row["GPU util %"],
+        "note": f"accuracy {row['accuracy']:.4f}, ε {row['epsilon'] or 0:.3f}",
+    }
 
 
 def _toml_value(text: str) -> object:

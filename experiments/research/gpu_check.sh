@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14's measurements on a GPU machine that has CUDA torch but not flwr, Ray or Opacus,
-# in one call of about 8 minutes. Each part has its own time limit and writes its output
-# to $OUT/NN-part.txt as it goes, so a part that runs out of time loses only itself.
+# in one call of at most 520 s plus the unpacking (the default parts' limits summed). Each
+# part has its own time limit and writes its output to $OUT/NN-part.txt as it goes, so a
+# part that runs out of time loses only itself.
 #
 # Prepare, in the checkout (../shared/gpu-site/README.md; .gpu/ is ignored by git):
 #   mkdir -p .gpu/data && cp ../shared/gpu-site/site-py312.tar.xz .gpu/ \
@@ -11,7 +12,7 @@
 set -u
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/gpu-out}
-PARTS=${1:-"lstm rounds step noise graphs startup"}
+PARTS=${1:-"lstm rounds cohort noise graphs"}
 mkdir -p "$OUT" /tmp/site
 if [ ! -d /tmp/site/opacus ]; then
     xz -dc .gpu/site-py312.tar.xz | tar -x -C /tmp/site || exit 1
@@ -39,13 +40,15 @@ M=experiments.research
 # the LSTM's two recurrences (loop, fused) and the DP ÷ non-DP ratios, batch 256
 part lstm 150 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
     --models lstm,project-cnn,transformer
-# issue 14's mnist-cnn round: seconds a round and GPU utilisation, one client a worker
-part rounds 150 python3 -m $M.bench_rounds --data-dir .gpu/data/mnist \
-    --set "client-gpus=0.1" --workers 1
+# issue 14's round table: mnist-cnn's training one by one and vectorized, whole runs with
+# clients-per-worker 1 and 10 (seconds a round, round 1, GPU utilisation)
+part rounds 200 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
+    --models project-cnn --rounds --data-dir .gpu/data/mnist
 # the cohort against one by one: issue 14's 10- and 100-client workloads
-part step 90 python3 -m $M.bench_cohort --device cuda --suite
+part cohort 90 python3 -m $M.bench_cohort --device cuda --suite
 part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
 part graphs 40 python3 -m $M.bench_graphs --device cuda
+# not by default (the round table gives round 1 too): start-up of the real command
 part startup 90 python3 -m $M.bench_startup --repeat 2 \
     --set "dataset=\"mnist\" data-dir=\"$ROOT/.gpu/data/mnist\" client-gpus=0.1"
 tail -n 3 "$OUT"/*.txt
