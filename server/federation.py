@@ -12,10 +12,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 from fedsim import results
 from fedsim.config import FedsimConfig
-from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset, vocab_record
+from fedsim.data import (
+    Dataset,
+    label_counts,
+    load_dataset,
+    natural_users,
+    partition_dataset,
+    vocab_record,
+)
 from fedsim.dp import UserCanaries, accounting, poisson_schedule, secure_root, seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo, decode_client_info, encode_config
@@ -186,6 +194,37 @@ def start_state(
     return RunState(resolve_noise(config, infos), infos), nodes
 
 
+def server_model(
+    config: FedsimConfig, dataset: Dataset, arrays: dict[str, torch.Tensor] | None, device: str
+) -> tuple[nn.Module, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
+    """The server's model on ``device`` (where the clients train), and the test split there.
+
+    Returns the model (holding ``arrays``, a resumed run's weights, where given), the
+    seed's initial weights as one vector (the audit's start, resumed or not), and
+    ``(x_test, y_test)``, moved once. Evaluation needs no per-sample gradients: DP layers
+    share the plain model's state_dict.
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, **model_kwargs(dataset), dp=False).to(device)
+    start = audit.model_vector(model.state_dict())
+    if arrays is not None:
+        model.load_state_dict(arrays)
+    test = torch.as_tensor(dataset.x_test).to(device), torch.as_tensor(dataset.y_test).to(device)
+    return model, start, test
+
+
+def save_round(
+    state: RunState, run_dir: Path, weights: dict[str, torch.Tensor], strategy: dict
+) -> None:
+    """Keep a finished round in ``state`` and on disk: rounds.csv and the checkpoint."""
+    state.arrays = {k: v.detach().cpu().clone() for k, v in weights.items()}
+    state.strategy = strategy
+    results.write_csv(
+        run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
+    )
+    save_checkpoint(run_dir, state.to_checkpoint())
+
+
 def run_federation(
     grid: Grid,
     config: FedsimConfig,
@@ -221,17 +260,8 @@ def run_federation(
     cfg = state.config
     if not node_per_client and cfg.clients_per_worker > 1:
         grid = GroupedGrid(grid, cfg.clients_per_worker)
-    torch.manual_seed(cfg.seed)
-    # evaluation needs no per-sample gradients; the DP layers share this state_dict.
-    # It runs where the clients train, and the test split goes there once.
     device = run_device(cfg.client_gpus)
-    model = build_model(cfg.model, **model_kwargs(dataset), dp=False).to(device)
-    start = audit.model_vector(model.state_dict())  # the seed's initial model, resumed or not
-    if state.arrays is not None:
-        model.load_state_dict(state.arrays)
-    x_test = torch.as_tensor(dataset.x_test).to(device)
-    y_test = torch.as_tensor(dataset.y_test).to(device)
-    # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
+    model, start, test = server_model(cfg, dataset, state.arrays, device)
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
     strategy, user_dp, algorithm = build_strategy(
@@ -244,7 +274,7 @@ def run_federation(
             model.load_state_dict(arrays.to_torch_state_dict())
         if user_dp is not None:
             state.clip_norm = user_dp.clip_norm
-        loss, acc = evaluate(model, x_test, y_test, device=device)
+        loss, acc = evaluate(model, *test, device=device)
         # seconds since the last round's row: training, aggregation, evaluation, accounting
         # and the last round's checkpoint: no time between rounds goes unrecorded
         now = time.time()
@@ -261,12 +291,7 @@ def run_federation(
         clock[0] = now
         state.rows.append(row)
         state.participation.append(participation)
-        state.arrays = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        state.strategy = algorithm_state(algorithm)
-        results.write_csv(
-            run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
-        )
-        save_checkpoint(run_dir, state.to_checkpoint())
+        save_round(state, run_dir, model.state_dict(), algorithm_state(algorithm))
         on_round(row)
 
     if not state.rows:
@@ -289,17 +314,3 @@ def run_federation(
     engine = "deployment" if node_per_client else "simulation"
     record = audit.audit_final_model(cfg, dataset, model, device=device, start=start)
     return outputs.write_final(state, run_dir, started, engine=engine, audit=record)
-
-
-def natural_users(
-    dataset: Dataset, config: FedsimConfig, parts: list[np.ndarray] | None = None
-) -> list[str] | None:
-    """The user (e.g. speaking role) behind each client of a natural partition.
-
-    ``parts``: the partition, where the caller has already computed it.
-    """
-    if config.partition != "natural" or dataset.users is None or dataset.client_ids is None:
-        return None
-    if parts is None:
-        parts = partition_dataset(dataset, config)
-    return [dataset.users[dataset.client_ids[part[0]]] for part in parts]

@@ -19,7 +19,7 @@ from fedsim.data.dataset import (
     token_array,
     vocab_record,
 )
-from fedsim.data.partition import label_counts, partition, partition_dataset
+from fedsim.data.partition import label_counts, natural_users, partition, partition_dataset
 from fedsim.registry import IMAGE, NEXT_CHAR, TASKS, TEXT_CLASSIFICATION
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "load_checked",
     "load_dataset",
     "load_digits",
+    "natural_users",
     "partition",
     "partition_dataset",
     "stratified_split",

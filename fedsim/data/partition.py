@@ -196,3 +196,17 @@ def cap(indices: np.ndarray, max_samples: int, rng: np.random.Generator) -> np.n
 def label_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     """Count of each class among ``labels``, as plain ints."""
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
+
+
+def natural_users(
+    dataset: Dataset, config: FedsimConfig, parts: list[np.ndarray] | None = None
+) -> list[str] | None:
+    """The user (e.g. speaking role) behind each client of a natural partition.
+
+    ``parts``: the partition, where the caller has already computed it.
+    """
+    if config.partition != "natural" or dataset.users is None or dataset.client_ids is None:
+        return None
+    if parts is None:
+        parts = partition_dataset(dataset, config)
+    return [dataset.users[dataset.client_ids[part[0]]] for part in parts]

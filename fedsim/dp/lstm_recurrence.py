@@ -49,7 +49,7 @@ def lstm_recurrence(
         states after each sequence's last valid step).
 
     """
-    if fused if fused is not None else gates_x.is_cuda:
+    if gates_x.is_cuda if fused is None else fused:
         if token is not None:  # a zero: its node receives dL/d(gates) for W_hh
             gates_x = gates_x + token
         return _fused_recurrence(gates_x, w_hh.detach(), h0, c0, lengths)
@@ -61,10 +61,10 @@ def _fused_recurrence(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.lstm`` on ``gates`` with ``W_ih = I``, no biases: (output, h_n, c_n)."""
     weights = [torch.eye(gates.shape[2], dtype=gates.dtype, device=gates.device), w_hh]
-    hx = (h0.unsqueeze(0), c0.unsqueeze(0))  # (layers, B, H)
+    hx = (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())  # (layers, B, H)
     with warnings.catch_warnings():
-        # cuDNN copies weights that are not views of one buffer into one, and says so
-        # every call; the copy is two small kernels, where flattening would cost the same
+        # cuDNN copies weights that are not views of one buffer into one (a few small
+        # kernels) and warns every call; a buffer of our own would need the same copy
         warnings.filterwarnings("ignore", message="RNN module weights are not part")
         if lengths is None:
             out, h_n, c_n = torch.lstm(gates, hx, weights, False, 1, 0.0, True, False, True)
