@@ -245,3 +245,20 @@ def test_the_fused_recurrence_runs_the_loops_function(lengths):
         results.append([out, h, c, xi.grad, *(p.grad for p in module.parameters())])
     for want, got in zip(*results, strict=True):
         assert close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's LSTM)")
+@pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-10), (torch.float32, 1e-3)])
+def test_on_cuda_the_default_is_cudnn_and_it_runs_the_loops_function(dtype, tol):
+    torch.manual_seed(0)
+    loop = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True, fused=False)
+    default = FastDPLSTM(5, 7, 2, batch_first=True, bidirectional=True)
+    default.load_state_dict(loop.state_dict())
+    x = torch.randn(5, 9, 5, dtype=dtype, device="cuda")
+    results = []
+    for module in (loop.to("cuda", dtype), default.to("cuda", dtype)):
+        out, (h, c) = module(x, lengths=torch.tensor([4, 9, 1, 9, 6]))
+        (out.sum() + (h * c).sum()).backward()
+        results.append([out, h, *(p.grad for p in module.parameters())])
+    for want, got in zip(*results, strict=True):
+        assert close(got, want, tol)
