@@ -262,6 +262,7 @@ def run_federation(
         grid = GroupedGrid(grid, cfg.clients_per_worker)
     device = run_device(cfg.client_gpus)
     model, start, test = server_model(cfg, dataset, state.arrays, device)
+    # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
     strategy, user_dp, algorithm = build_strategy(
