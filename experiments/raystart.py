@@ -163,6 +163,15 @@ class RayStart:
             if ray.is_initialized():  # Flower shuts it down, unless an error skipped that
                 ray.shutdown()
             kill_run_processes(self.spare, self.tag)  # workers can outlive the shutdown
+        except Exception as error:
+            # the run's outcome stands: a finished run stays finished, and a failed one
+            # keeps its own error, whatever went wrong in the clean-up after it
+            print(
+                f"fedsim: warning: stopping Ray failed ({error}); processes of this run may "
+                f"still run: their environment holds {RUN_TAG_VAR}={self.tag}",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             self._release.set()
             self._owner.join()

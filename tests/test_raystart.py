@@ -11,6 +11,7 @@ import ray._private.utils as ray_utils
 
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
+from fedsim.experiments import raystart
 from fedsim.experiments.procs import RUN_TAG_VAR, tagged
 from fedsim.experiments.raystart import RayStart
 from tests.conftest import ROOT
@@ -90,4 +91,20 @@ def test_a_ray_already_running_in_the_process_is_refused_with_one_line(monkeypat
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     with pytest.raises(FedsimError, match="Ray already runs in this process"):
         RayStart(parse_config({})).__enter__()
+    assert RUN_TAG_VAR not in os.environ
+
+
+def test_a_failing_clean_up_warns_and_the_run_s_own_outcome_stands(monkeypatch, capsys):
+    def unlistable(spare, tag):
+        raise OSError(9, "Bad file descriptor", "/proc")
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(raystart, "kill_run_processes", unlistable)
+    with RayStart(parse_config({})) as started:  # a run that finished
+        started.ready()
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("fedsim: warning: stopping Ray failed ([Errno 9] Bad file")
+    assert f"{RUN_TAG_VAR}={started.tag}" in warning and len(warning.splitlines()) == 1
+    with pytest.raises(FedsimError, match="the run's own error"), RayStart(parse_config({})):
+        raise FedsimError("the run's own error")  # not the clean-up's
     assert RUN_TAG_VAR not in os.environ
