@@ -26,6 +26,11 @@ def _dataset(name: str, data_dir: str) -> Dataset:
     return load_dataset(name, data_dir)
 
 
+def preload(name: str, data_dir: str) -> None:
+    """Load a dataset into this process's cache, where its clients will find it."""
+    _dataset(name, data_dir)
+
+
 @lru_cache(maxsize=4)
 def _partitions(config: FedsimConfig) -> tuple[np.ndarray, ...]:
     # keyed by the whole (frozen) config: within a run it changes at most once, when

@@ -16,6 +16,7 @@ with the thread that started them (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import secrets
@@ -31,6 +32,7 @@ import ray._private.ray_constants as ray_constants
 import ray._private.utils as ray_utils
 
 from fedsim.config import FedsimConfig
+from fedsim.data import PRELOAD_VAR
 from fedsim.errors import FedsimError
 from fedsim.experiments.procs import RUN_TAG_VAR, descendants
 from fedsim.experiments.signals import kill_run_processes, run_environment
@@ -140,6 +142,7 @@ class RayStart:
         )
         if not self.config.ray_address:  # a cluster's workers get it by runtime_env
             env["PYTHONPATH"] = driver_path()
+            env[PRELOAD_VAR] = json.dumps([self.config.dataset, self.config.data_dir])
         for name, value in env.items():
             self._restore.enter_context(run_environment(name, value))
         # ray.init would put its SIGTERM handler (exit at once, mid-round) in the run's

@@ -32,6 +32,11 @@ def test_a_local_ray_s_workers_import_the_client_app_before_their_first_call():
         def tag(self):
             return os.environ.get(RUN_TAG_VAR)
 
+        def datasets(self):  # loaded into the clients' cache before any client asked
+            from fedsim.clients import task
+
+            return task._dataset.cache_info().currsize
+
     config = parse_config({"num-clients": 2, "clients-per-round": 2})
     with RayStart(config) as started:
         started.ready()
@@ -39,6 +44,7 @@ def test_a_local_ray_s_workers_import_the_client_app_before_their_first_call():
         found = ray.get(probe.modules.remote(PRELOADED), timeout=120)
         assert found == dict.fromkeys(PRELOADED, True)
         assert ray.get(probe.tag.remote()) == started.tag
+        assert ray.get(probe.datasets.remote()) == 1
     assert not ray.is_initialized()
     assert tagged(started.tag, var=RUN_TAG_VAR) == []  # every process of the run is gone
     assert RUN_TAG_VAR not in os.environ

@@ -7,6 +7,7 @@ The public face of the package; the formats (``images``, ``text``, ``shakespeare
 from fedsim.data.dataset import (
     HF_PREFIX,
     PAD_ID,
+    PRELOAD_VAR,
     TOKENIZATION,
     UNK_ID,
     Dataset,
@@ -27,6 +28,7 @@ __all__ = [
     "IMAGE",
     "NEXT_CHAR",
     "PAD_ID",
+    "PRELOAD_VAR",
     "TASKS",
     "TEXT_CLASSIFICATION",
     "TOKENIZATION",

@@ -102,6 +102,11 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
     return dataset
 
 
+# set by a run's own Ray for its workers: ``[dataset, data-dir]`` (JSON), which they load
+# as they start (``fedsim.clients.warm``), not when round 1's first message arrives
+PRELOAD_VAR = "FEDSIM_PRELOAD_DATA"
+
+
 def load_checked(config: FedsimConfig) -> Dataset:
     """``config``'s dataset, loaded and checked: its task fits the model, its partition draws.
 
