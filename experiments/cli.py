@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
 from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.experiments.machine import check_machine
 from fedsim.results import Result, load_run, report
 
 FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fedsim report)"
@@ -131,6 +132,7 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
     )
     from fedsim.data import load_checked  # numpy: the other commands do without it
 
+    check_machine(config)  # a CPU build of torch has no GPU: said before Ray starts
     dataset = load_checked(config)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 

@@ -10,7 +10,6 @@ from it with ``fedsim run --resume``.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -29,6 +28,7 @@ from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, load_checked
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.delivery import prompt_delivery
+from fedsim.experiments.machine import check_machine
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.raystart import RayStart
 from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
@@ -47,19 +47,7 @@ def preflight(config: FedsimConfig, dataset: Dataset | None = None) -> Dataset:
     if dataset is None:
         dataset = load_checked(config)
     check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
-    if config.ray_address:
-        return dataset  # the cluster's resources count, not this machine's
-    if config.client_gpus > 0 and not torch.cuda.is_available():
-        raise FedsimError(
-            f"client-gpus={config.client_gpus} but no CUDA GPU is visible; "
-            "set client-gpus=0 or install a CUDA build of torch"
-        )
-    cpus = os.cpu_count() or 1
-    if config.client_cpus > cpus:
-        raise FedsimError(
-            f"client-cpus={config.client_cpus} exceeds this machine's {cpus} CPUs; "
-            f"set client-cpus to at most {cpus}"
-        )
+    check_machine(config, cuda_available=torch.cuda.is_available())
     return dataset
 
 

@@ -5,6 +5,10 @@ import sys
 
 import pytest
 
+from fedsim.config import parse_config
+from fedsim.errors import FedsimError
+from fedsim.experiments import machine
+from fedsim.experiments.machine import check_machine, cpu_build_of_torch
 from tests.conftest import ROOT, cli_runs
 
 
@@ -78,6 +82,7 @@ def test_bad_input_as_its_own_process(tmp_path):
         ["run", "--set", "data-dir=/no/such/folder"],
         ["run", "--set", "num-clients=5000"],
         ["run", "--set", "dataset=mnist"],
+        ["run", "--set", "client-cpus=4096"],
         ["deploy", "--set", "num-rnds=3"],
         ["deploy", "--num-nodes", "2", "--set", "num-clients=3"],
         ["deploy", "--set", "secure-noise=false"],
@@ -97,6 +102,37 @@ def test_bad_input_fails_before_ray_starts_or_the_engine_imports(tmp_path, comma
     )
     assert out.stdout.splitlines()[-1] == "2 []", out.stdout + out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.skipif(not cpu_build_of_torch(), reason="a CUDA build of torch is asked later")
+def test_gpus_asked_of_a_cpu_build_of_torch_fail_before_ray_starts(tmp_path):
+    code = (
+        "import sys; from fedsim.experiments.cli import main; "
+        "code = main(['run', '--set', 'client-gpus=0.5']); "
+        "print(code, sorted({'torch', 'ray'} & set(sys.modules)))"
+    )
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert out.stdout.splitlines()[-1] == "2 []", out.stdout + out.stderr
+    assert out.stderr.strip() == (
+        "fedsim: error: client-gpus=0.5 but no CUDA GPU is visible; "
+        "set client-gpus=0 or install a CUDA build of torch"
+    )
+
+
+def test_the_machine_check_trusts_torch_where_torch_has_answered(monkeypatch):
+    gpus = parse_config({"client-gpus": 1})
+    check_machine(gpus, cuda_available=True)  # torch says yes: yes, whatever its build
+    with pytest.raises(FedsimError, match="no CUDA GPU is visible"):
+        check_machine(gpus, cuda_available=False)
+    monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.11.0+cu130")
+    check_machine(gpus)  # a CUDA build: asked again once torch is imported
+    monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.13.0+cpu")
+    with pytest.raises(FedsimError, match="no CUDA GPU is visible"):
+        check_machine(gpus)
+    check_machine(parse_config({"client-gpus": 1, "ray-address": "auto"}))  # the cluster's
 
 
 def test_existing_results_never_overwritten(bad_runs):
