@@ -158,6 +158,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     config = deploy_config(values, len(dirs) if args.num_nodes is None and dirs else args.num_nodes)
     from fedsim.data import check_node_data, load_checked  # numpy
 
+    check_machine(config)  # the SuperNodes run here
     if dirs:
         check_node_data(config, dirs)
     else:

@@ -22,6 +22,7 @@ from fedsim.data import check_node_data
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
+from fedsim.experiments.machine import check_machine
 from fedsim.experiments.run import preflight
 from fedsim.experiments.rundir import claim_default, claim_new
 from fedsim.experiments.watch import follow_run
@@ -161,6 +162,7 @@ def _submit_and_follow(
 def _preflight(config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
     if node_data_dirs:
         check_node_data(config, node_data_dirs)
+        check_machine(config)  # preflight's other half: the SuperNodes run here
     else:
         preflight(config)
 

@@ -88,6 +88,7 @@ def test_bad_input_as_its_own_process(tmp_path):
         ["deploy", "--set", "secure-noise=false"],
         ["deploy", "--set", "data-dir=/no/such/folder"],
         ["deploy", "--node-data-dir", "/no/such/folder"],
+        ["deploy", "--set", "client-cpus=4096"],
     ],
 )
 def test_bad_input_fails_before_ray_starts_or_the_engine_imports(tmp_path, command):
