@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Callable
 
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 
 
-def check_machine(config: FedsimConfig, *, cuda_available: bool | None = None) -> None:
+def check_machine(
+    config: FedsimConfig, *, cuda_available: Callable[[], bool] | None = None
+) -> None:
     """Refuse a local run this machine cannot host, in one line.
 
-    ``cuda_available``: torch's answer, where torch is imported; ``None`` decides from the
-    installed torch's build alone (only a CPU build is a certain no). A Ray cluster's
-    resources are the cluster's: nothing is checked for ``ray-address``.
+    ``cuda_available``: torch's own question (``torch.cuda.is_available``), where torch is
+    imported, asked only when the config wants GPUs; ``None`` decides from the installed
+    torch's build alone (only a CPU build is a certain no). A Ray cluster's resources are
+    the cluster's: nothing is checked for ``ray-address``.
     """
     if config.ray_address:
         return
-    if cuda_available is None:
-        cuda_available = not cpu_build_of_torch()
-    if config.client_gpus > 0 and not cuda_available:
-        raise FedsimError(
-            f"client-gpus={config.client_gpus} but no CUDA GPU is visible; "
-            "set client-gpus=0 or install a CUDA build of torch"
-        )
+    if config.client_gpus > 0:
+        found = cuda_available() if cuda_available is not None else not cpu_build_of_torch()
+        if not found:
+            raise FedsimError(
+                f"client-gpus={config.client_gpus} but no CUDA GPU is visible; "
+                "set client-gpus=0 or install a CUDA build of torch"
+            )
     cpus = os.cpu_count() or 1
     if config.client_cpus > cpus:
         raise FedsimError(

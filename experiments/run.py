@@ -47,7 +47,7 @@ def preflight(config: FedsimConfig, dataset: Dataset | None = None) -> Dataset:
     if dataset is None:
         dataset = load_checked(config)
     check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
-    check_machine(config, cuda_available=torch.cuda.is_available())
+    check_machine(config, cuda_available=torch.cuda.is_available)
     return dataset
 
 

@@ -125,9 +125,10 @@ def test_gpus_asked_of_a_cpu_build_of_torch_fail_before_ray_starts(tmp_path):
 
 def test_the_machine_check_trusts_torch_where_torch_has_answered(monkeypatch):
     gpus = parse_config({"client-gpus": 1})
-    check_machine(gpus, cuda_available=True)  # torch says yes: yes, whatever its build
+    check_machine(gpus, cuda_available=lambda: True)  # torch says yes: yes, whatever its build
     with pytest.raises(FedsimError, match="no CUDA GPU is visible"):
-        check_machine(gpus, cuda_available=False)
+        check_machine(gpus, cuda_available=lambda: False)
+    check_machine(parse_config({}), cuda_available=lambda: 1 / 0)  # no GPUs asked: not asked
     monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.11.0+cu130")
     check_machine(gpus)  # a CUDA build: asked again once torch is imported
     monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.13.0+cpu")
