@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's measurements on a GPU machine that has CUDA torch but not flwr, Ray or Opacus,
-# in one call of at most 520 s plus the unpacking (the default parts' limits summed). Each
+# in one call of at most 530 s plus the unpacking (the default parts' limits summed). Each
 # part has its own time limit and writes its output to $OUT/NN-part.txt as it goes, so a
 # part that runs out of time loses only itself.
 #
@@ -56,14 +56,14 @@ for dtype in (torch.float64, torch.float32):
     print(dtype, "largest relative difference, cuDNN against the loop:", f"{rel:.2e}")
 '
 # the LSTM's two recurrences (loop, fused) and the DP ÷ non-DP ratios, batch 256
-part lstm 150 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
+part lstm 120 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
     --models lstm,project-cnn,transformer
 # issue 14's round table: mnist-cnn's training one by one and vectorized, whole runs with
 # clients-per-worker 1 and 10 (seconds a round, round 1, GPU utilisation)
-part rounds 200 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
+part rounds 180 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
     --models project-cnn --rounds --data-dir .gpu/data/mnist
 # the cohort against one by one: issue 14's 10- and 100-client workloads
-part cohort 90 python3 -m $M.bench_cohort --device cuda --suite
+part cohort 90 python3 -m $M.bench_cohort --device cuda --suite --repeats 1
 part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
 part graphs 40 python3 -m $M.bench_graphs --device cuda
 # not by default (the round table gives round 1 too): start-up of the real command
