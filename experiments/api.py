@@ -117,8 +117,7 @@ def deploy(
     SuperNode authentication are on unless ``host`` is loopback. ``node_data_dirs``: one
     folder per SuperNode, each training on its own data there.
     """
-    nodes = num_nodes if num_nodes is not None or not node_data_dirs else len(node_data_dirs)
-    cfg = deploy_config(config_mapping(config, **overrides), nodes)
+    cfg = deploy_config(config_mapping(config, **overrides), num_nodes, node_data_dirs)
     folder = deploying.deploy(
         cfg,
         out=_path(out),

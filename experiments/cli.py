@@ -154,28 +154,29 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Run on a local SuperLink and SuperNodes; print the accuracy-against-ε line."""
     values = config_values(args.config, args.overrides)
     # a bad config or data fails before the engine imports (10 s)
-    dirs = args.node_data_dirs
-    config = deploy_config(values, len(dirs) if args.num_nodes is None and dirs else args.num_nodes)
+    config = deploy_config(values, args.num_nodes, args.node_data_dirs)
     from fedsim.data import check_node_data, load_checked  # numpy
 
     check_machine(config)  # the SuperNodes run here
-    if dirs:
-        check_node_data(config, dirs)
+    dataset = None
+    if args.node_data_dirs:
+        check_node_data(config, args.node_data_dirs)
     else:
-        load_checked(config)
-    from fedsim.experiments import api  # the engine: torch, Flower, certificates
+        dataset = load_checked(config)
+    from fedsim.experiments import deploy  # the engine: torch, Flower, certificates
 
-    result = api.deploy(
-        values,
-        num_nodes=args.num_nodes,
+    folder = deploy.deploy(
+        config,
         out=args.out,
         host=args.host,
         tls=args.tls,
         auth=args.auth,
-        node_data_dirs=args.node_data_dirs,
+        node_data_dirs=tuple(args.node_data_dirs),
         timeout=args.timeout,
         verbose=args.verbose,
+        dataset=dataset,
     )
+    result = load_run(folder)
     _print_result(result, table=False)
     return 0
 

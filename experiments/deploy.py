@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedsim import results
 from fedsim.config import FedsimConfig, toml_table
-from fedsim.data import check_node_data
+from fedsim.data import Dataset, check_node_data
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
 from fedsim.experiments.localfed import LocalFederation, flower_bin, is_loopback
@@ -41,6 +41,7 @@ def deploy(
     node_data_dirs: tuple[Path, ...] = (),
     timeout: float = 0.0,
     verbose: bool = False,
+    dataset: Dataset | None = None,
 ) -> Path:
     """Run ``config`` on a SuperLink and ``num-clients`` SuperNodes; return the results.
 
@@ -62,6 +63,8 @@ def deploy(
         Stop everything if the run has not finished after this many seconds (0: never).
     verbose
         Echo Flower's log stream of the run.
+    dataset
+        ``load_checked(config)``'s, where the caller has checked it: not loaded again.
 
     """
     local = is_loopback(host)
@@ -78,7 +81,7 @@ def deploy(
             f"{APP_DIR} has no pyproject.toml: fedsim deploy submits the app from a source "
             "checkout; install fedsim from its repository with ./install.sh"
         )
-    _preflight(config, node_data_dirs)
+    _preflight(config, node_data_dirs, dataset)
     claim = claim_new(out) if out else claim_default(config.out_dir, config.name)
     run_dir, staging = claim.run_dir, claim.staging
     work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
@@ -159,12 +162,14 @@ def _submit_and_follow(
     follow_run(fed, run, config, staging, timeout=timeout, verbose=verbose)
 
 
-def _preflight(config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:
+def _preflight(
+    config: FedsimConfig, node_data_dirs: tuple[Path, ...], dataset: Dataset | None
+) -> None:
     if node_data_dirs:
         check_node_data(config, node_data_dirs)
         check_machine(config)  # preflight's other half: the SuperNodes run here
     else:
-        preflight(config)
+        preflight(config, dataset)
 
 
 def _start(fed: LocalFederation, config: FedsimConfig, node_data_dirs: tuple[Path, ...]) -> None:

@@ -10,7 +10,7 @@ import difflib
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -42,13 +42,18 @@ def parse_config(values: dict[str, Any]) -> FedsimConfig:
 ConfigLike = Union["FedsimConfig", Mapping[str, Any], str, Path, None]
 
 
-def deploy_config(values: Mapping[str, Any], num_nodes: int | None) -> FedsimConfig:
+def deploy_config(
+    values: Mapping[str, Any], num_nodes: int | None, node_data_dirs: Sequence[object] = ()
+) -> FedsimConfig:
     """The run's config from unvalidated ``values``; ``num_nodes`` sets ``num-clients``.
 
+    ``num_nodes`` not given: one node per ``node_data_dirs`` folder, where there are any.
     Where ``clients-per-round`` is not given, it is lowered to ``num_nodes`` if needed.
     ``secure-noise`` is on unless given, and refused if turned off: the server must not
     know its clients' noise.
     """
+    if num_nodes is None and node_data_dirs:
+        num_nodes = len(node_data_dirs)
     if num_nodes is not None and num_nodes < 1:
         raise FedsimError(f"--num-nodes must be at least 1, got {num_nodes}")
     values = {"secure-noise": True} | dict(values)
