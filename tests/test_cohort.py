@@ -11,7 +11,8 @@ from torch.func import vmap
 from fedsim.clients.training import train_local
 from fedsim.data import NEXT_CHAR
 from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort
-from fedsim.dp.cohort_step import functional_per_sample, one_pass_clipped_sum
+from fedsim.dp.cohort_step import _cross_entropy, functional_per_sample, one_pass_clipped_sum
+from fedsim.dp.fast_clip import per_sample_cross_entropy
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 
@@ -333,3 +334,20 @@ def test_a_layer_input_changed_in_place_is_refused_before_training():
     tensors = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in images((20,))]
     with pytest.raises(FedsimError, match="modified in place after it ran"):
         train_cohort(model, [start], tensors, randomness=[randomness(0)], **DP)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 4)], ids=["one-label", "all-positions"])
+def test_the_cohort_s_cross_entropy_is_the_one_client_s_bit_for_bit(shape):
+    # the cohort step picks log-softmax at the target (fewer operators under vmap)
+    torch.manual_seed(0)
+    logits = torch.randn(3, *shape)  # (clients, B, C[, T])
+    target = torch.randint(0, shape[1], (3, shape[0], *shape[2:]))
+    for loss in (_cross_entropy, per_sample_cross_entropy):
+        assert loss(logits[0], target[0]).shape == (shape[0],)
+    values = [vmap(f)(logits, target) for f in (_cross_entropy, per_sample_cross_entropy)]
+    assert torch.equal(*values)
+    grads = [
+        vmap(torch.func.grad(lambda z, t, f=f: f(z, t).sum()))(logits, target)
+        for f in (_cross_entropy, per_sample_cross_entropy)
+    ]
+    assert torch.equal(*grads)

@@ -3,7 +3,8 @@
 A rule gets a layer, the inputs of its forward call and dl_b/d(output) for every sample b
 (the gradient of the *sum* of per-sample losses), and returns
 
-- the squared per-sample gradient norms of the layer's trainable parameters, ``(B,)``;
+- per-sample gradient norms, a list of ``(B,)`` tensors whose squares sum to the squared
+  norm of the layer's trainable parameters (one a parameter, or one a layer);
 - a function that, given the clipping coefficients ``c`` (``(B,)``), returns each
   parameter's clipped gradient sum ``sum_b c_b grad_b``.
 
@@ -27,16 +28,17 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.per_sample import gram64, outer_weight, row_norms, scaled, sq, summed_products
+from fedsim.dp.per_sample import gram64, norm, outer_weight, row_norms, scaled, summed_products
 from fedsim.errors import FedsimError
 
 Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum
 ClipFn = Callable[[Tensor], Grads]
+Norms = list[Tensor]  # (B,) each; their squares sum to the layer's squared norms
 # a rule takes its own layer type; the table below keys each rule by that type
-Rule = Callable[[Any, tuple, Tensor], tuple[Tensor, ClipFn]]
+Rule = Callable[[Any, tuple, Tensor], tuple[Norms, ClipFn]]
 
 
-def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
+def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
     """``nn.Linear`` on ``(B, ..., in)``: row norms or Gram norms, clipped sum as one GEMM."""
     batch = grad.shape[0]
     a = inputs[0].reshape(batch, -1, layer.in_features).to(grad.dtype)
@@ -44,7 +46,7 @@ def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Tensor, 
     return _outer_rule([(layer.weight, a)], [layer.bias], g)
 
 
-def lstm_gates_rule(layer: LSTMGates, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
+def lstm_gates_rule(layer: LSTMGates, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
     """``FastDPLSTM``'s gates: W_ih and W_hh like linear layers over the sequence."""
     x, hs = inputs
     pairs = [(layer.weight_ih, x.to(grad.dtype)), (layer.weight_hh, hs[:, :-1].to(grad.dtype))]
@@ -53,19 +55,17 @@ def lstm_gates_rule(layer: LSTMGates, inputs: tuple, grad: Tensor) -> tuple[Tens
 
 def _outer_rule(
     pairs: Sequence[tuple[Tensor, Tensor]], maybe_biases: Sequence[Tensor | None], g: Tensor
-) -> tuple[Tensor, ClipFn]:
+) -> tuple[Norms, ClipFn]:
     """Weights with gradient ``sum_t g_t a_t^T``, biases with ``sum_t g_t``; all ``(B, T, .)``."""
     g_gram = functools.cache(lambda: gram64(g))  # the LSTM's two weights share g
     weights = [(w, outer_weight(a, g, g_gram)) for w, a in pairs if w.requires_grad]
     biases = [b for b in maybe_biases if b is not None and b.requires_grad]
-    parts = [sq_norms for _, (sq_norms, _) in weights]
-    bias_sum = g.sum(1) if biases else None  # (B, out): every bias's per-sample gradient
-    if bias_sum is not None:  # one bias (most layers): no product with 1, an operator fewer
-        bias_sq = sq(bias_sum, 1)
-        parts.append(bias_sq if len(biases) == 1 else len(biases) * bias_sq)
-    # added left to right from the first part, not from a zero tensor: the same sums
-    # (0 + x = x exactly), two operators fewer a layer; on a GPU, kernel launches
-    total = sum(parts[1:], parts[0]) if parts else g.new_zeros(g.shape[0])
+    norms = [weight_norms for _, (weight_norms, _) in weights]
+    bias_sum = None  # (B, out): every bias's per-sample gradient
+    if biases:  # one position (T = 1): its own gradient, a view, no reduction to launch
+        bias_sum = g[:, 0] if g.shape[1] == 1 else g.sum(1)
+    if bias_sum is not None:  # the LSTM's two biases have the same gradient: listed twice
+        norms += [norm(bias_sum, 1)] * len(biases)
 
     def clip(coef: Tensor) -> Grads:
         out = {w: weight_clip(coef) for w, (_, weight_clip) in weights}
@@ -74,11 +74,11 @@ def _outer_rule(
             out.update({b: summed for b in biases})
         return out
 
-    return total, clip
+    return norms, clip
 
 
-def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
-    """``nn.Embedding``: squared norm ``sum_{t,s: x_t = x_s} g_t . g_s``, sum by ``index_add``.
+def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
+    """``nn.Embedding``: norm² ``sum_{t,s: x_t = x_s} g_t . g_s``, clipped sum by ``index_add``.
 
     Rows hit by the same token add up, hence the pairs of equal tokens.
     """
@@ -94,7 +94,7 @@ def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Te
         g = g * (ids != layer.padding_idx).unsqueeze(2).to(g.dtype)
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).double()  # the inputs' (one-hot) Grams
     m = row_norms(g).sum(1)
-    total = summed_products(gram64(g), same, m, layer.embedding_dim).to(g.dtype)
+    sq_norms = summed_products(gram64(g), same, m, layer.embedding_dim)
 
     def clip(coef: Tensor) -> Grads:
         rows = scaled(g, coef).reshape(-1, layer.embedding_dim)
@@ -102,10 +102,10 @@ def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Te
         summed = torch.zeros_like(layer.weight).index_add(0, ids.reshape(-1), rows)
         return {layer.weight: summed}
 
-    return total, clip
+    return [sq_norms.sqrt().to(g.dtype)], clip
 
 
-def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
+def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
     """Any layer with an Opacus grad sampler: per-sample gradients, then their weighted sum.
 
     Right for layers whose per-sample gradients are small (norm layers, biases).
@@ -114,14 +114,14 @@ def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Tens
     return _weighted(sampler(layer, list(inputs), grad), grad.shape[0])
 
 
-def _weighted(grads: Grads, batch: int) -> tuple[Tensor, ClipFn]:
-    """Squared norms and clipped sum of materialised per-sample gradients."""
-    total = torch.stack([sq(gs.reshape(batch, -1), 1) for gs in grads.values()]).sum(0)
+def _weighted(grads: Grads, batch: int) -> tuple[Norms, ClipFn]:
+    """Norms and clipped sum of materialised per-sample gradients."""
+    norms = [norm(gs.reshape(batch, -1), 1) for gs in grads.values()]
 
     def clip(coef: Tensor) -> Grads:
         return {p: torch.tensordot(coef.to(gs.dtype), gs, dims=1) for p, gs in grads.items()}
 
-    return total, clip
+    return norms, clip
 
 
 _CONV_WEIGHT_GRAD = {
@@ -131,7 +131,7 @@ _CONV_WEIGHT_GRAD = {
 }
 
 
-def conv_rule(layer: nn.Conv2d, inputs: tuple, grad: Tensor) -> tuple[Tensor, ClipFn]:
+def conv_rule(layer: nn.Conv2d, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
     """Convolutions: all per-sample weight gradients as one grouped weight gradient.
 
     Folding the batch into the groups lets the library's convolution kernel compute every
@@ -166,6 +166,17 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Embedding: embedding_rule,
     LSTMGates: lstm_gates_rule,
 }
+
+
+def total_norm(norms: Norms) -> Tensor:
+    """Every sample's whole gradient norm, ``sqrt(sum_i n_i^2)``, from its parts' ``(B,)``.
+
+    One ``stack`` and one ``vector_norm`` however many parts (sums of squares took an
+    addition a part, then a square root).
+    """
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
 def rule_for(layer: nn.Module) -> Rule:

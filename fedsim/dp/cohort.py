@@ -68,8 +68,10 @@ class _Layout(NamedTuple):
 
     picks: Tensor  # (T, K, W) rows of the concatenated data
     rows: Tensor  # (T, K, W) 1 for a real row, 0 for padding
+    means: Tensor  # (T, K, W) float64: 1 / batch size for a real row, so Σ_w is its mean
     active: list[int]  # clients still training at step t: a prefix of the stack
     width: list[int]  # the widest of their batches at step t (>= 1)
+    seen: list[int]  # each client's non-empty batches
 
 
 def train_cohort(
@@ -242,13 +244,15 @@ def _layout(
     active = [sum(len(plan) > t for plan in plans) for t in range(steps)]
     width = [max([1, *(len(plan[t]) for plan in plans[:k])]) for t, k in enumerate(active)]
     index = torch.zeros(steps, len(plans), max(width), dtype=torch.long)
-    rows = torch.zeros(steps, len(plans), max(width), dtype=dtype)
+    rows = torch.zeros(steps, len(plans), max(width), dtype=torch.float64)
     for k, (plan, offset) in enumerate(zip(plans, offsets, strict=True)):
         index[:, k] = offset  # padding reads the client's first example: finite gradients
         for t, batch in enumerate(plan):
             index[t, k, : len(batch)] += batch
             rows[t, k, : len(batch)] = 1
-    return _Layout(index.to(device), rows.to(device), active, width)
+    means = rows / rows.sum(2, keepdim=True).clamp(min=1)
+    seen = (rows.sum(2) > 0).sum(0).tolist()  # on the host: a plan, not a device result
+    return _Layout(index.to(device), rows.to(device, dtype), means.to(device), active, width, seen)
 
 
 def _train(
@@ -262,11 +266,12 @@ def _train(
     """Every step of the cohort; each client's mean loss over its non-empty steps.
 
     Nothing here waits for the device: shapes come from the host-side plan, and the
-    losses are summed on the device and read once at the end.
+    per-sample losses are kept on the device, weighed by the plan's ``means`` and read
+    once at the end (a batch's mean loss, summed over steps: one copy a step, not a
+    reduction and an accumulation).
     """
     x, y = data
-    total = torch.zeros(len(layout.picks[0]), dtype=torch.float64, device=x.device)
-    count = torch.zeros_like(total)
+    losses = torch.zeros_like(layout.rows)  # (T, K, W), the weights' dtype
     for t, (k, width) in enumerate(zip(layout.active, layout.width, strict=True)):
         index, rows = layout.picks[t, :k, :width], layout.rows[t, :k, :width]  # (k, W)
         grads, loss = step(
@@ -277,7 +282,7 @@ def _train(
             rows,
         )
         update(grads, k)
-        seen = rows.sum(1) > 0  # an empty Poisson batch still steps, but has no loss
-        total[:k] += torch.where(seen, loss, 0)
-        count[:k] += seen
-    return (total / count).tolist()  # 0/0: nan, as train_local for no non-empty step
+        losses[t, :k, :width] = loss  # (k, W); an empty batch's rows weigh 0
+    total = (losses.double() * layout.means).sum((0, 2)).tolist()
+    # no non-empty step: nan, as train_local
+    return [s / n if n else float("nan") for s, n in zip(total, layout.seen, strict=True)]

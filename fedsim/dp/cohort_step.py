@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.dp.clip_rules import rule_for
-from fedsim.dp.fast_clip import per_sample_cross_entropy
+from fedsim.dp.clip_rules import rule_for, total_norm
 from fedsim.errors import FedsimError
 
 Weights = dict[str, Tensor]
-# the active clients' step: weights, constants, x (k, B, ...), y, rows (k, B) -> grads, loss
+# the active clients' step: weights, constants, x (k, B, ...), y, rows (k, B)
+# -> grads (k, *shape) each, per-sample losses (k, B)
 Step = Callable[[Weights, Weights, Tensor, Tensor, Tensor], tuple[Weights, Tensor]]
 # weights, other state, x (B, ...), y -> per-sample losses (B,)
 PerSample = Callable[[Weights, Weights, Tensor, Tensor], Tensor]
@@ -51,7 +51,10 @@ def client_step(
     all_positions: bool,
     one_pass: bool = True,
 ) -> Step:
-    """One client's step for vmap over clients: its gradient (DP: clipped sum) and loss.
+    """One client's step for vmap over clients: its gradient (DP: clipped sum), its losses.
+
+    The losses are per sample, padding rows included: the caller weighs them with the
+    host-side plan, which knows each batch's size, rather than the step reducing them.
 
     ``example`` is as in :func:`one_pass_clipped_sum`; ``all_positions`` as in
     ``clients.training.train_local``. ``one_pass=False`` clips per-sample gradients even
@@ -70,18 +73,17 @@ def client_step(
 
     def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
         if clipped_sum is not None:
-            summed, loss = clipped_sum(w, c, x, y, rows)
-            return summed, mean_loss(loss, rows)
+            return clipped_sum(w, c, x, y, rows)
         grads, loss = per_grad(w, c, x, y)  # (B, *shape) each, (B,)
         norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads.values()], 1)
         coef = (clip / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
         summed = {n: torch.einsum("i,i...", coef.to(g.dtype), g) for n, g in grads.items()}
-        return summed, mean_loss(loss, rows)
+        return summed, loss
 
     def plain(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
         def batch_mean(weights: Weights) -> tuple[Tensor, Tensor]:
-            mean = mean_loss(per_sample(weights, c, x, y), rows)  # CrossEntropyLoss's mean
-            return mean, mean
+            losses = per_sample(weights, c, x, y)
+            return mean_loss(losses, rows), losses  # CrossEntropyLoss's mean, as train_local
 
         return grad(batch_mean, has_aux=True)(w)
 
@@ -127,13 +129,12 @@ def one_pass_clipped_sum(
 
         probes = [x.new_zeros((x.shape[0], *shape), dtype=dtype) for _, shape, dtype in probed]
         out_grads, (losses, inputs) = grad(summed_loss, has_aux=True)(probes)
-        parts, clips = [], []
+        norms, clips = [], []
         for layer, rule, layer_inputs, g in zip(layers, rules, inputs, out_grads, strict=True):
-            layer_sq, layer_clip = rule(layer, layer_inputs, g)
-            parts.append(layer_sq)
+            layer_norms, layer_clip = rule(layer, layer_inputs, g)
+            norms += layer_norms
             clips.append(layer_clip)
-        sq_norms = sum(parts[1:], parts[0])  # as from zero (0 + x = x), an add fewer
-        coef = (clip / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
+        coef = (clip / (total_norm(norms) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
         summed: Weights = {}
         for layer_clip in clips:
             for param, g_sum in layer_clip(coef).items():  # keyed by the module's parameter
@@ -220,9 +221,20 @@ def functional_per_sample(model: nn.Module, *, all_positions: bool) -> PerSample
 
     def per_sample(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> Tensor:
         if not all_positions:  # (B, C) logits
-            return per_sample_cross_entropy(functional_call(model, (weights, consts), (x,)), y)
+            return _cross_entropy(functional_call(model, (weights, consts), (x,)), y)
         targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (B, T): next characters
         logits = functional_call(model, (weights, consts), (x,), {"all_positions": True})
-        return per_sample_cross_entropy(logits, targets)  # (B, C, T) -> (B,)
+        return _cross_entropy(logits, targets)  # (B, C, T) -> (B,)
 
     return per_sample
+
+
+def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """``fast_clip.per_sample_cross_entropy``, bit for bit, in operators vmap batches as such.
+
+    Under ``vmap`` and ``grad``, ``cross_entropy`` decomposes into 22 operators (its
+    ``ignore_index`` masks, forward and back); the log-softmax picked at the target, negated,
+    is 9. ``target`` holds class indices: ``(B,)``, or ``(B, T)`` for ``(B, C, T)`` output.
+    """
+    losses = -torch.log_softmax(output, 1).gather(1, target.unsqueeze(1)).squeeze(1)
+    return losses.flatten(1).mean(1) if losses.dim() > 1 else losses

@@ -33,11 +33,16 @@ class CohortNoise:
         self._scales: dict[tuple, Tensor] = {}
 
     def __call__(self, summed: Weights, k: int) -> Weights:
-        """``summed`` (k, *shape) each, noised and scaled; each client's noise one draw."""
+        """``summed`` (k, *shape) each, noised and scaled; each client's noise one draw.
+
+        The sums are laid out as the noise is, one row of all parameters a client, so
+        that the addition and the division are one operator each, not one a parameter;
+        the results are views of that row.
+        """
         ref = next(iter(summed.values()))
         shapes = [s.shape[1:] for s in summed.values()]
         total = sum(math.prod(shape) for shape in shapes)
-        flat = torch.stack(
+        noise = torch.stack(
             [
                 gaussian_noise(
                     self.std,
@@ -50,12 +55,9 @@ class CohortNoise:
                 for r in self.rand[:k]
             ]
         )  # (k, Σ numel): client j's row is the draw train_local's optimizer makes
-        noise = split_like(flat, shapes)
-        scale = self._expected_on(ref)[:k]
-        return {
-            name: (s + n) / scale.view(-1, *[1] * (s.dim() - 1))
-            for (name, s), n in zip(summed.items(), noise, strict=True)
-        }
+        flat = torch.cat([s.reshape(k, -1) for s in summed.values()], dim=1)  # (k, Σ numel)
+        noised = flat.add_(noise).div_(self._expected_on(ref)[:k, None])
+        return dict(zip(summed, split_like(noised, shapes), strict=True))
 
     def _expected_on(self, like: Tensor) -> Tensor:
         """E[B] per client on ``like``'s device and dtype, moved there once.

@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fedsim.dp.clip_rules import rule_for
+from fedsim.dp.clip_rules import rule_for, total_norm
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.randomness import DPRandomness
 from fedsim.dp.schedule import Schedule
@@ -81,19 +81,17 @@ class FastClipper:
         outputs = [out for _, _, out, _ in calls]
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
         dtype = self.params[0].dtype
-        parts: list[Tensor] = []
+        norms: list[Tensor] = []
         clips: list[Callable[[Tensor], dict]] = []
         for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
             if grad is not None:
-                layer_sq, clip = rule_for(layer)(layer, inputs, grad)
-                parts.append(layer_sq)
+                layer_norms, clip = rule_for(layer)(layer, inputs, grad)
+                norms += layer_norms
                 clips.append(clip)
-        # left to right from the first layer's: the sum from zero, without adding the zero
-        if parts:
-            sq = sum(parts[1:], parts[0].to(dtype))
+        if norms:
+            self.per_sample_norms = total_norm(norms).to(dtype)
         else:  # every layer's output was unused
-            sq = per_sample_loss.new_zeros(batch, dtype=dtype)
-        self.per_sample_norms = sq.sqrt()
+            self.per_sample_norms = per_sample_loss.new_zeros(batch, dtype=dtype)
         coef = (self.max_grad_norm / (self.per_sample_norms + 1e-6)).clamp(max=1.0)
         summed: dict[nn.Parameter, Tensor] = {}
         for clip in clips:

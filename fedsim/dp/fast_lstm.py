@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fedsim.dp.lstm_recurrence import hidden_weight_grad, lstm_recurrence, reverse_padded
-from fedsim.dp.per_sample import gram64, weight_sq_norms
+from fedsim.dp.per_sample import gram64, weight_norms
 from fedsim.errors import FedsimError
 
 
@@ -270,7 +270,7 @@ def lstm_gates_norm_sample(
     g_gram = functools.cache(lambda: gram64(d_gates))
     for weight, a in ((layer.weight_ih, x), (layer.weight_hh, h_prev)):
         if weight.requires_grad:
-            norms[weight] = weight_sq_norms(a, d_gates, g_gram).sqrt()
+            norms[weight] = weight_norms(a, d_gates, g_gram)
     for bias in (layer.bias_ih, layer.bias_hh):
         if bias is not None and bias.requires_grad:
             norms[bias] = torch.linalg.vector_norm(d_gates.sum(dim=1), dim=1)

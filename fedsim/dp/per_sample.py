@@ -17,9 +17,14 @@ from torch import Tensor
 PER_SAMPLE_BUDGET = 1 << 23
 
 
-def sq(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
-    """Sums of squares over ``dim`` (``vector_norm`` is several times faster than squaring)."""
-    return torch.linalg.vector_norm(t, dim=dim).square()
+def norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """Euclidean norms over ``dim``: one operator (a sum of squares is two: ``pow``, ``sum``).
+
+    Rules give norms, not their squares: the model's per-sample norm is then one
+    ``vector_norm`` over all of them, where squares would need an addition a part and a
+    square root (on a GPU every operator is a kernel launch).
+    """
+    return torch.linalg.vector_norm(t, dim=dim)
 
 
 def scaled(t: Tensor, coef: Tensor) -> Tensor:
@@ -61,27 +66,28 @@ def row_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float64)
 
 
-def weight_sq_norms(a: Tensor, g: Tensor, g_gram: Callable[[], Tensor] | None = None) -> Tensor:
-    """``|G_b|^2`` for every b, for ``a`` and ``g`` of shape ``(B, T, .)``.
+def weight_norms(a: Tensor, g: Tensor, g_gram: Callable[[], Tensor] | None = None) -> Tensor:
+    """``|G_b|`` for every b, for ``a`` and ``g`` of shape ``(B, T, .)``.
 
-    Takes the cheaper exact form: row norms when T = 1, else T x T Gram matrices
-    (``|G_b|^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)``, ``summed_products``) or the per-sample
-    gradients themselves. ``g_gram`` gives ``gram64(g)`` where weights share ``g``.
+    Takes the cheaper exact form: row norms when T = 1 (``|G_b| = |a_b| |g_b|``), else
+    T x T Gram matrices (``|G_b|^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)``,
+    ``summed_products``) or the per-sample gradients themselves. ``g_gram`` gives
+    ``gram64(g)`` where weights share ``g``.
     """
     steps, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
     if steps == 1:
-        return sq(a, (1, 2)) * sq(g, (1, 2))
+        return norm(a, (1, 2)) * norm(g, (1, 2))
     if steps * (n_in + n_out) < n_in * n_out:
         gg = g_gram() if g_gram is not None else gram64(g)
         m = (row_norms(g) * row_norms(a)).sum(1)
-        return summed_products(gg, gram64(a), m, n_in + n_out).to(g.dtype)
-    return sq(torch.bmm(g.transpose(1, 2), a), (1, 2))
+        return summed_products(gg, gram64(a), m, n_in + n_out).sqrt().to(g.dtype)
+    return norm(torch.bmm(g.transpose(1, 2), a), (1, 2))
 
 
 def outer_weight(
     a: Tensor, g: Tensor, g_gram: Callable[[], Tensor] | None = None
 ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``|G_b|^2`` for every b, and ``coef -> sum_b coef_b G_b``; ``a``, ``g`` ``(B, T, .)``.
+    """``|G_b|`` for every b, and ``coef -> sum_b coef_b G_b``; ``a``, ``g`` ``(B, T, .)``.
 
     Either materialises the per-sample gradients (one ``bmm``, then a weighted sum) or
     never does (norms as above, the clipped sum as one matrix product with ``g`` scaled per
@@ -92,11 +98,11 @@ def outer_weight(
     gram_cost = steps * steps * (n_in + n_out) if steps > 1 else 0
     if steps > 1 and batch * n_in * n_out <= PER_SAMPLE_BUDGET and 4 * n_in * n_out < gram_cost:
         grads = torch.bmm(g.transpose(1, 2), a)
-        return sq(grads, (1, 2)), lambda coef: torch.tensordot(coef.to(g.dtype), grads, dims=1)
+        return norm(grads, (1, 2)), lambda coef: torch.tensordot(coef.to(g.dtype), grads, dims=1)
 
     def clip(coef: Tensor) -> Tensor:  # scale whichever factor is smaller
         if g.numel() <= a.numel():
             return outer_sum(scaled(g, coef), a)
         return outer_sum(g, scaled(a, coef))
 
-    return weight_sq_norms(a, g, g_gram), clip
+    return weight_norms(a, g, g_gram), clip
