@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -18,19 +18,18 @@ from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.data import (
     Dataset,
-    label_counts,
     load_dataset,
     natural_users,
     partition_dataset,
     vocab_record,
 )
 from fedsim.dp import UserCanaries, accounting, poisson_schedule, secure_root, seeded_root
-from fedsim.errors import FedsimError
-from fedsim.messages import ClientInfo, decode_client_info, encode_config
+from fedsim.messages import ClientInfo
 from fedsim.models import build_model, check_client_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
 from fedsim.server import audit, outputs
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
+from fedsim.server.discovery import discover_clients, partition_infos, wait_for_nodes
 from fedsim.server.grouping import GroupedGrid
 from fedsim.server.rounds import PULL_INTERVAL_S, SIMULATION_PULL_S, ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
@@ -38,56 +37,6 @@ from fedsim.server.strategy import Cohorts, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
 
 RoundCallback = Callable[[RoundRow], None]
-CONNECT_TIMEOUT_S = 300.0
-
-
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
-    """The sorted ids of the first ``count`` Flower nodes, once that many are connected."""
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise FedsimError(
-                f"only {len(nodes)} of {count} clients connected in "
-                f"{CONNECT_TIMEOUT_S:.0f} s; start more SuperNodes or lower num-clients"
-            )
-        time.sleep(0.5)
-    return nodes[:count]
-
-
-def partition_infos(
-    dataset: Dataset, parts: list[np.ndarray], *, share_labels: bool
-) -> list[ClientInfo]:
-    """Every client's size (and label counts, if shared), from the server's copy of the data."""
-    num_classes = model_kwargs(dataset)["num_classes"]
-    return [
-        ClientInfo(
-            c,
-            len(idx),
-            tuple(label_counts(dataset.y_train[idx], num_classes)) if share_labels else None,
-        )
-        for c, idx in enumerate(parts)
-    ]
-
-
-def discover_clients(grid: Grid, config: FedsimConfig) -> dict[int, tuple[int, ClientInfo]]:
-    """Ask every node for its partition; map partition id -> (node id, info)."""
-    nodes = wait_for_nodes(grid, config.num_clients)
-    content = encode_config(config)
-    replies = grid.send_and_receive(
-        [Message(content, node, MessageType.QUERY) for node in nodes], timeout=CONNECT_TIMEOUT_S
-    )
-    found: dict[int, tuple[int, ClientInfo]] = {}
-    for msg in replies:
-        if msg.has_error():
-            raise FedsimError(f"node {msg.metadata.src_node_id} failed: {msg.error.reason}")
-        info = decode_client_info(msg.content)
-        found[info.partition_id] = (msg.metadata.src_node_id, info)
-    if sorted(found) != list(range(config.num_clients)):
-        raise FedsimError(
-            f"clients reported partition ids {sorted(found)}; expected each of "
-            f"0..{config.num_clients - 1} exactly once"
-        )
-    return found
 
 
 def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig:
@@ -194,6 +143,17 @@ def start_state(
     return RunState(resolve_noise(config, infos), infos), nodes
 
 
+def checked_dataset(config: FedsimConfig) -> Dataset:
+    """The config's data, loaded, with the model checked against it.
+
+    For ``flwr run``: ``fedsim run`` and ``fedsim deploy`` check both before the engine
+    starts and pass the dataset in.
+    """
+    dataset = load_dataset(config.dataset, config.data_dir)
+    check_client_model(config, dataset)
+    return dataset
+
+
 def server_model(
     config: FedsimConfig, dataset: Dataset, arrays: dict[str, torch.Tensor] | None, device: str
 ) -> tuple[nn.Module, np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
@@ -225,6 +185,56 @@ def save_round(
     save_checkpoint(run_dir, state.to_checkpoint())
 
 
+AfterRound = Callable[[int, ArrayRecord | None, dict[int, str]], None]
+
+
+def round_recorder(
+    state: RunState,
+    run_dir: Path,
+    *,
+    model: nn.Module,
+    test: tuple[torch.Tensor, torch.Tensor],
+    device: str,
+    wrappers: tuple[PrivacyLedger, UserLevelDP | None, Strategy],
+    on_round: RoundCallback,
+) -> AfterRound:
+    """What follows each round: load the aggregate, evaluate, keep the row, save, report.
+
+    ``wrappers`` is what :func:`build_strategy` returns. The returned function takes the
+    round's number, its aggregated weights (``None`` for round 0 or a round without an
+    aggregate) and the clients dropped from it.
+    """
+    ledger, user_dp, algorithm = wrappers
+    clock = [time.time()]
+
+    def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
+        if arrays is not None:
+            model.load_state_dict(arrays.to_torch_state_dict())
+        if user_dp is not None:
+            state.clip_norm = user_dp.clip_norm
+        loss, acc = evaluate(model, *test, device=device)
+        # seconds since the last round's row: training, aggregation, evaluation, accounting
+        # and the last round's checkpoint: no time between rounds goes unrecorded
+        now = time.time()
+        row, participation = outputs.round_rows(
+            state,
+            server_round,
+            loss,
+            acc,
+            cohort=ledger.sampled.get(server_round, []),
+            dropped=dropped,
+            clip_norm=state.clip_norm if user_dp is not None else None,
+            seconds=now - clock[0],
+        )
+        clock[0] = now
+        state.rows.append(row)
+        state.participation.append(participation)
+        save_round(state, run_dir, model.state_dict(), algorithm_state(algorithm))
+        on_round(row)
+
+    return after_round
+
+
 def run_federation(
     grid: Grid,
     config: FedsimConfig,
@@ -253,9 +263,7 @@ def run_federation(
     started = started or time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     # one copy for partitions, partition.csv, vocab.json and evaluation
-    if dataset is None:  # `flwr run`: no preflight has checked the model
-        dataset = load_dataset(config.dataset, config.data_dir)
-        check_client_model(config, dataset)
+    dataset = checked_dataset(config) if dataset is None else dataset
     state, nodes = start_state(grid, config, dataset, run_dir, node_per_client=node_per_client)
     cfg = state.config
     if not node_per_client and cfg.clients_per_worker > 1:
@@ -265,40 +273,14 @@ def run_federation(
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
-    strategy, user_dp, algorithm = build_strategy(
-        state, nodes, bound=node_per_client, root=root, canaries=canaries
+    wrappers = build_strategy(state, nodes, bound=node_per_client, root=root, canaries=canaries)
+    after_round = round_recorder(
+        state, run_dir, model=model, test=test, device=device, wrappers=wrappers, on_round=on_round
     )
-    clock = [time.time()]
-
-    def after_round(server_round: int, arrays: ArrayRecord | None, dropped: dict[int, str]) -> None:
-        if arrays is not None:
-            model.load_state_dict(arrays.to_torch_state_dict())
-        if user_dp is not None:
-            state.clip_norm = user_dp.clip_norm
-        loss, acc = evaluate(model, *test, device=device)
-        # seconds since the last round's row: training, aggregation, evaluation, accounting
-        # and the last round's checkpoint: no time between rounds goes unrecorded
-        now = time.time()
-        row, participation = outputs.round_rows(
-            state,
-            server_round,
-            loss,
-            acc,
-            cohort=strategy.sampled.get(server_round, []),
-            dropped=dropped,
-            clip_norm=state.clip_norm if user_dp is not None else None,
-            seconds=now - clock[0],
-        )
-        clock[0] = now
-        state.rows.append(row)
-        state.participation.append(participation)
-        save_round(state, run_dir, model.state_dict(), algorithm_state(algorithm))
-        on_round(row)
-
     if not state.rows:
         after_round(0, None, {})
     run_rounds(
-        strategy,
+        wrappers[0],
         grid,
         ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()}),
         rounds=range(len(state.rows), cfg.num_rounds + 1),

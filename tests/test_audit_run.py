@@ -17,7 +17,8 @@ from fedsim.dp import audit_record, canary_set
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, model_kwargs
 from fedsim.server import audit
-from fedsim.server.federation import partition_infos, resolve_noise
+from fedsim.server.discovery import partition_infos
+from fedsim.server.federation import resolve_noise
 from tests.conftest import ROOT
 
 DIGITS = load_dataset("digits")

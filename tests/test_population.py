@@ -10,7 +10,7 @@ from fedsim.data import load_dataset
 from fedsim.data.partition import partition_dataset
 from fedsim.dp.randomness import seeded_root
 from fedsim.errors import FedsimError
-from fedsim.server.federation import partition_infos
+from fedsim.server.discovery import partition_infos
 from fedsim.server.strategy import place, sample_clients
 
 
