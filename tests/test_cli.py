@@ -118,8 +118,8 @@ def test_gpus_asked_of_a_cpu_build_of_torch_fail_before_ray_starts(tmp_path):
     )
     assert out.stdout.splitlines()[-1] == "2 []", out.stdout + out.stderr
     assert out.stderr.strip() == (
-        "fedsim: error: client-gpus=0.5 but no CUDA GPU is visible; "
-        "set client-gpus=0 or install a CUDA build of torch"
+        "fedsim: error: client-gpus=0.5 but no CUDA GPU is visible (torch is a CPU build: "
+        "install a CUDA build for a GPU); set client-gpus=0"
     )
 
 
@@ -130,11 +130,44 @@ def test_the_machine_check_trusts_torch_where_torch_has_answered(monkeypatch):
         check_machine(gpus, cuda_available=lambda: False)
     check_machine(parse_config({}), cuda_available=lambda: 1 / 0)  # no GPUs asked: not asked
     monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.11.0+cu130")
-    check_machine(gpus)  # a CUDA build: asked again once torch is imported
+    monkeypatch.setattr(machine, "why_no_cuda", lambda: None)  # a CUDA build, a GPU device
+    check_machine(gpus)  # asked again once torch is imported
+    monkeypatch.undo()
     monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: "2.13.0+cpu")
     with pytest.raises(FedsimError, match="no CUDA GPU is visible"):
         check_machine(gpus)
     check_machine(parse_config({"client-gpus": 1, "ray-address": "auto"}))  # the cluster's
+
+
+@pytest.mark.parametrize(
+    ("version", "platform", "devices", "visible", "why"),
+    [
+        ("2.13.0+cpu", "linux", ["nvidia0"], None, "torch is a CPU build"),
+        ("2.11.0", "linux", [], None, "no NVIDIA GPU device"),  # PyPI's CUDA build
+        ("2.11.0+cu130", "linux", ["nvidiactl"], None, "no NVIDIA GPU device"),
+        ("2.11.0+cu130", "linux", ["nvidia0", "nvidiactl"], None, None),
+        ("2.11.0+cu130", "linux", ["dxg"], None, None),  # WSL 2
+        ("2.11.0+cu130", "linux", ["nvidia0"], "", "hides every GPU"),
+        ("2.11.0+cu130", "linux", ["nvidia0"], "-1", "hides every GPU"),
+        ("2.11.0+cu130", "linux", ["nvidia0"], "1,0", None),
+        ("2.11.0+rocm6.4", "linux", ["kfd"], None, None),  # ROCm: asked once torch is in
+        ("2.11.0", "darwin", [], None, "macOS has no CUDA"),
+        ("2.11.0+cu130", "win32", [], None, None),  # no device files to read: ask torch
+    ],
+)
+def test_a_certainly_absent_gpu_is_known_without_torch(
+    monkeypatch, tmp_path, version, platform, devices, visible, why
+):
+    for name in devices:
+        (tmp_path / name).touch()
+    monkeypatch.setattr(machine.importlib.metadata, "version", lambda name: version)
+    monkeypatch.setattr(machine.sys, "platform", platform)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    found = machine.why_no_cuda(tmp_path)
+    assert found is None if why is None else why in found
 
 
 def test_existing_results_never_overwritten(bad_runs):
