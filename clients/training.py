@@ -104,14 +104,18 @@ def train_local(
         private.module, private.optimizer, order, (xs, ys), private.criterion, all_positions,
         after_step,
     )  # fmt: skip
+    private.close()  # drop the per-sample hooks from the module we were given
+    return loss, _spent(engine)
+
+
+def _spent(engine: PrivacyEngine) -> PrivacySpent:
+    """What Opacus's accountant recorded: its (noise multiplier, sample rate, steps)."""
     history = engine.accountant.history  # [(noise_multiplier, sample_rate, steps), ...]
-    spent = PrivacySpent(
+    return PrivacySpent(
         noise_multiplier=tuple(float(h[0]) for h in history),
         sample_rate=tuple(float(h[1]) for h in history),
         steps=tuple(int(h[2]) for h in history),
     )
-    private.close()  # drop the per-sample hooks from the module we were given
-    return loss, spent
 
 
 def _shuffled_batches(

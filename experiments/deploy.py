@@ -67,14 +67,7 @@ def deploy(
         ``load_checked(config)``'s, where the caller has checked it: not loaded again.
 
     """
-    local = is_loopback(host)
-    tls, auth = (not local if tls is None else tls), (not local if auth is None else auth)
-    if not local and not (tls and auth):
-        print(f"fedsim: warning: SuperLink on {host} without TLS and auth", flush=True)
-    if auth and not tls:
-        raise FedsimError(
-            "--auth needs --tls: Flower's SuperLink refuses SuperNode auth without TLS"
-        )
+    tls, auth = _security(host, tls, auth)
     flower_bin()
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FedsimError(
@@ -110,6 +103,19 @@ def deploy(
         shutil.rmtree(staging, ignore_errors=True)
         claim.release()
     return run_dir
+
+
+def _security(host: str, tls: bool | None, auth: bool | None) -> tuple[bool, bool]:
+    """(TLS, SuperNode auth): as asked, else on unless ``host`` is loopback; warns if off."""
+    local = is_loopback(host)
+    tls, auth = (not local if tls is None else tls), (not local if auth is None else auth)
+    if not local and not (tls and auth):
+        print(f"fedsim: warning: SuperLink on {host} without TLS and auth", flush=True)
+    if auth and not tls:
+        raise FedsimError(
+            "--auth needs --tls: Flower's SuperLink refuses SuperNode auth without TLS"
+        )
+    return tls, auth
 
 
 def _cert_hosts(host: str) -> tuple[str, ...]:
