@@ -237,26 +237,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> None:
     """Print one table of step times and ratios for the chosen models."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.research.bench", description=__doc__
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
-    parser.add_argument("--batch", default=str(BATCH), help="batch sizes, e.g. 64,256")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument(
-        "--all",
-        action="store_true",
-        help="then issue 6's other tables with their defaults: federation overhead "
-        "(experiments.research.bench_federation, ~30 min) and population scale "
-        "(experiments.research.bench_population, ~3 min)",
-    )
-    parser.add_argument(
-        "--rounds", action="store_true", help="then issue 14's round table (bench_rounds)"
-    )
-    parser.add_argument("--data-dir", default="", help="MNIST's folder, for --rounds' runs")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
@@ -285,6 +266,29 @@ def main(argv: list[str] | None = None) -> None:
         bench_federation.main([])
         print("\n# population scale", flush=True)
         bench_population.main([])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.research.bench", description=__doc__
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="cnn,project-cnn,lstm,transformer")
+    parser.add_argument("--batch", default=str(BATCH), help="batch sizes, e.g. 64,256")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="then issue 6's other tables with their defaults: federation overhead "
+        "(experiments.research.bench_federation, ~30 min) and population scale "
+        "(experiments.research.bench_population, ~3 min)",
+    )
+    parser.add_argument(
+        "--rounds", action="store_true", help="then issue 14's round table (bench_rounds)"
+    )
+    parser.add_argument("--data-dir", default="", help="MNIST's folder, for --rounds' runs")
+    return parser
 
 
 def _cpu_name() -> str:
