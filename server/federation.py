@@ -280,7 +280,7 @@ def run_federation(
     if not state.rows:
         after_round(0, None, {})
     run_rounds(
-        wrappers[0],
+        wrappers[0],  # the outermost: the ledger around user-level DP, cohorts, strategy
         grid,
         ArrayRecord({k: v.cpu() for k, v in model.state_dict().items()}),
         rounds=range(len(state.rows), cfg.num_rounds + 1),

@@ -62,9 +62,10 @@ def _outer_rule(
     biases = [b for b in maybe_biases if b is not None and b.requires_grad]
     norms = [weight_norms for _, (weight_norms, _) in weights]
     bias_sum = None  # (B, out): every bias's per-sample gradient
-    if biases:  # one position (T = 1): its own gradient, a view, no reduction to launch
+    if biases:
+        # one position (T = 1): its own gradient, a view, no reduction to launch
         bias_sum = g[:, 0] if g.shape[1] == 1 else g.sum(1)
-    if bias_sum is not None:  # the LSTM's two biases have the same gradient: listed twice
+        # the LSTM's two biases have the same gradient: its norm counts twice
         norms += [norm(bias_sum, 1)] * len(biases)
 
     def clip(coef: Tensor) -> Grads:
