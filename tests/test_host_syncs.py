@@ -37,16 +37,23 @@ class Syncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def counted(monkeypatch, module, name):
-    """Count the syncs inside ``module.name`` (the training loop), over all its calls."""
-    counter, loop = Syncs(), getattr(module, name)
+def syncs_by_epochs(monkeypatch, loop, train):
+    """The syncs inside ``loop`` ((module, name): a training loop) as ``train(epochs)`` runs,
+    for one epoch and for three."""
+    module, name = loop
+    seen = []
+    for epochs in (1, 3):
+        counter, original = Syncs(), getattr(module, name)
 
-    def wrapped(*args, **kwargs):
-        with counter:
-            return loop(*args, **kwargs)
+        def counted(*args, counter=counter, original=original, **kwargs):
+            with counter:
+                return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, wrapped)
-    return counter.calls
+        monkeypatch.setattr(module, name, counted)
+        train(epochs)
+        monkeypatch.undo()
+        seen.append(dict(counter.calls))
+    return seen
 
 
 def data(n=40, seed=0):
@@ -54,46 +61,46 @@ def data(n=40, seed=0):
     return rng.normal(size=(n, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, n)
 
 
+def new_model():
+    return build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+
+
 @pytest.mark.parametrize("grad_sample", ["fast", "hooks", "ghost", None])
 def test_one_client_reads_the_device_once_a_round(monkeypatch, grad_sample):
     x, y = data()
-    seen = []
-    for epochs in (1, 3):
-        calls = counted(monkeypatch, training, "_epochs")
-        model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
-        dp = {"noise_multiplier": 1.0, "grad_sample": grad_sample} if grad_sample else {}
-        training.train_local(model, x, y, epochs=epochs, batch_size=8, lr=0.1, **dp)
-        seen.append(dict(calls))
-        monkeypatch.undo()
+    dp = {"noise_multiplier": 1.0, "grad_sample": grad_sample} if grad_sample else {}
+
+    def train(epochs):
+        training.train_local(new_model(), x, y, epochs=epochs, batch_size=8, lr=0.1, **dp)
+
+    seen = syncs_by_epochs(monkeypatch, (training, "_epochs"), train)
     assert seen[0] == seen[1] == {"_local_scalar_dense": 1}  # the mean loss, at the end
 
 
 @pytest.mark.parametrize("dp", [True, False])
 def test_a_cohort_reads_the_device_once_a_round(monkeypatch, dp):
-    x, y = data()
-    seen = []
-    for epochs in (1, 3):
-        calls = counted(monkeypatch, cohort, "_train")
-        model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+    x, y = torch.from_numpy(data()[0]), torch.from_numpy(data()[1])
+    clients = [(x[: 20 + 10 * k], y[: 20 + 10 * k]) for k in range(3)]  # ragged
+
+    def train(epochs):
+        model = new_model()
         rand = [
             dp_randomness(seeded_root(0), server_round=1, client=k, device="cpu", secure=False)
             for k in range(3)
         ]
-        clients = [(torch.from_numpy(x[: 20 + 10 * k]), torch.from_numpy(y[: 20 + 10 * k]))
-                   for k in range(3)]  # fmt: skip
         train_cohort(
             model, [model.state_dict()] * 3, clients, epochs=epochs, batch_size=8, lr=0.1,
             noise_multiplier=1.0 if dp else None, randomness=rand,
         )  # fmt: skip
-        seen.append(dict(calls))
-        monkeypatch.undo()
+
+    seen = syncs_by_epochs(monkeypatch, (cohort, "_train"), train)
     # the losses are read once, by a tolist() after the loop, which no operator dispatches
     assert seen[0] == seen[1] == {}
 
 
 def test_evaluation_reads_the_device_twice_whatever_its_batches():
     x, y = data(n=64)
-    model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+    model = new_model()
     seen = []
     for batch_size in (64, 8):
         with Syncs() as counter:
