@@ -49,14 +49,12 @@ def live_pids(tries: int = 5) -> list[int]:
     Listing /proc while processes exit failed once with EBADF on '/proc' itself (a run's
     last cleanup, in a container); that is transient, so the listing is tried again.
     """
-    for attempt in range(tries):
+    for _ in range(tries - 1):
         try:
             return [int(name) for name in os.listdir("/proc") if name.isdigit()]
         except OSError:
-            if attempt == tries - 1:
-                raise
             time.sleep(0.05)
-    return []
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]  # its error stands
 
 
 def _parent_map() -> dict[int, int]:
