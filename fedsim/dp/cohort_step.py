@@ -119,6 +119,7 @@ def one_pass_clipped_sum(
     layers = [layer for layer, _, _ in probed]  # in the order they run
     rules = [rule_of[layer] for layer in layers]
     names = {id(p): n for n, p in model.named_parameters()}
+    dtypes = {dtype for _, _, dtype in probed}
 
     def clipped_sum(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
         def summed_loss(probes: list[Tensor]) -> tuple[Tensor, tuple]:
@@ -127,7 +128,8 @@ def one_pass_clipped_sum(
                 losses = per_sample(w, c, x, y)  # (B,)
             return losses.sum(), (losses, [inputs for _, inputs in calls])
 
-        probes = [x.new_zeros((x.shape[0], *shape), dtype=dtype) for _, shape, dtype in probed]
+        zeros = {dtype: x.new_zeros((), dtype=dtype) for dtype in dtypes}  # one each, expanded
+        probes = [zeros[dtype].expand(x.shape[0], *shape) for _, shape, dtype in probed]
         out_grads, (losses, inputs) = grad(summed_loss, has_aux=True)(probes)
         norms, clips = [], []
         for layer, rule, layer_inputs, g in zip(layers, rules, inputs, out_grads, strict=True):
