@@ -66,6 +66,15 @@ part rounds 180 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
 part cohort 90 python3 -m $M.bench_cohort --device cuda --suite --repeats 1
 part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
 part graphs 40 python3 -m $M.bench_graphs --device cuda
+# not by default: the cohort round of an older checkout in .gpu/base against this one, side
+# by side (e.g. git archive a1444d6 pyproject.toml fedsim clients server experiments |
+# tar -x -C .gpu/base: before the cohort's operator cuts of 2026-11-27)
+if [ -d .gpu/base ]; then
+    for tree in .gpu/base . .gpu/base .; do
+        PYTHONPATH=/tmp/site:$ROOT/$tree part ab 60 python3 -P -m $M.bench_cohort --device cuda \
+            --model cnn --clients 10 --steps 23 --batch 256 --repeats 3
+    done
+fi
 # not by default (the round table gives round 1 too): start-up of the real command
 part startup 90 python3 -m $M.bench_startup --repeat 2 \
     --set "dataset=\"mnist\" data-dir=\"$ROOT/.gpu/data/mnist\" client-gpus=0.1"
