@@ -132,7 +132,7 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
     )
     from fedsim.data import load_checked  # numpy: the other commands do without it
 
-    check_machine(config)  # a CPU build of torch has no GPU: said before Ray starts
+    check_machine(config)  # no GPU where one is certainly absent: said before Ray starts
     dataset = load_checked(config)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 

@@ -37,7 +37,10 @@ class CohortNoise:
 
         The sums are laid out as the noise is, one row of all parameters a client, so
         that the addition and the division are one operator each, not one a parameter;
-        the results are views of that row.
+        the results are views of that row. With more than one client those views are
+        strided, and torch's fused ``_foreach_*`` kernels need tensors of equal strides:
+        on a GPU :class:`CohortSGD`'s update then launches a kernel a parameter (still
+        fewer launches in all than two a parameter here).
         """
         ref = next(iter(summed.values()))
         shapes = [s.shape[1:] for s in summed.values()]
@@ -92,8 +95,10 @@ class CohortSGD:
     def __call__(self, grads: Weights, k: int) -> None:
         """One step of the first ``k`` clients, in place, from their gradients (k, *shape).
 
-        Each line is one fused call over all parameters (``torch._foreach_*``: on a GPU one
-        kernel where a loop launched one a parameter); the arithmetic is SGD's.
+        Each line is one call over all parameters (``torch._foreach_*``: on a GPU one
+        kernel where tensors share their strides, as weights and velocities do; the noised
+        gradients of :class:`CohortNoise` do not, and take a kernel a parameter); the
+        arithmetic is SGD's.
         """
         grads = {name: grads[name] for name in self.weights}  # parameter order, as Opacus's
         if self.noise is not None:
