@@ -111,6 +111,17 @@ def _silent(*_: int) -> None:
     pass
 
 
+def why_dropped(dropped: dict[int, str]) -> str:
+    """Each reason once, with the clients it stopped: ``clients 0, 3: ...; client 2: ...``."""
+    clients: dict[str, list[int]] = {}
+    for client, reason in sorted(dropped.items()):
+        clients.setdefault(reason, []).append(client)
+    return "; ".join(
+        f"client{'s' * (len(ids) > 1)} {', '.join(map(str, ids))}: {reason}"
+        for reason, ids in clients.items()
+    )
+
+
 def run_rounds(
     strategy: Strategy,
     grid: Grid,
@@ -152,10 +163,9 @@ def run_rounds(
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)) or new_arrays is None:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(dropped.items()))
             raise FedsimError(
                 f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
-                f"min-clients is {min_clients} ({reasons})"
+                f"min-clients is {min_clients} ({why_dropped(dropped)})"
             )
         arrays = new_arrays
         on_round(server_round, arrays, dropped)

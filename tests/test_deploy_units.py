@@ -24,7 +24,7 @@ from fedsim.experiments.procs import spawn, stop_tree, tagged
 from fedsim.experiments.raystart import WORKER_PRELOAD, ray_init_args
 from fedsim.experiments.run import client_resources
 from fedsim.messages import ARRAYS, CONFIG, PARTITION_KEY
-from fedsim.server.rounds import screen_replies
+from fedsim.server.rounds import screen_replies, why_dropped
 
 
 def test_server_certificate_chains_to_ca_and_names_hosts(tmp_path):
@@ -165,6 +165,8 @@ def test_superlink_error_for_a_dead_node_names_its_client():
     assert dropped[0] == "disk full"
     _, dropped = screen_replies(sent, [], timeout=5)
     assert dropped == {0: "no reply within round-timeout (5 s)", 1: dropped[0]}
+    # the error of a round that had too few: each reason once, with its clients
+    assert why_dropped({3: "a", 0: "b", 1: "a"}) == "client 0: b; clients 1, 3: a"
 
 
 def test_two_clients_on_one_worker_node_are_told_apart_by_message_id():

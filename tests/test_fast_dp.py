@@ -74,6 +74,33 @@ class LstmNet(nn.Module):
         return self.fc(out.sum(1))
 
 
+class RawParameter(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Gated(nn.Module):
+    """A user's layer: a parameter of its own and a sublayer, differentiated whole."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inner, self.gate = nn.Linear(width, width), nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        return self.inner(x) * torch.sigmoid(self.gate)
+
+
+def custom_layers():
+    """Layers no rule knows: PReLU, a bare parameter, a block with a sublayer."""
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.PReLU(8), Gated(8), nn.Tanh(), RawParameter(8), nn.Linear(8, 3)
+    )
+
+
 CASES = {
     "cnn": (small_cnn, lambda: torch.randn(BATCH, 2, 8, 8)),
     "tanh-cnn-28": (
@@ -84,6 +111,7 @@ CASES = {
     "transformer": (TinyTransformer, lambda: torch.randint(0, 11, (BATCH, 9))),
     "lstm": (LstmNet, lambda: torch.randint(0, 11, (BATCH, 9))),
     "lstm-fused": (lambda: LstmNet(fused=True), lambda: torch.randint(0, 11, (BATCH, 9))),
+    "custom-layers": (custom_layers, lambda: torch.randn(BATCH, 6)),
 }
 
 
@@ -300,15 +328,6 @@ class Tied(nn.Module):
         return self.out(self.emb(x))
 
 
-class RawParameter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        return x * self.scale
-
-
 @pytest.mark.parametrize(
     ("module", "needle"),
     [(SharedLayer(), "ran twice"), (InPlace(), "in place"), (InPlaceInput(), "in place")],
@@ -319,11 +338,9 @@ def test_unsupported_forward_passes_fail_clearly(module, needle):
         clipper.backward(module(torch.randn(3, 4)).sum(1))
 
 
-def test_layers_without_a_rule_fail_before_training():
+def test_tied_weights_and_unknown_modes_fail_before_training():
     with pytest.raises(FedsimError, match="tied weights"):
         FastClipper(Tied(), max_grad_norm=1.0)
-    with pytest.raises(FedsimError, match="no per-sample rule for RawParameter"):
-        FastClipper(RawParameter(), max_grad_norm=1.0)
     with pytest.raises(FedsimError, match="grad-sample must be one of"):
         make_private(
             PrivacyEngine(),
@@ -359,3 +376,65 @@ def test_bench_graphs_times_the_eager_step_on_a_cpu(capsys):
     rows = [row for row in rows if len(row) > 4 and row[1] == " project-cnn "]
     assert [row[3].strip() for row in rows] == ["no", "yes"]
     assert all(float(row[4]) > 0 and row[5].strip() == "" for row in rows)  # no graphs on a CPU
+
+
+class Mixer(nn.Module):
+    """No rule: a buffer, and a second positional input that every sample shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+        self.register_buffer("offset", torch.linspace(-1, 1, 4))
+
+    def forward(self, x, scale):
+        return torch.tanh(x @ self.weight + self.offset) * scale
+
+
+class MixerNet(nn.Module):
+    def __init__(self, scale="shared"):
+        super().__init__()
+        self.mix, self.head, self.scale = Mixer(), nn.Linear(4, 3), scale
+
+    def forward(self, x):
+        if self.scale == "per-sample":  # (B, 1): per sample, though not the first input
+            return self.head(self.mix(x, x[:, :1].exp()))
+        scale = torch.linspace(0.5, 2.0, 4)
+        mixed = self.mix(x, scale=scale) if self.scale == "keyword" else self.mix(x, scale)
+        return self.head(mixed)
+
+
+def test_a_layer_without_a_rule_clips_as_one_backward_pass_per_sample():
+    torch.manual_seed(0)
+    model, x, y = MixerNet().double(), torch.randn(BATCH, 4).double(), torch.randint(0, 3, (BATCH,))
+    params = list(model.parameters())
+    want, norms = [torch.zeros_like(p) for p in params], []
+    for b in range(BATCH):
+        loss = nn.functional.cross_entropy(model(x[b : b + 1]), y[b : b + 1])
+        grads = torch.autograd.grad(loss, params)
+        norms.append(torch.sqrt(sum(g.square().sum() for g in grads)))
+    clip = float(torch.stack(norms).median())
+    for b in range(BATCH):
+        loss = nn.functional.cross_entropy(model(x[b : b + 1]), y[b : b + 1])
+        coef = min(1.0, clip / (float(norms[b]) + 1e-6))
+        for total, g in zip(want, torch.autograd.grad(loss, params), strict=True):
+            total += coef * g
+    clipper = FastClipper(model, max_grad_norm=clip)
+    assert clipper.layers == [model.mix, model.head]
+    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert torch.allclose(clipper.per_sample_norms, torch.stack(norms), rtol=1e-10)
+    for param, expected in zip(params, want, strict=True):
+        assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("scale", "needle"),
+    [
+        ("per-sample", r"returned shape \(6, 4\), not \(1, 4\)"),
+        ("keyword", r"keyword arguments \(scale\)"),
+    ],
+)
+def test_a_layer_without_a_rule_gets_one_tensor_per_sample(scale, needle):
+    model = MixerNet(scale)
+    clipper = FastClipper(model, max_grad_norm=1.0)
+    with pytest.raises(FedsimError, match=needle):
+        clipper.backward(model(torch.randn(BATCH, 4)).sum(1))

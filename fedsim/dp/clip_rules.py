@@ -12,12 +12,16 @@ Layers whose per-sample gradients are small (convolutions, norms) compute them a
 them with weights. Layers whose per-sample gradients are big but are sums of outer
 products (linear layers, the LSTM's gates, embeddings) never build them: norms come from
 Gram matrices or row norms, and the clipped sum is one matrix product with dl/d(output)
-scaled per sample ("book-keeping", Bu et al. 2023). Every rule is exact; the tests compare
-them with Opacus's per-sample gradients.
+scaled per sample ("book-keeping", Bu et al. 2023). Any other layer with parameters of its
+own (a user's ``nn.Parameter``, ``PReLU``) is differentiated per sample by torch.func, whole
+with its sublayers, as Opacus's ``hooks`` do (:func:`functional_rule`). Every rule is exact;
+the tests compare them with Opacus's per-sample gradients and with one backward pass per
+sample.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
@@ -180,13 +185,80 @@ def total_norm(norms: Norms) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
-def rule_for(layer: nn.Module) -> Rule:
-    """The rule of a layer type; Opacus's grad samplers cover the rest."""
-    if type(layer) in RULES:
-        return RULES[type(layer)]
-    if type(layer) in GradSampleModule.GRAD_SAMPLERS:
-        return per_sample_rule
+def rule_for(layer: nn.Module, *, functional: bool = False) -> Rule:
+    """The rule of a layer type; Opacus's grad samplers cover the rest.
+
+    With ``functional``, any other layer gets :func:`functional_rule` (call it before
+    hooking the layer: it copies the layer); without, it is refused.
+    """
+    if has_rule(layer):
+        return RULES.get(type(layer), per_sample_rule)
+    if functional:
+        return functional_rule(layer)
     raise FedsimError(
         f"grad-sample 'fast' has no per-sample rule for {type(layer).__name__}; "
         "use grad-sample 'hooks' or a supported layer"
     )
+
+
+def has_rule(layer: nn.Module) -> bool:
+    """Whether a rule of its own, or an Opacus grad sampler, knows this layer type."""
+    return type(layer) in RULES or type(layer) in GradSampleModule.GRAD_SAMPLERS
+
+
+def rule_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers whose rules together clip ``module``, in ``modules()`` order.
+
+    Every module with trainable parameters of its own; one without a rule takes its
+    sublayers with it (:func:`functional_rule` differentiates it whole), as Opacus does.
+    """
+    own = any(p.requires_grad for p in module.parameters(recurse=False))
+    if own and not has_rule(module):
+        return [module]
+    inner = [layer for child in module.children() for layer in rule_layers(child)]
+    return [module, *inner] if own else inner
+
+
+def functional_rule(layer: nn.Module) -> Rule:
+    """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
+
+    The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
+    loss, whose gradient is the layer's per-sample parameter gradient. It runs as a copy
+    on the ``meta`` device with the layer's own tensors swapped in, so that hooks added to
+    the layer later (the clipper's) do not fire. Its first positional tensor is split by
+    sample (batch first, as in Opacus); any other argument is the same for every sample,
+    and a call whose output for one sample is not one sample's is refused.
+    """
+    stateless = copy.deepcopy(layer).to("meta")
+    name = type(layer).__name__
+
+    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
+        batch = grad_out.shape[0]
+        first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
+        if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
+            raise FedsimError(
+                f"grad-sample 'fast': {name} has no rule, and its first tensor input is not "
+                "one row per sample; make it batch-first or use a supported layer"
+            )
+        trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+        fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
+        fixed.update(layer.named_buffers())
+        args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+
+        def sample_loss(params: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
+            args[first] = x.unsqueeze(0)  # (1, ...): one sample
+            out = functional_call(stateless, {**params, **fixed}, tuple(args))
+            if out.shape != (1, *g.shape):  # another argument was per sample after all
+                raise FedsimError(
+                    f"grad-sample 'fast': {name} has no rule, and one sample's call returned "
+                    f"shape {tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor "
+                    "per sample, first, or use a supported layer"
+                )
+            return (out * g.unsqueeze(0)).sum()
+
+        xs = inputs[first].detach()
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
+        params = dict(layer.named_parameters())
+        return _weighted({params[n]: gs for n, gs in per_sample.items()}, batch)
+
+    return rule

@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fedsim.dp.clip_rules import rule_for, total_norm
+from fedsim.dp.clip_rules import has_rule, rule_for, rule_layers, total_norm
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.randomness import DPRandomness
 from fedsim.dp.schedule import Schedule
@@ -44,17 +44,22 @@ class FastClipper:
     def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.layers = [m for m in module.modules() if _trainable(m)]
-        owned = [id(p) for m in self.layers for p in m.parameters(recurse=False)]
+        self.layers = rule_layers(module)
+        owned = [id(p) for m in self.layers for p in _owned(m)]
         if len(owned) != len(set(owned)):  # per-layer norms would miss the cross terms
             raise FedsimError(
                 "grad-sample 'fast' does not support parameters shared between layers "
                 "(tied weights); use grad-sample 'hooks'"
             )
-        for layer in self.layers:
-            rule_for(layer)  # fail before training, not mid-way
+        # before the hooks: a layer without a rule is copied, and the copy must have none
+        self.rules = {m: rule_for(m, functional=True) for m in self.layers}
         self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
-        self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
+        self._handles = [
+            m.register_forward_hook(self._capture)
+            if has_rule(m)
+            else m.register_forward_hook(self._capture_positional, with_kwargs=True)
+            for m in self.layers
+        ]
         self.per_sample_norms: Tensor | None = None  # of the last batch, before clipping
 
     def _capture(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
@@ -63,6 +68,16 @@ class FastClipper:
         if not isinstance(output, Tensor):
             raise FedsimError(f"grad-sample 'fast': {type(layer).__name__} must return a tensor")
         self._calls.append((layer, inputs, output, _versions(inputs, output)))
+
+    def _capture_positional(
+        self, layer: nn.Module, inputs: tuple, kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if kwargs:  # its rule calls it again, on positional arguments only
+            raise FedsimError(
+                f"grad-sample 'fast': {type(layer).__name__} has no rule and was called with "
+                f"keyword arguments ({', '.join(kwargs)}); pass them positionally"
+            )
+        self._capture(layer, inputs, output)
 
     def close(self) -> None:
         """Remove the hooks; the module is a plain module again."""
@@ -85,7 +100,7 @@ class FastClipper:
         clips: list[Callable[[Tensor], dict]] = []
         for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
             if grad is not None:
-                layer_norms, clip = rule_for(layer)(layer, inputs, grad)
+                layer_norms, clip = self.rules[layer](layer, inputs, grad)
                 norms += layer_norms
                 clips.append(clip)
         if norms:
@@ -108,8 +123,9 @@ class FastClipper:
             p.grad = grad if p.grad is None else p.grad + grad
 
 
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+def _owned(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters a layer's rule accounts for: all of them where it has no rule."""
+    return [p for p in layer.parameters(recurse=not has_rule(layer)) if p.requires_grad]
 
 
 def _versions(inputs: tuple, output: Tensor) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedsim.data import IMAGE, Dataset
-from fedsim.dp import PROBE_SAMPLES, check_cohort_model, check_samples_apart
+from fedsim.dp import PROBE_SAMPLES, check_clippable, check_cohort_model, check_samples_apart
 from fedsim.errors import FedsimError
 from fedsim.registry import MODELS, resolve, tasks_of
 
@@ -68,13 +68,20 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
     """Refuse, before any round, a client model that DP-SGD or the cohort cannot train.
 
     Under sample-level DP the model must keep a batch's samples apart
-    (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs); with
-    ``clients-per-worker`` > 1 it must vectorize (:func:`fedsim.dp.check_cohort_model`).
+    (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs) and, trained one
+    client at a time, take a DP-SGD step in the configured ``grad-sample`` mode
+    (:func:`fedsim.dp.check_clippable`); with ``clients-per-worker`` > 1 it must
+    vectorize (:func:`fedsim.dp.check_cohort_model`).
     """
     if not (config.dp_sample or config.clients_per_worker > 1):
         return
     model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
     if config.clients_per_worker > 1:  # first: it names the layer
         check_cohort_model(model)
-    if config.dp_sample:
-        check_samples_apart(model, torch.as_tensor(dataset.x_train[:PROBE_SAMPLES]))
+    if not config.dp_sample:
+        return
+    x = torch.as_tensor(dataset.x_train[:PROBE_SAMPLES])
+    check_samples_apart(model, x)
+    if config.clients_per_worker == 1:  # a cohort clips with its own rules, or vmap
+        y = torch.as_tensor(dataset.y_train[:PROBE_SAMPLES])
+        check_clippable(model, x, y, grad_sample=config.grad_sample)

@@ -1,0 +1,121 @@
+"""A check, by one DP-SGD step of a copy, that the chosen per-sample mode can train a model.
+
+Without it a model of one's own meets the clipping in its first round, in every worker,
+after the engine has started. Opacus refuses some layers outright (``nn.LSTM``,
+``nn.MultiheadAttention``) and has drop-ins for them. ``fast`` differentiates a layer
+it has no rule for with torch.func, on a condition (one tensor per sample, first) that
+only a call can check; its clipped sum with nothing clipped must then be autograd's
+own gradient of the summed loss, which the check compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.module_utils import trainable_modules
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from fedsim.dp.fast_clip import (
+    GRAD_SAMPLE_MODES,
+    FastClipper,
+    make_private,
+    per_sample_cross_entropy,
+)
+from fedsim.dp.randomness import secure_dp_randomness
+from fedsim.dp.schedule import poisson_schedule
+from fedsim.errors import FedsimError
+
+# layers whose per-sample gradients Opacus cannot compute, and what to use instead
+DROP_INS = {
+    nn.LSTM: "fedsim.dp.FastDPLSTM (nn.LSTM's arguments, outputs and state-dict names)",
+    nn.GRU: "opacus.layers.DPGRU",
+    nn.RNN: "opacus.layers.DPRNN",
+    nn.MultiheadAttention: "opacus.layers.DPMultiheadAttention",
+}
+
+
+def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str) -> None:
+    """Refuse, in one line, a model that DP-SGD in mode ``grad_sample`` cannot train.
+
+    Runs one step of a copy of ``model`` on ``(x, y)`` (a few training samples) through
+    :func:`fedsim.dp.make_private`. With ``fast`` the per-sample gradients, none of them
+    clipped, must also add up to the gradient autograd gives the summed loss.
+    """
+    name = type(model).__name__
+    for path, layer in model.named_modules():
+        if type(layer) in DROP_INS:
+            raise FedsimError(
+                f"model {name}: layer '{path}' is an nn.{type(layer).__name__}, whose "
+                f"per-sample gradients Opacus cannot compute; use {DROP_INS[type(layer)]}"
+            )
+    for path, layer in trainable_modules(model):
+        if next(layer.buffers(), None) is not None:
+            raise FedsimError(
+                f"model {name}: layer '{path}' ({type(layer).__name__}) has trainable "
+                "parameters and buffers, which Opacus refuses: the server would get the "
+                "buffers unnoised; keep its constants in a layer without parameters"
+            )
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise FedsimError(f"model {name}: {str(errors[0]).splitlines()[0]}")
+    try:
+        with warnings.catch_warnings():  # Opacus's, about a step nobody will use
+            warnings.simplefilter("ignore")
+            _one_step(copy.deepcopy(model), x, y, grad_sample)
+        if grad_sample == "fast":
+            _check_fast_sum(model, x, y)
+    except FedsimError as error:
+        raise FedsimError(f"model {name}: {error}") from None
+    except (NotImplementedError, RuntimeError, ValueError) as error:
+        # the forward pass ran in check_samples_apart: this is the per-sample machinery's
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
+        raise FedsimError(
+            f"model {name} cannot be trained with grad-sample '{grad_sample}' ({first}); "
+            f"try grad-sample {others}"
+        ) from None
+
+
+def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
+    """One DP-SGD step, as a client takes it, at learning rate 0."""
+    private = make_private(
+        PrivacyEngine(accountant="rdp"),
+        grad_sample=grad_sample,
+        module=model.train(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        dataset=TensorDataset(x, y),
+        schedule=poisson_schedule(len(y), batch_size=len(y), epochs=1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        randomness=secure_dp_randomness(),
+    )
+    try:
+        private.criterion(private.module(x), y).backward()
+        private.optimizer.step()
+    finally:
+        private.close()
+
+
+def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """``fast``'s unclipped per-sample gradients, summed, against autograd's gradient."""
+    clipped, plain = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    clipper = FastClipper(clipped, max_grad_norm=float("inf"))
+    with torch.random.fork_rng(devices=[]):  # the same dropout masks in both copies
+        clipper.backward(per_sample_cross_entropy(clipped(x), y))
+    clipper.close()
+    per_sample_cross_entropy(plain(x), y).sum().backward()
+    for (path, p), q in zip(clipped.named_parameters(), plain.parameters(), strict=True):
+        if p.grad is None or q.grad is None:  # frozen, or unused by the loss
+            continue
+        scale = float(q.grad.abs().max()) + 1e-12
+        if not torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale):
+            raise FedsimError(
+                f"grad-sample 'fast': the per-sample gradients of '{path}' do not add up to "
+                "its gradient (a layer without a rule got an input that is not one row per "
+                "sample?); use grad-sample 'hooks'"
+            )

@@ -1,0 +1,109 @@
+"""The check before any round that the configured grad-sample mode can train a model."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedsim.dp import check_clippable, clip_rules
+from fedsim.errors import FedsimError
+from fedsim.models import build_model
+from fedsim.registry import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
+
+X, Y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+
+
+class Recurrent(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.rnn, self.head = layer, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.view(4, 2, 3))[0][:, -1])
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(3, 1, batch_first=True), nn.Linear(3, 3)
+
+    def forward(self, x):
+        z = x.view(4, 2, 3)
+        return self.head(self.attn(z, z, z)[0].mean(1))
+
+
+class Buffered(nn.Module):
+    """No rule, and a buffer: Opacus's functorch refuses it, fast differentiates it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3))
+        self.register_buffer("offset", torch.ones(3))
+
+    def forward(self, x):
+        return x @ self.weight + self.offset
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        (Recurrent(nn.LSTM(3, 8, batch_first=True)), r"'rnn' is an nn.LSTM.*fedsim.dp.FastDPLSTM"),
+        (Recurrent(nn.GRU(3, 8, batch_first=True)), r"'rnn' is an nn.GRU.*opacus.layers.DPGRU"),
+        (Attention(), r"'attn' is an nn.MultiheadAttention.*DPMultiheadAttention"),
+        (nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), "BatchNorm"),
+    ],
+)
+def test_layers_opacus_cannot_sample_are_refused_with_their_drop_in(model, needle):
+    for mode in ("fast", "hooks"):
+        with pytest.raises(FedsimError, match=needle):
+            check_clippable(model, X, Y, grad_sample=mode)
+
+
+def test_each_mode_is_tried_on_the_model():
+    tied = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    tied[2].weight = tied[0].weight
+    with pytest.raises(FedsimError, match=r"^model Sequential: .*tied weights.*'hooks'$"):
+        check_clippable(tied, X, Y, grad_sample="fast")
+    check_clippable(tied, X, Y, grad_sample="hooks")
+
+
+@pytest.mark.parametrize("mode", ["fast", "hooks", "ghost"])
+def test_layers_with_parameters_and_buffers_are_refused(mode):
+    needle = r"layer '' \(Buffered\) has trainable parameters and buffers"
+    with pytest.raises(FedsimError, match=needle):
+        check_clippable(Buffered(), X, Y, grad_sample=mode)
+
+
+def test_fast_sums_that_are_not_the_gradient_are_refused(monkeypatch):
+    def off(layer, inputs, grad):
+        norms, clip = clip_rules.linear_rule(layer, inputs, grad)
+        return norms, lambda coef: {p: 1.01 * g for p, g in clip(coef).items()}
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    check_clippable(model, X, Y, grad_sample="fast")
+    monkeypatch.setitem(clip_rules.RULES, nn.Linear, off)
+    with pytest.raises(FedsimError, match=r"per-sample gradients of '0\.weight' do not add up"):
+        check_clippable(model, X, Y, grad_sample="fast")
+
+
+@pytest.mark.parametrize("mode", ["fast", "hooks", "ghost"])
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("cnn", IMAGE),
+        ("fedavg-cnn", IMAGE),
+        ("lstm", IMAGE),
+        ("transformer", IMAGE),
+        ("lstm", NEXT_CHAR),
+        ("transformer", NEXT_CHAR),
+        ("transformer", TEXT_CLASSIFICATION),
+    ],
+)
+def test_every_built_in_model_takes_a_step_in_every_mode(name, task, mode):
+    """Opacus's ghost clipping once failed on the Transformer's position ids (a view)."""
+    torch.manual_seed(0)
+    image = task == IMAGE
+    x = torch.randn(4, 1, 28, 28) if image else torch.randint(1, 9, (4, 12))
+    model = build_model(
+        name, input_shape=tuple(x.shape[1:]), num_classes=3, task=task, vocab_size=9, dp=True
+    )
+    check_clippable(model, x, Y, grad_sample=mode)
