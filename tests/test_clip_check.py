@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.dp import check_clippable, clip_rules
+from fedsim.dp import check_clippable, check_cohort_step, clip_rules
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 from fedsim.registry import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
@@ -107,3 +107,35 @@ def test_every_built_in_model_takes_a_step_in_every_mode(name, task, mode):
         name, input_shape=tuple(x.shape[1:]), num_classes=3, task=task, vocab_size=9, dp=True
     )
     check_clippable(model, x, Y, grad_sample=mode)
+
+
+class Tracker(nn.Module):
+    """No parameters, but a running mean of its inputs: data the noise never covers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x
+
+
+@pytest.mark.parametrize("mode", ["fast", "hooks", "ghost"])
+def test_a_buffer_that_learns_from_the_data_is_refused(mode):
+    model = nn.Sequential(Tracker(), nn.Linear(6, 3))
+    with pytest.raises(FedsimError, match=r"buffer '0\.mean' changed in a training step"):
+        check_clippable(model, X, Y, grad_sample=mode)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_cohort_refuses_what_vmap_cannot_run_before_any_round(dp):
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    check_cohort_step(model, X, Y, dp=dp)
+    with pytest.raises(
+        FedsimError,
+        match=r"^model Sequential cannot be trained as a vectorized "
+        r"cohort \(.*in-place.*\); set clients-per-worker = 1$",
+    ):
+        check_cohort_step(nn.Sequential(Tracker(), nn.Linear(6, 3)), X, Y, dp=dp)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
-from fedsim.dp.clip_check import check_clippable
+from fedsim.dp.clip_check import check_clippable, check_cohort_step
 from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
 from fedsim.dp.fast_clip import (
     GRAD_SAMPLE_MODES,
@@ -104,6 +104,7 @@ __all__ = [
     "canary_set",
     "check_clippable",
     "check_cohort_model",
+    "check_cohort_step",
     "check_samples_apart",
     "dp_randomness",
     "epsilon_ceiling",

@@ -20,6 +20,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from fedsim.dp.cohort import train_cohort
 from fedsim.dp.fast_clip import (
     GRAD_SAMPLE_MODES,
     FastClipper,
@@ -42,11 +43,44 @@ DROP_INS = {
 def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str) -> None:
     """Refuse, in one line, a model that DP-SGD in mode ``grad_sample`` cannot train.
 
-    Runs one step of a copy of ``model`` on ``(x, y)`` (a few training samples) through
-    :func:`fedsim.dp.make_private`. With ``fast`` the per-sample gradients, none of them
-    clipped, must also add up to the gradient autograd gives the summed loss.
+    Opacus's validation first (``make_private`` repeats it in every mode), then one step
+    of a copy of ``model`` on ``(x, y)``, a few training samples: through
+    :func:`fedsim.dp.make_private`, or with ``fast`` its clipper's backward pass, whose
+    per-sample gradients, none of them clipped, must add up to autograd's gradient of
+    the summed loss. A buffer the step changed (running statistics of a layer of one's
+    own) is refused: clients send their whole state, and only the gradients are noised.
     """
     name = type(model).__name__
+    _refuse_layers(model, name)
+    probe = copy.deepcopy(model)
+    buffers = {path: b.clone() for path, b in probe.named_buffers()}
+    try:
+        with warnings.catch_warnings():  # Opacus's, about a step nobody will use
+            warnings.simplefilter("ignore")
+            if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
+                _check_fast_sum(probe, x, y)
+            else:
+                _one_step(probe, x, y, grad_sample)
+    except FedsimError as error:
+        raise FedsimError(f"model {name}: {error}") from None
+    except (NotImplementedError, RuntimeError, ValueError) as error:
+        # the forward pass ran in check_samples_apart: this is the per-sample machinery's
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
+        raise FedsimError(
+            f"model {name} cannot be trained with grad-sample '{grad_sample}' ({first}); "
+            f"try grad-sample {others}"
+        ) from None
+    for path, b in probe.named_buffers():
+        if path in buffers and not torch.equal(b, buffers[path]):
+            raise FedsimError(
+                f"model {name}: its buffer '{path}' changed in a training step, and would "
+                "reach the server unnoised (DP-SGD noises gradients only); keep buffers fixed"
+            )
+
+
+def _refuse_layers(model: nn.Module, name: str) -> None:
+    """What Opacus refuses by layer type, said in one line with what to use instead."""
     for path, layer in model.named_modules():
         if type(layer) in DROP_INS:
             raise FedsimError(
@@ -63,22 +97,6 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise FedsimError(f"model {name}: {str(errors[0]).splitlines()[0]}")
-    try:
-        with warnings.catch_warnings():  # Opacus's, about a step nobody will use
-            warnings.simplefilter("ignore")
-            _one_step(copy.deepcopy(model), x, y, grad_sample)
-        if grad_sample == "fast":
-            _check_fast_sum(model, x, y)
-    except FedsimError as error:
-        raise FedsimError(f"model {name}: {error}") from None
-    except (NotImplementedError, RuntimeError, ValueError) as error:
-        # the forward pass ran in check_samples_apart: this is the per-sample machinery's
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
-        raise FedsimError(
-            f"model {name} cannot be trained with grad-sample '{grad_sample}' ({first}); "
-            f"try grad-sample {others}"
-        ) from None
 
 
 def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
@@ -102,20 +120,45 @@ def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
 
 
 def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    """``fast``'s unclipped per-sample gradients, summed, against autograd's gradient."""
-    clipped, plain = copy.deepcopy(model).train(), copy.deepcopy(model).train()
-    clipper = FastClipper(clipped, max_grad_norm=float("inf"))
-    with torch.random.fork_rng(devices=[]):  # the same dropout masks in both copies
-        clipper.backward(per_sample_cross_entropy(clipped(x), y))
+    """``fast``'s unclipped per-sample gradients, summed, against autograd's gradient.
+
+    Both passes run on ``model`` (a copy) from the same random state (dropout masks).
+    """
+    clipper = FastClipper(model.train(), max_grad_norm=float("inf"))
+    with torch.random.fork_rng(devices=[]):
+        clipper.backward(per_sample_cross_entropy(model(x), y))
     clipper.close()
-    per_sample_cross_entropy(plain(x), y).sum().backward()
-    for (path, p), q in zip(clipped.named_parameters(), plain.parameters(), strict=True):
-        if p.grad is None or q.grad is None:  # frozen, or unused by the loss
+    summed = {path: p.grad for path, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    per_sample_cross_entropy(model(x), y).sum().backward()
+    for path, p in model.named_parameters():
+        want, got = p.grad, summed[path]
+        if want is None or got is None:  # frozen, or unused by the loss
             continue
-        scale = float(q.grad.abs().max()) + 1e-12
-        if not torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale):
+        scale = float(want.abs().max()) + 1e-12
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale):
             raise FedsimError(
                 f"grad-sample 'fast': the per-sample gradients of '{path}' do not add up to "
                 "its gradient (a layer without a rule got an input that is not one row per "
                 "sample?); use grad-sample 'hooks'"
             )
+
+
+def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> None:
+    """Refuse, in one line, a model a vectorized cohort cannot train: one step of a copy.
+
+    Besides :func:`fedsim.dp.check_cohort_model`'s layer types, what ``vmap`` and ``grad``
+    refuse only when called: in-place updates of a buffer, data-dependent control flow.
+    """
+    probe = copy.deepcopy(model)
+    try:
+        train_cohort(
+            probe, [probe.state_dict()], [(x, y)], epochs=1, batch_size=len(y), lr=0.0,
+            noise_multiplier=1.0 if dp else None,
+        )  # fmt: skip
+    except (NotImplementedError, RuntimeError, ValueError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FedsimError(
+            f"model {type(model).__name__} cannot be trained as a vectorized cohort "
+            f"({first}); set clients-per-worker = 1"
+        ) from None

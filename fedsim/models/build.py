@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from fedsim.data import IMAGE, Dataset
-from fedsim.dp import PROBE_SAMPLES, check_clippable, check_cohort_model, check_samples_apart
+from fedsim.dp import (
+    PROBE_SAMPLES,
+    check_clippable,
+    check_cohort_model,
+    check_cohort_step,
+    check_samples_apart,
+)
 from fedsim.errors import FedsimError
 from fedsim.registry import MODELS, resolve, tasks_of
 
@@ -71,17 +77,19 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
     (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs) and, trained one
     client at a time, take a DP-SGD step in the configured ``grad-sample`` mode
     (:func:`fedsim.dp.check_clippable`); with ``clients-per-worker`` > 1 it must
-    vectorize (:func:`fedsim.dp.check_cohort_model`).
+    vectorize (:func:`fedsim.dp.check_cohort_model`, then a step of
+    :func:`fedsim.dp.check_cohort_step`).
     """
     if not (config.dp_sample or config.clients_per_worker > 1):
         return
     model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
+    x = torch.as_tensor(dataset.x_train[:PROBE_SAMPLES])
+    y = torch.as_tensor(dataset.y_train[:PROBE_SAMPLES])
     if config.clients_per_worker > 1:  # first: it names the layer
         check_cohort_model(model)
-    if not config.dp_sample:
-        return
-    x = torch.as_tensor(dataset.x_train[:PROBE_SAMPLES])
-    check_samples_apart(model, x)
-    if config.clients_per_worker == 1:  # a cohort clips with its own rules, or vmap
-        y = torch.as_tensor(dataset.y_train[:PROBE_SAMPLES])
+    if config.dp_sample:
+        check_samples_apart(model, x)
+    if config.clients_per_worker > 1:
+        check_cohort_step(model, x, y, dp=config.dp_sample)
+    elif config.dp_sample:
         check_clippable(model, x, y, grad_sample=config.grad_sample)
