@@ -31,7 +31,7 @@ def train_local(
     momentum: float = 0.0,
     noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
-    grad_sample: str = "fast",
+    grad_sample: str = "auto",
     device: str = "cpu",
     all_positions: bool = False,
     randomness: DPRandomness | None = None,
@@ -54,8 +54,8 @@ def train_local(
         not the last position alone. One window's loss is the mean over its positions,
         so DP-SGD still clips one gradient per sample.
     grad_sample
-        How per-sample gradients are clipped: ``fast``, ``hooks`` or ``ghost``
-        (``fedsim.dp.fast_clip.make_private``); the same DP-SGD step in every mode.
+        How per-sample gradients are clipped: ``auto``, ``fast``, ``hooks`` or ``ghost``
+        (``fedsim.dp.make_private``); the same DP-SGD step in every mode.
     randomness
         DP-SGD's Poisson-mask and noise generators; by default fresh ones from the
         operating system's CSPRNG, so that no seed anyone knows can rebuild the noise.

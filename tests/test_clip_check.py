@@ -1,10 +1,12 @@
-"""The check before any round that the configured grad-sample mode can train a model."""
+"""The check before any round that the configured grad-sample mode can train a model, and
+``auto``'s choice of mode."""
 
 import pytest
 import torch
 from torch import nn
 
-from fedsim.dp import check_clippable, check_cohort_step, clip_rules
+from fedsim.clients.training import train_local
+from fedsim.dp import check_clippable, check_cohort_step, choose_grad_sample, clip_rules
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 from fedsim.registry import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
@@ -58,12 +60,33 @@ def test_layers_opacus_cannot_sample_are_refused_with_their_drop_in(model, needl
             check_clippable(model, X, Y, grad_sample=mode)
 
 
+def tied():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    model[2].weight = model[0].weight
+    return model
+
+
 def test_each_mode_is_tried_on_the_model():
-    tied = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
-    tied[2].weight = tied[0].weight
     with pytest.raises(FedsimError, match=r"^model Sequential: .*tied weights.*'hooks'$"):
-        check_clippable(tied, X, Y, grad_sample="fast")
-    check_clippable(tied, X, Y, grad_sample="hooks")
+        check_clippable(tied(), X, Y, grad_sample="fast")
+    check_clippable(tied(), X, Y, grad_sample="hooks")
+    check_clippable(tied(), X, Y, grad_sample="auto")
+
+
+def test_auto_is_fast_but_hooks_for_tied_weights():
+    assert choose_grad_sample("auto", tied()) == "hooks"
+    assert choose_grad_sample("auto", nn.Sequential(nn.Linear(6, 3), nn.PReLU())) == "fast"
+    for name in ("cnn", "fedavg-cnn", "lstm", "transformer"):
+        model = build_model(name, input_shape=(1, 28, 28), num_classes=3, dp=True)
+        assert choose_grad_sample("auto", model) == "fast"
+    assert choose_grad_sample("ghost", tied()) == "ghost"  # an exact mode stays as asked
+    with pytest.raises(FedsimError, match="grad-sample must be auto or one of fast, hooks"):
+        choose_grad_sample("slow", tied())
+    # by default a client trains the tied model, with Opacus's hooks: each layer's share
+    # of the parameter's per-sample gradient added up before clipping
+    x, y = torch.randn(40, 6), torch.randint(0, 6, (40,))
+    _, spent = train_local(tied(), x, y, epochs=1, batch_size=8, lr=0.1, noise_multiplier=1.0)
+    assert spent.steps == (5,)
 
 
 @pytest.mark.parametrize("mode", ["fast", "hooks", "ghost"])

@@ -25,7 +25,8 @@ from fedsim.clients.task import client_info
 from fedsim.clients.training import train_local
 from fedsim.config import check_deployment, deploy_config, parse_config
 from fedsim.dp import accounting
-from fedsim.dp.fast_clip import FastClipper, make_private, per_sample_cross_entropy
+from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
+from fedsim.dp.private import make_private
 from fedsim.dp.randomness import (
     Purpose,
     dp_randomness,

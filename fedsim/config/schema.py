@@ -157,8 +157,10 @@ class FedsimConfig(BaseModel):
     share_label_counts: bool = Field(
         False, description="clients report label counts, published unnoised in partition.csv"
     )
-    grad_sample: Literal["fast", "hooks", "ghost"] = Field(
-        "fast", description="per-sample clipping: fast (one pass), hooks or ghost (Opacus)"
+    grad_sample: Literal["auto", "fast", "hooks", "ghost"] = Field(
+        "auto",
+        description="per-sample clipping: fast (one pass), hooks or ghost (Opacus); "
+        "auto: fast, or hooks for tied weights",
     )
     seed: int = Field(
         0, ge=0, description="seeds partitions, model, faults; and DP noise unless secure-noise"

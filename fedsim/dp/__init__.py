@@ -27,15 +27,18 @@ from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, 
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
 from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
 from fedsim.dp.fast_clip import (
-    GRAD_SAMPLE_MODES,
     FastClipper,
-    PrivateTraining,
-    make_private,
     make_private_fast,
     per_sample_cross_entropy,
     poisson_loader,
 )
 from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.private import (
+    GRAD_SAMPLE_MODES,
+    PrivateTraining,
+    choose_grad_sample,
+    make_private,
+)
 from fedsim.dp.randomness import (
     DPRandomness,
     Purpose,
@@ -106,6 +109,7 @@ __all__ = [
     "check_cohort_model",
     "check_cohort_step",
     "check_samples_apart",
+    "choose_grad_sample",
     "dp_randomness",
     "epsilon_ceiling",
     "gaussian_estimate",

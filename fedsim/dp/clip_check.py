@@ -21,12 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedsim.dp.cohort import train_cohort
-from fedsim.dp.fast_clip import (
-    GRAD_SAMPLE_MODES,
-    FastClipper,
-    make_private,
-    per_sample_cross_entropy,
-)
+from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
+from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample, make_private
 from fedsim.dp.randomness import secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
@@ -52,6 +48,7 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
     """
     name = type(model).__name__
     _refuse_layers(model, name)
+    grad_sample = choose_grad_sample(grad_sample, model)
     probe = copy.deepcopy(model)
     buffers = {path: b.clone() for path, b in probe.named_buffers()}
     try:

@@ -219,6 +219,20 @@ def rule_layers(module: nn.Module) -> list[nn.Module]:
     return [module, *inner] if own else inner
 
 
+def shares_parameters(module: nn.Module) -> bool:
+    """Whether two of its layers (:func:`rule_layers`) share a parameter: tied weights.
+
+    Per-layer norms would miss the cross terms of such a parameter's gradient.
+    """
+    owned = [
+        id(p)
+        for layer in rule_layers(module)
+        for p in layer.parameters(recurse=not has_rule(layer))
+        if p.requires_grad
+    ]
+    return len(owned) != len(set(owned))
+
+
 def functional_rule(layer: nn.Module) -> Rule:
     """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
 

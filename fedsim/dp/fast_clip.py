@@ -17,18 +17,16 @@ generators the caller passes (``fedsim.dp.randomness``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fedsim.dp.clip_rules import has_rule, rule_for, rule_layers, total_norm
+from fedsim.dp.clip_rules import has_rule, rule_for, rule_layers, shares_parameters, total_norm
 from fedsim.dp.noise import fuse_noise_step
-from fedsim.dp.randomness import DPRandomness
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
 
@@ -45,8 +43,7 @@ class FastClipper:
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.layers = rule_layers(module)
-        owned = [id(p) for m in self.layers for p in _owned(m)]
-        if len(owned) != len(set(owned)):  # per-layer norms would miss the cross terms
+        if shares_parameters(module):
             raise FedsimError(
                 "grad-sample 'fast' does not support parameters shared between layers "
                 "(tied weights); use grad-sample 'hooks'"
@@ -121,11 +118,6 @@ class FastClipper:
             grad = summed.get(p)
             grad = torch.zeros_like(p) if grad is None else grad.detach().to(p.dtype).view_as(p)
             p.grad = grad if p.grad is None else p.grad + grad
-
-
-def _owned(layer: nn.Module) -> list[nn.Parameter]:
-    """The parameters a layer's rule accounts for: all of them where it has no rule."""
-    return [p for p in layer.parameters(recurse=not has_rule(layer)) if p.requires_grad]
 
 
 def _versions(inputs: tuple, output: Tensor) -> tuple[int, ...]:
@@ -243,90 +235,3 @@ def poisson_loader(
     loader = DPDataLoader(dataset, sample_rate=schedule.sample_rate, generator=generator)
     loader.batch_sampler.steps = schedule.batches
     return loader
-
-
-GRAD_SAMPLE_MODES = ("fast", "hooks", "ghost")
-
-
-class PrivateTraining(NamedTuple):
-    """What DP-SGD trains with: use these in place of the plain objects, then ``close()``."""
-
-    module: nn.Module
-    optimizer: DPOptimizer
-    criterion: Callable[[Tensor, Tensor], Any]
-    data_loader: DPDataLoader
-    close: Callable[[], None]
-
-
-def make_private(
-    engine: PrivacyEngine,
-    *,
-    grad_sample: str,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    dataset: TensorDataset,
-    schedule: Schedule,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    randomness: DPRandomness,
-) -> PrivateTraining:
-    """DP-SGD with Poisson sampling on ``schedule`` and cross-entropy loss.
-
-    Parameters
-    ----------
-    grad_sample
-        ``fast``: one backward pass with ``fedsim.dp.clip_rules`` (exact, the default);
-        ``hooks``: Opacus's per-sample gradients (the reference); ``ghost``: Opacus's
-        ghost clipping (two backward passes). The optimizer, noise and accountant are
-        Opacus's in every mode, and so is the loss of a sample: its mean over positions.
-    randomness
-        The generators of the Poisson masks and of the noise.
-
-    """
-    if grad_sample not in GRAD_SAMPLE_MODES:
-        raise FedsimError(f"grad-sample must be one of {', '.join(GRAD_SAMPLE_MODES)}")
-    loader = poisson_loader(dataset, schedule, randomness.batches)
-    args: dict[str, Any] = {
-        "module": module,
-        "optimizer": optimizer,
-        "data_loader": loader,
-        "noise_multiplier": noise_multiplier,
-        "max_grad_norm": max_grad_norm,
-        "noise_generator": randomness.noise,
-    }
-    if grad_sample == "fast":
-        model, opt, criterion, loader, clipper = make_private_fast(engine, **args)
-        private = PrivateTraining(model, opt, criterion, loader, clipper.close)
-    elif grad_sample == "ghost":
-        model, opt, ghost, loader = engine.make_private(
-            **args,
-            criterion=nn.CrossEntropyLoss(),
-            poisson_sampling=False,
-            grad_sample_mode="ghost",
-        )
-        private = PrivateTraining(model, opt, _per_sequence(ghost), loader, model._close)
-        fuse_noise_step(private.optimizer)
-    else:
-        model, opt, loader = engine.make_private(
-            **args, poisson_sampling=False, grad_sample_mode="hooks"
-        )
-        private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
-        fuse_noise_step(private.optimizer)
-    # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
-    private.optimizer.secure_mode = randomness.secure
-    # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
-    private.optimizer.expected_batch_size = schedule.expected_batch
-    return private
-
-
-def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
-    """Opacus's ghost criterion, told the sequence shape so a sample's loss is its mean."""
-
-    def criterion(output: Tensor, target: Tensor) -> Any:
-        if output.dim() != 3:
-            return ghost(output, target)
-        batch, classes, steps = output.shape
-        flat = output.transpose(1, 2).reshape(batch * steps, classes)
-        return ghost(flat, target.reshape(-1), shape=(batch, steps, classes))
-
-    return criterion
