@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from fedsim.clients.training import train_local
+from fedsim.config import parse_config
 from fedsim.dp import check_clippable, check_cohort_step, choose_grad_sample, clip_rules
 from fedsim.errors import FedsimError
+from fedsim.experiments.run import preflight
 from fedsim.models import build_model
 from fedsim.registry import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
 
@@ -162,3 +164,46 @@ def test_a_cohort_refuses_what_vmap_cannot_run_before_any_round(dp):
         r"cohort \(.*in-place.*\); set clients-per-worker = 1$",
     ):
         check_cohort_step(nn.Sequential(Tracker(), nn.Linear(6, 3)), X, Y, dp=dp)
+
+
+USER_NETS = """
+import torch
+from torch import nn
+
+
+class Recurrent(nn.Module):
+    tasks = ("image",)
+
+    def __init__(self, *, input_shape, num_classes, **_):
+        super().__init__()
+        self.rnn = nn.LSTM(input_shape[-1], 8, batch_first=True)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])
+
+
+class Tied(nn.Module):
+    tasks = ("image",)
+
+    def __init__(self, *, input_shape, num_classes, **_):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, num_classes)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x.flatten(1))))))
+"""
+
+
+def test_a_run_stops_before_any_work_where_its_mode_cannot_train_the_model(tmp_path, monkeypatch):
+    (tmp_path / "usernets.py").write_text(USER_NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config({"model": "usernets:Recurrent"})
+    with pytest.raises(FedsimError, match=r"'rnn' is an nn\.LSTM, .*use fedsim\.dp\.FastDPLSTM"):
+        preflight(config)
+    preflight(config.model_copy(update={"dp": "none"}))  # nothing to clip
+    tied = parse_config({"model": "usernets:Tied"})
+    preflight(tied)  # auto: hooks
+    with pytest.raises(FedsimError, match=r"^model Tied: grad-sample 'fast' .*\(tied weights\)"):
+        preflight(tied.model_copy(update={"grad_sample": "fast"}))
