@@ -260,8 +260,8 @@ def functional_rule(layer: nn.Module) -> Rule:
         args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
 
         def sample_loss(params: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
-            args[first] = x.unsqueeze(0)  # (1, ...): one sample
-            out = functional_call(stateless, {**params, **fixed}, tuple(args))
+            call = (*args[:first], x.unsqueeze(0), *args[first + 1 :])  # x: (1, ...)
+            out = functional_call(stateless, {**params, **fixed}, call)
             if out.shape != (1, *g.shape):  # another argument was per sample after all
                 raise FedsimError(
                     f"grad-sample 'fast': {name} has no rule, and one sample's call returned "
