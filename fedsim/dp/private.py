@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import register_norm_sampler
+from opacus.grad_sample.embedding import compute_embedding_norm_sample
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
@@ -124,3 +126,16 @@ def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
         return ghost(flat, target.reshape(-1), shape=(batch, steps, classes))
 
     return criterion
+
+
+@register_norm_sampler(nn.Embedding)
+def _embedding_norms(
+    layer: nn.Embedding, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Opacus's ghost-clipping norms of an embedding, from contiguous ids.
+
+    Opacus 1.6 ``view``s the ids, which fails for ids made by ``expand`` (position ids,
+    as in fedsim's Transformer); Opacus's public registry lets this fix it for any model.
+    """
+    ids = [a.contiguous() for a in activations]
+    return compute_embedding_norm_sample(layer, ids, backprops)

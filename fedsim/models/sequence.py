@@ -192,8 +192,7 @@ class TransformerNet(nn.Module):
         """Logits (N, num_classes), or (N, num_classes, T) at every position if asked."""
         features, mask, last = self.inputs(x)
         t = features.shape[1]
-        # (N, T), contiguous: Opacus's ghost clipping views an embedding's ids
-        steps = torch.arange(t, device=x.device).expand(len(x), -1).contiguous()
+        steps = torch.arange(t, device=x.device).expand(len(x), -1)
         h = features + self.positions(steps)
         attend = mask[:, None, None, :]  # (N, 1, 1, T): real keys only
         if self.task == NEXT_CHAR:
