@@ -62,10 +62,10 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
         raise FedsimError(f"model {name}: {error}") from None
     except (NotImplementedError, RuntimeError, ValueError) as error:
         # the forward pass ran in check_samples_apart: this is the per-sample machinery's
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
         raise FedsimError(
-            f"model {name} cannot be trained with grad-sample '{grad_sample}' ({first}); "
+            f"model {name} cannot be trained with grad-sample '{grad_sample}' "
+            f"({_first_line(error)}); "
             f"try grad-sample {others}"
         ) from None
     for path, b in probe.named_buffers():
@@ -93,7 +93,7 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
             )
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        raise FedsimError(f"model {name}: {str(errors[0]).splitlines()[0]}")
+        raise FedsimError(f"model {name}: {_first_line(errors[0])}")
 
 
 def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
@@ -154,8 +154,12 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
             noise_multiplier=1.0 if dp else None,
         )  # fmt: skip
     except (NotImplementedError, RuntimeError, ValueError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FedsimError(
             f"model {type(model).__name__} cannot be trained as a vectorized cohort "
-            f"({first}); set clients-per-worker = 1"
+            f"({_first_line(error)}); set clients-per-worker = 1"
         ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """An error's message on one line: torch's and Opacus's run to several."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
