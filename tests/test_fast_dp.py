@@ -298,6 +298,34 @@ class SharedLayer(nn.Module):
         return self.fc(self.fc(x))
 
 
+class LstmTwice(nn.Module):
+    """FastDPLSTM's gates see a whole sequence in one call: a second call is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = FastDPLSTM(4, 4, batch_first=True)
+
+    def forward(self, x):
+        once, _ = self.lstm(x.unsqueeze(1))
+        return self.lstm(once)[0]
+
+
+class Recurrent(nn.Module):
+    """Layers run again and again: a cell over time steps, a block applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.norm = nn.Linear(6, 3), nn.LayerNorm(3)
+        self.conv, self.head = nn.Conv1d(1, 1, 3, padding=1), nn.Linear(3, 3)
+
+    def forward(self, x):  # (B, 4, 3): 4 steps of 3 features
+        h = torch.zeros(len(x), 3, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.norm(self.cell(torch.cat([x[:, t], h], 1))))
+        h = self.conv(self.conv(h.unsqueeze(1))).squeeze(1)
+        return self.head(h)
+
+
 class InPlace(nn.Module):
     def __init__(self):
         super().__init__()
@@ -331,12 +359,12 @@ class Tied(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "needle"),
-    [(SharedLayer(), "ran twice"), (InPlace(), "in place"), (InPlaceInput(), "in place")],
+    [(LstmTwice(), "LSTMGates ran twice"), (InPlace(), "in place"), (InPlaceInput(), "in place")],
 )
 def test_unsupported_forward_passes_fail_clearly(module, needle):
     clipper = FastClipper(module, max_grad_norm=1.0)
     with pytest.raises(FedsimError, match=needle):
-        clipper.backward(module(torch.randn(3, 4)).sum(1))
+        clipper.backward(module(torch.randn(3, 4)).flatten(1).sum(1))
 
 
 def test_tied_weights_and_unknown_modes_fail_before_training():
@@ -404,26 +432,37 @@ class MixerNet(nn.Module):
         return self.head(mixed)
 
 
-def test_a_layer_without_a_rule_clips_as_one_backward_pass_per_sample():
-    torch.manual_seed(0)
-    model, x, y = MixerNet().double(), torch.randn(BATCH, 4).double(), torch.randint(0, 3, (BATCH,))
+def definition(model, x, y):
+    """Per-sample norms and the clipped sum at their median, one backward pass a sample."""
     params = list(model.parameters())
-    want, norms = [torch.zeros_like(p) for p in params], []
-    for b in range(BATCH):
+    per_sample = []
+    for b in range(len(x)):
         loss = nn.functional.cross_entropy(model(x[b : b + 1]), y[b : b + 1])
-        grads = torch.autograd.grad(loss, params)
-        norms.append(torch.sqrt(sum(g.square().sum() for g in grads)))
-    clip = float(torch.stack(norms).median())
-    for b in range(BATCH):
-        loss = nn.functional.cross_entropy(model(x[b : b + 1]), y[b : b + 1])
-        coef = min(1.0, clip / (float(norms[b]) + 1e-6))
-        for total, g in zip(want, torch.autograd.grad(loss, params), strict=True):
-            total += coef * g
+        per_sample.append(torch.autograd.grad(loss, params))
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in gs)) for gs in per_sample])
+    clip = float(norms.median())
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    want = [
+        sum(c * gs[i] for c, gs in zip(coefs, per_sample, strict=True)) for i in range(len(params))
+    ]
+    return norms, clip, want
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(MixerNet, (BATCH, 4)), (Recurrent, (BATCH, 4, 3)), (SharedLayer, (BATCH, 4))],
+)
+def test_layers_without_a_rule_or_run_repeatedly_clip_as_the_definition(make, shape):
+    """A layer without a rule (a buffer, a shared second input), and layers that run
+    several times in one forward pass, against one backward pass per sample."""
+    torch.manual_seed(0)
+    model, x = make().double(), torch.randn(*shape).double()
+    y = torch.randint(0, min(3, model(x).shape[1]), (BATCH,))
+    norms, clip, want = definition(model, x, y)
     clipper = FastClipper(model, max_grad_norm=clip)
-    assert clipper.layers == [model.mix, model.head]
     clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
-    assert torch.allclose(clipper.per_sample_norms, torch.stack(norms), rtol=1e-10)
-    for param, expected in zip(params, want, strict=True):
+    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-10)
+    for param, expected in zip(model.parameters(), want, strict=True):
         assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
 
 

@@ -14,7 +14,8 @@ products (linear layers, the LSTM's gates, embeddings) never build them: norms c
 Gram matrices or row norms, and the clipped sum is one matrix product with dl/d(output)
 scaled per sample ("book-keeping", Bu et al. 2023). Any other layer with parameters of its
 own (a user's ``nn.Parameter``, ``PReLU``) is differentiated per sample by torch.func, whole
-with its sublayers, as Opacus's ``hooks`` do (:func:`functional_rule`). Every rule is exact;
+with its sublayers, as Opacus's ``hooks`` do (:func:`functional_rule`), and so is a layer
+that runs several times in one forward pass (:func:`repeated_rule`). Every rule is exact;
 the tests compare them with Opacus's per-sample gradients and with one backward pass per
 sample.
 """
@@ -236,6 +237,37 @@ def shares_parameters(module: nn.Module) -> bool:
 def functional_rule(layer: nn.Module) -> Rule:
     """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
 
+    See :func:`functional_grads`; made before the clipper hooks the layer.
+    """
+    per_sample = functional_grads(layer)
+
+    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
+        return _weighted(per_sample(layer, inputs, grad_out), grad_out.shape[0])
+
+    return rule
+
+
+def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, list[tuple[tuple, Tensor]]], Any]:
+    """A layer that ran several times in one forward pass (a cell applied at each step).
+
+    A sample's gradient is the sum of what each call contributes, so each call's
+    per-sample gradients (:func:`functional_grads`) are added up before the norm.
+    """
+    per_sample = functional_grads(layer)
+
+    def rule(layer: nn.Module, calls: list[tuple[tuple, Tensor]]) -> tuple[Norms, ClipFn]:
+        total: Grads = {}
+        for inputs, grad_out in calls:
+            for param, grads in per_sample(layer, inputs, grad_out).items():
+                total[param] = total[param] + grads if param in total else grads
+        return _weighted(total, calls[0][1].shape[0])
+
+    return rule
+
+
+def functional_grads(layer: nn.Module) -> Callable[[nn.Module, tuple, Tensor], Grads]:
+    """Per-sample parameter gradients of one call of ``layer``, by torch.func.
+
     The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
     loss, whose gradient is the layer's per-sample parameter gradient. It runs as a copy
     on the ``meta`` device with the layer's own tensors swapped in, so that hooks added to
@@ -243,16 +275,16 @@ def functional_rule(layer: nn.Module) -> Rule:
     sample (batch first, as in Opacus); any other argument is the same for every sample,
     and a call whose output for one sample is not one sample's is refused.
     """
-    stateless = copy.deepcopy(layer).to("meta")
+    stateless = _meta_copy(layer)
     name = type(layer).__name__
 
-    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
+    def per_sample(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> Grads:
         batch = grad_out.shape[0]
         first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
         if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
             raise FedsimError(
-                f"grad-sample 'fast': {name} has no rule, and its first tensor input is not "
-                "one row per sample; make it batch-first or use a supported layer"
+                f"grad-sample 'fast': {name}'s first tensor input is not one row per "
+                "sample; make it batch-first or use a supported layer"
             )
         trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
         fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
@@ -264,15 +296,25 @@ def functional_rule(layer: nn.Module) -> Rule:
             out = functional_call(stateless, {**params, **fixed}, call)
             if out.shape != (1, *g.shape):  # another argument was per sample after all
                 raise FedsimError(
-                    f"grad-sample 'fast': {name} has no rule, and one sample's call returned "
-                    f"shape {tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor "
-                    "per sample, first, or use a supported layer"
+                    f"grad-sample 'fast': one sample's call of {name} returned shape "
+                    f"{tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor per "
+                    "sample, first, or use a supported layer"
                 )
             return (out * g.unsqueeze(0)).sum()
 
         xs = inputs[first].detach()
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
         params = dict(layer.named_parameters())
-        return _weighted({params[n]: gs for n, gs in per_sample.items()}, batch)
+        return {params[n]: gs for n, gs in grads.items()}
 
-    return rule
+    return per_sample
+
+
+def _meta_copy(layer: nn.Module) -> nn.Module:
+    """``layer`` copied with its parameters and buffers on ``meta``: no storage is copied."""
+    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in layer.buffers()}
+    memo.update(
+        (id(p), nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+        for p in layer.parameters()
+    )
+    return copy.deepcopy(layer, memo)

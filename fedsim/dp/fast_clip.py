@@ -16,7 +16,7 @@ generators the caller passes (``fedsim.dp.randomness``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import torch
@@ -25,10 +25,21 @@ from opacus.data_loader import DPDataLoader
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fedsim.dp.clip_rules import has_rule, rule_for, rule_layers, shares_parameters, total_norm
+from fedsim.dp.clip_rules import (
+    has_rule,
+    repeated_rule,
+    rule_for,
+    rule_layers,
+    shares_parameters,
+    total_norm,
+)
+from fedsim.dp.fast_lstm import LSTMGates
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
+
+# layers whose rule sees a whole sequence in one call, and that cannot run again per sample
+ONCE = (LSTMGates,)
 
 
 class FastClipper:
@@ -48,8 +59,9 @@ class FastClipper:
                 "grad-sample 'fast' does not support parameters shared between layers "
                 "(tied weights); use grad-sample 'hooks'"
             )
-        # before the hooks: a layer without a rule is copied, and the copy must have none
+        # before the hooks: these rules copy their layer, and the copy must have none
         self.rules = {m: rule_for(m, functional=True) for m in self.layers}
+        self.repeated = {m: repeated_rule(m) for m in self.layers if type(m) not in ONCE}
         self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
         self._handles = [
             m.register_forward_hook(self._capture)
@@ -89,17 +101,23 @@ class FastClipper:
         if batch == 0 or not calls:  # an empty Poisson batch: only noise will be added
             self._accumulate({})
             return
-        _check_calls(calls)
+        _check_calls(calls, self.repeated)
         outputs = [out for _, _, out, _ in calls]
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
+        by_layer: dict[nn.Module, list[tuple[tuple, Tensor]]] = {}
+        for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
+            if grad is not None:
+                by_layer.setdefault(layer, []).append((inputs, grad))
         dtype = self.params[0].dtype
         norms: list[Tensor] = []
         clips: list[Callable[[Tensor], dict]] = []
-        for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
-            if grad is not None:
-                layer_norms, clip = self.rules[layer](layer, inputs, grad)
-                norms += layer_norms
-                clips.append(clip)
+        for layer, layer_calls in by_layer.items():
+            if len(layer_calls) == 1:
+                layer_norms, clip = self.rules[layer](layer, *layer_calls[0])
+            else:  # its calls' per-sample gradients add up before the norm
+                layer_norms, clip = self.repeated[layer](layer, layer_calls)
+            norms += layer_norms
+            clips.append(clip)
         if norms:
             self.per_sample_norms = total_norm(norms).to(dtype)
         else:  # every layer's output was unused
@@ -126,11 +144,13 @@ def _versions(inputs: tuple, output: Tensor) -> tuple[int, ...]:
     return tuple(t._version for t in [*tracked, output])
 
 
-def _check_calls(calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]]) -> None:
+def _check_calls(
+    calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]], repeatable: Container
+) -> None:
     seen = set()
     for layer, inputs, output, versions in calls:
         name = type(layer).__name__
-        if id(layer) in seen:
+        if id(layer) in seen and layer not in repeatable:
             raise FedsimError(
                 f"grad-sample 'fast': {name} ran twice in one forward pass "
                 "(shared weights); use grad-sample 'hooks'"
