@@ -14,34 +14,38 @@ products (linear layers, the LSTM's gates, embeddings) never build them: norms c
 Gram matrices or row norms, and the clipped sum is one matrix product with dl/d(output)
 scaled per sample ("book-keeping", Bu et al. 2023). Any other layer with parameters of its
 own (a user's ``nn.Parameter``, ``PReLU``) is differentiated per sample by torch.func, whole
-with its sublayers, as Opacus's ``hooks`` do (:func:`functional_rule`), and so is a layer
-that runs several times in one forward pass (:func:`repeated_rule`). Every rule is exact;
+with its sublayers, as Opacus's ``hooks`` do, and so is a layer that runs several times in
+one forward pass (``fedsim.dp.func_rules``). Every rule is exact;
 the tests compare them with Opacus's per-sample gradients and with one backward pass per
 sample.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.per_sample import gram64, norm, outer_weight, row_norms, scaled, summed_products
+from fedsim.dp.func_rules import functional_rule
+from fedsim.dp.per_sample import (
+    ClipFn,
+    Grads,
+    Norms,
+    Rule,
+    gram64,
+    norm,
+    outer_weight,
+    row_norms,
+    scaled,
+    summed_products,
+    weighted,
+)
 from fedsim.errors import FedsimError
-
-Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum
-ClipFn = Callable[[Tensor], Grads]
-Norms = list[Tensor]  # (B,) each; their squares sum to the layer's squared norms
-# a rule takes its own layer type; the table below keys each rule by that type
-Rule = Callable[[Any, tuple, Tensor], tuple[Norms, ClipFn]]
 
 
 def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
@@ -118,17 +122,7 @@ def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Norm
     Right for layers whose per-sample gradients are small (norm layers, biases).
     """
     sampler = GradSampleModule.GRAD_SAMPLERS[type(layer)]
-    return _weighted(sampler(layer, list(inputs), grad), grad.shape[0])
-
-
-def _weighted(grads: Grads, batch: int) -> tuple[Norms, ClipFn]:
-    """Norms and clipped sum of materialised per-sample gradients."""
-    norms = [norm(gs.reshape(batch, -1), 1) for gs in grads.values()]
-
-    def clip(coef: Tensor) -> Grads:
-        return {p: torch.tensordot(coef.to(gs.dtype), gs, dims=1) for p, gs in grads.items()}
-
-    return norms, clip
+    return weighted(sampler(layer, list(inputs), grad), grad.shape[0])
 
 
 _CONV_WEIGHT_GRAD = {
@@ -162,7 +156,7 @@ def conv_rule(layer: nn.Conv2d, inputs: tuple, grad: Tensor) -> tuple[Norms, Cli
         grads[layer.weight] = weight.view(batch, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = grad.reshape(batch, layer.out_channels, -1).sum(2)
-    return _weighted(grads, batch)
+    return weighted(grads, batch)
 
 
 RULES: dict[type[nn.Module], Rule] = {
@@ -232,89 +226,3 @@ def shares_parameters(module: nn.Module) -> bool:
         if p.requires_grad
     ]
     return len(owned) != len(set(owned))
-
-
-def functional_rule(layer: nn.Module) -> Rule:
-    """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
-
-    See :func:`functional_grads`; made before the clipper hooks the layer.
-    """
-    per_sample = functional_grads(layer)
-
-    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
-        return _weighted(per_sample(layer, inputs, grad_out), grad_out.shape[0])
-
-    return rule
-
-
-def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, list[tuple[tuple, Tensor]]], Any]:
-    """A layer that ran several times in one forward pass (a cell applied at each step).
-
-    A sample's gradient is the sum of what each call contributes, so each call's
-    per-sample gradients (:func:`functional_grads`) are added up before the norm.
-    """
-    per_sample = functional_grads(layer)
-
-    def rule(layer: nn.Module, calls: list[tuple[tuple, Tensor]]) -> tuple[Norms, ClipFn]:
-        total: Grads = {}
-        for inputs, grad_out in calls:
-            for param, grads in per_sample(layer, inputs, grad_out).items():
-                total[param] = total[param] + grads if param in total else grads
-        return _weighted(total, calls[0][1].shape[0])
-
-    return rule
-
-
-def functional_grads(layer: nn.Module) -> Callable[[nn.Module, tuple, Tensor], Grads]:
-    """Per-sample parameter gradients of one call of ``layer``, by torch.func.
-
-    The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
-    loss, whose gradient is the layer's per-sample parameter gradient. It runs as a copy
-    on the ``meta`` device with the layer's own tensors swapped in, so that hooks added to
-    the layer later (the clipper's) do not fire. Its first positional tensor is split by
-    sample (batch first, as in Opacus); any other argument is the same for every sample,
-    and a call whose output for one sample is not one sample's is refused.
-    """
-    stateless = _meta_copy(layer)
-    name = type(layer).__name__
-
-    def per_sample(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> Grads:
-        batch = grad_out.shape[0]
-        first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
-        if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
-            raise FedsimError(
-                f"grad-sample 'fast': {name}'s first tensor input is not one row per "
-                "sample; make it batch-first or use a supported layer"
-            )
-        trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
-        fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
-        fixed.update(layer.named_buffers())
-        args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
-
-        def sample_loss(params: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
-            call = (*args[:first], x.unsqueeze(0), *args[first + 1 :])  # x: (1, ...)
-            out = functional_call(stateless, {**params, **fixed}, call)
-            if out.shape != (1, *g.shape):  # another argument was per sample after all
-                raise FedsimError(
-                    f"grad-sample 'fast': one sample's call of {name} returned shape "
-                    f"{tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor per "
-                    "sample, first, or use a supported layer"
-                )
-            return (out * g.unsqueeze(0)).sum()
-
-        xs = inputs[first].detach()
-        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
-        params = dict(layer.named_parameters())
-        return {params[n]: gs for n, gs in grads.items()}
-
-    return per_sample
-
-
-def _meta_copy(layer: nn.Module) -> nn.Module:
-    """``layer`` copied with its parameters and buffers on ``meta``: no storage is copied."""
-    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in layer.buffers()}
-    memo.update(
-        (id(p), nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
-        for p in layer.parameters()
-    )
-    return copy.deepcopy(layer, memo)

@@ -27,13 +27,13 @@ from torch.utils.data import TensorDataset
 
 from fedsim.dp.clip_rules import (
     has_rule,
-    repeated_rule,
     rule_for,
     rule_layers,
     shares_parameters,
     total_norm,
 )
 from fedsim.dp.fast_lstm import LSTMGates
+from fedsim.dp.func_rules import repeated_rule
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError

@@ -7,9 +7,16 @@ gradient ``G_b = sum_t g[b, t] a[b, t]^T`` with ``g`` = dl_b/d(output) and ``a``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum (or per-sample ones)
+ClipFn = Callable[[Tensor], Grads]
+Norms = list[Tensor]  # (B,) each; their squares sum to the layer's squared norms
+# a rule takes its own layer type; clip_rules.RULES keys each rule by that type
+Rule = Callable[[Any, tuple, Tensor], tuple[Norms, ClipFn]]
 
 # Per-sample gradients up to this many elements (32 MB in float32) are kept and summed with
 # weights; above it, fresh allocations cost page faults and memory traffic that the Gram
@@ -106,3 +113,13 @@ def outer_weight(
         return outer_sum(g, scaled(a, coef))
 
     return weight_norms(a, g, g_gram), clip
+
+
+def weighted(grads: Grads, batch: int) -> tuple[Norms, ClipFn]:
+    """Norms and clipped sum of materialised per-sample gradients, ``(B, ...)`` each."""
+    norms = [norm(gs.reshape(batch, -1), 1) for gs in grads.values()]
+
+    def clip(coef: Tensor) -> Grads:
+        return {p: torch.tensordot(coef.to(gs.dtype), gs, dims=1) for p, gs in grads.items()}
+
+    return norms, clip

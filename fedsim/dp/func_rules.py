@@ -1,0 +1,107 @@
+"""Clipping rules by torch.func, for layers the one-pass rules do not cover.
+
+A layer without a rule of its own (a user's ``nn.Parameter``, ``PReLU``, a block with
+parameters of its own) is differentiated per sample whole, with its sublayers, as
+Opacus's ``hooks`` do; so is each call of a layer that runs several times in one forward
+pass, whose calls' per-sample gradients add up before the norm. Both materialise
+per-sample gradients, as Opacus does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fedsim.dp.per_sample import ClipFn, Grads, Norms, Rule, weighted
+from fedsim.errors import FedsimError
+
+
+def functional_rule(layer: nn.Module) -> Rule:
+    """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
+
+    See :func:`functional_grads`; made before the clipper hooks the layer.
+    """
+    per_sample = functional_grads(layer)
+
+    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
+        return weighted(per_sample(layer, inputs, grad_out), grad_out.shape[0])
+
+    return rule
+
+
+def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, list[tuple[tuple, Tensor]]], Any]:
+    """A layer that ran several times in one forward pass (a cell applied at each step).
+
+    A sample's gradient is the sum of what each call contributes, so each call's
+    per-sample gradients (:func:`functional_grads`) are added up before the norm.
+    """
+    per_sample = functional_grads(layer)
+
+    def rule(layer: nn.Module, calls: list[tuple[tuple, Tensor]]) -> tuple[Norms, ClipFn]:
+        total: Grads = {}
+        for inputs, grad_out in calls:
+            for param, grads in per_sample(layer, inputs, grad_out).items():
+                total[param] = total[param] + grads if param in total else grads
+        return weighted(total, calls[0][1].shape[0])
+
+    return rule
+
+
+def functional_grads(layer: nn.Module) -> Callable[[nn.Module, tuple, Tensor], Grads]:
+    """Per-sample parameter gradients of one call of ``layer``, by torch.func.
+
+    The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
+    loss, whose gradient is the layer's per-sample parameter gradient. It runs as a copy
+    on the ``meta`` device with the layer's own tensors swapped in, so that hooks added to
+    the layer later (the clipper's) do not fire. Its first positional tensor is split by
+    sample (batch first, as in Opacus); any other argument is the same for every sample,
+    and a call whose output for one sample is not one sample's is refused.
+    """
+    stateless = _meta_copy(layer)
+    name = type(layer).__name__
+
+    def per_sample(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> Grads:
+        batch = grad_out.shape[0]
+        first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
+        if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
+            raise FedsimError(
+                f"grad-sample 'fast': {name}'s first tensor input is not one row per "
+                "sample; make it batch-first or use a supported layer"
+            )
+        trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+        fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
+        fixed.update(layer.named_buffers())
+        args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+
+        def sample_loss(params: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
+            call = (*args[:first], x.unsqueeze(0), *args[first + 1 :])  # x: (1, ...)
+            out = functional_call(stateless, {**params, **fixed}, call)
+            if out.shape != (1, *g.shape):  # another argument was per sample after all
+                raise FedsimError(
+                    f"grad-sample 'fast': one sample's call of {name} returned shape "
+                    f"{tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor per "
+                    "sample, first, or use a supported layer"
+                )
+            return (out * g.unsqueeze(0)).sum()
+
+        xs = inputs[first].detach()
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
+        params = dict(layer.named_parameters())
+        return {params[n]: gs for n, gs in grads.items()}
+
+    return per_sample
+
+
+def _meta_copy(layer: nn.Module) -> nn.Module:
+    """``layer`` copied with its parameters and buffers on ``meta``: no storage is copied."""
+    memo: dict[int, Any] = {id(b): torch.empty_like(b, device="meta") for b in layer.buffers()}
+    memo.update(
+        (id(p), nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad))
+        for p in layer.parameters()
+    )
+    return copy.deepcopy(layer, memo)
