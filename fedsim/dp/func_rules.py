@@ -34,7 +34,10 @@ def functional_rule(layer: nn.Module) -> Rule:
     return rule
 
 
-def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, list[tuple[tuple, Tensor]]], Any]:
+Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
+
+
+def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, Calls], tuple[Norms, ClipFn]]:
     """A layer that ran several times in one forward pass (a cell applied at each step).
 
     A sample's gradient is the sum of what each call contributes, so each call's
@@ -42,7 +45,7 @@ def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, list[tuple[tuple, Te
     """
     per_sample = functional_grads(layer)
 
-    def rule(layer: nn.Module, calls: list[tuple[tuple, Tensor]]) -> tuple[Norms, ClipFn]:
+    def rule(layer: nn.Module, calls: Calls) -> tuple[Norms, ClipFn]:
         total: Grads = {}
         for inputs, grad_out in calls:
             for param, grads in per_sample(layer, inputs, grad_out).items():
