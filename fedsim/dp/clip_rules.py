@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.func_rules import functional_rule
 from fedsim.dp.per_sample import (
     ClipFn,
     Grads,
@@ -180,16 +179,14 @@ def total_norm(norms: Norms) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
-def rule_for(layer: nn.Module, *, functional: bool = False) -> Rule:
+def rule_for(layer: nn.Module) -> Rule:
     """The rule of a layer type; Opacus's grad samplers cover the rest.
 
-    With ``functional``, any other layer gets :func:`functional_rule` (call it before
-    hooking the layer: it copies the layer); without, it is refused.
+    Any other layer is refused here; ``fast``'s clipper gives it
+    :func:`fedsim.dp.func_rules.functional_rule`.
     """
     if has_rule(layer):
         return RULES.get(type(layer), per_sample_rule)
-    if functional:
-        return functional_rule(layer)
     raise FedsimError(
         f"grad-sample 'fast' has no per-sample rule for {type(layer).__name__}; "
         "use grad-sample 'hooks' or a supported layer"
@@ -205,7 +202,8 @@ def rule_layers(module: nn.Module) -> list[nn.Module]:
     """The layers whose rules together clip ``module``, in ``modules()`` order.
 
     Every module with trainable parameters of its own; one without a rule takes its
-    sublayers with it (:func:`functional_rule` differentiates it whole), as Opacus does.
+    sublayers with it (``func_rules.functional_rule`` differentiates it whole), as Opacus
+    does.
     """
     own = any(p.requires_grad for p in module.parameters(recurse=False))
     if own and not has_rule(module):

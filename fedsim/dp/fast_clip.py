@@ -33,7 +33,7 @@ from fedsim.dp.clip_rules import (
     total_norm,
 )
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.func_rules import repeated_rule
+from fedsim.dp.func_rules import functional_grads, functional_rule, repeated_rule
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
@@ -59,9 +59,12 @@ class FastClipper:
                 "grad-sample 'fast' does not support parameters shared between layers "
                 "(tied weights); use grad-sample 'hooks'"
             )
-        # before the hooks: these rules copy their layer, and the copy must have none
-        self.rules = {m: rule_for(m, functional=True) for m in self.layers}
-        self.repeated = {m: repeated_rule(m) for m in self.layers if type(m) not in ONCE}
+        # before the hooks: each copies its layer once, and the copy must have none
+        per_sample = {m: functional_grads(m) for m in self.layers if type(m) not in ONCE}
+        self.rules = {
+            m: rule_for(m) if has_rule(m) else functional_rule(per_sample[m]) for m in self.layers
+        }
+        self.repeated = {m: repeated_rule(f) for m, f in per_sample.items()}
         self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
         self._handles = [
             m.register_forward_hook(self._capture)

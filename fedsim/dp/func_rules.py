@@ -20,13 +20,12 @@ from torch.func import functional_call, grad, vmap
 from fedsim.dp.per_sample import ClipFn, Grads, Norms, Rule, weighted
 from fedsim.errors import FedsimError
 
+PerSample = Callable[[nn.Module, tuple, Tensor], Grads]  # one call's per-sample gradients
+Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
 
-def functional_rule(layer: nn.Module) -> Rule:
-    """Any layer: per-sample gradients by ``vmap(grad(...))`` over its call, then summed.
 
-    See :func:`functional_grads`; made before the clipper hooks the layer.
-    """
-    per_sample = functional_grads(layer)
+def functional_rule(per_sample: PerSample) -> Rule:
+    """Any layer: its per-sample gradients (:func:`functional_grads`), then summed."""
 
     def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
         return weighted(per_sample(layer, inputs, grad_out), grad_out.shape[0])
@@ -34,16 +33,12 @@ def functional_rule(layer: nn.Module) -> Rule:
     return rule
 
 
-Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
-
-
-def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, Calls], tuple[Norms, ClipFn]]:
+def repeated_rule(per_sample: PerSample) -> Callable[[nn.Module, Calls], tuple[Norms, ClipFn]]:
     """A layer that ran several times in one forward pass (a cell applied at each step).
 
     A sample's gradient is the sum of what each call contributes, so each call's
     per-sample gradients (:func:`functional_grads`) are added up before the norm.
     """
-    per_sample = functional_grads(layer)
 
     def rule(layer: nn.Module, calls: Calls) -> tuple[Norms, ClipFn]:
         total: Grads = {}
@@ -55,7 +50,7 @@ def repeated_rule(layer: nn.Module) -> Callable[[nn.Module, Calls], tuple[Norms,
     return rule
 
 
-def functional_grads(layer: nn.Module) -> Callable[[nn.Module, tuple, Tensor], Grads]:
+def functional_grads(layer: nn.Module) -> PerSample:
     """Per-sample parameter gradients of one call of ``layer``, by torch.func.
 
     The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
