@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -122,6 +122,28 @@ def why_dropped(dropped: dict[int, str]) -> str:
     )
 
 
+def keep_schema(new: ArrayRecord, old: ArrayRecord) -> ArrayRecord:
+    """``new`` with ``old``'s names and dtypes: the model the clients load stays one model.
+
+    Flower's strategies average every array as a float, so a BatchNorm's step counter
+    would reach the clients (and the checkpoint) as a float64 mean; it is cast back, as
+    ``load_state_dict`` would. A strategy that adds or drops an array is refused here, in
+    one line, not in every client.
+    """
+    if new.keys() != old.keys():
+        missing, extra = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+        raise FedsimError(
+            f"the strategy returned a model whose arrays differ from the global model's "
+            f"(missing {missing}, extra {extra}); return an array for each name the global "
+            "model has, and no other"
+        )
+    if all(new[k].dtype == old[k].dtype for k in old):
+        return new
+    return ArrayRecord(
+        {k: Array(np.asarray(v.numpy()).astype(old[k].dtype)) for k, v in new.items()}
+    )
+
+
 def run_rounds(
     strategy: Strategy,
     grid: Grid,
@@ -167,7 +189,7 @@ def run_rounds(
                 f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
                 f"min-clients is {min_clients} ({why_dropped(dropped)})"
             )
-        arrays = new_arrays
+        arrays = keep_schema(new_arrays, arrays)
         on_round(server_round, arrays, dropped)
         if stop is not None and stop.is_set() and server_round != rounds[-1]:
             raise RunInterrupted(f"stopped after round {server_round}")

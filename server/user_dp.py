@@ -35,23 +35,27 @@ Arrays = dict[str, np.ndarray]
 
 
 def to_numpy(record: ArrayRecord) -> Arrays:
-    """ArrayRecord -> dict of float64 arrays (sums of many updates need the precision)."""
-    return {k: v.numpy().astype(np.float64) for k, v in record.items()}
+    """The floating-point arrays of ``record``, as float64 (sums of many updates need it).
+
+    Other arrays (a BatchNorm's step counter) are not part of an update: the server keeps
+    its own (:meth:`UserLevelDP.aggregate_train`). Counted in, one counter's change of a
+    round's step count would outweigh the clip norm and scale every weight's update to
+    almost nothing.
+    """
+    arrays = {k: v.numpy() for k, v in record.items()}
+    return {k: v.astype(np.float64) for k, v in arrays.items() if v.dtype.kind == "f"}
 
 
 def flatten(arrays: Arrays) -> np.ndarray:
-    """The floating-point arrays of a model, in order, as one vector (what canaries span)."""
-    parts = [v.ravel() for v in arrays.values() if v.dtype.kind == "f"]
+    """The arrays of :func:`to_numpy`, in order, as one vector (what canaries span)."""
+    parts = [v.ravel() for v in arrays.values()]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def unflatten(vector: np.ndarray, template: Arrays) -> Arrays:
-    """:func:`flatten`'s inverse on ``template``'s shapes; other arrays get zeros."""
+    """:func:`flatten`'s inverse on ``template``'s shapes."""
     out, at = {}, 0
     for key, value in template.items():
-        if value.dtype.kind != "f":
-            out[key] = np.zeros_like(value)
-            continue
         out[key] = vector[at : at + value.size].reshape(value.shape)
         at += value.size
     return out
@@ -105,6 +109,19 @@ def clip_fraction(
     """
     centred = unclipped - replies / 2 + rng.normal(0.0, std)
     return centred / cohort + 0.5
+
+
+def release(current: ArrayRecord, base: Arrays, mean: Arrays) -> ArrayRecord:
+    """The new global model: ``base`` + ``mean``, each array in ``current``'s dtype.
+
+    An array outside the update (not floating point, so not in ``base``) stays the
+    server's own.
+    """
+    old = {k: v.numpy() for k, v in current.items()}
+    # asarray: numpy arithmetic makes a 0-d array a scalar, which Array refuses
+    new = {k: np.asarray(base[k] + mean[k]).astype(v.dtype) if k in base else v
+           for k, v in old.items()}  # fmt: skip
+    return ArrayRecord({k: Array(v) for k, v in new.items()})
 
 
 class UserLevelDP(StrategyWrapper):
@@ -190,8 +207,7 @@ class UserLevelDP(StrategyWrapper):
             self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.quantile))
         # one Poisson-subsampled Gaussian release per round, whoever replied
         self.ledger.append(LedgerEntry(server_round, self.z, self.sample_rate, 1))
-        new = {k: (base[k] + mean[k]).astype(np.float32) for k in base}
-        released = ArrayRecord({k: Array(v) for k, v in new.items()})
+        released = release(self.current, base, mean)
         # the wrapped strategy sees only the release: its server optimizer is post-processing
         average = Message(average_content(released), 0, MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [average])

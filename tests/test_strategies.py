@@ -14,6 +14,7 @@ from fedsim.dp import seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS, CONFIG, METRICS, PARTITION_KEY, WEIGHT_KEY, named_partition
 from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
+from fedsim.server.rounds import keep_schema
 from fedsim.server.strategy import Cohorts
 from fedsim.server.user_dp import UserLevelDP
 
@@ -125,3 +126,27 @@ def test_strategies_that_do_not_fit_are_refused_in_one_line(values, needle):
     assert "\n" not in str(info.value)
     # a robust aggregation is fine where only clients add noise
     parse_config({"strategy": "flwr.serverapp.strategy:FedMedian", "dp": "sample"})
+
+
+def test_the_global_model_keeps_its_arrays_names_and_dtypes():
+    def model(w, steps):
+        return ArrayRecord(
+            {"w": Array(np.asarray(w, np.float32)), "steps": Array(np.asarray(steps, np.int64))}
+        )
+
+    def answer(client, record):
+        message = reply(client, [0.0])
+        message.content[ARRAYS] = record
+        return message
+
+    fedavg = build_algorithm(parse_config({}))
+    mean, _ = fedavg.aggregate_train(1, [answer(0, model([1.0], 4)), answer(1, model([2.0], 7))])
+    assert mean["steps"].dtype == "float64"  # Flower averages a step counter as a float
+    kept = keep_schema(mean, model([0.0], 0))
+    assert kept["steps"].numpy().dtype == np.int64 and kept["steps"].numpy() == 5
+    assert kept["w"].numpy().tolist() == [1.5]
+    same = model([3.0], 1)
+    assert keep_schema(same, model([0.0], 0)) is same  # nothing to cast: no copy
+    with pytest.raises(FedsimError, match=r"missing \['steps'\], extra \['v'\]"):
+        other = {"w": Array(np.zeros(1, np.float32)), "v": Array(np.zeros(1, np.float32))}
+        keep_schema(ArrayRecord(other), model([0.0], 0))

@@ -86,6 +86,23 @@ def test_noise_std_matches_sigma_clip_over_cohort():
     assert np.std(new["w"].numpy()) == pytest.approx(2.0 * 0.5 / 10.0, rel=0.02)
 
 
+def test_a_step_counter_is_kept_by_the_server_and_outside_the_clip():
+    # a BatchNorm's num_batches_tracked: a 0-d int64 that training moves by its step count
+    dp = wrapper()
+    base = ArrayRecord(
+        {"w": Array(np.zeros(2, np.float32)), "steps": Array(np.asarray(5, np.int64))}
+    )
+    dp.configure_train(1, base, None, None)
+    local = ArrayRecord(
+        {"w": Array(np.array([0.3, 0.4], np.float32)), "steps": Array(np.asarray(105, np.int64))}
+    )
+    new, _ = dp.aggregate_train(1, [SimpleNamespace(content={ARRAYS: local})])
+    # counted in, the counter's change of 100 would have scaled w's update by 1/100
+    assert np.allclose(new["w"].numpy(), np.array([0.3, 0.4]) / 4.0, atol=1e-6)
+    assert new["steps"].numpy().dtype == np.int64 and new["steps"].numpy() == 5
+    assert new["w"].numpy().dtype == np.float32
+
+
 @pytest.mark.parametrize(("update_norm", "direction"), [(0.01, -1), (100.0, +1)])
 def test_adaptive_clip_moves_toward_quantile(update_norm, direction):
     dp = wrapper(
