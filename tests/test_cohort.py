@@ -276,6 +276,32 @@ def test_one_pass_clipping_equals_the_definition(name, kwargs):
     assert clipped > 0  # some samples were really clipped
 
 
+@pytest.mark.parametrize(
+    "train",
+    [{**DP, "noise_multiplier": 0.0}, {**DP, "noise_multiplier": 0.0, "clipping": "per-sample"},
+     {**DP, "noise_multiplier": None}],
+    ids=["one-pass", "per-sample", "no-dp"],
+)  # fmt: skip
+def test_dropout_draws_its_own_masks_per_client(train):
+    def model(p):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Dropout(p), nn.Linear(32, 10))
+
+    # two clients alike in every way (data, start, streams): only dropout can tell them apart
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in images((40,))] * 2
+    start = {k: v.clone() for k, v in model(0.5).state_dict().items()}
+    got = train_cohort(
+        model(0.5), [start] * 2, data, randomness=[randomness(0), randomness(0)], **train
+    )
+    assert max_diff(got[0].state, got[1].state) > 1e-4
+    without = train_cohort(
+        model(0.0), [start] * 2, data, randomness=[randomness(0), randomness(0)], **train
+    )
+    assert max_diff(without[0].state, without[1].state) == 0
+    assert max_diff(got[0].state, without[0].state) > 1e-4
+    assert all(torch.isfinite(v).all() for update in got for v in update.state.values())
+
+
 class _ScaledHead(nn.Module):
     """A trainable layer with no clipping rule of its own (its own ``scale`` parameter)."""
 

@@ -20,7 +20,9 @@ and one client's may round differently and the sample's gradient flow through an
 input; both are valid per-sample gradients, clipped alike. On the digits ``cnn`` (seed 0)
 that moved one client of three by up to 2.3e-3 after one epoch (8e-3 after two); with
 its inputs jittered by 1e-3, which breaks the ties, it matched to 3e-8. Clients share no
-stream and no sample.
+stream and no sample. Dropout draws its masks from torch's global generator, each client
+and (with per-sample gradients) each sample its own, so a model with dropout trains as in
+``train_local`` but not mask for mask.
 
 Ragged clients (sizes n_k, steps s_k): a step's batches are padded to the widest with
 weight-0 rows (copies of a real example, so their gradients are finite and × 0 is an
@@ -155,7 +157,9 @@ def train_cohort(
         one_pass=clipping == "one-pass",
     )
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math attention has vmap rules
-        losses = _train(weights, consts, (x, y), layout, vmap(step, chunk_size=chunk_size), update)
+        # "different": each client draws its own dropout masks (the noise is drawn outside)
+        batched = vmap(step, chunk_size=chunk_size, randomness="different")
+        losses = _train(weights, consts, (x, y), layout, batched, update)
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
     tensors = {**weights, **consts}
     keys = list(template.state_dict())

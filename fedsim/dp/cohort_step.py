@@ -69,7 +69,8 @@ def client_step(
         loss = per_sample(weights, consts, x[None], y[None]).sum()  # one sample, batch of 1
         return loss, loss
 
-    per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0))
+    # "different": each sample's forward draws its own dropout mask, as in a batch
+    per_grad = vmap(grad(one, has_aux=True), in_dims=(None, None, 0, 0), randomness="different")
 
     def private(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
         if clipped_sum is not None:
