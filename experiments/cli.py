@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
         description="Federated, differentially private learning on Flower and Opacus.",
         epilog=KEYS_HINT,
     )
-    top.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    top.add_argument("--debug", action="store_true", help="show tracebacks on errors (anywhere)")
     sub = top.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="run one experiment in Flower's simulation engine", epilog=KEYS_HINT
@@ -63,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
 def config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
     """``--config`` and ``--set``, as every command that runs a config takes them."""
     parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG", help="as --config")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -102,6 +103,16 @@ def deploy_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=0.0, metavar="S", help="give up after S seconds"
     )
     parser.add_argument("--verbose", action="store_true", help="show Flower's log stream")
+
+
+def one_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the config file given either way (``CONFIG`` or ``--config``) as ``config``."""
+    given = getattr(args, "config_file", None)
+    if given is not None:
+        if args.config is not None:
+            raise FedsimError(f"two configs given, {given} and --config {args.config}; give one")
+        args.config = given
+    return args
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -249,12 +260,15 @@ HANDLERS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    # taken anywhere: an error says "rerun with --debug", and that is added at the end
+    argv = [arg for arg in argv if arg != "--debug"]
     # your own parts ("mymodels:MLP") import from the folder you run in, as with
     # `python -m`; appended, so that a local folder never hides an installed package
     sys.path.append(os.getcwd())
     try:
-        args = parser().parse_args(argv)
+        args = one_config(parser().parse_args(argv))
         return HANDLERS[args.command](args)
     except RunInterrupted as exc:
         print(f"fedsim: {exc}", file=sys.stderr)

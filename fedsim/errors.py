@@ -22,6 +22,12 @@ def _printable(char: str) -> str:
     return char if char.isprintable() else repr(char)[1:-1]
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message on one line, its type where it has none (torch's run to several)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class RunInterrupted(Exception):
     """The user asked the run to stop; the last finished round is checkpointed.
 

@@ -35,6 +35,8 @@ BAD_RUNS = [
     (["--set", "dataset=mnist"], "needs data-dir"),
     (["--set", "num-rnds=3"], "did you mean 'num-rounds'"),
     (["--config", "missing.toml"], "does not exist"),
+    (["missing.toml"], "config file missing.toml does not exist"),  # CONFIG, as --config
+    (["a.toml", "--config", "b.toml"], "two configs given, a.toml and --config b.toml"),
     (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
 ]
 
@@ -200,6 +202,18 @@ def test_help_and_config_errors_need_neither_torch_nor_flower():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[2, 0] []", out.stdout + out.stderr
+
+
+def test_debug_is_taken_after_the_command_too(capsys):
+    from fedsim.experiments.cli import main
+
+    # an error says "rerun with --debug", which users add at the end
+    for argv in (
+        ["--debug", "run", "--set", "model=nope"],
+        ["run", "--set", "model=nope", "--debug"],
+    ):
+        assert main(argv) == 2
+        assert "Traceback" in capsys.readouterr().err
 
 
 def test_keys_lists_every_key_with_default_and_meaning(tmp_path):

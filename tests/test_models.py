@@ -10,6 +10,7 @@ from fedsim.config import parse_config
 from fedsim.data import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
 from fedsim.dp import check_samples_apart
 from fedsim.errors import FedsimError
+from fedsim.experiments.run import preflight
 from fedsim.models import build_model, opacus_lstm_layer
 from fedsim.registry import DATASETS, MODELS
 
@@ -127,6 +128,74 @@ def test_wrong_pairing_is_one_config_line():
                 with pytest.raises(FedsimError, match=f"model {model} cannot learn") as info:
                     parse_config(values)
                 assert "\n" not in str(info.value)
+
+
+BROKEN_NETS = """
+import torch
+from torch import nn
+
+
+class NoKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+
+class Shapes(nn.Module):
+    def __init__(self, *, num_classes, out=None, **_):
+        super().__init__()
+        self.fc = nn.Linear(64, out or num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Raises(Shapes):
+    def forward(self, x):
+        raise ValueError("a bug of its own")
+
+
+def wider(**kw):
+    return Shapes(**kw, out=7)
+
+
+def wrong_input(**kw):
+    return nn.Sequential(nn.Flatten(), nn.Linear(100, 10))
+
+
+def pair(**kw):
+    return nn.ModuleDict({"fc": nn.Linear(64, 10)})
+
+
+def frozen(**kw):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).requires_grad_(False)
+"""
+
+
+@pytest.mark.parametrize(
+    ("attr", "needle"),
+    [
+        ("NoKeywords", r"could not be built \(TypeError: .*'input_shape'\); fedsim builds it "
+         "with the keywords input_shape, num_classes, task, vocab_size, dp"),
+        ("wider", r"returned \(4, 7\) for 4 inputs; .* \(batch, num_classes\) = \(4, 10\)"),
+        ("wrong_input", r"failed on 4 of the dataset's inputs, shape \(4, 1, 8, 8\) "
+         r"torch.float32 \(RuntimeError: mat1 and mat2"),
+        ("Raises", r"\(ValueError: a bug of its own\)"),
+        ("pair", r"failed on .*\(NotImplementedError: "),
+        ("frozen", "has no trainable parameters"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("dp", ["none", "user", "sample"])
+def test_a_model_of_ones_own_that_cannot_train_stops_the_run_in_one_line(
+    attr, needle, dp, tmp_path, monkeypatch
+):
+    (tmp_path / "broken_nets.py").write_text(BROKEN_NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config({"model": f"broken_nets:{attr}", "dp": dp})
+    with pytest.raises(FedsimError, match=needle) as info:
+        preflight(config)
+    assert "\n" not in str(info.value) and "broken_nets" in str(info.value)
+    preflight(config.model_copy(update={"model": "broken_nets:Shapes"}))
 
 
 @pytest.mark.parametrize("name", ["lstm", "transformer"])

@@ -25,7 +25,7 @@ from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
 from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample, make_private
 from fedsim.dp.randomness import secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, first_line
 
 # layers whose per-sample gradients Opacus cannot compute, and what to use instead
 DROP_INS = {
@@ -65,7 +65,7 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
         others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
         raise FedsimError(
             f"model {name} cannot be trained with grad-sample '{grad_sample}' "
-            f"({_first_line(error)}); "
+            f"({first_line(error)}); "
             f"try grad-sample {others}"
         ) from None
     for path, b in probe.named_buffers():
@@ -93,7 +93,7 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
             )
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
-        raise FedsimError(f"model {name}: {_first_line(errors[0])}")
+        raise FedsimError(f"model {name}: {first_line(errors[0])}")
 
 
 def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
@@ -156,10 +156,5 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
     except (NotImplementedError, RuntimeError, ValueError) as error:
         raise FedsimError(
             f"model {type(model).__name__} cannot be trained as a vectorized cohort "
-            f"({_first_line(error)}); set clients-per-worker = 1"
+            f"({first_line(error)}); set clients-per-worker = 1"
         ) from None
-
-
-def _first_line(error: Exception) -> str:
-    """An error's message on one line: torch's and Opacus's run to several."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

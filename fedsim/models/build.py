@@ -19,11 +19,14 @@ from fedsim.dp import (
     check_cohort_step,
     check_samples_apart,
 )
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, first_line
 from fedsim.registry import MODELS, resolve, tasks_of
 
 if TYPE_CHECKING:
     from fedsim.config import FedsimConfig
+
+
+BUILD_KEYWORDS = ("input_shape", "num_classes", "task", "vocab_size", "dp")
 
 
 def build_model(
@@ -52,9 +55,19 @@ def build_model(
             f"model {name} does not support task {task}; it supports {', '.join(sorted(tasks))}"
         )
     builder = resolve(name, MODELS, "model")
-    model = builder(
-        input_shape=input_shape, num_classes=num_classes, task=task, vocab_size=vocab_size, dp=dp
-    )
+    try:
+        model = builder(
+            input_shape=input_shape, num_classes=num_classes, task=task, vocab_size=vocab_size,
+            dp=dp,
+        )  # fmt: skip
+    except FedsimError:
+        raise
+    except Exception as error:  # a model of one's own may raise anything: say it is the model
+        raise FedsimError(
+            f"model '{name}' could not be built ({type(error).__name__}: {first_line(error)}); "
+            f"fedsim builds it with the keywords {', '.join(BUILD_KEYWORDS)}: accept them "
+            "(**kwargs takes the ones it does not use)"
+        ) from error
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model '{name}' built a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -73,18 +86,20 @@ def model_kwargs(dataset: Dataset) -> dict[str, Any]:
 def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
     """Refuse, before any round, a client model that DP-SGD or the cohort cannot train.
 
-    Under sample-level DP the model must keep a batch's samples apart
+    Any model must train something and score a batch (:func:`check_outputs`). Under
+    sample-level DP it must keep a batch's samples apart
     (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs) and, trained one
     client at a time, take a DP-SGD step in the configured ``grad-sample`` mode
     (:func:`fedsim.dp.check_clippable`); with ``clients-per-worker`` > 1 it must
     vectorize (:func:`fedsim.dp.check_cohort_model`, then a step of
     :func:`fedsim.dp.check_cohort_step`).
     """
-    if not (config.dp_sample or config.clients_per_worker > 1):
-        return
     model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
     x = torch.as_tensor(dataset.x_train[:PROBE_SAMPLES])
     y = torch.as_tensor(dataset.y_train[:PROBE_SAMPLES])
+    check_outputs(model, x, num_classes=dataset.num_classes, name=config.model)
+    if not (config.dp_sample or config.clients_per_worker > 1):
+        return
     if config.clients_per_worker > 1:  # first: it names the layer
         check_cohort_model(model)
     if config.dp_sample:
@@ -93,3 +108,35 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
         check_cohort_step(model, x, y, dp=config.dp_sample)
     elif config.dp_sample:
         check_clippable(model, x, y, grad_sample=config.grad_sample)
+
+
+def check_outputs(model: nn.Module, x: torch.Tensor, *, num_classes: int, name: str) -> None:
+    """Refuse a model with nothing to train, or that cannot score ``x`` as evaluation does.
+
+    Evaluation calls the model in eval mode on a batch of the dataset's inputs and reads
+    its output as logits, ``(batch, num_classes)``. ``model`` is left in train mode.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise FedsimError(
+            f"model {name} has no trainable parameters; give it at least one (an nn.Linear "
+            "head) or set requires_grad on the ones it should learn"
+        )
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as error:  # the model's own code: say which call failed, on what
+        raise FedsimError(
+            f"model {name} failed on {len(x)} of the dataset's inputs, shape "
+            f"{tuple(x.shape)} {x.dtype} ({type(error).__name__}: {first_line(error)}); "
+            "make its forward take a batch of them"
+        ) from error
+    finally:
+        model.train()
+    want = (len(x), num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FedsimError(
+            f"model {name} returned {got} for {len(x)} inputs; it must return logits of "
+            f"shape (batch, num_classes) = {want} in eval mode"
+        )
