@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from opacus.layers import DPGRU
 from torch import nn
 from torch.func import vmap
 
@@ -91,6 +92,43 @@ def test_dp_sgd_equals_train_local_client_by_client(name, kwargs, sizes, options
         assert max_diff(update.state, start) > 0.01  # it trained
         assert max_diff(update.state, state) < 1e-5
         assert update.loss == pytest.approx(loss, rel=1e-5)
+
+
+class _TiedRnn(nn.Module):
+    """Opacus's DPGRU (one weight under two names in its state_dict) and a tied pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.gru = DPGRU(6, 8, batch_first=True)
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 20)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = self.gru(self.emb(x))[0][:, -1]
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(h)))))
+
+
+def test_tied_weights_train_as_one_weight_as_in_train_local():
+    data = windows((20, 33))
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in _TiedRnn().state_dict().items()}
+    train = {**DP, "batch_size": 8}
+    want = []
+    for k, (x, y) in enumerate(data):
+        model = _TiedRnn()
+        model.load_state_dict(start)
+        train_local(model, x, y, randomness=randomness(k), **train)  # auto: hooks (tied)
+        want.append(model.state_dict())
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data]
+    rand = [randomness(k) for k in range(len(data))]
+    got = train_cohort(_TiedRnn(), [start] * 2, tensors, randomness=rand, **train)
+    for state, update in zip(want, got, strict=True):
+        assert list(update.state) == list(state)
+        assert torch.equal(update.state["a.weight"], update.state["b.weight"])
+        assert torch.equal(update.state["gru.weight_ih_l0"], update.state["gru.l0.ih.weight"])
+        assert max_diff(update.state, start) > 0.01  # it trained
+        assert max_diff(update.state, state) < 1e-5
 
 
 def test_plain_sgd_equals_train_local_with_the_same_shuffles():

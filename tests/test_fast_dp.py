@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.layers import DPGRU, DPRNN
 from torch import nn
 
 from fedsim.clients.training import train_local
@@ -95,6 +96,21 @@ class Gated(nn.Module):
         return self.inner(x) * torch.sigmoid(self.gate)
 
 
+class OpacusRnnNet(nn.Module):
+    """Opacus's drop-ins for nn.GRU and nn.RNN: cells of RNNLinear, run once a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 5)
+        self.gru = DPGRU(5, 6, 2, batch_first=True, bidirectional=True)
+        self.rnn = DPRNN(12, 4, batch_first=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.gru(self.emb(x))[0])
+        return self.fc(out[:, -1])
+
+
 def custom_layers():
     """Layers no rule knows: PReLU, a bare parameter, a block with a sublayer."""
     return nn.Sequential(
@@ -113,6 +129,7 @@ CASES = {
     "lstm": (LstmNet, lambda: torch.randint(0, 11, (BATCH, 9))),
     "lstm-fused": (lambda: LstmNet(fused=True), lambda: torch.randint(0, 11, (BATCH, 9))),
     "custom-layers": (custom_layers, lambda: torch.randn(BATCH, 6)),
+    "opacus-rnns": (OpacusRnnNet, lambda: torch.randint(0, 11, (BATCH, 5))),
 }
 
 

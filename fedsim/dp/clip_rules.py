@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
@@ -198,14 +199,20 @@ def has_rule(layer: nn.Module) -> bool:
     return type(layer) in RULES or type(layer) in GradSampleModule.GRAD_SAMPLERS
 
 
+OPACUS_RNNS = (DPRNN, DPLSTM, DPGRU)
+
+
 def rule_layers(module: nn.Module) -> list[nn.Module]:
     """The layers whose rules together clip ``module``, in ``modules()`` order.
 
     Every module with trainable parameters of its own; one without a rule takes its
     sublayers with it (``func_rules.functional_rule`` differentiates it whole), as Opacus
-    does.
+    does. Opacus's DP RNNs are not layers: their parameters are their cells' ``RNNLinear``
+    weights under ``nn.RNN``'s names, and the cells are clipped, as in Opacus.
     """
-    own = any(p.requires_grad for p in module.parameters(recurse=False))
+    own = not isinstance(module, OPACUS_RNNS) and any(
+        p.requires_grad for p in module.parameters(recurse=False)
+    )
     if own and not has_rule(module):
         return [module]
     inner = [layer for child in module.children() for layer in rule_layers(child)]

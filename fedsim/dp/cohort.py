@@ -162,9 +162,11 @@ def train_cohort(
         losses = _train(weights, consts, (x, y), layout, batched, update)
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
     tensors = {**weights, **consts}
-    keys = list(template.state_dict())
+    names = _canonical(template)
     return [
-        CohortUpdate({key: tensors[key][at[k]].clone() for key in keys}, losses[at[k]])
+        CohortUpdate(
+            {key: tensors[name][at[k]].clone() for key, name in names.items()}, losses[at[k]]
+        )
         for k in range(len(data))
     ]
 
@@ -211,15 +213,27 @@ def _stacked(
     passed to the model as it is and returned unchanged.
     """
     names = [name for name, p in template.named_parameters() if p.requires_grad]
-    keys = list(template.state_dict())
-    for key in keys:
+    canonical = _canonical(template)
+    for key in canonical:
         if any(key not in state for state in states):
             raise FedsimError(f"a start state_dict lacks '{key}', which the model has")
+    keys = list(dict.fromkeys(canonical.values()))  # one name per tensor, in order
     # clients usually share one start: each distinct tensor goes to the device once
     moved = {id(s[key]): s[key].detach().to(device) for s in states for key in keys}
     stacked = {key: torch.stack([moved[id(s[key])] for s in states]) for key in keys}
     weights = {name: stacked.pop(name) for name in names}
     return weights, stacked
+
+
+def _canonical(template: nn.Module) -> dict[str, str]:
+    """Each state_dict key -> the first key of its tensor.
+
+    Tied weights (one parameter under two names, as in Opacus's ``DPGRU``) appear in the
+    state_dict under each name; ``functional_call`` takes one name and ties the others.
+    """
+    first: dict[int, str] = {}
+    state = template.state_dict(keep_vars=True)
+    return {key: first.setdefault(id(tensor), key) for key, tensor in state.items()}
 
 
 def _plan(n: int, generator: torch.Generator, batch_size: int, epochs: int, *, dp: bool) -> list:
