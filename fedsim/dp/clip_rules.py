@@ -28,11 +28,14 @@ from collections.abc import Sequence
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.layers import DPGRU, DPLSTM, DPRNN
+from opacus.layers.dp_rnn import RNNLinear
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from fedsim.dp.fast_lstm import LSTMGates
 from fedsim.dp.per_sample import (
+    Calls,
+    CallsRule,
     ClipFn,
     Grads,
     Norms,
@@ -54,6 +57,18 @@ def linear_rule(layer: nn.Linear, inputs: tuple, grad: Tensor) -> tuple[Norms, C
     a = inputs[0].reshape(batch, -1, layer.in_features).to(grad.dtype)
     g = grad.reshape(batch, -1, layer.out_features)
     return _outer_rule([(layer.weight, a)], [layer.bias], g)
+
+
+def linear_calls_rule(layer: nn.Linear, calls: Calls) -> tuple[Norms, ClipFn]:
+    """A linear layer that ran several times (a cell's step): its calls are more positions.
+
+    A sample's gradient is ``sum_calls sum_t g_t a_t^T``, one call's over more positions,
+    so the calls' inputs and output gradients go side by side into :func:`linear_rule`.
+    """
+    batch = calls[0][1].shape[0]
+    a = torch.cat([inputs[0].reshape(batch, -1, layer.in_features) for inputs, _ in calls], 1)
+    g = torch.cat([grad.reshape(batch, -1, layer.out_features) for _, grad in calls], 1)
+    return linear_rule(layer, (a,), g)
 
 
 def lstm_gates_rule(layer: LSTMGates, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
@@ -161,11 +176,18 @@ def conv_rule(layer: nn.Conv2d, inputs: tuple, grad: Tensor) -> tuple[Norms, Cli
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: linear_rule,
+    RNNLinear: linear_rule,  # Opacus's DPGRU, DPRNN and DPLSTM cells: an nn.Linear
     nn.Conv1d: conv_rule,
     nn.Conv2d: conv_rule,
     nn.Conv3d: conv_rule,
     nn.Embedding: embedding_rule,
     LSTMGates: lstm_gates_rule,
+}
+# layers run several times in one forward pass whose calls one rule takes together; any
+# other takes func_rules.repeated_rule
+CALLS_RULES: dict[type[nn.Module], CallsRule] = {
+    nn.Linear: linear_calls_rule,
+    RNNLinear: linear_calls_rule,
 }
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedsim.dp.clip_rules import (
+    CALLS_RULES,
     has_rule,
     rule_for,
     rule_layers,
@@ -60,11 +61,15 @@ class FastClipper:
                 "(tied weights); use grad-sample 'hooks'"
             )
         # before the hooks: each copies its layer once, and the copy must have none
-        per_sample = {m: functional_grads(m) for m in self.layers if type(m) not in ONCE}
+        again = [m for m in self.layers if type(m) not in ONCE]  # may run repeatedly
+        per_sample = {m: functional_grads(m) for m in again if type(m) not in CALLS_RULES}
         self.rules = {
             m: rule_for(m) if has_rule(m) else functional_rule(per_sample[m]) for m in self.layers
         }
-        self.repeated = {m: repeated_rule(f) for m, f in per_sample.items()}
+        self.repeated = {
+            m: CALLS_RULES[type(m)] if m not in per_sample else repeated_rule(per_sample[m])
+            for m in again
+        }
         self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
         self._handles = [
             m.register_forward_hook(self._capture)

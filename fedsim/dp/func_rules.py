@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.dp.per_sample import ClipFn, Grads, Norms, Rule, weighted
+from fedsim.dp.per_sample import Calls, CallsRule, ClipFn, Grads, Norms, Rule, weighted
 from fedsim.errors import FedsimError
 
 PerSample = Callable[[nn.Module, tuple, Tensor], Grads]  # one call's per-sample gradients
-Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
 
 
 def functional_rule(per_sample: PerSample) -> Rule:
@@ -33,7 +32,7 @@ def functional_rule(per_sample: PerSample) -> Rule:
     return rule
 
 
-def repeated_rule(per_sample: PerSample) -> Callable[[nn.Module, Calls], tuple[Norms, ClipFn]]:
+def repeated_rule(per_sample: PerSample) -> CallsRule:
     """A layer that ran several times in one forward pass (a cell applied at each step).
 
     A sample's gradient is the sum of what each call contributes, so each call's

@@ -17,6 +17,8 @@ ClipFn = Callable[[Tensor], Grads]
 Norms = list[Tensor]  # (B,) each; their squares sum to the layer's squared norms
 # a rule takes its own layer type; clip_rules.RULES keys each rule by that type
 Rule = Callable[[Any, tuple, Tensor], tuple[Norms, ClipFn]]
+Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
+CallsRule = Callable[[Any, Calls], tuple[Norms, ClipFn]]  # a layer that ran several times
 
 # Per-sample gradients up to this many elements (32 MB in float32) are kept and summed with
 # weights; above it, fresh allocations cost page faults and memory traffic that the Gram
