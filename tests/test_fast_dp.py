@@ -436,17 +436,46 @@ class Mixer(nn.Module):
         return torch.tanh(x @ self.weight + self.offset) * scale
 
 
+class KeywordOnly(Mixer):
+    def forward(self, x, *, scale):
+        return super().forward(x, scale)
+
+
 class MixerNet(nn.Module):
     def __init__(self, scale="shared"):
         super().__init__()
-        self.mix, self.head, self.scale = Mixer(), nn.Linear(4, 3), scale
+        self.mix = KeywordOnly() if scale == "keyword-only" else Mixer()
+        self.head, self.scale = nn.Linear(4, 3), scale
 
     def forward(self, x):
         if self.scale == "per-sample":  # (B, 1): per sample, though not the first input
             return self.head(self.mix(x, x[:, :1].exp()))
         scale = torch.linspace(0.5, 2.0, 4)
-        mixed = self.mix(x, scale=scale) if self.scale == "keyword" else self.mix(x, scale)
+        keyword = self.scale in ("keyword", "keyword-only")
+        mixed = self.mix(x, scale=scale) if keyword else self.mix(x, scale)
         return self.head(mixed)
+
+
+class ThreeOut(nn.Module):
+    """No rule, three outputs: the model uses two (one through a tuple), not the third."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+
+    def forward(self, x):
+        h = x @ self.weight
+        return torch.tanh(h), [h.square().mean(1, keepdim=True), h.exp()]
+
+
+class ThreeOutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = ThreeOut(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        out, (energy, _) = self.body(x)
+        return self.head(torch.cat([out, energy], 1))
 
 
 def definition(model, x, y):
@@ -467,7 +496,14 @@ def definition(model, x, y):
 
 @pytest.mark.parametrize(
     ("make", "shape"),
-    [(MixerNet, (BATCH, 4)), (Recurrent, (BATCH, 4, 3)), (SharedLayer, (BATCH, 4))],
+    [
+        (MixerNet, (BATCH, 4)),
+        (lambda: MixerNet("keyword"), (BATCH, 4)),  # called as the rule calls it: positionally
+        (ThreeOutNet, (BATCH, 4)),
+        (Recurrent, (BATCH, 4, 3)),
+        (SharedLayer, (BATCH, 4)),
+    ],
+    ids=["mixer", "mixer-keyword", "three-outputs", "recurrent", "shared-layer"],
 )
 def test_layers_without_a_rule_or_run_repeatedly_clip_as_the_definition(make, shape):
     """A layer without a rule (a buffer, a shared second input), and layers that run
@@ -486,8 +522,8 @@ def test_layers_without_a_rule_or_run_repeatedly_clip_as_the_definition(make, sh
 @pytest.mark.parametrize(
     ("scale", "needle"),
     [
-        ("per-sample", r"returned shape \(6, 4\), not \(1, 4\)"),
-        ("keyword", r"keyword arguments \(scale\)"),
+        ("per-sample", r"returned shapes \[\(6, 4\)\], not \[\(1, 4\)\]"),
+        ("keyword-only", r"takes keyword-only arguments \(scale\)"),
     ],
 )
 def test_a_layer_without_a_rule_gets_one_tensor_per_sample(scale, needle):

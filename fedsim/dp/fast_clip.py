@@ -16,6 +16,7 @@ generators the caller passes (``fedsim.dp.randomness``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Container
 from typing import Any
 
@@ -34,13 +35,14 @@ from fedsim.dp.clip_rules import (
     total_norm,
 )
 from fedsim.dp.fast_lstm import LSTMGates
-from fedsim.dp.func_rules import functional_grads, functional_rule, repeated_rule
+from fedsim.dp.func_rules import functional_grads, functional_rule, output_tensors, repeated_rule
 from fedsim.dp.noise import fuse_noise_step
 from fedsim.dp.schedule import Schedule
 from fedsim.errors import FedsimError
 
 # layers whose rule sees a whole sequence in one call, and that cannot run again per sample
 ONCE = (LSTMGates,)
+Call = tuple[nn.Module, tuple, tuple[Tensor, ...], tuple[int, ...]]  # layer, in, out, versions
 
 
 class FastClipper:
@@ -70,7 +72,8 @@ class FastClipper:
             m: CALLS_RULES[type(m)] if m not in per_sample else repeated_rule(per_sample[m])
             for m in again
         }
-        self._calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]] = []
+        self._signatures = {m: inspect.signature(m.forward) for m in self.layers if not has_rule(m)}
+        self._calls: list[Call] = []
         self._handles = [
             m.register_forward_hook(self._capture)
             if has_rule(m)
@@ -82,18 +85,18 @@ class FastClipper:
     def _capture(self, layer: nn.Module, inputs: tuple, output: Any) -> None:
         if not (layer.training and torch.is_grad_enabled()):
             return
-        if not isinstance(output, Tensor):
+        outputs = output_tensors(output)
+        if has_rule(layer) and not isinstance(output, Tensor):
             raise FedsimError(f"grad-sample 'fast': {type(layer).__name__} must return a tensor")
-        self._calls.append((layer, inputs, output, _versions(inputs, output)))
+        if not outputs:
+            raise FedsimError(f"grad-sample 'fast': {type(layer).__name__} returned no tensor")
+        self._calls.append((layer, inputs, outputs, _versions(inputs, outputs)))
 
     def _capture_positional(
         self, layer: nn.Module, inputs: tuple, kwargs: dict[str, Any], output: Any
     ) -> None:
         if kwargs:  # its rule calls it again, on positional arguments only
-            raise FedsimError(
-                f"grad-sample 'fast': {type(layer).__name__} has no rule and was called with "
-                f"keyword arguments ({', '.join(kwargs)}); pass them positionally"
-            )
+            inputs = _positional(layer, self._signatures[layer], inputs, kwargs)
         self._capture(layer, inputs, output)
 
     def close(self) -> None:
@@ -110,12 +113,7 @@ class FastClipper:
             self._accumulate({})
             return
         _check_calls(calls, self.repeated)
-        outputs = [out for _, _, out, _ in calls]
-        grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
-        by_layer: dict[nn.Module, list[tuple[tuple, Tensor]]] = {}
-        for (layer, inputs, _, _), grad in zip(calls, grads, strict=True):
-            if grad is not None:
-                by_layer.setdefault(layer, []).append((inputs, grad))
+        by_layer = _grads_by_layer(calls, per_sample_loss.sum())
         dtype = self.params[0].dtype
         norms: list[Tensor] = []
         clips: list[Callable[[Tensor], dict]] = []
@@ -146,17 +144,53 @@ class FastClipper:
             p.grad = grad if p.grad is None else p.grad + grad
 
 
-def _versions(inputs: tuple, output: Tensor) -> tuple[int, ...]:
+def _grads_by_layer(calls: list[Call], loss: Tensor) -> dict[nn.Module, list[tuple[tuple, Any]]]:
+    """Each layer's calls that the loss used: their inputs and dl/d(output).
+
+    dl/d(output) is a tensor for a layer with a rule; a tuple, one per tensor it returned
+    (zeros where one went unused), for a layer differentiated by torch.func.
+    """
+    flat = [out for _, _, outputs, _ in calls for out in outputs]
+    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+    by_layer: dict[nn.Module, list[tuple[tuple, Any]]] = {}
+    for layer, inputs, outputs, _ in calls:
+        got = [next(grads) for _ in outputs]
+        if all(g is None for g in got):
+            continue
+        if has_rule(layer):
+            by_layer.setdefault(layer, []).append((inputs, got[0]))
+        else:
+            outs = tuple(
+                torch.zeros_like(o) if g is None else g for o, g in zip(outputs, got, strict=True)
+            )
+            by_layer.setdefault(layer, []).append((inputs, outs))
+    return by_layer
+
+
+def _positional(
+    layer: nn.Module, signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]
+) -> tuple:
+    """A call's arguments, all positional, as the layer's torch.func rule passes them."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise FedsimError(
+            f"grad-sample 'fast': {type(layer).__name__} has no rule and takes keyword-only "
+            f"arguments ({', '.join(bound.kwargs)}), which its rule cannot pass; make them "
+            "positional"
+        )
+    return bound.args
+
+
+def _versions(inputs: tuple, outputs: tuple[Tensor, ...]) -> tuple[int, ...]:
     """Version counters of the tensors a rule reads that autograd also tracks."""
     tracked = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
-    return tuple(t._version for t in [*tracked, output])
+    return tuple(t._version for t in [*tracked, *outputs])
 
 
-def _check_calls(
-    calls: list[tuple[nn.Module, tuple, Tensor, tuple[int, ...]]], repeatable: Container
-) -> None:
+def _check_calls(calls: list[Call], repeatable: Container) -> None:
     seen = set()
-    for layer, inputs, output, versions in calls:
+    for layer, inputs, outputs, versions in calls:
         name = type(layer).__name__
         if id(layer) in seen and layer not in repeatable:
             raise FedsimError(
@@ -164,7 +198,7 @@ def _check_calls(
                 "(shared weights); use grad-sample 'hooks'"
             )
         seen.add(id(layer))
-        if _versions(inputs, output) != versions:
+        if _versions(inputs, outputs) != versions:
             raise FedsimError(
                 f"grad-sample 'fast': the input or output of {name} was modified in "
                 "place (e.g. ReLU(inplace=True)); use an out-of-place op"

@@ -20,14 +20,26 @@ from torch.func import functional_call, grad, vmap
 from fedsim.dp.per_sample import Calls, CallsRule, ClipFn, Grads, Norms, Rule, weighted
 from fedsim.errors import FedsimError
 
-PerSample = Callable[[nn.Module, tuple, Tensor], Grads]  # one call's per-sample gradients
+Outs = tuple[Tensor, ...]  # dl/d(output) of each tensor a call returned, in order
+PerSample = Callable[[nn.Module, tuple, Any], Grads]  # one call's per-sample gradients
+
+
+def output_tensors(output: Any) -> tuple[Tensor, ...]:
+    """The tensors a layer returned, in order, in nested tuples, lists and dicts too."""
+    if isinstance(output, Tensor):
+        return (output,)
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, tuple | list):
+        return tuple(t for item in output for t in output_tensors(item))
+    return ()
 
 
 def functional_rule(per_sample: PerSample) -> Rule:
     """Any layer: its per-sample gradients (:func:`functional_grads`), then summed."""
 
-    def rule(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> tuple[Norms, ClipFn]:
-        return weighted(per_sample(layer, inputs, grad_out), grad_out.shape[0])
+    def rule(layer: nn.Module, inputs: tuple, grad_outs: Outs) -> tuple[Norms, ClipFn]:
+        return weighted(per_sample(layer, inputs, grad_outs), _batch(grad_outs))
 
     return rule
 
@@ -41,57 +53,75 @@ def repeated_rule(per_sample: PerSample) -> CallsRule:
 
     def rule(layer: nn.Module, calls: Calls) -> tuple[Norms, ClipFn]:
         total: Grads = {}
-        for inputs, grad_out in calls:
-            for param, grads in per_sample(layer, inputs, grad_out).items():
+        for inputs, grad_outs in calls:
+            for param, grads in per_sample(layer, inputs, grad_outs).items():
                 total[param] = total[param] + grads if param in total else grads
-        return weighted(total, calls[0][1].shape[0])
+        return weighted(total, _batch(calls[0][1]))
 
     return rule
+
+
+def _batch(grad_outs: Outs | Tensor) -> int:
+    """The batch size of one call's dl/d(output): a tensor, or a tuple of them."""
+    return (grad_outs if isinstance(grad_outs, Tensor) else grad_outs[0]).shape[0]
 
 
 def functional_grads(layer: nn.Module) -> PerSample:
     """Per-sample parameter gradients of one call of ``layer``, by torch.func.
 
-    The layer runs again on each sample's input, with ``<output, dl_b/d(output)>`` as the
-    loss, whose gradient is the layer's per-sample parameter gradient. It runs as a copy
-    on the ``meta`` device with the layer's own tensors swapped in, so that hooks added to
-    the layer later (the clipper's) do not fire. Its first positional tensor is split by
-    sample (batch first, as in Opacus); any other argument is the same for every sample,
-    and a call whose output for one sample is not one sample's is refused.
+    The layer runs again on each sample's inputs, with ``sum_i <output_i, dl_b/d(output_i)>``
+    over the tensors it returns as the loss, whose gradient is the layer's per-sample
+    parameter gradient. It runs as a copy on the ``meta`` device with the layer's own
+    tensors swapped in, so that hooks added to the layer later (the clipper's) do not
+    fire. Its first tensor argument is split by sample (batch first, as in Opacus); any
+    other argument is the same for every sample, and a call whose outputs for one sample
+    are not one sample's is refused.
     """
     stateless = _meta_copy(layer)
     name = type(layer).__name__
 
-    def per_sample(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> Grads:
-        batch = grad_out.shape[0]
-        first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
-        if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
-            raise FedsimError(
-                f"grad-sample 'fast': {name}'s first tensor input is not one row per "
-                "sample; make it batch-first or use a supported layer"
-            )
+    def per_sample(layer: nn.Module, inputs: tuple, grad_outs: Outs | Tensor) -> Grads:
+        if isinstance(grad_outs, Tensor):  # a layer with a rule, run repeatedly
+            grad_outs = (grad_outs,)
+        split = _split_args(name, inputs, grad_outs)
         trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
         fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
         fixed.update(layer.named_buffers())
         args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
 
-        def sample_loss(params: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
-            call = (*args[:first], x.unsqueeze(0), *args[first + 1 :])  # x: (1, ...)
-            out = functional_call(stateless, {**params, **fixed}, call)
-            if out.shape != (1, *g.shape):  # another argument was per sample after all
+        def sample_loss(params: dict[str, Tensor], xs: Outs, gs: Outs) -> Tensor:
+            call = list(args)
+            for i, x in zip(split, xs, strict=True):
+                call[i] = x.unsqueeze(0)  # (1, ...): one sample
+            outs = output_tensors(functional_call(stateless, {**params, **fixed}, tuple(call)))
+            shapes = [tuple(o.shape) for o in outs]
+            if shapes != [(1, *g.shape) for g in gs]:  # another argument was per sample
                 raise FedsimError(
-                    f"grad-sample 'fast': one sample's call of {name} returned shape "
-                    f"{tuple(out.shape)}, not {(1, *g.shape)}; pass it one tensor per "
+                    f"grad-sample 'fast': one sample's call of {name} returned shapes "
+                    f"{shapes}, not {[(1, *g.shape) for g in gs]}; pass it one tensor per "
                     "sample, first, or use a supported layer"
                 )
-            return (out * g.unsqueeze(0)).sum()
+            return torch.stack(
+                [(o * g.unsqueeze(0)).sum() for o, g in zip(outs, gs, strict=True)]
+            ).sum()
 
-        xs = inputs[first].detach()
-        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_out)
+        xs = tuple(args[i] for i in split)
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_outs)
         params = dict(layer.named_parameters())
         return {params[n]: gs for n, gs in grads.items()}
 
     return per_sample
+
+
+def _split_args(name: str, inputs: tuple, grads: Outs) -> list[int]:
+    """The position of the first tensor of ``inputs``, which must be one row per sample."""
+    first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
+    if first is None or inputs[first].dim() == 0 or len(inputs[first]) != grads[0].shape[0]:
+        raise FedsimError(
+            f"grad-sample 'fast': {name}'s first tensor input is not one row per "
+            "sample; make it batch-first or use a supported layer"
+        )
+    return [first]
 
 
 def _meta_copy(layer: nn.Module) -> nn.Module:

@@ -15,9 +15,11 @@ from torch import Tensor
 Grads = dict[Tensor, Tensor]  # parameter -> its clipped gradient sum (or per-sample ones)
 ClipFn = Callable[[Tensor], Grads]
 Norms = list[Tensor]  # (B,) each; their squares sum to the layer's squared norms
-# a rule takes its own layer type; clip_rules.RULES keys each rule by that type
-Rule = Callable[[Any, tuple, Tensor], tuple[Norms, ClipFn]]
-Calls = list[tuple[tuple, Tensor]]  # (inputs, dl/d(output)) of each call of one layer
+# a rule takes its own layer type (clip_rules.RULES keys each rule by that type), the
+# call's inputs and dl/d(output): a tensor, or a tuple of them for a layer differentiated
+# by torch.func (func_rules.functional_rule), one per tensor the layer returned
+Rule = Callable[[Any, tuple, Any], tuple[Norms, ClipFn]]
+Calls = list[tuple[tuple, Any]]  # (inputs, dl/d(output)) of each call of one layer
 CallsRule = Callable[[Any, Calls], tuple[Norms, ClipFn]]  # a layer that ran several times
 
 # Per-sample gradients up to this many elements (32 MB in float32) are kept and summed with
