@@ -85,3 +85,97 @@ def test_registry_knows_every_task_without_loading():
 def test_hf_source_needs_an_hf_dataset():
     with pytest.raises(FedsimError, match="use dataset hf-image or hf-text"):
         load_dataset("mnist", "hf:ylecun/mnist")
+
+
+OWN_DATA = """
+import numpy as np
+from fedsim import Dataset
+
+
+def arrays(n=40, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 1, 2, 2)).astype(dtype), rng.integers(0, 3, n)
+
+
+def build(x, y, **kw):
+    fields = {"num_classes": 3, "input_shape": (1, 2, 2), **kw}
+    return Dataset("own", x[:30], y[:30], x[30:], y[30:], **fields)
+
+
+def good(data_dir):
+    return build(*arrays(dtype=np.float64))  # numpy's default float: cast to float32
+
+
+def labels_out_of_range(data_dir):
+    x, y = arrays()
+    return build(x, y + 1)
+
+
+def one_label_short(data_dir):
+    x, y = arrays()
+    return Dataset("own", x[:30], y[:29], x[30:], y[30:], 3, (1, 2, 2))
+
+
+def nan_input(data_dir):
+    x, y = arrays()
+    x[3, 0, 1, 1] = np.nan
+    return build(x, y)
+
+
+def other_shape(data_dir):
+    return build(*arrays(), input_shape=(1, 4))
+
+
+def float_labels(data_dir):
+    x, y = arrays()
+    return build(x, y.astype(np.float32))
+
+
+def pixels(data_dir):
+    x, y = arrays()
+    return build((x * 100).astype(np.uint8), y)
+
+
+def lists(data_dir):
+    x, y = arrays()
+    return Dataset("own", x[:30].tolist(), y[:30], x[30:], y[30:], 3, (1, 2, 2))
+
+
+def text_ids_outside_vocab(data_dir):
+    ids = np.arange(40).reshape(10, 4) % 7
+    return Dataset("own", ids[:8], ids[:8, 0] % 2, ids[8:], ids[8:, 0] % 2, 2, (4,),
+                   task="text-classification", vocab=("<pad>", "<unk>", "a", "b"))
+
+
+def client_ids(data_dir):
+    return build(*arrays(), client_ids=np.zeros(29, np.int64), users=("u",))
+
+
+def raises(data_dir):
+    raise FileNotFoundError("blobs.npz")
+"""
+
+
+@pytest.mark.parametrize(
+    ("attr", "needle"),
+    [
+        ("labels_out_of_range", r"y_train has labels 1\.\.3, outside 0\.\.2; number the classes"),
+        ("one_label_short", "30 inputs and 29 labels in its train split"),
+        ("nan_input", "x_train holds NaN or infinite values"),
+        ("other_shape", r"samples of shape \(1, 2, 2\), but its input_shape is \(1, 4\)"),
+        ("float_labels", "y_train is float32; labels are integer class ids"),
+        ("pixels", "x_train is uint8; images are floats"),
+        ("lists", "x_train and y_train are list and ndarray; give numpy arrays"),
+        ("text_ids_outside_vocab", r"integer token ids below the vocabulary's size \(4"),
+        ("client_ids", "29 client_ids for 30 training samples"),
+        ("raises", r"could not be loaded \(FileNotFoundError: blobs\.npz\)"),
+    ],
+)
+def test_a_dataset_of_ones_own_is_checked_as_it_loads(attr, needle, tmp_path, monkeypatch):
+    (tmp_path / "own_data.py").write_text(OWN_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FedsimError, match=needle) as info:
+        load_dataset(f"own_data:{attr}")
+    assert "\n" not in str(info.value) and f"own_data:{attr}" in str(info.value)
+    good = load_dataset("own_data:good")
+    assert good.x_train.dtype == np.float32 and good.x_test.dtype == np.float32
