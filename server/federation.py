@@ -33,7 +33,7 @@ from fedsim.server.discovery import discover_clients, partition_infos, wait_for_
 from fedsim.server.grouping import GroupedGrid
 from fedsim.server.rounds import PULL_INTERVAL_S, SIMULATION_PULL_S, ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
-from fedsim.server.strategy import Cohorts, PrivacyLedger
+from fedsim.server.strategy import Cohorts, OwnStrategy, PrivacyLedger
 from fedsim.server.user_dp import UserLevelDP
 
 RoundCallback = Callable[[RoundRow], None]
@@ -86,8 +86,9 @@ def build_strategy(
     cfg = state.config
     algorithm = build_algorithm(cfg)
     restore_algorithm(algorithm, state.strategy)
+    own = ":" in cfg.strategy  # a strategy of one's own: its errors name it
     strategy: Strategy = Cohorts(
-        algorithm,
+        OwnStrategy(algorithm, cfg.strategy) if own else algorithm,
         num_clients=cfg.num_clients,
         nodes=nodes,
         bound=bound,

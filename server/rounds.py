@@ -184,10 +184,15 @@ def run_rounds(
         )
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
-        if len(good) < min(min_clients, len(messages)) or new_arrays is None:
+        if len(good) < min(min_clients, len(messages)):
             raise FedsimError(
                 f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
                 f"min-clients is {min_clients} ({why_dropped(dropped)})"
+            )
+        if new_arrays is None:
+            raise FedsimError(
+                f"round {server_round}: the strategy's aggregate_train returned no model "
+                f"from {len(good)} replies; return the new global ArrayRecord"
             )
         arrays = keep_schema(new_arrays, arrays)
         on_round(server_round, arrays, dropped)

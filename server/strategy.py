@@ -9,7 +9,8 @@ DP wrappers are, rather than subclasses of one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -17,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
+from fedsim.errors import FedsimError, first_line
 from fedsim.messages import (
     CONFIG,
     PrivacySpent,
@@ -98,6 +100,43 @@ class StrategyWrapper(Strategy):
     ) -> MetricRecord | None:
         """Delegate to the wrapped strategy."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class OwnStrategy(StrategyWrapper):
+    """Around a strategy of one's own (``"module:attr"``): an error in it names it.
+
+    Without this, a bug in the strategy's code would read as fedsim's ("internal error").
+    """
+
+    def __init__(self, inner: Strategy, name: str) -> None:
+        super().__init__(inner)
+        self.name = name
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate; its messages are listed here, so that its errors surface here."""
+        with self._blamed("configure_train", server_round):
+            return list(self.inner.configure_train(server_round, arrays, config, grid))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate."""
+        with self._blamed("aggregate_train", server_round):
+            return self.inner.aggregate_train(server_round, replies)
+
+    @contextmanager
+    def _blamed(self, step: str, server_round: int) -> Iterator[None]:
+        try:
+            yield
+        except FedsimError:
+            raise
+        except Exception as error:
+            raise FedsimError(
+                f"strategy '{self.name}' failed in {step} of round {server_round} "
+                f"({type(error).__name__}: {first_line(error)}); fix the strategy"
+            ) from error
 
 
 class Cohorts(StrategyWrapper):

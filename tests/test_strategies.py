@@ -13,9 +13,9 @@ from fedsim.config import parse_config
 from fedsim.dp import seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS, CONFIG, METRICS, PARTITION_KEY, WEIGHT_KEY, named_partition
-from fedsim.server.algorithms import algorithm_state, build_algorithm, restore_algorithm
+from fedsim.server.algorithms import COMMON, algorithm_state, build_algorithm, restore_algorithm
 from fedsim.server.rounds import keep_schema
-from fedsim.server.strategy import Cohorts
+from fedsim.server.strategy import Cohorts, OwnStrategy
 from fedsim.server.user_dp import UserLevelDP
 
 
@@ -150,3 +150,24 @@ def test_the_global_model_keeps_its_arrays_names_and_dtypes():
     with pytest.raises(FedsimError, match=r"missing \['steps'\], extra \['v'\]"):
         other = {"w": Array(np.zeros(1, np.float32)), "v": Array(np.zeros(1, np.float32))}
         keep_schema(ArrayRecord(other), model([0.0], 0))
+
+
+def test_an_error_in_a_strategy_of_ones_own_names_it():
+    class Buggy(FedAvgM):
+        def aggregate_train(self, server_round, replies):
+            raise ValueError("my aggregation bug\nwith a second line")
+
+    own = OwnStrategy(Buggy(**COMMON), "mine:Buggy")
+    needle = (
+        r"^strategy 'mine:Buggy' failed in aggregate_train of round 3 "
+        r"\(ValueError: my aggregation bug\); fix the strategy$"
+    )
+    with pytest.raises(FedsimError, match=needle):
+        own.aggregate_train(3, [reply(0, [1.0])])
+    # fedsim's own refusals pass through unchanged
+    with pytest.raises(FedsimError, match=r"^nothing to aggregate$"):
+        OwnStrategy(SimpleNamespace(aggregate_train=refuse), "x:y").aggregate_train(1, [])
+
+
+def refuse(server_round, replies):
+    raise FedsimError("nothing to aggregate")
