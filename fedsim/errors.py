@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class FedsimError(Exception):
@@ -26,6 +28,22 @@ def first_line(error: BaseException) -> str:
     """An error's message on one line, its type where it has none (torch's run to several)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextmanager
+def blamed(what: str, fix: str) -> Iterator[None]:
+    """Any error but a :class:`FedsimError` inside, as one line that names its source.
+
+    For code of one's own that fedsim calls (a model, a dataset loader, a partition, a
+    strategy): a bug there is the user's to fix, not "an internal error" of fedsim's.
+    ``what`` says what failed, ``fix`` what to do.
+    """
+    try:
+        yield
+    except FedsimError:
+        raise
+    except Exception as error:
+        raise FedsimError(f"{what} ({type(error).__name__}: {first_line(error)}); {fix}") from error
 
 
 class RunInterrupted(Exception):

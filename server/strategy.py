@@ -9,8 +9,7 @@ DP wrappers are, rather than subclasses of one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -18,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
-from fedsim.errors import FedsimError, first_line
+from fedsim.errors import blamed
 from fedsim.messages import (
     CONFIG,
     PrivacySpent,
@@ -102,6 +101,9 @@ class StrategyWrapper(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
+FIX = "fix the strategy"
+
+
 class OwnStrategy(StrategyWrapper):
     """Around a strategy of one's own (``"module:attr"``): an error in it names it.
 
@@ -116,27 +118,19 @@ class OwnStrategy(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate; its messages are listed here, so that its errors surface here."""
-        with self._blamed("configure_train", server_round):
+        with blamed(
+            f"strategy '{self.name}' failed in configure_train of round {server_round}", FIX
+        ):
             return list(self.inner.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Delegate."""
-        with self._blamed("aggregate_train", server_round):
+        with blamed(
+            f"strategy '{self.name}' failed in aggregate_train of round {server_round}", FIX
+        ):
             return self.inner.aggregate_train(server_round, replies)
-
-    @contextmanager
-    def _blamed(self, step: str, server_round: int) -> Iterator[None]:
-        try:
-            yield
-        except FedsimError:
-            raise
-        except Exception as error:
-            raise FedsimError(
-                f"strategy '{self.name}' failed in {step} of round {server_round} "
-                f"({type(error).__name__}: {first_line(error)}); fix the strategy"
-            ) from error
 
 
 class Cohorts(StrategyWrapper):

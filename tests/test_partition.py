@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from fedsim.config import parse_config
 from fedsim.data import load_digits
-from fedsim.data.partition import label_counts, partition
+from fedsim.data.partition import label_counts, partition, partition_dataset
 from fedsim.errors import FedsimError
 
 LABELS = load_digits().y_train
@@ -108,3 +109,60 @@ def test_max_samples_caps_every_partitioner_without_moving_it():
         capped = partition(LABELS, 5, method=method, seed=1, max_samples=100)
         for whole, part in zip(full, capped, strict=True):
             assert len(part) == min(100, len(whole)) and np.isin(part, whole).all()
+
+
+OWN_SPLITS = """
+import numpy as np
+
+
+def halves(dataset, num_clients, rng):
+    order = rng.permutation(len(dataset.y_train))
+    return np.array_split(order, num_clients)
+
+
+def overlap(dataset, num_clients, rng):
+    return [np.arange(10)] * num_clients
+
+
+def too_few(dataset, num_clients, rng):
+    return [np.arange(10)]
+
+
+def outside(dataset, num_clients, rng):
+    return [np.arange(5) + 10_000 * k for k in range(num_clients)]
+
+
+def empty(dataset, num_clients, rng):
+    return [np.arange(10), np.arange(0)]
+
+
+def floats(dataset, num_clients, rng):
+    return [np.arange(5) + 0.5, np.arange(5, 10) + 0.5]
+
+
+def raises(dataset, num_clients, rng):
+    raise KeyError("site")
+"""
+
+
+@pytest.mark.parametrize(
+    ("attr", "needle"),
+    [
+        ("overlap", "gave a sample to two clients; parts must be disjoint"),
+        ("too_few", "must return a list of 2 index arrays"),
+        ("outside", r"returned indices outside 0\.\.1436"),
+        ("empty", "left a client without samples"),
+        ("floats", "must return 1-d integer arrays"),
+        ("raises", r"failed \(KeyError: 'site'\); fix the partition function"),
+    ],
+)
+def test_a_partition_of_ones_own_is_checked(attr, needle, tmp_path, monkeypatch):
+    (tmp_path / "own_split.py").write_text(OWN_SPLITS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    dataset = load_digits()
+    config = parse_config({"num-clients": 2, "clients-per-round": 2})
+    with pytest.raises(FedsimError, match=needle) as info:
+        partition_dataset(dataset, config.model_copy(update={"partition": f"own_split:{attr}"}))
+    assert "\n" not in str(info.value) and f"'own_split:{attr}'" in str(info.value)
+    parts = partition_dataset(dataset, config.model_copy(update={"partition": "own_split:halves"}))
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(dataset.y_train)))

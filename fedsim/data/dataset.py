@@ -17,8 +17,8 @@ import numpy as np
 from fedsim.config import FedsimConfig, check_task
 from fedsim.data.checks import check_dataset
 from fedsim.data.partition import partition_dataset
-from fedsim.errors import FedsimError, first_line
-from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, resolve
+from fedsim.errors import FedsimError, blamed
+from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, is_import_path, resolve
 
 PAD_ID, UNK_ID = 0, 1  # token ids: padding (text is right-padded), and unknown tokens
 HF_PREFIX = "hf:"
@@ -94,17 +94,11 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
     path = Path(raw).expanduser() if raw else None
     if path is not None and not path.is_dir():
         raise FedsimError(f"data-dir {path} is not a folder; set data-dir to an existing folder")
-    try:
+    if is_import_path(name):  # a built-in loader says what is wrong with its files itself
+        with blamed(f"dataset '{name}' could not be loaded", "fix its loader"):
+            dataset = loader(path)
+    else:
         dataset = loader(path)
-    except FedsimError:
-        raise
-    except Exception as error:
-        if ":" not in name:  # a built-in loader says what is wrong with its files itself
-            raise
-        raise FedsimError(
-            f"dataset '{name}' could not be loaded ({type(error).__name__}: "
-            f"{first_line(error)}); it is called with the data-dir, a Path or None"
-        ) from error
     if not isinstance(dataset, Dataset):
         raise FedsimError(
             f"dataset '{name}' returned a {type(dataset).__name__}; a dataset loader "

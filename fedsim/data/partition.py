@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, blamed
 from fedsim.registry import PARTITIONS, is_import_path, resolve
 
 if TYPE_CHECKING:
@@ -153,7 +153,9 @@ def partition_dataset(dataset: Dataset, config: FedsimConfig) -> list[np.ndarray
     if is_import_path(config.partition):
         rng = np.random.default_rng(config.seed)
         split = resolve(config.partition, PARTITIONS, "partition")
-        parts = check_parts(split(dataset, config.num_clients, rng), config, len(dataset.y_train))
+        with blamed(f"partition '{config.partition}' failed", "fix the partition function"):
+            raw = split(dataset, config.num_clients, rng)
+        parts = check_parts(raw, config, len(dataset.y_train))
         return [cap(p, config.max_samples, rng) for p in parts] if config.max_samples else parts
     return partition(
         dataset.y_train,

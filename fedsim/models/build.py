@@ -19,7 +19,7 @@ from fedsim.dp import (
     check_cohort_step,
     check_samples_apart,
 )
-from fedsim.errors import FedsimError, first_line
+from fedsim.errors import FedsimError, blamed
 from fedsim.registry import MODELS, resolve, tasks_of
 
 if TYPE_CHECKING:
@@ -55,19 +55,13 @@ def build_model(
             f"model {name} does not support task {task}; it supports {', '.join(sorted(tasks))}"
         )
     builder = resolve(name, MODELS, "model")
-    try:
+    keywords = ", ".join(BUILD_KEYWORDS)
+    fix = f"fedsim builds it with the keywords {keywords}: accept them (**kwargs takes the rest)"
+    with blamed(f"model '{name}' could not be built", fix):
         model = builder(
             input_shape=input_shape, num_classes=num_classes, task=task, vocab_size=vocab_size,
             dp=dp,
         )  # fmt: skip
-    except FedsimError:
-        raise
-    except Exception as error:  # a model of one's own may raise anything: say it is the model
-        raise FedsimError(
-            f"model '{name}' could not be built ({type(error).__name__}: {first_line(error)}); "
-            f"fedsim builds it with the keywords {', '.join(BUILD_KEYWORDS)}: accept them "
-            "(**kwargs takes the ones it does not use)"
-        ) from error
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model '{name}' built a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -122,15 +116,12 @@ def check_outputs(model: nn.Module, x: torch.Tensor, *, num_classes: int, name: 
             "head) or set requires_grad on the ones it should learn"
         )
     model.eval()
+    what = (
+        f"model {name} failed on {len(x)} of the dataset's inputs, shape {tuple(x.shape)} {x.dtype}"
+    )
     try:
-        with torch.no_grad():
+        with blamed(what, "make its forward take a batch of them"), torch.no_grad():
             out = model(x)
-    except Exception as error:  # the model's own code: say which call failed, on what
-        raise FedsimError(
-            f"model {name} failed on {len(x)} of the dataset's inputs, shape "
-            f"{tuple(x.shape)} {x.dtype} ({type(error).__name__}: {first_line(error)}); "
-            "make its forward take a batch of them"
-        ) from error
     finally:
         model.train()
     want = (len(x), num_classes)
