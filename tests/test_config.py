@@ -1,8 +1,10 @@
 import tomllib
 
 import pytest
+import torch
+from flwr.serverapp.strategy import FedAvgM
 
-from fedsim.config import FedsimConfig, load_config, parse_config, parse_override
+from fedsim.config import FedsimConfig, as_config, load_config, parse_config, parse_override
 from fedsim.errors import FedsimError
 from tests.conftest import ROOT
 
@@ -91,3 +93,31 @@ def test_next_char_loss_only_for_next_char():
         parse_config({"next-char-loss": "all"})
     cfg = parse_config({"dataset": "shakespeare", "model": "lstm", "next-char-loss": "all"})
     assert cfg.next_char_loss == "all"
+
+
+class NamedNet(torch.nn.Module):
+    """A model given to the API as an object, found again by its import path."""
+
+    def __init__(self, **_):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+
+def test_parts_given_as_objects_become_import_paths():
+    config = as_config(model=NamedNet, strategy=FedAvgM)
+    assert config.model == f"{__name__}:NamedNet"
+    assert config.strategy == "flwr.serverapp.strategy.fedavgm:FedAvgM"
+
+    def local(data_dir):  # not importable by name from another process
+        return None
+
+    with pytest.raises(
+        FedsimError, match=r"dataset: .*local is defined in .*\(inside a function\)"
+    ):
+        as_config(dataset=local)
+    NamedNet.__module__ = "__main__"  # as if defined in the script being run
+    try:
+        with pytest.raises(FedsimError, match=r"defined in the script you run, .*'mine:NamedNet'"):
+            as_config(model=NamedNet)
+    finally:
+        NamedNet.__module__ = __name__

@@ -20,6 +20,8 @@ from fedsim.config.checks import check_deployment
 from fedsim.config.schema import FedsimConfig
 from fedsim.errors import FedsimError
 
+PARTS = ("model", "dataset", "partition", "strategy")  # keys that take "module:attr"
+
 
 def parse_config(values: dict[str, Any]) -> FedsimConfig:
     """Validate a flat kebab-case mapping into a config.
@@ -89,7 +91,28 @@ def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any
         values = read_toml(Path(config))
     else:
         values = dict(config or {})
-    return {key.replace("_", "-"): value for key, value in (values | overrides).items()}
+    flat = {key.replace("_", "-"): value for key, value in (values | overrides).items()}
+    return {key: _named(key, value) if key in PARTS else value for key, value in flat.items()}
+
+
+def _named(key: str, value: Any) -> Any:
+    """A class or function given for ``key`` as its ``"module:attr"`` import path.
+
+    Parts are imported by name in every process that needs them (Ray's workers,
+    SuperNodes), so one defined in the script itself (``__main__``) or inside a function
+    cannot be named; it is refused with what to do instead.
+    """
+    if isinstance(value, str) or not callable(value) or not hasattr(value, "__qualname__"):
+        return value
+    module, name = getattr(value, "__module__", None), value.__qualname__
+    if module in (None, "__main__") or "<" in name:
+        raise FedsimError(
+            f"config: {key}: {name} is defined in {'the script you run' if module else 'no module'}"
+            f"{' (inside a function)' if '<' in name else ''}, which the other processes "
+            "cannot import by name; define it at the top of a module of its own (say "
+            f"mine.py) and pass it, or the string 'mine:{name.rsplit('.', 1)[-1]}'"
+        )
+    return f"{module}:{name}"
 
 
 def key_table() -> list[tuple[str, str, str]]:
