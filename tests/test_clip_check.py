@@ -6,6 +6,7 @@ import torch
 from opacus.layers import DPGRU, DPLSTM, DPRNN, DPMultiheadAttention
 from torch import nn
 
+import fedsim.dp
 from fedsim.clients.training import train_local
 from fedsim.config import parse_config
 from fedsim.dp import FastDPLSTM, check_clippable, check_cohort_step, choose_grad_sample, clip_rules
@@ -141,8 +142,8 @@ class DropIn(nn.Module):
     def __init__(self, kind):
         super().__init__()
         self.kind, self.emb = kind, nn.Embedding(9, 8)
-        if kind == "attention":
-            self.layer = DPMultiheadAttention(8, 2, batch_first=True)
+        if kind == "attention":  # fedsim's: Opacus's permutes its output when batch-first
+            self.layer = fedsim.dp.DPMultiheadAttention(8, 2, dropout=0.1, batch_first=True)
         else:
             rnn = {"gru": DPGRU, "rnn": DPRNN, "opacus-lstm": DPLSTM, "lstm": FastDPLSTM}[kind]
             self.layer = rnn(8, 8, batch_first=True)
@@ -162,6 +163,14 @@ def test_the_drop_ins_that_refusals_name_take_a_step_in_every_mode(kind, mode):
     # it, and once refused attention, whose key bias holds only rounding error
     torch.manual_seed(0)
     check_clippable(DropIn(kind), torch.randint(1, 9, (4, 12)), Y, grad_sample=mode)
+
+
+def test_opacus_attention_batch_first_is_refused():
+    model = DropIn("attention")
+    model.layer = DPMultiheadAttention(8, 2, batch_first=True)
+    needle = r"Opacus's DPMultiheadAttention with batch_first=True, .* permutes positions"
+    with pytest.raises(FedsimError, match=needle):
+        check_clippable(model, torch.randint(1, 9, (4, 12)), Y, grad_sample="hooks")
 
 
 class Tracker(nn.Module):

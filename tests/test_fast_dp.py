@@ -8,7 +8,7 @@ from opacus.layers import DPGRU, DPRNN
 from torch import nn
 
 from fedsim.clients.training import train_local
-from fedsim.dp import clip_rules, per_sample
+from fedsim.dp import DPMultiheadAttention, clip_rules, per_sample
 from fedsim.dp.fast_clip import FastClipper
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.private import make_private
@@ -111,6 +111,25 @@ class OpacusRnnNet(nn.Module):
         return self.fc(out[:, -1])
 
 
+class AttentionNet(nn.Module):
+    """fedsim's drop-in for nn.MultiheadAttention: linear projections, cross-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.attn = DPMultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True)
+        # a key bias's gradient is zero (softmax ignores it): its rounding has no relative error
+        self.attn.k_proj = nn.Linear(5, 8, bias=False)
+        self.memory = nn.Linear(8, 5)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        m = torch.tanh(self.memory(h))
+        out, weights = self.attn(h, m, m, key_padding_mask=x == 0)
+        return self.fc(out.mean(1)) + weights.sum((1, 2))[:, None]
+
+
 def custom_layers():
     """Layers no rule knows: PReLU, a bare parameter, a block with a sublayer."""
     return nn.Sequential(
@@ -130,6 +149,7 @@ CASES = {
     "lstm-fused": (lambda: LstmNet(fused=True), lambda: torch.randint(0, 11, (BATCH, 9))),
     "custom-layers": (custom_layers, lambda: torch.randn(BATCH, 6)),
     "opacus-rnns": (OpacusRnnNet, lambda: torch.randint(0, 11, (BATCH, 5))),
+    "attention": (AttentionNet, lambda: torch.randint(1, 11, (BATCH, 6))),
 }
 
 

@@ -2,7 +2,8 @@
 
 The public face of the package. ``fast_clip`` clips per-sample gradients in one backward
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
-``lstm_recurrence`` an LSTM with exact per-sample gradients); ``schedule`` is the one
+``lstm_recurrence`` an LSTM with exact per-sample gradients, ``attention`` a drop-in for
+``nn.MultiheadAttention``); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in one call
 and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from fedsim.dp.attention import DPMultiheadAttention, replace_attention
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
@@ -91,6 +93,7 @@ __all__ = [
     "REPLACE_ONE",
     "Canaries",
     "CohortUpdate",
+    "DPMultiheadAttention",
     "DPRandomness",
     "FastClipper",
     "FastDPLSTM",
@@ -123,6 +126,7 @@ __all__ = [
     "per_sample_cross_entropy",
     "poisson_loader",
     "poisson_schedule",
+    "replace_attention",
     "secure_dp_randomness",
     "secure_root",
     "seeded_root",

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from opacus import PrivacyEngine
+from opacus.layers import DPMultiheadAttention as OpacusAttention
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
@@ -32,7 +33,10 @@ DROP_INS = {
     nn.LSTM: "fedsim.dp.FastDPLSTM (nn.LSTM's arguments, outputs and state-dict names)",
     nn.GRU: "opacus.layers.DPGRU",
     nn.RNN: "opacus.layers.DPRNN",
-    nn.MultiheadAttention: "opacus.layers.DPMultiheadAttention",
+    nn.MultiheadAttention: (
+        "fedsim.dp.DPMultiheadAttention (nn.MultiheadAttention's arguments and outputs; "
+        "fedsim.dp.replace_attention(model) swaps every one in, weights included)"
+    ),
 }
 
 
@@ -83,6 +87,12 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
             raise FedsimError(
                 f"model {name}: layer '{path}' is an nn.{type(layer).__name__}, whose "
                 f"per-sample gradients Opacus cannot compute; use {DROP_INS[type(layer)]}"
+            )
+        if isinstance(layer, OpacusAttention) and layer.batch_first:
+            raise FedsimError(
+                f"model {name}: layer '{path}' is Opacus's DPMultiheadAttention with "
+                "batch_first=True, whose output permutes positions and heads within each "
+                f"sample (Opacus 1.6); use {DROP_INS[nn.MultiheadAttention]}"
             )
     for path, layer in trainable_modules(model):
         if next(layer.buffers(), None) is not None:
