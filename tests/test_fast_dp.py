@@ -539,6 +539,33 @@ def test_layers_without_a_rule_or_run_repeatedly_clip_as_the_definition(make, sh
         assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
 
 
+class Bags(nn.Module):
+    """nn.EmbeddingBag on (B, L) ids, whose Opacus grad sampler wants offsets."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(7, 4, mode=mode, padding_idx=0 if mode == "mean" else None)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.bag(x))
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_embedding_bags_clip_as_the_definition(mode):
+    torch.manual_seed(0)
+    model = Bags(mode).double()
+    x = torch.randint(0, 7, (BATCH, 5))
+    x[0] = torch.tensor([3, 3, 0, 0, 5])  # a repeated id, and padding (left out of the mean)
+    y = torch.randint(0, 3, (BATCH,))
+    norms, clip, want = definition(model, x, y)
+    clipper = FastClipper(model, max_grad_norm=clip)
+    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-10)
+    for param, expected in zip(model.parameters(), want, strict=True):
+        assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("scale", "needle"),
     [

@@ -103,7 +103,9 @@ def _outer_rule(
     return norms, clip
 
 
-def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
+def embedding_rule(
+    layer: nn.Embedding | nn.EmbeddingBag, inputs: tuple, grad: Tensor
+) -> tuple[Norms, ClipFn]:
     """``nn.Embedding``: norm² ``sum_{t,s: x_t = x_s} g_t . g_s``, clipped sum by ``index_add``.
 
     Rows hit by the same token add up, hence the pairs of equal tokens.
@@ -129,6 +131,24 @@ def embedding_rule(layer: nn.Embedding, inputs: tuple, grad: Tensor) -> tuple[No
         return {layer.weight: summed}
 
     return [sq_norms.sqrt().to(g.dtype)], clip
+
+
+def embedding_bag_rule(layer: nn.EmbeddingBag, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
+    """``nn.EmbeddingBag`` on ``(B, L)`` ids, ``sum`` or ``mean``: :func:`embedding_rule`.
+
+    A bag's output gradient reaches each of its ids (over the bag's non-padding count for
+    ``mean``), as an embedding's gradient reaches each position. Offsets, per-sample
+    weights and ``max`` take Opacus's grad sampler, which expects offsets.
+    """
+    ids = inputs[0]
+    if ids.dim() != 2 or any(t is not None for t in inputs[1:]) or layer.mode == "max":
+        return per_sample_rule(layer, inputs, grad)
+    keep = torch.ones_like(ids, dtype=grad.dtype)
+    if layer.padding_idx is not None:  # padding is left out of the bag, and of its mean
+        keep = (ids != layer.padding_idx).to(grad.dtype)
+    if layer.mode == "mean":
+        keep = keep / keep.sum(1, keepdim=True).clamp(min=1)
+    return embedding_rule(layer, (ids,), grad.unsqueeze(1) * keep.unsqueeze(2))  # (B, L, D)
 
 
 def per_sample_rule(layer: nn.Module, inputs: tuple, grad: Tensor) -> tuple[Norms, ClipFn]:
@@ -181,6 +201,7 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Conv2d: conv_rule,
     nn.Conv3d: conv_rule,
     nn.Embedding: embedding_rule,
+    nn.EmbeddingBag: embedding_bag_rule,  # Opacus's grad sampler needs offsets
     LSTMGates: lstm_gates_rule,
 }
 # layers run several times in one forward pass whose calls one rule takes together; any
