@@ -514,6 +514,16 @@ def definition(model, x, y):
     return norms, clip, want
 
 
+def clips_as_the_definition(model, x, y):
+    """fast's norms and clipped sum equal :func:`definition`'s, to rtol 1e-10 (float64)."""
+    norms, clip, want = definition(model, x, y)
+    clipper = FastClipper(model, max_grad_norm=clip)
+    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-10)
+    for param, expected in zip(model.parameters(), want, strict=True):
+        assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("make", "shape"),
     [
@@ -531,12 +541,7 @@ def test_layers_without_a_rule_or_run_repeatedly_clip_as_the_definition(make, sh
     torch.manual_seed(0)
     model, x = make().double(), torch.randn(*shape).double()
     y = torch.randint(0, min(3, model(x).shape[1]), (BATCH,))
-    norms, clip, want = definition(model, x, y)
-    clipper = FastClipper(model, max_grad_norm=clip)
-    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
-    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-10)
-    for param, expected in zip(model.parameters(), want, strict=True):
-        assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
+    clips_as_the_definition(model, x, y)
 
 
 class Bags(nn.Module):
@@ -558,12 +563,7 @@ def test_embedding_bags_clip_as_the_definition(mode):
     x = torch.randint(0, 7, (BATCH, 5))
     x[0] = torch.tensor([3, 3, 0, 0, 5])  # a repeated id, and padding (left out of the mean)
     y = torch.randint(0, 3, (BATCH,))
-    norms, clip, want = definition(model, x, y)
-    clipper = FastClipper(model, max_grad_norm=clip)
-    clipper.backward(nn.functional.cross_entropy(model(x), y, reduction="none"))
-    assert torch.allclose(clipper.per_sample_norms, norms, rtol=1e-10)
-    for param, expected in zip(model.parameters(), want, strict=True):
-        assert torch.allclose(param.grad, expected, rtol=1e-10, atol=1e-12)
+    clips_as_the_definition(model, x, y)
 
 
 @pytest.mark.parametrize(
