@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
-from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.errors import FedsimError, RunInterrupted, first_line
 from fedsim.experiments.machine import check_machine
 from fedsim.results import Result, load_run, report
 
@@ -285,16 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(
-            f"fedsim: internal error: {type(exc).__name__}: {_first_line(exc)} "
+            f"fedsim: internal error: {type(exc).__name__}: {str(exc).strip() and first_line(exc)} "
             "(rerun with --debug for the traceback, and please report it)",
             file=sys.stderr,
         )
         return 1
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":

@@ -267,9 +267,14 @@ def shares_parameters(module: nn.Module) -> bool:
 
     Per-layer norms would miss the cross terms of such a parameter's gradient.
     """
+    return layers_share(rule_layers(module))
+
+
+def layers_share(layers: list[nn.Module]) -> bool:
+    """:func:`shares_parameters` of the layers :func:`rule_layers` gave."""
     owned = [
         id(p)
-        for layer in rule_layers(module)
+        for layer in layers
         for p in layer.parameters(recurse=not has_rule(layer))
         if p.requires_grad
     ]

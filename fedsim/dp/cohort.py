@@ -136,7 +136,8 @@ def train_cohort(
     ]
     order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
     template = copy.deepcopy(model).to(device).train()
-    weights, consts = _stacked(template, [starts[k] for k in order], device)
+    names = _canonical(template)
+    weights, consts = _stacked(template, names, [starts[k] for k in order], device)
     x = torch.cat([torch.as_tensor(data[k][0]).to(device) for k in order])  # (Σn, ...)
     y = torch.cat([torch.as_tensor(data[k][1]).to(device) for k in order])  # (Σn, ...)
     sizes = [len(data[k][1]) for k in order]
@@ -162,7 +163,6 @@ def train_cohort(
         losses = _train(weights, consts, (x, y), layout, batched, update)
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
     tensors = {**weights, **consts}
-    names = _canonical(template)
     return [
         CohortUpdate(
             {key: tensors[name][at[k]].clone() for key, name in names.items()}, losses[at[k]]
@@ -205,15 +205,18 @@ def _check_inputs(
 
 
 def _stacked(
-    template: nn.Module, states: list[Weights], device: str | torch.device
+    template: nn.Module,
+    canonical: dict[str, str],
+    states: list[Weights],
+    device: str | torch.device,
 ) -> tuple[Weights, Weights]:
     """The trainable weights and the other state of every client, stacked: (K, *shape) each.
 
     Copies, which training updates in place; the other state (buffers, frozen weights) is
-    passed to the model as it is and returned unchanged.
+    passed to the model as it is and returned unchanged. ``canonical``: :func:`_canonical`
+    of ``template``, one name per tensor.
     """
     names = [name for name, p in template.named_parameters() if p.requires_grad]
-    canonical = _canonical(template)
     for key in canonical:
         if any(key not in state for state in states):
             raise FedsimError(f"a start state_dict lacks '{key}', which the model has")

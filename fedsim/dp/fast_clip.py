@@ -29,9 +29,9 @@ from torch.utils.data import TensorDataset
 from fedsim.dp.clip_rules import (
     CALLS_RULES,
     has_rule,
+    layers_share,
     rule_for,
     rule_layers,
-    shares_parameters,
     total_norm,
 )
 from fedsim.dp.fast_lstm import LSTMGates
@@ -57,7 +57,7 @@ class FastClipper:
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.layers = rule_layers(module)
-        if shares_parameters(module):
+        if layers_share(self.layers):
             raise FedsimError(
                 "grad-sample 'fast' does not support parameters shared between layers "
                 "(tied weights); use grad-sample 'hooks'"

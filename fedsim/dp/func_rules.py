@@ -83,17 +83,15 @@ def functional_grads(layer: nn.Module) -> PerSample:
     def per_sample(layer: nn.Module, inputs: tuple, grad_outs: Outs | Tensor) -> Grads:
         if isinstance(grad_outs, Tensor):  # a layer with a rule, run repeatedly
             grad_outs = (grad_outs,)
-        split = _split_args(name, inputs, grad_outs)
+        first = _first_tensor(name, inputs, _batch(grad_outs))
         trainable = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
         fixed = {n: p.detach() for n, p in layer.named_parameters() if not p.requires_grad}
         fixed.update(layer.named_buffers())
         args = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
 
-        def sample_loss(params: dict[str, Tensor], xs: Outs, gs: Outs) -> Tensor:
-            call = list(args)
-            for i, x in zip(split, xs, strict=True):
-                call[i] = x.unsqueeze(0)  # (1, ...): one sample
-            outs = output_tensors(functional_call(stateless, {**params, **fixed}, tuple(call)))
+        def sample_loss(params: dict[str, Tensor], x: Tensor, gs: Outs) -> Tensor:
+            call = (*args[:first], x.unsqueeze(0), *args[first + 1 :])  # x: (1, ...)
+            outs = output_tensors(functional_call(stateless, {**params, **fixed}, call))
             shapes = [tuple(o.shape) for o in outs]
             if shapes != [(1, *g.shape) for g in gs]:  # another argument was per sample
                 raise FedsimError(
@@ -105,23 +103,22 @@ def functional_grads(layer: nn.Module) -> PerSample:
                 [(o * g.unsqueeze(0)).sum() for o, g in zip(outs, gs, strict=True)]
             ).sum()
 
-        xs = tuple(args[i] for i in split)
-        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, xs, grad_outs)
+        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, args[first], grad_outs)
         params = dict(layer.named_parameters())
         return {params[n]: gs for n, gs in grads.items()}
 
     return per_sample
 
 
-def _split_args(name: str, inputs: tuple, grads: Outs) -> list[int]:
+def _first_tensor(name: str, inputs: tuple, batch: int) -> int:
     """The position of the first tensor of ``inputs``, which must be one row per sample."""
     first = next((i for i, t in enumerate(inputs) if isinstance(t, Tensor)), None)
-    if first is None or inputs[first].dim() == 0 or len(inputs[first]) != grads[0].shape[0]:
+    if first is None or inputs[first].dim() == 0 or len(inputs[first]) != batch:
         raise FedsimError(
             f"grad-sample 'fast': {name}'s first tensor input is not one row per "
             "sample; make it batch-first or use a supported layer"
         )
-    return [first]
+    return first
 
 
 def _meta_copy(layer: nn.Module) -> nn.Module:
