@@ -131,6 +131,32 @@ def test_tied_weights_train_as_one_weight_as_in_train_local():
         assert max_diff(update.state, state) < 1e-5
 
 
+def test_dpgru_trains_in_one_pass_as_in_train_local():
+    # its cells' linear layers run at every step: one rule takes their calls together
+    data = windows((20, 33))
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in _Gru().state_dict().items()}
+    model = _Gru()
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    x, y = torch.as_tensor(data[0][0][:1]), torch.as_tensor(data[0][1][:1])
+    per_sample = functional_per_sample(model, all_positions=False)
+    assert one_pass_clipped_sum(model, per_sample, (weights, {}, x, y), clip=1.0) is not None
+    train = {**DP, "batch_size": 8}
+    want = []
+    for k, (x, y) in enumerate(data):
+        model = _Gru()
+        model.load_state_dict(start)
+        train_local(model, x, y, randomness=randomness(k), grad_sample="fast", **train)
+        want.append(model.state_dict())
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data]
+    rand = [randomness(k) for k in range(len(data))]
+    got = train_cohort(_Gru(), [start] * 2, tensors, randomness=rand, **train)
+    for state, update in zip(want, got, strict=True):
+        assert torch.equal(update.state["gru.weight_hh_l0"], update.state["gru.l0.hh.weight"])
+        assert max_diff(update.state, start) > 0.01  # it trained
+        assert max_diff(update.state, state) < 1e-5
+
+
 def test_plain_sgd_equals_train_local_with_the_same_shuffles():
     # both shuffle with each client's batches generator: the same permutations
     data, start = images((37, 64, 100)), start_of("cnn", IMAGE_28)
@@ -264,23 +290,53 @@ def test_inputs_are_checked():
         train_cohort(model, [{k: v for k, v in state.items() if k != "0.bias"}], data, **train)
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"),
-    [
-        ("cnn", IMAGE_28),
-        ("fedavg-cnn", IMAGE_28),
-        ("transformer", IMAGE_28),
-        ("transformer", CHARS),
-    ],
-)
-def test_one_pass_clipping_equals_the_definition(name, kwargs):
+class _Gru(nn.Module):
+    """Opacus's DPGRU: its cells' linear layers run at every step (more positions)."""
+
+    def __init__(self, layers=1):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.gru = DPGRU(6, 8, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, x, all_positions=False):
+        out = self.gru(self.emb(x))[0]  # (B, T, 8)
+        return self.head(out).transpose(1, 2) if all_positions else self.head(out[:, -1])
+
+
+class _SharedLayer(nn.Module):
+    """One linear layer applied twice: its two calls' gradients add up before the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat, self.square = nn.Flatten(), nn.Linear(784, 16)
+        self.mid, self.head = nn.Linear(16, 784), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.square(torch.tanh(self.mid(self.square(self.flat(x))))))
+
+
+ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
+    "cnn": (lambda: build_model("cnn", **IMAGE_28), False, False),
+    "fedavg-cnn": (lambda: build_model("fedavg-cnn", **IMAGE_28), False, False),
+    "transformer": (lambda: build_model("transformer", **IMAGE_28), False, False),
+    "transformer-chars": (lambda: build_model("transformer", **CHARS), True, True),
+    "dpgru-2-layers": (lambda: _Gru(layers=2), True, False),
+    "dpgru-chars": (_Gru, True, True),
+    "shared-linear": (_SharedLayer, False, False),
+}
+
+
+@pytest.mark.parametrize("name", ONE_PASS_MODELS)
+def test_one_pass_clipping_equals_the_definition(name):
     """vmap over 3 clients of the one-pass clipped sum, against one backward pass per sample."""
     k_clients, batch, clip = 3, 5, 0.5
     torch.manual_seed(0)
-    model = build_model(name, **kwargs).double()
-    data = windows([batch] * k_clients) if kwargs is CHARS else images([batch] * k_clients)
+    build, text, all_positions = ONE_PASS_MODELS[name]
+    model = build().double()
+    data = windows([batch] * k_clients) if text else images([batch] * k_clients)
     x = torch.stack([torch.as_tensor(a) for a, _ in data])
-    x = x if kwargs is CHARS else x.double()
+    x = x if text else x.double()
     y = torch.stack([torch.as_tensor(b) for _, b in data])
     weights = {
         n: torch.stack([p.detach() + 0.05 * torch.randn_like(p) for _ in range(k_clients)])
@@ -289,7 +345,7 @@ def test_one_pass_clipping_equals_the_definition(name, kwargs):
     consts = {n: torch.stack([b] * k_clients) for n, b in model.named_buffers()}
     rows = torch.ones(k_clients, batch, dtype=torch.float64)
     rows[0, -2:] = 0  # padding rows count for nothing
-    per_sample = functional_per_sample(model, all_positions=kwargs is CHARS)
+    per_sample = functional_per_sample(model, all_positions=all_positions)
     example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
     one_pass = one_pass_clipped_sum(model, per_sample, (*example, x[0, :1], y[0, :1]), clip=clip)
     assert one_pass is not None
@@ -352,19 +408,22 @@ class _ScaledHead(nn.Module):
         return self.body(x) * self.scale
 
 
-class _SharedLayer(nn.Module):
-    """One linear layer applied twice: per-layer norms would miss the cross terms."""
+class _ConvTwice(nn.Module):
+    """A layer with a rule for one call, not for its calls together, applied twice."""
 
     def __init__(self):
         super().__init__()
-        self.flat, self.square = nn.Flatten(), nn.Linear(784, 784)
-        self.head = nn.Linear(784, 10)
+        self.conv, self.flat, self.head = (
+            nn.Conv2d(1, 1, 3, padding=1),
+            nn.Flatten(),
+            nn.Linear(784, 10),
+        )
 
     def forward(self, x):
-        return self.head(self.square(self.square(self.flat(x))))
+        return self.head(self.flat(self.conv(torch.tanh(self.conv(x)))))
 
 
-@pytest.mark.parametrize("model", [_ScaledHead(), _SharedLayer()], ids=["no-rule", "shared"])
+@pytest.mark.parametrize("model", [_ScaledHead(), _ConvTwice()], ids=["no-rule", "conv-twice"])
 def test_layers_without_a_one_pass_rule_fall_back_to_per_sample_gradients(model):
     per_sample = functional_per_sample(model, all_positions=False)
     weights = {n: p.detach() for n, p in model.named_parameters()}

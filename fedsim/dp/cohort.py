@@ -6,8 +6,9 @@ stacked on a leading client axis, each step gathers every client's batch into on
 (K, B, ...) tensor, and ``torch.func.vmap`` runs the model over clients. DP-SGD clips in
 one backward pass (``cohort_step``: per-layer rules on each layer's inputs and output
 gradients, no per-sample copies of linear layers' weights) wherever every trainable
-layer has a rule, and from per-sample gradients (``vmap(grad(...))`` over samples)
-otherwise.
+layer has a rule (a linear layer run at every step of a recurrence, as in Opacus's
+``DPGRU``, takes its calls together), and from per-sample gradients
+(``vmap(grad(...))`` over samples) otherwise.
 
 Each client's mechanism is the one-client path's, draw for draw: its Poisson masks come
 from Opacus's own sampler on the client's ``batches`` generator, and its noise is one draw

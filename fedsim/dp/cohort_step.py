@@ -8,17 +8,20 @@ that is B copies of the model per client and step, written to memory, normed and
 ``client_step`` gives ``fedsim.dp.cohort`` a client's gradient: the batch mean's without
 DP; under DP the clipped sum, here by ``fast_clip``'s one-pass clipping in functional
 form where every layer has a rule, else from per-sample gradients. A forward hook on every
-trainable layer keeps the layer's inputs and adds a zero tensor, a *probe*, to its
-output. The gradient of the summed per-sample losses with respect to the probes is every
-sample's dl_b/d(output), because samples do not mix (``check_cohort_model`` refuses
-running statistics). The layer rules of ``fedsim.dp.clip_rules`` turn inputs and output
-gradients into exact per-sample norms and, given the clipping coefficients, the clipped
-sum; linear layers never build per-sample gradients. Same clipping, same sum, up to float
-rounding (tests/test_cohort.py compares it with the per-sample step).
+trainable layer keeps the inputs of each of its calls and adds a zero tensor, a *probe*,
+to the call's output. The gradient of the summed per-sample losses with respect to the
+probes is every sample's dl_b/d(output), because samples do not mix
+(``check_cohort_model`` refuses running statistics). The layer rules of
+``fedsim.dp.clip_rules`` turn inputs and output gradients into exact per-sample norms
+and, given the clipping coefficients, the clipped sum; linear layers never build
+per-sample gradients, and one that runs at every step of a recurrence (Opacus's
+``DPGRU`` cells) counts its calls as more positions. Same clipping, same sum, up to
+float rounding (tests/test_cohort.py compares it with the per-sample step).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,7 +30,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedsim.dp.clip_rules import rule_for, total_norm
+from fedsim.dp.clip_rules import (
+    CALLS_RULES,
+    has_rule,
+    layers_share,
+    rule_for,
+    rule_layers,
+    total_norm,
+)
 from fedsim.errors import FedsimError
 
 Weights = dict[str, Tensor]
@@ -102,39 +112,43 @@ def one_pass_clipped_sum(
     """The one-pass clipped sum for ``model``; ``None`` where a layer rules it out.
 
     ``example`` is one client's weights, other state, ``x[:1]`` and ``y[:1]``: one forward
-    pass of it finds each probe's shape. ``None`` (use per-sample gradients) where a
-    trainable layer has no rule, runs more or less than once a forward pass, shares a
-    parameter, or returns no tensor.
+    pass of it finds each call's probe shape. The layers are ``fast``'s
+    (:func:`fedsim.dp.clip_rules.rule_layers`: Opacus's DP RNNs are their cells). A layer
+    that runs several times (a cell's ``Linear`` at every step) takes its calls together
+    (``CALLS_RULES``). ``None`` (use per-sample gradients) where a trainable layer has no
+    rule, runs several times without such a rule, never runs, shares a parameter, or
+    returns no tensor.
     """
-    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
-    owned = [id(p) for m in layers for p in m.parameters(recurse=False)]
-    if not layers or len(owned) != len(set(owned)):
-        return None
-    try:
-        rule_of = {layer: rule_for(layer) for layer in layers}
-    except FedsimError:
+    layers = rule_layers(model)
+    if not layers or layers_share(layers) or not all(map(has_rule, layers)):
         return None
     probed = _probe_shapes(model, layers, per_sample, example)
     if probed is None:
         return None
-    layers = [layer for layer, _, _ in probed]  # in the order they run
-    rules = [rule_of[layer] for layer in layers]
+    order = [layer for layer, _, _ in probed]  # every call, in the order they run
+    rule_of = {layer: rule_for(layer) for layer in layers}
     names = {id(p): n for n, p in model.named_parameters()}
     dtypes = {dtype for _, _, dtype in probed}
 
     def clipped_sum(w: Weights, c: Weights, x: Tensor, y: Tensor, rows: Tensor) -> tuple:
         def summed_loss(probes: list[Tensor]) -> tuple[Tensor, tuple]:
             calls: list[Call] = []
-            with _probed(layers, calls, probes):
+            with _probed(order, calls, probes):
                 losses = per_sample(w, c, x, y)  # (B,)
             return losses.sum(), (losses, [inputs for _, inputs in calls])
 
         zeros = {dtype: x.new_zeros((), dtype=dtype) for dtype in dtypes}  # one each, expanded
         probes = [zeros[dtype].expand(x.shape[0], *shape) for _, shape, dtype in probed]
         out_grads, (losses, inputs) = grad(summed_loss, has_aux=True)(probes)
+        by_layer: dict[nn.Module, list[tuple[tuple, Tensor]]] = {}
+        for layer, layer_inputs, g in zip(order, inputs, out_grads, strict=True):
+            by_layer.setdefault(layer, []).append((layer_inputs, g))
         norms, clips = [], []
-        for layer, rule, layer_inputs, g in zip(layers, rules, inputs, out_grads, strict=True):
-            layer_norms, layer_clip = rule(layer, layer_inputs, g)
+        for layer, calls in by_layer.items():
+            if len(calls) == 1:
+                layer_norms, layer_clip = rule_of[layer](layer, *calls[0])
+            else:  # a sample's gradient sums its calls': they are more positions
+                layer_norms, layer_clip = CALLS_RULES[type(layer)](layer, calls)
             norms += layer_norms
             clips.append(layer_clip)
         coef = (clip / (total_norm(norms) + 1e-6)).clamp(max=1.0) * rows  # Opacus's; pad: 0
@@ -149,8 +163,11 @@ def one_pass_clipped_sum(
 
 
 @contextmanager
-def _probed(layers: list[nn.Module], calls: list[Call], probes: list[Tensor]) -> Iterator[None]:
-    """Every layer call is recorded in ``calls`` and gets the next probe added to its output."""
+def _probed(order: list[nn.Module], calls: list[Call], probes: list[Tensor]) -> Iterator[None]:
+    """Each call is recorded in ``calls`` and gets the next probe added to its output.
+
+    ``order``: the layer of every call, in the order they ran when the probes were shaped.
+    """
     pending = iter(probes)
 
     versions: list[tuple[int, ...]] = []
@@ -160,13 +177,13 @@ def _probed(layers: list[nn.Module], calls: list[Call], probes: list[Tensor]) ->
         versions.append(_versions(inputs))
         return output + next(pending)
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+    handles = [layer.register_forward_hook(hook) for layer in dict.fromkeys(order)]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-    if [layer for layer, _ in calls] != layers:
+    if [layer for layer, _ in calls] != order:
         raise FedsimError("a layer ran in another order than when its probes were shaped")
     _check_unmodified(calls, versions)
 
@@ -189,10 +206,10 @@ def _check_unmodified(calls: list[Call], versions: list[tuple[int, ...]]) -> Non
 def _probe_shapes(
     model: nn.Module, layers: list[nn.Module], per_sample: PerSample, example: Example
 ) -> list[tuple[nn.Module, tuple[int, ...], torch.dtype]] | None:
-    """Each layer in the order it runs, with its output's shape past the batch dimension.
+    """The layer of each call in the order they ran, its output's shape past the batch.
 
-    Also the output's dtype; ``None`` where a layer runs other than once or returns
-    something other than a tensor.
+    Also the output's dtype; ``None`` where a layer never runs, runs several times
+    without a rule for its calls together, or returns something other than a tensor.
     """
     calls: list[Call] = []
     outputs: list[Any] = []
@@ -212,7 +229,10 @@ def _probe_shapes(
             handle.remove()
     _check_unmodified(calls, versions)  # before training, not in its first step
     ran = [layer for layer, _ in calls]
-    if sorted(map(id, ran)) != sorted(map(id, layers)):  # each layer exactly once
+    counts = Counter(ran)
+    if set(counts) != set(layers):  # a layer that never ran: its rule has nothing to read
+        return None
+    if any(n > 1 and type(layer) not in CALLS_RULES for layer, n in counts.items()):
         return None
     if not all(isinstance(out, Tensor) for out in outputs):
         return None
