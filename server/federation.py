@@ -34,7 +34,7 @@ from fedsim.server.grouping import GroupedGrid
 from fedsim.server.rounds import PULL_INTERVAL_S, SIMULATION_PULL_S, ReplyFn, run_rounds
 from fedsim.server.state import RunState, restore, save_checkpoint, save_tensors
 from fedsim.server.strategy import Cohorts, OwnStrategy, PrivacyLedger
-from fedsim.server.user_dp import UserLevelDP
+from fedsim.server.user_dp import UserLevelDP, running_variances
 
 RoundCallback = Callable[[RoundRow], None]
 
@@ -74,6 +74,7 @@ def build_strategy(
     bound: bool,
     root: bytes,
     canaries: UserCanaries | None = None,
+    variances: frozenset[str] = frozenset(),
 ) -> tuple[PrivacyLedger, UserLevelDP | None, Strategy]:
     """The configured strategy in fedsim's cohorts, user-level DP and the ledger around it.
 
@@ -81,7 +82,8 @@ def build_strategy(
     itself (its state is checkpointed). ``nodes`` and ``bound`` place clients on Flower
     nodes (:func:`fedsim.server.strategy.place`); ``root`` is the run's randomness root
     (``fedsim.dp.randomness``) for cohorts and noise; ``canaries``: a user-level audit's
-    canary clients, which take part inside DP-FedAvg.
+    canary clients, which take part inside DP-FedAvg; ``variances``: the model's running
+    variances (``user_dp.running_variances``), which DP-FedAvg releases clipped at 0.
     """
     cfg = state.config
     algorithm = build_algorithm(cfg)
@@ -110,6 +112,7 @@ def build_strategy(
             clip_lr=cfg.clip_lr,
             count_noise=cfg.clip_count_noise,
             canaries=canaries,
+            nonnegative=variances,
         )
     ledger = PrivacyLedger(strategy, state.ledger, expected=lambda c: state.prescribed[c])
     return ledger, user_dp, algorithm
@@ -274,7 +277,14 @@ def run_federation(
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
-    wrappers = build_strategy(state, nodes, bound=node_per_client, root=root, canaries=canaries)
+    wrappers = build_strategy(
+        state,
+        nodes,
+        bound=node_per_client,
+        root=root,
+        canaries=canaries,
+        variances=running_variances(model),
+    )
     after_round = round_recorder(
         state, run_dir, model=model, test=test, device=device, wrappers=wrappers, on_round=on_round
     )

@@ -18,12 +18,14 @@ of releases is a Gaussian mechanism with the accounted noise multiplier z:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from fedsim.dp import Purpose, UserCanaries, numpy_generator, stream_seed
 from fedsim.errors import FedsimError
@@ -111,16 +113,33 @@ def clip_fraction(
     return centred / cohort + 0.5
 
 
-def release(current: ArrayRecord, base: Arrays, mean: Arrays) -> ArrayRecord:
+def running_variances(model: nn.Module) -> frozenset[str]:
+    """The state_dict keys of ``model``'s running variances (BatchNorm's, InstanceNorm's)."""
+    return frozenset(
+        f"{name}.running_var" if name else "running_var"
+        for name, layer in model.named_modules()
+        if isinstance(layer, _NormBase) and layer.track_running_stats
+    )
+
+
+def release(
+    current: ArrayRecord, base: Arrays, mean: Arrays, *, nonnegative: Container[str] = ()
+) -> ArrayRecord:
     """The new global model: ``base`` + ``mean``, each array in ``current``'s dtype.
 
     An array outside the update (not floating point, so not in ``base``) stays the
-    server's own.
+    server's own. Arrays named in ``nonnegative`` (running variances, which noise can push
+    below 0, and evaluation then divides by the square root of) are clipped at 0: a
+    function of the release alone, so post-processing, which DP allows.
     """
     old = {k: v.numpy() for k, v in current.items()}
-    # asarray: numpy arithmetic makes a 0-d array a scalar, which Array refuses
-    new = {k: np.asarray(base[k] + mean[k]).astype(v.dtype) if k in base else v
-           for k, v in old.items()}  # fmt: skip
+    new = {}
+    for k, v in old.items():
+        value = base[k] + mean[k] if k in base else v
+        if k in nonnegative:
+            value = np.maximum(value, 0)
+        # asarray: numpy arithmetic makes a 0-d array a scalar, which Array refuses
+        new[k] = np.asarray(value).astype(v.dtype)
     return ArrayRecord({k: Array(v) for k, v in new.items()})
 
 
@@ -150,6 +169,7 @@ class UserLevelDP(StrategyWrapper):
         clip_lr: float = 0.2,
         count_noise: float = 0.0,
         canaries: UserCanaries | None = None,
+        nonnegative: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(inner)
         self.ledger = ledger
@@ -163,6 +183,7 @@ class UserLevelDP(StrategyWrapper):
         self.count_noise = count_noise if clip_quantile > 0 else 0.0
         self.sigma_update = update_std(noise_multiplier, self.count_noise)
         self.canaries = canaries  # an audit's canary clients (fedsim.dp.user_canaries)
+        self.nonnegative = nonnegative  # released arrays clipped at 0 (running_variances)
         self.current: ArrayRecord | None = None
 
     def configure_train(
@@ -207,7 +228,7 @@ class UserLevelDP(StrategyWrapper):
             self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.quantile))
         # one Poisson-subsampled Gaussian release per round, whoever replied
         self.ledger.append(LedgerEntry(server_round, self.z, self.sample_rate, 1))
-        released = release(self.current, base, mean)
+        released = release(self.current, base, mean, nonnegative=self.nonnegative)
         # the wrapped strategy sees only the release: its server optimizer is post-processing
         average = Message(average_content(released), 0, MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [average])

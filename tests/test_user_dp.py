@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord
+from torch import nn
 
 from fedsim.dp import accounting
 from fedsim.dp.randomness import seeded_root
 from fedsim.messages import ARRAYS, METRICS, PARTITION_KEY, WEIGHT_KEY
 from fedsim.server import privacy
-from fedsim.server.user_dp import UserLevelDP, clip, noisy_mean, update_std
+from fedsim.server.user_dp import UserLevelDP, clip, noisy_mean, running_variances, update_std
 
 pytestmark = pytest.mark.usefixtures("flower_run")
 
@@ -101,6 +102,30 @@ def test_a_step_counter_is_kept_by_the_server_and_outside_the_clip():
     assert np.allclose(new["w"].numpy(), np.array([0.3, 0.4]) / 4.0, atol=1e-6)
     assert new["steps"].numpy().dtype == np.int64 and new["steps"].numpy() == 5
     assert new["w"].numpy().dtype == np.float32
+
+
+def test_running_variances_are_found_by_layer():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.Sequential(nn.InstanceNorm1d(3), nn.BatchNorm1d(4)),
+    )
+    assert running_variances(model) == {"1.running_var", "2.1.running_var"}  # 2.0: no stats
+    assert running_variances(nn.BatchNorm1d(3)) == {"running_var"}
+
+
+@pytest.mark.parametrize("clipped", [True, False])
+def test_a_running_variance_is_released_clipped_at_zero(clipped):
+    # noise of std σC/(qN) = 0.25 around a variance of 0.1: about a third of it below 0
+    keys = frozenset({"bn.running_var"}) if clipped else frozenset()
+    dp = wrapper(noise_multiplier=1.0, nonnegative=keys)
+    base = {"w": np.zeros(2), "bn.running_var": np.full(300, 0.1)}
+    dp.configure_train(1, record(base), None, None)
+    new, _ = dp.aggregate_train(1, [reply(base)])
+    var, w = new["bn.running_var"].numpy(), new["w"].numpy()
+    assert (var < 0).any() != clipped
+    assert (var == 0).sum() > 50 if clipped else (var < 0).sum() > 50
+    assert var.max() > 0.5 and (w != 0).all()  # the rest is noised as before
 
 
 @pytest.mark.parametrize(("update_norm", "direction"), [(0.01, -1), (100.0, +1)])
