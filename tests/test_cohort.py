@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.layers import DPGRU
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from torch import nn
 from torch.func import vmap
 
@@ -293,11 +293,11 @@ def test_inputs_are_checked():
 class _Gru(nn.Module):
     """Opacus's DPGRU: its cells' linear layers run at every step (more positions)."""
 
-    def __init__(self, layers=1):
+    def __init__(self, layers=1, rnn=DPGRU, bidirectional=False):
         super().__init__()
         self.emb = nn.Embedding(20, 6)
-        self.gru = DPGRU(6, 8, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(8, 20)
+        self.gru = rnn(6, 8, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(16 if bidirectional else 8, 20)
 
     def forward(self, x, all_positions=False):
         out = self.gru(self.emb(x))[0]  # (B, T, 8)
@@ -323,6 +323,8 @@ ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
     "transformer-chars": (lambda: build_model("transformer", **CHARS), True, True),
     "dpgru-2-layers": (lambda: _Gru(layers=2), True, False),
     "dpgru-chars": (_Gru, True, True),
+    "dplstm-bidirectional": (lambda: _Gru(rnn=DPLSTM, bidirectional=True), True, False),
+    "dprnn-chars": (lambda: _Gru(rnn=DPRNN), True, True),
     "shared-linear": (_SharedLayer, False, False),
 }
 
