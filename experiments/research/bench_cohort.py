@@ -231,7 +231,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite", action="store_true", help="issue 14's workloads")
     parser.add_argument("--quick", action="store_true", help="the suite, tiny (a CPU check)")
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--model", default=None, help="cnn, fedavg-cnn or transformer")
+    parser.add_argument("--model", default=None, help="cnn, fedavg-cnn, transformer or lstm")
     parser.add_argument("--steps", type=int, default=23, help="steps an epoch per client")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=1)

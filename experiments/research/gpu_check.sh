@@ -66,6 +66,10 @@ part rounds 180 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
 part cohort 90 python3 -m $M.bench_cohort --device cuda --suite --repeats 1
 part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
 part graphs 40 python3 -m $M.bench_graphs --device cuda
+# not by default: the LSTM as a cohort (Opacus's DPLSTM cells under vmap, fedsim.dp.vectorize)
+# against one client at a time (FastDPLSTM on cuDNN)
+part rnn 90 python3 -m $M.bench_cohort --device cuda --model lstm --clients 10 --steps 5 \
+    --batch 64 --repeats 1
 # not by default: the cohort round of an older checkout in .gpu/base against this one, side
 # by side (e.g. git archive a1444d6 pyproject.toml fedsim clients server experiments |
 # tar -x -C .gpu/base: before the cohort's operator cuts of 2026-11-27)

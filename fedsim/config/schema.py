@@ -23,8 +23,6 @@ from fedsim.config.checks import check_audit, check_options, check_strategy, che
 from fedsim.errors import FedsimError
 
 _MAX_INT = 2**63 - 1  # the largest whole number a key takes (see _fits_64_bits)
-# built-in models that fedsim.dp.train_cohort refuses, and why
-_NOT_VECTORIZED = {"lstm": "vmap has no batching rule for its recurrent layer"}
 
 
 def _kebab(name: str) -> str:
@@ -252,12 +250,6 @@ class FedsimConfig(BaseModel):
         check_audit(self, task[0] if task else None)
         if self.client_gpus > 1 and self.client_gpus != int(self.client_gpus):
             raise ValueError("client-gpus above 1 must be a whole number of GPUs")
-        if self.clients_per_worker > 1 and self.model in _NOT_VECTORIZED:
-            raise ValueError(
-                f"clients-per-worker > 1 trains clients with torch.func.vmap, which cannot "
-                f"batch model {self.model} ({_NOT_VECTORIZED[self.model]}); set "
-                "clients-per-worker = 1"
-            )
         return self
 
     @property

@@ -55,6 +55,7 @@ from fedsim.dp.randomness import (
 from fedsim.dp.sample_check import PROBE_SAMPLES, check_samples_apart
 from fedsim.dp.schedule import Schedule, poisson_schedule
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
+from fedsim.dp.vectorize import vectorizable, with_rnn_names
 
 if TYPE_CHECKING:
     from fedsim.dp import accounting
@@ -134,4 +135,6 @@ __all__ = [
     "stream_seed",
     "torch_generator",
     "train_cohort",
+    "vectorizable",
+    "with_rnn_names",
 ]

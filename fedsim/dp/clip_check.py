@@ -64,7 +64,7 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
                 _one_step(probe, x, y, grad_sample)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
-    except (NotImplementedError, RuntimeError, ValueError) as error:
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         # the forward pass ran in check_samples_apart: this is the per-sample machinery's
         others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
         raise FedsimError(
@@ -166,7 +166,7 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
             probe, [probe.state_dict()], [(x, y)], epochs=1, batch_size=len(y), lr=0.0,
             noise_multiplier=1.0 if dp else None,
         )  # fmt: skip
-    except (NotImplementedError, RuntimeError, ValueError) as error:
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         raise FedsimError(
             f"model {type(model).__name__} cannot be trained as a vectorized cohort "
             f"({first_line(error)}); set clients-per-worker = 1"

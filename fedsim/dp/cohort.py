@@ -54,6 +54,7 @@ from fedsim.dp.cohort_update import CohortNoise, CohortSGD
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
+from fedsim.dp.vectorize import vectorizable
 from fedsim.errors import FedsimError
 
 Data = list[tuple[Tensor, Tensor]]  # each client's (x, y)
@@ -101,7 +102,8 @@ def train_cohort(
     ----------
     model
         The architecture (left untouched); ``starts[k]`` is client k's state_dict.
-        Recurrent layers and running statistics are refused (:func:`check_cohort_model`).
+        Running statistics are refused (:func:`check_cohort_model`); recurrent layers
+        train as Opacus's DP RNNs (:func:`fedsim.dp.vectorize.vectorizable`).
     data
         Client k's ``(x, y)``, arrays or tensors of any length n_k >= 1.
     noise_multiplier
@@ -136,9 +138,9 @@ def train_cohort(
         for (_, y), r in zip(data, rand, strict=True)
     ]
     order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
-    template = copy.deepcopy(model).to(device).train()
+    template = vectorizable(copy.deepcopy(model)).to(device).train()
     names = _canonical(template)
-    weights, consts = _stacked(template, names, [starts[k] for k in order], device)
+    weights, consts = _stacked(model, names, [starts[k] for k in order], device)
     x = torch.cat([torch.as_tensor(data[k][0]).to(device) for k in order])  # (Σn, ...)
     y = torch.cat([torch.as_tensor(data[k][1]).to(device) for k in order])  # (Σn, ...)
     sizes = [len(data[k][1]) for k in order]
@@ -164,25 +166,28 @@ def train_cohort(
         losses = _train(weights, consts, (x, y), layout, batched, update)
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
     tensors = {**weights, **consts}
+    keys = list(model.state_dict())  # the model's own order (a swapped RNN has its own)
     return [
-        CohortUpdate(
-            {key: tensors[name][at[k]].clone() for key, name in names.items()}, losses[at[k]]
-        )
+        CohortUpdate({key: tensors[names[key]][at[k]].clone() for key in keys}, losses[at[k]])
         for k in range(len(data))
     ]
 
 
 def check_cohort_model(model: nn.Module) -> None:
-    """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics."""
+    """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics.
+
+    ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``FastDPLSTM`` train as Opacus's DP RNNs
+    (:func:`fedsim.dp.vectorize.vectorizable`); a subclass of theirs is refused.
+    """
     name = type(model).__name__
-    for layer in model.modules():
+    for layer in vectorizable(model).modules():
         kind = type(layer).__name__
         if isinstance(layer, nn.RNNBase | FastDPLSTM):
             raise FedsimError(
                 f"vectorized cohort training does not support {name}: torch.func.vmap has no "
-                f"batching rule for its {kind} (fused cuDNN/oneDNN kernels run one sample at "
-                "a time; FastDPLSTM's autograd.Function cannot be vmapped); train these "
-                "clients one at a time (clients.training.train_local)"
+                f"batching rule for its {kind}, a subclass of {type(layer).__mro__[1].__name__} "
+                "(fused cuDNN/oneDNN kernels run one sequence at a time); use the layer "
+                "itself or Opacus's DPLSTM/DPGRU/DPRNN, or set clients-per-worker = 1"
             )
         if getattr(layer, "track_running_stats", False):
             raise FedsimError(
@@ -206,7 +211,7 @@ def _check_inputs(
 
 
 def _stacked(
-    template: nn.Module,
+    model: nn.Module,
     canonical: dict[str, str],
     states: list[Weights],
     device: str | torch.device,
@@ -215,9 +220,15 @@ def _stacked(
 
     Copies, which training updates in place; the other state (buffers, frozen weights) is
     passed to the model as it is and returned unchanged. ``canonical``: :func:`_canonical`
-    of ``template``, one name per tensor.
+    of the template, one name per tensor. The weights are in the order of
+    ``model.parameters()``, the order the one-client path draws their noise in, also where
+    the template's recurrent layers (:func:`fedsim.dp.vectorize.vectorizable`) order them
+    otherwise.
     """
-    names = [name for name, p in template.named_parameters() if p.requires_grad]
+    key_of: dict[int, str] = {}  # each tensor's first state_dict key
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        key_of.setdefault(id(tensor), key)
+    names = [canonical[key_of[id(p)]] for p in model.parameters() if p.requires_grad]
     for key in canonical:
         if any(key not in state for state in states):
             raise FedsimError(f"a start state_dict lacks '{key}', which the model has")

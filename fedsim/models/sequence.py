@@ -13,7 +13,7 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from fedsim.data import IMAGE, NEXT_CHAR, PAD_ID, TEXT_CLASSIFICATION
-from fedsim.dp import FastDPLSTM
+from fedsim.dp import FastDPLSTM, with_rnn_names
 from fedsim.errors import FedsimError
 
 # LEAF's Shakespeare model: an 8-dim character embedding, 2 LSTM layers of 256 units.
@@ -40,25 +40,7 @@ def lstm_layer(input_size: int, hidden_size: int, num_layers: int, *, dp: bool) 
 
 def opacus_lstm_layer(input_size: int, hidden_size: int, num_layers: int) -> nn.Module:
     """Opacus's ``DPLSTM`` with ``nn.LSTM``'s state_dict keys: the reference layer."""
-    layer = DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True)
-    # DPLSTM names each parameter twice (its cells' names and nn.LSTM's). Opacus hides
-    # the cell names only when DPLSTM is the top module: its hook filters a copy, which a
-    # parent module never sees. Ours filters in place, and must run before Opacus's.
-    handle = layer.register_state_dict_post_hook(_drop_cell_names)
-    layer._state_dict_hooks.move_to_end(handle.id, last=False)
-    layer.register_load_state_dict_pre_hook(_add_cell_names)
-    return layer
-
-
-def _drop_cell_names(module: DPLSTM, state_dict: dict, prefix: str, _: object) -> None:
-    for cell_name in module.old_to_new:
-        state_dict.pop(prefix + cell_name, None)
-
-
-def _add_cell_names(module: DPLSTM, state_dict: dict, prefix: str, *_: object) -> None:
-    for cell_name, lstm_name in module.old_to_new.items():
-        if prefix + lstm_name in state_dict:
-            state_dict[prefix + cell_name] = state_dict[prefix + lstm_name]
+    return with_rnn_names(DPLSTM(input_size, hidden_size, num_layers=num_layers, batch_first=True))
 
 
 class SequenceInput(nn.Module):
