@@ -277,13 +277,9 @@ def run_federation(
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
+    variances = running_variances(model)  # DP-FedAvg releases them clipped at 0
     wrappers = build_strategy(
-        state,
-        nodes,
-        bound=node_per_client,
-        root=root,
-        canaries=canaries,
-        variances=running_variances(model),
+        state, nodes, bound=node_per_client, root=root, canaries=canaries, variances=variances
     )
     after_round = round_recorder(
         state, run_dir, model=model, test=test, device=device, wrappers=wrappers, on_round=on_round

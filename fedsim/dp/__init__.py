@@ -27,7 +27,7 @@ from fedsim.dp.attention import DPMultiheadAttention, replace_attention
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
-from fedsim.dp.cohort import CohortUpdate, check_cohort_model, train_cohort
+from fedsim.dp.cohort import CohortUpdate, train_cohort
 from fedsim.dp.fast_clip import (
     FastClipper,
     make_private_fast,
@@ -55,7 +55,7 @@ from fedsim.dp.randomness import (
 from fedsim.dp.sample_check import PROBE_SAMPLES, check_samples_apart
 from fedsim.dp.schedule import Schedule, poisson_schedule
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
-from fedsim.dp.vectorize import vectorizable, with_rnn_names
+from fedsim.dp.vectorize import check_cohort_model, vectorizable, with_rnn_names
 
 if TYPE_CHECKING:
     from fedsim.dp import accounting

@@ -51,10 +51,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedsim.dp.cohort_step import Step, Weights, client_step
 from fedsim.dp.cohort_update import CohortNoise, CohortSGD
-from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
-from fedsim.dp.vectorize import vectorizable
+from fedsim.dp.vectorize import check_cohort_model, vectorizable
 from fedsim.errors import FedsimError
 
 Data = list[tuple[Tensor, Tensor]]  # each client's (x, y)
@@ -171,29 +170,6 @@ def train_cohort(
         CohortUpdate({key: tensors[names[key]][at[k]].clone() for key in keys}, losses[at[k]])
         for k in range(len(data))
     ]
-
-
-def check_cohort_model(model: nn.Module) -> None:
-    """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics.
-
-    ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``FastDPLSTM`` train as Opacus's DP RNNs
-    (:func:`fedsim.dp.vectorize.vectorizable`); a subclass of theirs is refused.
-    """
-    name = type(model).__name__
-    for layer in vectorizable(model).modules():
-        kind = type(layer).__name__
-        if isinstance(layer, nn.RNNBase | FastDPLSTM):
-            raise FedsimError(
-                f"vectorized cohort training does not support {name}: torch.func.vmap has no "
-                f"batching rule for its {kind}, a subclass of {type(layer).__mro__[1].__name__} "
-                "(fused cuDNN/oneDNN kernels run one sequence at a time); use the layer "
-                "itself or Opacus's DPLSTM/DPGRU/DPRNN, or set clients-per-worker = 1"
-            )
-        if getattr(layer, "track_running_stats", False):
-            raise FedsimError(
-                f"vectorized cohort training does not support {name}: its {kind} updates "
-                "running statistics in training, which mix a batch's samples; use GroupNorm"
-            )
 
 
 def _check_inputs(

@@ -7,7 +7,8 @@
 which vmap batches and whose linear layers the cohort clips in one pass (each layer's
 calls taken together). :func:`vectorizable` swaps them in, on a copy, with the replaced
 layer's weights and its ``nn.LSTM``-style state_dict keys, so that the cohort's updates
-carry the model's own keys.
+carry the model's own keys. :func:`check_cohort_model` refuses, in one line, what a cohort
+still cannot run: a subclass of one of those layers, and running statistics.
 """
 
 from __future__ import annotations
@@ -101,3 +102,26 @@ def _add_cell_names(module: DPRNNBase, state_dict: dict, prefix: str, *_: object
     for cell_name, lstm_name in module.old_to_new.items():
         if prefix + lstm_name in state_dict:
             state_dict[prefix + cell_name] = state_dict[prefix + lstm_name]
+
+
+def check_cohort_model(model: nn.Module) -> None:
+    """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics.
+
+    ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``FastDPLSTM`` train as Opacus's DP RNNs
+    (:func:`fedsim.dp.vectorize.vectorizable`); a subclass of theirs is refused.
+    """
+    name = type(model).__name__
+    for layer in vectorizable(model).modules():
+        kind = type(layer).__name__
+        if isinstance(layer, nn.RNNBase | FastDPLSTM):
+            raise FedsimError(
+                f"vectorized cohort training does not support {name}: torch.func.vmap has no "
+                f"batching rule for its {kind}, a subclass of {type(layer).__mro__[1].__name__} "
+                "(fused cuDNN/oneDNN kernels run one sequence at a time); use the layer "
+                "itself or Opacus's DPLSTM/DPGRU/DPRNN, or set clients-per-worker = 1"
+            )
+        if getattr(layer, "track_running_stats", False):
+            raise FedsimError(
+                f"vectorized cohort training does not support {name}: its {kind} updates "
+                "running statistics in training, which mix a batch's samples; use GroupNorm"
+            )
