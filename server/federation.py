@@ -303,4 +303,7 @@ def run_federation(
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"
     record = audit.audit_final_model(cfg, dataset, model, device=device, start=start)
-    return outputs.write_final(state, run_dir, started, engine=engine, audit=record)
+    training = outputs.training_record(cfg, dataset, device, per_node=node_per_client)
+    return outputs.write_final(
+        state, run_dir, started, engine=engine, training=training, audit=record
+    )

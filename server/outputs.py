@@ -8,18 +8,25 @@ secret: the published rows then give each round's cohort size and failure count,
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedsim import results
+from fedsim.config import FedsimConfig
+from fedsim.data import Dataset
 from fedsim.dp import accounting
 from fedsim.messages import ClientInfo
+from fedsim.models import clipping_path, device_name
 from fedsim.results import RoundRow
 from fedsim.server import privacy
 from fedsim.server.state import RunState
 
+# what computes a run's numbers: their versions go into summary.json
+SOFTWARE = ("fedsim", "torch", "opacus", "flwr", "dp-accounting", "numpy")
 # (unit, engine) -> (who must be trusted, who the ε protects against)
 TRUST = {
     ("sample", "simulation"): ("the machine that runs the simulation", "readers of the results"),
@@ -191,11 +198,42 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
     return [asdict(g) for g in out]
 
 
+def software() -> dict[str, str | None]:
+    """The versions of Python and of the packages that compute a run's numbers."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in SOFTWARE:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def training_record(
+    config: FedsimConfig, dataset: Dataset, device: str, *, per_node: bool
+) -> dict[str, str | None]:
+    """How the clients trained: their per-sample clipping, and the simulation's device.
+
+    ``per_node`` (the deployment engine): each node picks its own device, so none is named.
+    """
+    return {
+        "per_sample": clipping_path(config, dataset),
+        "device": None if per_node else device_name(device),
+    }
+
+
 def write_final(
-    state: RunState, run_dir: Path, started: float, *, engine: str, audit: dict | None = None
+    state: RunState,
+    run_dir: Path,
+    started: float,
+    *,
+    engine: str,
+    training: dict[str, str | None],
+    audit: dict | None = None,
 ) -> dict:
     """Write ``privacy.json``, ``summary.json`` and the private part; return the summary.
 
+    ``training``: how the clients trained (``per_sample``: their clipping; ``device``);
     ``audit``: the one-run audit's record (``fedsim.dp.canaries.audit_record``), if any.
     """
     cfg = state.config
@@ -230,6 +268,8 @@ def write_final(
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
         "wall_seconds": round(time.time() - started, 2),
+        "training": training,
+        "software": software(),
         "config": cfg.to_flat(),
     }
     if audit is not None:

@@ -134,6 +134,7 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     assert [e["round"] for e in clients["0"]] == [1, 2]
     # deployed clients draw secure noise and keep their label counts to themselves
     assert summary["noise"]["kind"] == "secure" and summary["engine"] == "deployment"
+    assert summary["training"] == {"per_sample": "fast", "device": None}  # each node's own
     partition = read_csv(tmp_path / "out" / "partition.csv")
     assert {r["labels"] for r in partition} == {"unknown"}
     # every process stopped, the work folder removed, no partial results left

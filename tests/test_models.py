@@ -7,11 +7,11 @@ from opacus.validators import ModuleValidator
 
 from fedsim.clients.training import train_local
 from fedsim.config import parse_config
-from fedsim.data import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
+from fedsim.data import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, load_checked
 from fedsim.dp import check_samples_apart
 from fedsim.errors import FedsimError
 from fedsim.experiments.run import preflight
-from fedsim.models import build_model, opacus_lstm_layer
+from fedsim.models import build_model, clipping_path, opacus_lstm_layer
 from fedsim.registry import DATASETS, MODELS
 
 VOCAB = 40
@@ -226,3 +226,49 @@ def test_dp_step_on_every_position(name):
         model, x, y, epochs=1, batch_size=24, lr=0.1, noise_multiplier=1.0, all_positions=True
     )
     assert np.isfinite(loss) and spent.steps == (1,)
+
+
+class TiedNet(torch.nn.Module):
+    """Two layers share a weight: ``auto`` trains it with ``hooks``."""
+
+    def __init__(self, *, input_shape, num_classes, **_):
+        super().__init__()
+        width = int(np.prod(input_shape))
+        self.flat, self.a = torch.nn.Flatten(), torch.nn.Linear(width, width)
+        self.b = torch.nn.Linear(width, width)
+        self.b.weight = self.a.weight
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(self.flat(x))))))
+
+
+class ScaledNet(torch.nn.Module):
+    """A parameter of the model's own, which no one-pass rule covers."""
+
+    def __init__(self, *, input_shape, num_classes, **_):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), num_classes)
+        )
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+@pytest.mark.parametrize(
+    ("values", "want"),
+    [
+        ({}, "fast"),
+        ({"grad-sample": "ghost"}, "ghost"),
+        ({"model": "tests.test_models:TiedNet"}, "hooks"),
+        ({"clients-per-worker": 2}, "cohort, one-pass"),
+        ({"clients-per-worker": 2, "model": "lstm"}, "cohort, one-pass"),
+        ({"clients-per-worker": 2, "model": "tests.test_models:ScaledNet"}, "cohort, per-sample"),
+        ({"dp": "user"}, None),
+    ],
+)
+def test_the_summary_names_how_clients_clip(values, want):
+    config = parse_config(values)
+    assert clipping_path(config, load_checked(config)) == want

@@ -8,7 +8,9 @@ import subprocess
 import time
 
 import dp_accounting
+import opacus
 import pytest
+import torch
 from dp_accounting import rdp
 
 from fedsim.dp.accounting import RDP_ORDERS
@@ -82,6 +84,10 @@ def test_results_complete_and_no_partial_left(two_runs):
     ):
         assert key in summary
     assert summary["privacy_unit"] == "sample" and summary["config"]["num-clients"] == 3
+    assert summary["training"] == {"per_sample": "fast", "device": "cpu"}
+    software = summary["software"]
+    assert software["torch"] == torch.__version__ and software["opacus"] == opacus.__version__
+    assert software["flwr"].startswith("1.42.") and software["fedsim"] and software["dp-accounting"]
     rounds = read_csv(out / "rounds.csv")
     assert [int(r["round"]) for r in rounds] == [0, 1, 2, 3]
     assert [len(r["clients"].split()) for r in rounds[1:]] == [2, 2, 2]

@@ -57,6 +57,7 @@ from fedsim.server.state import RunState
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
 DELTA = 1e-5
+TRAINING = {"per_sample": "fast", "device": "cpu"}  # how write_final says clients trained
 
 
 # 1. Noise that the adversary cannot know -------------------------------------------
@@ -215,7 +216,9 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     outputs.write_partition(tmp_path, state.infos, None)
     rows = [r.to_csv() for r in state.rows]
     results.write_csv(tmp_path / results.ROUNDS, rows, results.ROUND_FIELDS)
-    summary = outputs.write_final(state, tmp_path, time.time(), engine="simulation")
+    summary = outputs.write_final(
+        state, tmp_path, time.time(), engine="simulation", training=TRAINING
+    )
     rounds = results.read_csv(tmp_path / results.ROUNDS)
     assert [r["clients"] for r in rounds] == [""] * 4 and [r["dropped"] for r in rounds] == [""] * 4
     assert [int(r["cohort"]) for r in rounds] == [0, 3, 2, 3]  # sizes stay public
@@ -373,7 +376,9 @@ def test_replace_one_epsilon_against_direct_integration_and_the_audit():
 def test_user_level_summary_states_what_it_implies_for_one_example(tmp_path):
     state = user_state("user", COHORTS)
     state.arrays = {}
-    summary = outputs.write_final(state, tmp_path, time.time(), engine="deployment")
+    summary = outputs.write_final(
+        state, tmp_path, time.time(), engine="deployment", training=TRAINING
+    )
     implied = [g for g in summary["guarantees"] if g.get("implied_by") == "user"]
     assert len(implied) == 1 and implied[0]["accountant"] == accounting.REPLACE_ONE
     assert implied[0]["epsilon"] > summary["epsilon"]
@@ -444,6 +449,8 @@ def test_the_client_with_the_largest_epsilon_is_named_as_a_client(tmp_path):
         state.rows.append(row)
         state.participation.append(private)
     state.arrays = {}
-    summary = outputs.write_final(state, tmp_path, time.time(), engine="simulation")
+    summary = outputs.write_final(
+        state, tmp_path, time.time(), engine="simulation", training=TRAINING
+    )
     assert "epsilon_max_client" not in summary
     assert summary["client_with_max_epsilon"] == 2

@@ -28,6 +28,7 @@ from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
 from fedsim.dp.cohort import CohortUpdate, train_cohort
+from fedsim.dp.cohort_step import cohort_clipping
 from fedsim.dp.fast_clip import (
     FastClipper,
     make_private_fast,
@@ -114,6 +115,7 @@ __all__ = [
     "check_cohort_step",
     "check_samples_apart",
     "choose_grad_sample",
+    "cohort_clipping",
     "dp_randomness",
     "epsilon_ceiling",
     "gaussian_estimate",

@@ -21,10 +21,11 @@ float rounding (tests/test_cohort.py compares it with the per-sample step).
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from fedsim.dp.clip_rules import (
     rule_layers,
     total_norm,
 )
+from fedsim.dp.vectorize import vectorizable
 from fedsim.errors import FedsimError
 
 Weights = dict[str, Tensor]
@@ -99,6 +101,28 @@ def client_step(
         return grad(batch_mean, has_aux=True)(w)
 
     return private if dp else plain
+
+
+def cohort_clipping(
+    model: nn.Module, x: Tensor, y: Tensor, *, all_positions: bool
+) -> Literal["one-pass", "per-sample"]:
+    """How ``fedsim.dp.train_cohort`` clips ``model``'s per-sample gradients by default.
+
+    In one pass where every trainable layer has a rule, else from per-sample gradients.
+    ``x``, ``y``: training inputs and labels, one or more.
+    """
+    template = vectorizable(copy.deepcopy(model)).train()
+    weights = {n: p.detach() for n, p in template.named_parameters() if p.requires_grad}
+    first: dict[int, str] = {}  # one name per tensor: functional_call ties the others
+    state = template.state_dict(keep_vars=True)
+    consts = {
+        key: t.detach()
+        for key, t in state.items()
+        if first.setdefault(id(t), key) == key and key not in weights
+    }
+    per_sample = functional_per_sample(template, all_positions=all_positions)
+    found = one_pass_clipped_sum(template, per_sample, (weights, consts, x[:1], y[:1]), clip=1.0)
+    return "per-sample" if found is None else "one-pass"
 
 
 def mean_loss(loss: Tensor, rows: Tensor) -> Tensor:

@@ -18,6 +18,8 @@ from fedsim.dp import (
     check_cohort_model,
     check_cohort_step,
     check_samples_apart,
+    choose_grad_sample,
+    cohort_clipping,
 )
 from fedsim.errors import FedsimError, blamed
 from fedsim.registry import MODELS, resolve, tasks_of
@@ -102,6 +104,23 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
         check_cohort_step(model, x, y, dp=config.dp_sample)
     elif config.dp_sample:
         check_clippable(model, x, y, grad_sample=config.grad_sample)
+
+
+def clipping_path(config: FedsimConfig, dataset: Dataset) -> str | None:
+    """How the clients clip per-sample gradients; ``None`` without sample-level DP.
+
+    The ``grad-sample`` mode that training one client at a time uses (``auto``'s choice
+    where ``auto``), or with ``clients-per-worker`` > 1 the cohort's clipping:
+    ``cohort, one-pass`` or ``cohort, per-sample``.
+    """
+    if not config.dp_sample:
+        return None
+    model = build_model(config.model, **model_kwargs(dataset), dp=True)
+    if config.clients_per_worker == 1:
+        return choose_grad_sample(config.grad_sample, model)
+    x, y = torch.as_tensor(dataset.x_train[:1]), torch.as_tensor(dataset.y_train[:1])
+    clipping = cohort_clipping(model, x, y, all_positions=config.next_char_loss == "all")
+    return f"cohort, {clipping}"
 
 
 def check_outputs(model: nn.Module, x: torch.Tensor, *, num_classes: int, name: str) -> None:

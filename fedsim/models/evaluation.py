@@ -12,6 +12,13 @@ def run_device(client_gpus: float) -> str:
     return "cuda" if client_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def device_name(device: str) -> str:
+    """``device`` as a results file records it: ``cpu``, or ``cuda`` and the card's name."""
+    if torch.device(device).type != "cuda":
+        return device
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
