@@ -274,6 +274,8 @@ def run_federation(
         grid = GroupedGrid(grid, cfg.clients_per_worker)
     device = run_device(cfg.client_gpus)
     model, start, test = server_model(cfg, dataset, state.arrays, device)
+    # before any round: nothing here may fail after the training it describes
+    training = outputs.training_record(cfg, dataset, device, per_node=node_per_client)
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
@@ -303,7 +305,6 @@ def run_federation(
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"
     record = audit.audit_final_model(cfg, dataset, model, device=device, start=start)
-    training = outputs.training_record(cfg, dataset, device, per_node=node_per_client)
     return outputs.write_final(
         state, run_dir, started, engine=engine, training=training, audit=record
     )

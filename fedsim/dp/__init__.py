@@ -9,7 +9,8 @@ purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in 
 and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func
 (``cohort_step``: one client's step inside vmap, clipping in one backward pass;
-``cohort_update``: each client's noise and SGD update);
+``cohort_update``: each client's noise and SGD update; ``vectorize``: recurrent layers
+as Opacus's DP RNNs, which vmap can batch);
 ``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses into an ε
 lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
 

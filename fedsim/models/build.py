@@ -115,11 +115,12 @@ def clipping_path(config: FedsimConfig, dataset: Dataset) -> str | None:
     """
     if not config.dp_sample:
         return None
-    model = build_model(config.model, **model_kwargs(dataset), dp=True)
-    if config.clients_per_worker == 1:
-        return choose_grad_sample(config.grad_sample, model)
-    x, y = torch.as_tensor(dataset.x_train[:1]), torch.as_tensor(dataset.y_train[:1])
-    clipping = cohort_clipping(model, x, y, all_positions=config.next_char_loss == "all")
+    with torch.random.fork_rng(devices=[]):  # it draws nothing from the run's RNG
+        model = build_model(config.model, **model_kwargs(dataset), dp=True)
+        if config.clients_per_worker == 1:
+            return choose_grad_sample(config.grad_sample, model)
+        x, y = torch.as_tensor(dataset.x_train[:1]), torch.as_tensor(dataset.y_train[:1])
+        clipping = cohort_clipping(model, x, y, all_positions=config.next_char_loss == "all")
     return f"cohort, {clipping}"
 
 
