@@ -127,3 +127,22 @@ def test_a_call_the_swapped_layer_cannot_take_is_refused_before_training():
     x, y = torch.randn(4, 5, 6), torch.zeros(4, dtype=torch.long)
     with pytest.raises(FedsimError, match=r"cannot be trained as a vectorized cohort \(.*lengths"):
         check_cohort_step(_Lengths(), x, y, dp=True)
+
+
+class _Flattening(nn.Module):
+    """A forward that calls nn.LSTM's flatten_parameters, as many scripts do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.lstm.flatten_parameters()
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_forward_may_flatten_the_swapped_layer_s_parameters():
+    x, y = torch.randn(4, 5, 6), torch.zeros(4, dtype=torch.long)
+    check_cohort_step(_Flattening(), x, y, dp=False)  # was: AttributeError, an internal error
+    model = _Flattening()
+    assert torch.allclose(vectorizable(model)(x), model(x), atol=1e-6)

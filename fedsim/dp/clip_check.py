@@ -166,7 +166,8 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
             probe, [probe.state_dict()], [(x, y)], epochs=1, batch_size=len(y), lr=0.0,
             noise_multiplier=1.0 if dp else None,
         )  # fmt: skip
-    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
+    # AttributeError: a forward that calls what only the swapped-out layer had
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         raise FedsimError(
             f"model {type(model).__name__} cannot be trained as a vectorized cohort "
             f"({first_line(error)}); set clients-per-worker = 1"

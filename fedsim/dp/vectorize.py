@@ -77,7 +77,14 @@ def dp_rnn(layer: nn.Module) -> DPRNNBase:
     own = dict(rnn.named_parameters())  # nn.LSTM's names come first
     for key, value in state.items():
         own[key].requires_grad_(value.requires_grad)  # a frozen layer stays frozen
+    # many forwards call nn.RNNBase's flatten_parameters (cuDNN's weight layout); cells
+    # have no such layout, so for them it does nothing
+    rnn.flatten_parameters = _no_layout
     return rnn.train(layer.training)
+
+
+def _no_layout() -> None:
+    """``flatten_parameters`` of a swapped layer: its cells keep no fused weight layout."""
 
 
 def with_rnn_names(layer: DPRNNBase) -> DPRNNBase:
