@@ -117,6 +117,9 @@ class FastDPLSTM(nn.Module):
         self.register_state_dict_post_hook(_to_lstm_names)
         self.register_load_state_dict_pre_hook(_from_lstm_names)
 
+    def flatten_parameters(self) -> None:
+        """``nn.LSTM``'s, which many forwards call: a no-op, no weights are kept fused."""
+
     def _suffixes(self) -> tuple[str, ...]:
         return ("", "_reverse") if self.bidirectional else ("",)
 
