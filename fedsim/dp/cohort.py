@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedsim.dp.cohort_step import Step, Weights, client_step
+from fedsim.dp.cohort_step import Step, Weights, canonical_names, client_step
 from fedsim.dp.cohort_update import CohortNoise, CohortSGD
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
@@ -138,7 +138,7 @@ def train_cohort(
     ]
     order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
     template = vectorizable(copy.deepcopy(model)).to(device).train()
-    names = _canonical(template)
+    names = canonical_names(template)
     weights, consts = _stacked(model, names, [starts[k] for k in order], device)
     x = torch.cat([torch.as_tensor(data[k][0]).to(device) for k in order])  # (Σn, ...)
     y = torch.cat([torch.as_tensor(data[k][1]).to(device) for k in order])  # (Σn, ...)
@@ -195,7 +195,7 @@ def _stacked(
     """The trainable weights and the other state of every client, stacked: (K, *shape) each.
 
     Copies, which training updates in place; the other state (buffers, frozen weights) is
-    passed to the model as it is and returned unchanged. ``canonical``: :func:`_canonical`
+    passed to the model as it is and returned unchanged. ``canonical``: :func:`canonical_names`
     of the template, one name per tensor. The weights are in the order of
     ``model.parameters()``, the order the one-client path draws their noise in, also where
     the template's recurrent layers (:func:`fedsim.dp.vectorize.vectorizable`) order them
@@ -214,17 +214,6 @@ def _stacked(
     stacked = {key: torch.stack([moved[id(s[key])] for s in states]) for key in keys}
     weights = {name: stacked.pop(name) for name in names}
     return weights, stacked
-
-
-def _canonical(template: nn.Module) -> dict[str, str]:
-    """Each state_dict key -> the first key of its tensor.
-
-    Tied weights (one parameter under two names, as in Opacus's ``DPGRU``) appear in the
-    state_dict under each name; ``functional_call`` takes one name and ties the others.
-    """
-    first: dict[int, str] = {}
-    state = template.state_dict(keep_vars=True)
-    return {key: first.setdefault(id(tensor), key) for key, tensor in state.items()}
 
 
 def _plan(n: int, generator: torch.Generator, batch_size: int, epochs: int, *, dp: bool) -> list:

@@ -113,16 +113,23 @@ def cohort_clipping(
     """
     template = vectorizable(copy.deepcopy(model)).train()
     weights = {n: p.detach() for n, p in template.named_parameters() if p.requires_grad}
-    first: dict[int, str] = {}  # one name per tensor: functional_call ties the others
-    state = template.state_dict(keep_vars=True)
-    consts = {
-        key: t.detach()
-        for key, t in state.items()
-        if first.setdefault(id(t), key) == key and key not in weights
-    }
+    names = canonical_names(template)  # one name per tensor: functional_call ties the others
+    state = template.state_dict()
+    consts = {key: t for key, t in state.items() if names[key] == key and key not in weights}
     per_sample = functional_per_sample(template, all_positions=all_positions)
     found = one_pass_clipped_sum(template, per_sample, (weights, consts, x[:1], y[:1]), clip=1.0)
     return "per-sample" if found is None else "one-pass"
+
+
+def canonical_names(template: nn.Module) -> dict[str, str]:
+    """Each state_dict key -> the first key of its tensor.
+
+    Tied weights (one parameter under two names, as in Opacus's ``DPGRU``) appear in the
+    state_dict under each name; ``functional_call`` takes one name and ties the others.
+    """
+    first: dict[int, str] = {}
+    state = template.state_dict(keep_vars=True)
+    return {key: first.setdefault(id(tensor), key) for key, tensor in state.items()}
 
 
 def mean_loss(loss: Tensor, rows: Tensor) -> Tensor:
