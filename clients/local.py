@@ -119,7 +119,7 @@ def _options(config: FedsimConfig) -> dict[str, Any]:
         "momentum": config.momentum,
         "noise_multiplier": config.noise_multiplier if config.dp_sample else None,
         "max_grad_norm": config.max_grad_norm,
-        "all_positions": config.next_char_loss == "all",
+        "all_positions": config.all_positions,
         "proximal_mu": config.proximal_mu,
     }
 

@@ -289,6 +289,11 @@ class FedsimConfig(BaseModel):
         """DP-FedAvg at the server protects one client's whole data."""
         return self.dp in ("user", "both")
 
+    @property
+    def all_positions(self) -> bool:
+        """A next-character model's loss averages every position, not only the last."""
+        return self.next_char_loss == "all"
+
     def to_flat(self) -> dict[str, Any]:
         """Kebab-case dict of plain scalars: a TOML table, run config or ConfigRecord."""
         return self.model_dump(by_alias=True)

@@ -120,7 +120,7 @@ def clipping_path(config: FedsimConfig, dataset: Dataset) -> str | None:
         if config.clients_per_worker == 1:
             return choose_grad_sample(config.grad_sample, model)
         x, y = torch.as_tensor(dataset.x_train[:1]), torch.as_tensor(dataset.y_train[:1])
-        clipping = cohort_clipping(model, x, y, all_positions=config.next_char_loss == "all")
+        clipping = cohort_clipping(model, x, y, all_positions=config.all_positions)
     return f"cohort, {clipping}"
 
 
