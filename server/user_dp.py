@@ -122,25 +122,31 @@ def running_variances(model: nn.Module) -> frozenset[str]:
     )
 
 
-def release(
-    current: ArrayRecord, base: Arrays, mean: Arrays, *, nonnegative: Container[str] = ()
-) -> ArrayRecord:
+def release(current: ArrayRecord, base: Arrays, mean: Arrays) -> ArrayRecord:
     """The new global model: ``base`` + ``mean``, each array in ``current``'s dtype.
 
     An array outside the update (not floating point, so not in ``base``) stays the
-    server's own. Arrays named in ``nonnegative`` (running variances, which noise can push
-    below 0, and evaluation then divides by the square root of) are clipped at 0: a
-    function of the release alone, so post-processing, which DP allows.
+    server's own.
     """
     old = {k: v.numpy() for k, v in current.items()}
-    new = {}
-    for k, v in old.items():
-        value = base[k] + mean[k] if k in base else v
-        if k in nonnegative:
-            value = np.maximum(value, 0)
-        # asarray: numpy arithmetic makes a 0-d array a scalar, which Array refuses
-        new[k] = np.asarray(value).astype(v.dtype)
+    # asarray: numpy arithmetic makes a 0-d array a scalar, which Array refuses
+    new = {k: np.asarray(base[k] + mean[k]).astype(v.dtype) if k in base else v
+           for k, v in old.items()}  # fmt: skip
     return ArrayRecord({k: Array(v) for k, v in new.items()})
+
+
+def clipped_at_zero(arrays: ArrayRecord, keys: Container[str]) -> ArrayRecord:
+    """``arrays`` with those named in ``keys`` clipped at 0.
+
+    Running variances, which noise (or a server optimizer's momentum on a noised release)
+    can push below 0, and evaluation divides by their square root. A function of the
+    release alone: post-processing, which DP allows.
+    """
+    out = {}
+    for key, array in arrays.items():
+        value = array.numpy()
+        out[key] = Array(np.maximum(value, 0).astype(value.dtype)) if key in keys else array
+    return ArrayRecord(out)
 
 
 class UserLevelDP(StrategyWrapper):
@@ -183,7 +189,7 @@ class UserLevelDP(StrategyWrapper):
         self.count_noise = count_noise if clip_quantile > 0 else 0.0
         self.sigma_update = update_std(noise_multiplier, self.count_noise)
         self.canaries = canaries  # an audit's canary clients (fedsim.dp.user_canaries)
-        self.nonnegative = nonnegative  # released arrays clipped at 0 (running_variances)
+        self.nonnegative = nonnegative  # arrays clipped at 0 in the new global model
         self.current: ArrayRecord | None = None
 
     def configure_train(
@@ -228,10 +234,12 @@ class UserLevelDP(StrategyWrapper):
             self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.quantile))
         # one Poisson-subsampled Gaussian release per round, whoever replied
         self.ledger.append(LedgerEntry(server_round, self.z, self.sample_rate, 1))
-        released = release(self.current, base, mean, nonnegative=self.nonnegative)
+        released = release(self.current, base, mean)
         # the wrapped strategy sees only the release: its server optimizer is post-processing
         average = Message(average_content(released), 0, MessageType.TRAIN)
         arrays, _ = self.inner.aggregate_train(server_round, [average])
+        if arrays is not None:  # after the server optimizer, whose momentum may overshoot
+            arrays = clipped_at_zero(arrays, self.nonnegative)
         return arrays, MetricRecord({"clip-norm": used_clip, "cohort": cohort})
 
     def _canaries(self, server_round: int) -> list[np.ndarray]:

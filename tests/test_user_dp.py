@@ -40,17 +40,17 @@ def reply(arrays):
     return SimpleNamespace(content={ARRAYS: record(arrays)})
 
 
+WRAPPER = {
+    "sample_rate": 0.1,
+    "noise_multiplier": 1e-9,
+    "clip_norm": 1.0,
+    "expected_cohort": 4.0,
+    "root": seeded_root(0),
+}
+
+
 def wrapper(**kw):
-    args = dict(
-        ledger=[],
-        sample_rate=0.1,
-        noise_multiplier=1e-9,
-        clip_norm=1.0,
-        expected_cohort=4.0,
-        root=seeded_root(0),
-    )
-    args.update(kw)
-    return UserLevelDP(Inner(), **args)
+    return UserLevelDP(Inner(), **{"ledger": [], **WRAPPER, **kw})
 
 
 def test_clip_scales_only_long_updates():
@@ -126,6 +126,24 @@ def test_a_running_variance_is_released_clipped_at_zero(clipped):
     assert (var < 0).any() != clipped
     assert (var == 0).sum() > 50 if clipped else (var < 0).sum() > 50
     assert var.max() > 0.5 and (w != 0).all()  # the rest is noised as before
+
+
+class Overshooting(Inner):
+    """A server optimizer whose step overshoots the release (momentum, a large server-lr)."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, _ = super().aggregate_train(server_round, replies)
+        return record({k: v.numpy() - 1.0 for k, v in arrays.items()}), None
+
+
+def test_the_new_global_model_s_variances_are_clipped_after_the_server_optimizer():
+    keys = frozenset({"bn.running_var"})
+    dp = UserLevelDP(Overshooting(), ledger=[], **WRAPPER, nonnegative=keys)
+    base = {"w": np.zeros(2), "bn.running_var": np.full(3, 0.5)}
+    dp.configure_train(1, record(base), None, None)
+    new, _ = dp.aggregate_train(1, [reply(base)])
+    assert (new["bn.running_var"].numpy() == 0).all()  # 0.5 - 1, clipped
+    assert np.allclose(new["w"].numpy(), -1.0)  # the rest as the optimizer left it
 
 
 @pytest.mark.parametrize(("update_norm", "direction"), [(0.01, -1), (100.0, +1)])
