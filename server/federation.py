@@ -83,7 +83,7 @@ def build_strategy(
     nodes (:func:`fedsim.server.strategy.place`); ``root`` is the run's randomness root
     (``fedsim.dp.randomness``) for cohorts and noise; ``canaries``: a user-level audit's
     canary clients, which take part inside DP-FedAvg; ``variances``: the model's running
-    variances (``user_dp.running_variances``), which DP-FedAvg releases clipped at 0.
+    variances (``user_dp.running_variances``), which DP-FedAvg clips at 0.
     """
     cfg = state.config
     algorithm = build_algorithm(cfg)
@@ -279,7 +279,7 @@ def run_federation(
     # never stored: with secure-noise nobody, not even this folder, can rebuild the noise
     root = secure_root() if cfg.secure_noise else seeded_root(cfg.seed)
     canaries = audit.user_canaries(cfg, len(start))
-    variances = running_variances(model)  # DP-FedAvg releases them clipped at 0
+    variances = running_variances(model)  # DP-FedAvg clips them at 0
     wrappers = build_strategy(
         state, nodes, bound=node_per_client, root=root, canaries=canaries, variances=variances
     )
