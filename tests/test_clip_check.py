@@ -213,13 +213,17 @@ from torch import nn
 class Recurrent(nn.Module):
     tasks = ("image",)
 
-    def __init__(self, *, input_shape, num_classes, **_):
+    def __init__(self, *, input_shape, num_classes, proj_size=0, **_):
         super().__init__()
-        self.rnn = nn.LSTM(input_shape[-1], 8, batch_first=True)
-        self.head = nn.Linear(8, num_classes)
+        self.rnn = nn.LSTM(input_shape[-1], 8, batch_first=True, proj_size=proj_size)
+        self.head = nn.Linear(proj_size or 8, num_classes)
 
     def forward(self, x):
         return self.head(self.rnn(x.flatten(1, 2))[0][:, -1])
+
+
+def projected(**kwargs):
+    return Recurrent(**kwargs, proj_size=4)
 
 
 class Tied(nn.Module):
@@ -238,8 +242,9 @@ class Tied(nn.Module):
 def test_a_run_stops_before_any_work_where_its_mode_cannot_train_the_model(tmp_path, monkeypatch):
     (tmp_path / "usernets.py").write_text(USER_NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = parse_config({"model": "usernets:Recurrent"})
-    with pytest.raises(FedsimError, match=r"'rnn' is an nn\.LSTM, .*use fedsim\.dp\.FastDPLSTM"):
+    preflight(parse_config({"model": "usernets:Recurrent"}))  # trains as FastDPLSTM
+    config = parse_config({"model": "usernets:projected"})
+    with pytest.raises(FedsimError, match=r"'rnn' is an nn\.LSTM with proj_size, .*nn\.Linear"):
         preflight(config)
     preflight(config.model_copy(update={"dp": "none"}))  # nothing to clip
     tied = parse_config({"model": "usernets:Tied"})

@@ -66,7 +66,7 @@ part rounds 180 python3 -m $M.bench --device cuda --repeats 3 --batch 256 \
 part cohort 90 python3 -m $M.bench_cohort --device cuda --suite --repeats 1
 part noise 40 python3 -m $M.bench_noise --device cuda --batch 64,256
 part graphs 40 python3 -m $M.bench_graphs --device cuda
-# not by default: the LSTM as a cohort (Opacus's DPLSTM cells under vmap, fedsim.dp.vectorize)
+# not by default: the LSTM as a cohort (Opacus's DPLSTM cells under vmap, fedsim.dp.recurrent)
 # against one client at a time (FastDPLSTM on cuDNN)
 part rnn 90 python3 -m $M.bench_cohort --device cuda --model lstm --clients 10 --steps 5 \
     --batch 64 --repeats 1

@@ -9,8 +9,8 @@ purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in 
 and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;
 ``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func
 (``cohort_step``: one client's step inside vmap, clipping in one backward pass;
-``cohort_update``: each client's noise and SGD update; ``vectorize``: recurrent layers
-as Opacus's DP RNNs, which vmap can batch);
+``cohort_update``: each client's noise and SGD update); ``recurrent`` swaps torch's
+recurrent layers for ones that compute the same and that DP-SGD or vmap can run;
 ``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses into an ε
 lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
 
@@ -54,10 +54,10 @@ from fedsim.dp.randomness import (
     stream_seed,
     torch_generator,
 )
+from fedsim.dp.recurrent import check_cohort_model, dp_recurrent, vectorizable, with_rnn_names
 from fedsim.dp.sample_check import PROBE_SAMPLES, check_samples_apart
 from fedsim.dp.schedule import Schedule, poisson_schedule
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
-from fedsim.dp.vectorize import check_cohort_model, vectorizable, with_rnn_names
 
 if TYPE_CHECKING:
     from fedsim.dp import accounting
@@ -118,6 +118,7 @@ __all__ = [
     "choose_grad_sample",
     "cohort_clipping",
     "dp_randomness",
+    "dp_recurrent",
     "epsilon_ceiling",
     "gaussian_estimate",
     "gdp_epsilon",

@@ -83,6 +83,12 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
 def _refuse_layers(model: nn.Module, name: str) -> None:
     """What Opacus refuses by layer type, said in one line with what to use instead."""
     for path, layer in model.named_modules():
+        if getattr(layer, "proj_size", False):  # build_model(dp=True) swaps the others
+            raise FedsimError(
+                f"model {name}: layer '{path}' is an nn.LSTM with proj_size, which no layer "
+                "that DP-SGD can clip has (fedsim.dp.FastDPLSTM, Opacus's DPLSTM); drop "
+                "proj_size and project with an nn.Linear after it"
+            )
         if type(layer) in DROP_INS:
             raise FedsimError(
                 f"model {name}: layer '{path}' is an nn.{type(layer).__name__}, whose "

@@ -52,8 +52,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fedsim.dp.cohort_step import Step, Weights, canonical_names, client_step
 from fedsim.dp.cohort_update import CohortNoise, CohortSGD
 from fedsim.dp.randomness import DPRandomness, secure_dp_randomness
+from fedsim.dp.recurrent import check_cohort_model, vectorizable
 from fedsim.dp.schedule import poisson_schedule
-from fedsim.dp.vectorize import check_cohort_model, vectorizable
 from fedsim.errors import FedsimError
 
 Data = list[tuple[Tensor, Tensor]]  # each client's (x, y)
@@ -102,7 +102,7 @@ def train_cohort(
     model
         The architecture (left untouched); ``starts[k]`` is client k's state_dict.
         Running statistics are refused (:func:`check_cohort_model`); recurrent layers
-        train as Opacus's DP RNNs (:func:`fedsim.dp.vectorize.vectorizable`).
+        train as Opacus's DP RNNs (:func:`fedsim.dp.recurrent.vectorizable`).
     data
         Client k's ``(x, y)``, arrays or tensors of any length n_k >= 1.
     noise_multiplier
@@ -198,7 +198,7 @@ def _stacked(
     passed to the model as it is and returned unchanged. ``canonical``: :func:`canonical_names`
     of the template, one name per tensor. The weights are in the order of
     ``model.parameters()``, the order the one-client path draws their noise in, also where
-    the template's recurrent layers (:func:`fedsim.dp.vectorize.vectorizable`) order them
+    the template's recurrent layers (:func:`fedsim.dp.recurrent.vectorizable`) order them
     otherwise.
     """
     key_of: dict[int, str] = {}  # each tensor's first state_dict key

@@ -39,7 +39,7 @@ from fedsim.dp.clip_rules import (
     rule_layers,
     total_norm,
 )
-from fedsim.dp.vectorize import vectorizable
+from fedsim.dp.recurrent import vectorizable
 from fedsim.errors import FedsimError
 
 Weights = dict[str, Tensor]

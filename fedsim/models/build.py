@@ -20,6 +20,7 @@ from fedsim.dp import (
     check_samples_apart,
     choose_grad_sample,
     cohort_clipping,
+    dp_recurrent,
 )
 from fedsim.errors import FedsimError, blamed
 from fedsim.registry import MODELS, resolve, tasks_of
@@ -47,8 +48,10 @@ def build_model(
     vocab_size
         Number of token ids, for text tasks (``len(Dataset.vocab)``).
     dp
-        Build for DP-SGD (per-sample gradients), e.g. ``FastDPLSTM`` for ``lstm``.
-        The state_dict is the same either way.
+        Build for DP-SGD (per-sample gradients): ``FastDPLSTM`` for ``lstm``, and in any
+        model ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` swapped for the layers that compute
+        the same with per-sample gradients (:func:`fedsim.dp.dp_recurrent`). The
+        state_dict is the same either way.
 
     """
     tasks = tasks_of(name, MODELS, "model")
@@ -66,7 +69,7 @@ def build_model(
         )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model '{name}' built a {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return dp_recurrent(model) if dp else model
 
 
 def model_kwargs(dataset: Dataset) -> dict[str, Any]:

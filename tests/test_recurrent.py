@@ -1,4 +1,6 @@
-"""fedsim.dp.vectorize: recurrent layers swapped for Opacus's DP RNNs compute the same."""
+"""fedsim.dp.recurrent: recurrent layers swapped for DP-SGD or a cohort compute the same."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -11,21 +13,31 @@ from fedsim.dp import (
     FastDPLSTM,
     check_cohort_step,
     dp_randomness,
+    dp_recurrent,
     seeded_root,
     train_cohort,
     vectorizable,
 )
 from fedsim.errors import FedsimError
 
-LAYERS = {
-    "FastDPLSTM": (lambda: FastDPLSTM(5, 7, 2, batch_first=True), DPLSTM),
+LAYERS = {  # name: (layer, what a cohort runs, what DP-SGD runs)
+    "FastDPLSTM": (lambda: FastDPLSTM(5, 7, 2, batch_first=True), DPLSTM, FastDPLSTM),
     "nn.LSTM-bidirectional": (
         lambda: nn.LSTM(5, 7, 2, batch_first=True, bidirectional=True),
         DPLSTM,
+        FastDPLSTM,
     ),
-    "nn.GRU": (lambda: nn.GRU(5, 7, batch_first=True, bias=False), DPGRU),
-    "nn.RNN-relu": (lambda: nn.RNN(5, 7, 2, nonlinearity="relu", batch_first=True), DPRNN),
-    "nn.LSTM-time-first-float64": (lambda: nn.LSTM(5, 7).double(), DPLSTM),
+    "nn.GRU": (lambda: nn.GRU(5, 7, batch_first=True, bias=False), DPGRU, DPGRU),
+    "nn.RNN-relu": (
+        lambda: nn.RNN(5, 7, 2, nonlinearity="relu", batch_first=True),
+        DPRNN,
+        DPRNN,
+    ),
+    "nn.LSTM-time-first-float64": (lambda: nn.LSTM(5, 7).double(), DPLSTM, FastDPLSTM),
+}
+SWAPS = {  # a copy for a cohort; in place for DP-SGD
+    "cohort": vectorizable,
+    "dp": lambda model: dp_recurrent(copy.deepcopy(model)),
 }
 
 
@@ -39,9 +51,11 @@ class _Net(nn.Module):
         return self.head(out)
 
 
+@pytest.mark.parametrize("swap", SWAPS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_a_swapped_layer_computes_the_same_with_the_same_keys(name):
-    build, kind = LAYERS[name]
+def test_a_swapped_layer_computes_the_same_with_the_same_keys(name, swap):
+    build, for_cohort, for_dp = LAYERS[name]
+    kind = for_cohort if swap == "cohort" else for_dp
     torch.manual_seed(0)
     model = _Net(build())
     model.rnn.get_parameter(next(n for n, _ in model.rnn.named_parameters())).requires_grad_(False)
@@ -49,8 +63,8 @@ def test_a_swapped_layer_computes_the_same_with_the_same_keys(name):
     x = torch.randn(3, 4, 5, dtype=dtype)
     model.head = model.head.to(dtype)
     want = model(x)
-    swapped = vectorizable(model)
-    assert type(swapped.rnn) is kind and type(model.rnn) is not kind  # a copy; model unchanged
+    swapped = SWAPS[swap](model)
+    assert type(swapped.rnn) is kind and swapped.rnn is not model.rnn
     got = swapped(x)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
     assert set(swapped.state_dict()) == set(model.state_dict())
@@ -146,3 +160,13 @@ def test_a_forward_may_flatten_the_swapped_layer_s_parameters():
     check_cohort_step(_Flattening(), x, y, dp=False)  # was: AttributeError, an internal error
     model = _Flattening()
     assert torch.allclose(vectorizable(model)(x), model(x), atol=1e-6)
+
+
+class _OwnGru(nn.GRU):
+    """A subclass: its forward may not be nn.GRU's."""
+
+
+def test_layers_no_equivalent_can_replace_stay_for_the_checks_to_refuse():
+    projected, own = nn.LSTM(5, 7, proj_size=3), _OwnGru(5, 7)
+    model = dp_recurrent(nn.ModuleList([projected, own, nn.GRU(5, 7)]))
+    assert model[0] is projected and model[1] is own and type(model[2]) is DPGRU
