@@ -99,16 +99,19 @@ class Gated(nn.Module):
 class OpacusRnnNet(nn.Module):
     """Opacus's drop-ins for nn.GRU and nn.RNN: cells of RNNLinear, run once a step."""
 
-    def __init__(self):
+    def __init__(self, batch_first=True):
         super().__init__()
         self.emb = nn.Embedding(11, 5)
-        self.gru = DPGRU(5, 6, 2, batch_first=True, bidirectional=True)
-        self.rnn = DPRNN(12, 4, batch_first=True)
+        self.gru = DPGRU(5, 6, 2, batch_first=batch_first, bidirectional=True)
+        self.rnn = DPRNN(12, 4, batch_first=batch_first)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        out, _ = self.rnn(self.gru(self.emb(x))[0])
-        return self.fc(out[:, -1])
+        if self.rnn.batch_first:
+            out, _ = self.rnn(self.gru(self.emb(x))[0])
+            return self.fc(out[:, -1])
+        out, _ = self.rnn(self.gru(self.emb(x).transpose(0, 1))[0])  # (T, B, .)
+        return self.fc(out[-1])
 
 
 class AttentionNet(nn.Module):
@@ -149,6 +152,10 @@ CASES = {
     "lstm-fused": (lambda: LstmNet(fused=True), lambda: torch.randint(0, 11, (BATCH, 9))),
     "custom-layers": (custom_layers, lambda: torch.randn(BATCH, 6)),
     "opacus-rnns": (OpacusRnnNet, lambda: torch.randint(0, 11, (BATCH, 5))),
+    "opacus-rnns-time-first": (
+        lambda: OpacusRnnNet(batch_first=False),
+        lambda: torch.randint(0, 11, (BATCH, 5)),
+    ),
     "attention": (AttentionNet, lambda: torch.randint(1, 11, (BATCH, 6))),
 }
 
@@ -578,3 +585,10 @@ def test_a_layer_without_a_rule_gets_one_tensor_per_sample(scale, needle):
     clipper = FastClipper(model, max_grad_norm=1.0)
     with pytest.raises(FedsimError, match=needle):
         clipper.backward(model(torch.randn(BATCH, 4)).sum(1))
+
+
+def test_time_first_opacus_rnns_clip_as_the_definition():
+    """Their containers run (T, B, .), their cells (B, .): every sample's norm is its own."""
+    torch.manual_seed(0)
+    model, x = OpacusRnnNet(batch_first=False).double(), torch.randint(0, 11, (BATCH, 5))
+    clips_as_the_definition(model, x, torch.randint(0, 3, (BATCH,)))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from opacus.layers import DPGRU
 from torch import nn
 
 from fedsim.config import parse_config
@@ -93,3 +94,15 @@ def test_a_run_with_such_a_model_stops_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(FedsimError, match="model Mixing mixes the samples"):
         preflight(config)
     preflight(config.model_copy(update={"dp": "user"}))  # clipped per client: samples may mix
+
+
+def test_an_opacus_rnn_running_time_first_passes_its_cells_see_one_step():
+    class TimeFirstGru(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.fc = DPGRU(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):  # x: (B, T, 4)
+            return self.fc(self.gru(x.transpose(0, 1))[0][-1])
+
+    check_samples_apart(TimeFirstGru(), torch.randn(6, 7, 4))
