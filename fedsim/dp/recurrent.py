@@ -44,16 +44,21 @@ def dp_recurrent(model: nn.Module) -> nn.Module:
 
 def vectorizable(model: nn.Module) -> nn.Module:
     """``model`` itself, or a copy with its layers of ``COHORT_SWAPS`` replaced."""
-    if not any(type(m) in COHORT_SWAPS for m in model.modules()):
+    swappable = [m for m in model.modules() if type(m) in COHORT_SWAPS]
+    if not swappable:
         return model
-    for layer in model.modules():
-        if type(layer) in COHORT_SWAPS and getattr(layer, "proj_size", False):
-            raise FedsimError(
-                f"vectorized cohort training does not support {type(layer).__name__} with "
-                "proj_size (Opacus's DP RNNs, which vmap can batch, have none); set "
-                "clients-per-worker = 1"
-            )
+    for layer in swappable:
+        _refuse_projection(layer)
     return _swapped(copy.deepcopy(model), COHORT_SWAPS)
+
+
+def _refuse_projection(layer: nn.Module) -> None:
+    if getattr(layer, "proj_size", False):
+        raise FedsimError(
+            f"vectorized cohort training does not support {type(layer).__name__} with "
+            "proj_size (Opacus's DP RNNs, which vmap can batch, have none); set "
+            "clients-per-worker = 1"
+        )
 
 
 def _swapped(module: nn.Module, swaps: Swaps) -> nn.Module:
@@ -90,7 +95,7 @@ def equivalent(layer: nn.Module, kind: type[nn.Module]) -> nn.Module:
     state = layer.state_dict(keep_vars=True)  # nn.LSTM's keys, FastDPLSTM's too
     rnn.load_state_dict(state)
     rnn.to(next(iter(state.values())))  # its device and dtype
-    own = {key: t for key, t in rnn.state_dict(keep_vars=True).items()}  # nn.LSTM's keys
+    own = rnn.state_dict(keep_vars=True)  # nn.LSTM's keys
     for key, value in state.items():
         own[key].requires_grad_(value.requires_grad)  # a frozen layer stays frozen
     return rnn.train(layer.training)
@@ -128,12 +133,15 @@ def check_cohort_model(model: nn.Module) -> None:
     """Refuse, in one line, a model that vmap cannot batch or that keeps running statistics.
 
     ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``FastDPLSTM`` train as Opacus's DP RNNs
-    (:func:`vectorizable`); a subclass of theirs is refused.
+    (:func:`vectorizable`: checked here without building them); a subclass of theirs, or
+    one with ``proj_size``, is refused.
     """
     name = type(model).__name__
-    for layer in vectorizable(model).modules():
+    for layer in model.modules():
         kind = type(layer).__name__
-        if isinstance(layer, nn.RNNBase | FastDPLSTM):
+        if type(layer) in COHORT_SWAPS:
+            _refuse_projection(layer)
+        elif isinstance(layer, nn.RNNBase | FastDPLSTM):
             raise FedsimError(
                 f"vectorized cohort training does not support {name}: torch.func.vmap has no "
                 f"batching rule for its {kind}, a subclass of {type(layer).__mro__[1].__name__} "
