@@ -142,10 +142,14 @@ def clipped_at_zero(arrays: ArrayRecord, keys: Container[str]) -> ArrayRecord:
     can push below 0, and evaluation divides by their square root. A function of the
     release alone: post-processing, which DP allows.
     """
+    if not any(key in keys for key in arrays):  # most models: nothing to convert
+        return arrays
     out = {}
     for key, array in arrays.items():
-        value = array.numpy()
-        out[key] = Array(np.maximum(value, 0).astype(value.dtype)) if key in keys else array
+        if key in keys:
+            value = array.numpy()
+            array = Array(np.maximum(value, 0).astype(value.dtype))
+        out[key] = array
     return ArrayRecord(out)
 
 
