@@ -11,7 +11,7 @@ from torch.func import vmap
 
 from fedsim.clients.training import train_local
 from fedsim.data import NEXT_CHAR
-from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort
+from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort, vectorizable
 from fedsim.dp.cohort_step import _cross_entropy, functional_per_sample, one_pass_clipped_sum
 from fedsim.dp.fast_clip import per_sample_cross_entropy
 from fedsim.errors import FedsimError
@@ -78,6 +78,8 @@ DP = {"epochs": 2, "batch_size": 16, "lr": 0.1, "noise_multiplier": 1.0, "max_gr
         ("transformer", CHARS, (20, 33), {"grad_sample": "fast", "all_positions": True}),
         ("lstm", IMAGE_28, (20, 33), {"grad_sample": "fast", "momentum": 0.9}),
         ("lstm", CHARS, (20, 33), {"grad_sample": "fast", "all_positions": True}),
+        (f"{__name__}:Encoder", CHARS, (20, 33), {"grad_sample": "fast", "momentum": 0.9}),
+        (f"{__name__}:Encoder", CHARS, (20, 33), {"grad_sample": "hooks"}),
     ],
 )
 @pytest.mark.parametrize("clipping", ["one-pass", "per-sample"])
@@ -322,6 +324,24 @@ class _SharedLayer(nn.Module):
         return self.head(self.square(torch.tanh(self.mid(self.square(self.flat(x))))))
 
 
+class Encoder(nn.Module):
+    """A user's model: torch's TransformerEncoderLayer, with nn.MultiheadAttention inside.
+
+    A cohort runs its attention as fedsim's drop-in (the same keys; one pass clips it),
+    whether it is given the plain model or the one built for DP.
+    """
+
+    def __init__(self, *, num_classes=20, dropout=0.0, **_):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x, all_positions=False):
+        out = self.enc(self.emb(x), src_key_padding_mask=x == 0)  # (B, T, 8)
+        return self.head(out).transpose(1, 2) if all_positions else self.head(out.mean(1))
+
+
 ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
     "cnn": (lambda: build_model("cnn", **IMAGE_28), False, False),
     "fedavg-cnn": (lambda: build_model("fedavg-cnn", **IMAGE_28), False, False),
@@ -332,6 +352,7 @@ ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
     "dplstm-bidirectional": (lambda: _Gru(rnn=DPLSTM, bidirectional=True), True, False),
     "dprnn-chars": (lambda: _Gru(rnn=DPRNN), True, True),
     "shared-linear": (_SharedLayer, False, False),
+    "encoder-layer": (lambda: vectorizable(Encoder()), True, True),
 }
 
 

@@ -115,15 +115,22 @@ class OpacusRnnNet(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """fedsim's drop-in for nn.MultiheadAttention: linear projections, cross-attention."""
+    """fedsim's drop-in for nn.MultiheadAttention: linear projections, cross-attention.
 
-    def __init__(self):
+    ``packed``: key and value as wide as the query, so one input projection takes the
+    query and the memory side by side; otherwise three projections.
+    """
+
+    def __init__(self, packed=False):
         super().__init__()
+        width = 8 if packed else 5
         self.emb = nn.Embedding(11, 8)
-        self.attn = DPMultiheadAttention(8, 2, kdim=5, vdim=5, batch_first=True)
-        # a key bias's gradient is zero (softmax ignores it): its rounding has no relative error
-        self.attn.k_proj = nn.Linear(5, 8, bias=False)
-        self.memory = nn.Linear(8, 5)
+        self.attn = DPMultiheadAttention(8, 2, kdim=width, vdim=width, batch_first=True)
+        if not packed:
+            # a key bias's gradient is zero (softmax ignores it): its rounding has no
+            # relative error
+            self.attn.k_proj = nn.Linear(5, 8, bias=False)
+        self.memory = nn.Linear(8, width)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
@@ -157,6 +164,10 @@ CASES = {
         lambda: torch.randint(0, 11, (BATCH, 5)),
     ),
     "attention": (AttentionNet, lambda: torch.randint(1, 11, (BATCH, 6))),
+    "attention-packed": (
+        lambda: AttentionNet(packed=True),
+        lambda: torch.randint(1, 11, (BATCH, 6)),
+    ),
 }
 
 

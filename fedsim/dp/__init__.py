@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from fedsim.dp.attention import DPMultiheadAttention, replace_attention
+from fedsim.dp.attention import DPMultiheadAttention, dp_attention, replace_attention
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
@@ -117,6 +117,7 @@ __all__ = [
     "check_samples_apart",
     "choose_grad_sample",
     "cohort_clipping",
+    "dp_attention",
     "dp_randomness",
     "dp_recurrent",
     "epsilon_ceiling",

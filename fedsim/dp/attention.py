@@ -6,11 +6,14 @@ function, so no per-sample rule sees its inputs; Opacus refuses it. Opacus's own
 ``view``s a (batch·heads, T, head) tensor as (batch, T, width), which permutes positions
 and heads within each sample (0.66 off ``nn.MultiheadAttention`` on random inputs).
 
-Here the four projections are ``nn.Linear`` layers, fed batch-first, whose per-sample
+Here the projections are ``nn.Linear`` layers, fed batch-first, whose per-sample
 gradients every mode computes exactly (fedsim's linear rule under ``fast``); the
-attention between them has no parameters, so its dropout needs no replaying. The call,
-the outputs and the masks are ``nn.MultiheadAttention``'s, and so is the model once
-:func:`replace_attention` has swapped the layers in, weights included.
+attention between them has no parameters, so its dropout needs no replaying. Where key
+and value are as wide as the query (``kdim = vdim = embed_dim``, the usual case) the input
+projection is one ``nn.Linear(E, 3E)`` saved under ``nn.MultiheadAttention``'s keys
+(``in_proj_weight``, ``in_proj_bias``), so the layer is a drop-in for the state_dict too:
+``build_model(dp=True)`` swaps it in (:func:`dp_attention`) and a plain server model
+averages what it trains. Otherwise it has three projections of its own.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from torch import Tensor, nn
 
 from fedsim.errors import FedsimError
 
+PACKED = ("weight", "bias")  # in_proj.weight <-> nn.MultiheadAttention's in_proj_weight
+
 
 class DPMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention(embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first)``.
 
-    ``add_bias_kv`` and ``add_zero_attn`` are not supported. Loading an
-    ``nn.MultiheadAttention`` state_dict splits its ``in_proj`` into the three
-    projections (:func:`replace_attention` does so).
+    ``add_bias_kv`` and ``add_zero_attn`` are not supported. Loads an
+    ``nn.MultiheadAttention`` state_dict; with ``kdim = vdim = embed_dim`` it also saves
+    one, with the others its three projections.
     """
 
     # what nn.TransformerEncoderLayer reads before it picks its fused inference path:
@@ -53,11 +58,16 @@ class DPMultiheadAttention(nn.Module):
             raise FedsimError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.batch_first = batch_first
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
+        self.packed = (kdim or embed_dim) == embed_dim and (vdim or embed_dim) == embed_dim
+        if self.packed:  # nn.MultiheadAttention's in_proj_weight, as one layer
+            self.in_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
+            self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self._register_load_state_dict_pre_hook(_split_in_proj)
+        self.register_state_dict_post_hook(_saved_as_nn)
+        self.register_load_state_dict_pre_hook(_loaded_from_nn)
 
     def forward(
         self,
@@ -71,15 +81,14 @@ class DPMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """Attention of ``query`` over ``key``/``value``; (output, weights or None)."""
-        if not self.batch_first:  # (T, B, E) -> (B, T, E): the projections see rows per sample
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        batch, length, _ = query.shape
+        q, k, v = self._project(query, key, value)  # (B, T, E), (B, S, E), (B, S, E)
+        batch, length, _ = q.shape
         heads, width = self.num_heads, self.embed_dim // self.num_heads
 
         def split(t: Tensor) -> Tensor:  # (B, T, E) -> (B, heads, T, width)
-            return t.view(batch, -1, heads, width).transpose(1, 2)
+            return t.reshape(batch, -1, heads, width).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        q, k, v = split(q), split(k), split(v)
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, q, k)
         scores = q @ k.transpose(-2, -1) / width**0.5  # (B, heads, T, S)
         if mask is not None:
@@ -92,6 +101,23 @@ class DPMultiheadAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, weights.mean(1) if average_attn_weights else weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+        """Batch-first q, k, v: each projection sees one sample's rows."""
+        same = (query is key, key is value)  # before the transposes make new tensors
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if not self.packed:
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if all(same):  # self-attention
+            return self.in_proj(query).chunk(3, -1)
+        # one call on the inputs side by side, so the layer runs once a forward pass (as
+        # every per-sample mode needs); the blocks not kept get no gradient
+        inputs = [query, key] if same[1] else [query, key, value]
+        rows = [t.shape[1] for t in inputs]
+        parts = self.in_proj(torch.cat(inputs, 1)).split(rows, 1)  # (B, T + S (+ S), 3E)
+        wide = [part.chunk(3, -1) for part in parts]
+        return wide[0][0], wide[1][1], wide[-1][2]
 
 
 def _additive_mask(
@@ -119,9 +145,32 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def _split_in_proj(state: dict, prefix: str, *_: object) -> None:
-    """An ``nn.MultiheadAttention`` state_dict's ``in_proj`` as the three projections."""
-    for kind in ("weight", "bias"):
+def _saved_as_nn(module: DPMultiheadAttention, state: dict, prefix: str, _: object) -> None:
+    """``in_proj.weight`` saved as ``nn.MultiheadAttention``'s ``in_proj_weight``, in its order.
+
+    In place: this layer's entries are the last in ``state`` when its hook runs.
+    """
+    if module.packed:
+        entries = {key: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+        for kind in PACKED:
+            if f"{prefix}in_proj.{kind}" in entries:
+                state[f"{prefix}in_proj_{kind}"] = entries.pop(f"{prefix}in_proj.{kind}")
+        state.update(entries)  # out_proj's, after in_proj's as in nn.MultiheadAttention
+
+
+def _loaded_from_nn(module: DPMultiheadAttention, state: dict, prefix: str, *_: object) -> None:
+    """An ``nn.MultiheadAttention`` state_dict (or this layer's own) in this layer's keys."""
+    for kind in ("bias_k", "bias_v"):
+        state.pop(f"{prefix}{kind}", None)
+    if module.packed:
+        for kind in PACKED:
+            parts = [state.pop(f"{prefix}{n}_proj.{kind}", None) for n in "qkv"]
+            if all(part is not None for part in parts):  # fedsim < 2026-11-27: three layers
+                state[f"{prefix}in_proj_{kind}"] = torch.cat(parts)
+            if f"{prefix}in_proj_{kind}" in state:
+                state[f"{prefix}in_proj.{kind}"] = state.pop(f"{prefix}in_proj_{kind}")
+        return
+    for kind in PACKED:
         packed = state.pop(f"{prefix}in_proj_{kind}", None)
         if packed is not None:
             for name, part in zip("qkv", packed.chunk(3), strict=True):
@@ -130,26 +179,57 @@ def _split_in_proj(state: dict, prefix: str, *_: object) -> None:
         separate = state.pop(f"{prefix}{name}_proj_weight", None)
         if separate is not None:
             state[f"{prefix}{name}_proj.weight"] = separate
-    for kind in ("bias_k", "bias_v"):
-        state.pop(f"{prefix}{kind}", None)
 
 
-def replace_attention(model: nn.Module) -> nn.Module:
+def replace_attention(model: nn.Module, *, same_keys: bool = False) -> nn.Module:
     """``model`` with every ``nn.MultiheadAttention`` a :class:`DPMultiheadAttention`.
 
-    In place, weights included; returns ``model``. Each replacement computes what the
-    layer it replaces computed.
+    In place, weights, frozen flags, device, dtype and mode included; returns ``model``.
+    Each replacement computes what the layer it replaces computed. ``same_keys``: only
+    those it can replace under the same state_dict keys (key and value as wide as the
+    query; no ``bias_k``, ``bias_v`` or zero attention), leaving the others as they are.
     """
     for name, child in model.named_children():
         if isinstance(child, nn.MultiheadAttention):
-            drop_in = DPMultiheadAttention(
-                child.embed_dim, child.num_heads, dropout=child.dropout,
-                bias=child.in_proj_bias is not None, add_bias_kv=child.bias_k is not None,
-                add_zero_attn=child.add_zero_attn, kdim=child.kdim, vdim=child.vdim,
-                batch_first=child.batch_first,
-            )  # fmt: skip
-            drop_in.load_state_dict(child.state_dict())
-            setattr(model, name, drop_in.to(child.out_proj.weight))
+            if not same_keys or _same_keys(child):
+                setattr(model, name, _drop_in(child))
         else:
-            replace_attention(child)
+            replace_attention(child, same_keys=same_keys)
     return model
+
+
+def dp_attention(model: nn.Module) -> nn.Module:
+    """``model`` with the ``nn.MultiheadAttention`` layers it can swap under the same keys.
+
+    What ``build_model(dp=True)`` applies; in place, returns ``model``.
+    """
+    return replace_attention(model, same_keys=True)
+
+
+def _same_keys(layer: nn.MultiheadAttention) -> bool:
+    plain = layer.bias_k is None and not layer.add_zero_attn
+    return plain and layer._qkv_same_embed_dim and type(layer) is nn.MultiheadAttention
+
+
+def _drop_in(layer: nn.MultiheadAttention) -> DPMultiheadAttention:
+    drop_in = DPMultiheadAttention(
+        layer.embed_dim, layer.num_heads, dropout=layer.dropout,
+        bias=layer.in_proj_bias is not None, add_bias_kv=layer.bias_k is not None,
+        add_zero_attn=layer.add_zero_attn, kdim=layer.kdim, vdim=layer.vdim,
+        batch_first=layer.batch_first,
+    )  # fmt: skip
+    drop_in.load_state_dict(layer.state_dict())
+    sources = dict(layer.named_parameters())
+    for name, parameter in drop_in.named_parameters():  # a frozen layer stays frozen
+        parameter.requires_grad_(sources[_nn_name(name, layer)].requires_grad)
+    return drop_in.to(layer.out_proj.weight).train(layer.training)
+
+
+def _nn_name(name: str, layer: nn.MultiheadAttention) -> str:
+    """The ``nn.MultiheadAttention`` parameter behind a drop-in's ``name`` (``q_proj.bias``)."""
+    owner, kind = name.split(".")
+    if owner == "out_proj":
+        return name
+    if kind == "bias" or layer._qkv_same_embed_dim:  # nn packs its biases in any case
+        return f"in_proj_{kind}"
+    return f"{owner}_{kind}"  # q_proj_weight, ...

@@ -35,7 +35,8 @@ DROP_INS = {
     nn.RNN: "opacus.layers.DPRNN",
     nn.MultiheadAttention: (
         "fedsim.dp.DPMultiheadAttention (nn.MultiheadAttention's arguments and outputs; "
-        "fedsim.dp.replace_attention(model) swaps every one in, weights included)"
+        "fedsim.dp.replace_attention(model) swaps every one in, weights included; a model "
+        "built for DP-SGD has it already where kdim and vdim equal embed_dim)"
     ),
 }
 

@@ -195,23 +195,26 @@ def _stacked(
     """The trainable weights and the other state of every client, stacked: (K, *shape) each.
 
     Copies, which training updates in place; the other state (buffers, frozen weights) is
-    passed to the model as it is and returned unchanged. ``canonical``: :func:`canonical_names`
-    of the template, one name per tensor. The weights are in the order of
-    ``model.parameters()``, the order the one-client path draws their noise in, also where
-    the template's recurrent layers (:func:`fedsim.dp.recurrent.vectorizable`) order them
-    otherwise.
+    passed to the model as it is and returned unchanged, all keyed by attribute path.
+    ``canonical``: :func:`canonical_names` of the template, one path per tensor. The
+    weights are in the order of ``model.parameters()``, the order the one-client path draws
+    their noise in, also where the template's recurrent layers
+    (:func:`fedsim.dp.recurrent.vectorizable`) order them otherwise.
     """
     key_of: dict[int, str] = {}  # each tensor's first state_dict key
     for key, tensor in model.state_dict(keep_vars=True).items():
         key_of.setdefault(id(tensor), key)
     names = [canonical[key_of[id(p)]] for p in model.parameters() if p.requires_grad]
-    for key in canonical:
+    key_at: dict[str, str] = {}  # each path's first state_dict key, in order
+    for key, path in canonical.items():
+        key_at.setdefault(path, key)
         if any(key not in state for state in states):
             raise FedsimError(f"a start state_dict lacks '{key}', which the model has")
-    keys = list(dict.fromkeys(canonical.values()))  # one name per tensor, in order
     # clients usually share one start: each distinct tensor goes to the device once
-    moved = {id(s[key]): s[key].detach().to(device) for s in states for key in keys}
-    stacked = {key: torch.stack([moved[id(s[key])] for s in states]) for key in keys}
+    moved = {id(s[key]): s[key].detach().to(device) for s in states for key in key_at.values()}
+    stacked = {
+        path: torch.stack([moved[id(s[key])] for s in states]) for path, key in key_at.items()
+    }
     weights = {name: stacked.pop(name) for name in names}
     return weights, stacked
 

@@ -113,23 +113,29 @@ def cohort_clipping(
     """
     template = vectorizable(copy.deepcopy(model)).train()
     weights = {n: p.detach() for n, p in template.named_parameters() if p.requires_grad}
-    names = canonical_names(template)  # one name per tensor: functional_call ties the others
-    state = template.state_dict()
-    consts = {key: t for key, t in state.items() if names[key] == key and key not in weights}
+    paths = canonical_names(template)  # one path per tensor: functional_call ties the others
+    consts: dict[str, Tensor] = {}
+    for key, tensor in template.state_dict().items():
+        if paths[key] not in weights:
+            consts.setdefault(paths[key], tensor)
     per_sample = functional_per_sample(template, all_positions=all_positions)
     found = one_pass_clipped_sum(template, per_sample, (weights, consts, x[:1], y[:1]), clip=1.0)
     return "per-sample" if found is None else "one-pass"
 
 
 def canonical_names(template: nn.Module) -> dict[str, str]:
-    """Each state_dict key -> the first key of its tensor.
+    """Each state_dict key -> the attribute path of its tensor, which ``functional_call`` takes.
 
-    Tied weights (one parameter under two names, as in Opacus's ``DPGRU``) appear in the
-    state_dict under each name; ``functional_call`` takes one name and ties the others.
+    A key may differ from the path: Opacus's ``DPGRU`` saves one parameter under two
+    names (``functional_call`` takes the first path and ties the others), and
+    ``FastDPLSTM`` and :class:`fedsim.dp.DPMultiheadAttention` save theirs under
+    ``nn.LSTM``'s and ``nn.MultiheadAttention``'s keys.
     """
-    first: dict[int, str] = {}
+    path_of: dict[int, str] = {}
+    for path, tensor in (*template.named_parameters(), *template.named_buffers()):
+        path_of.setdefault(id(tensor), path)
     state = template.state_dict(keep_vars=True)
-    return {key: first.setdefault(id(tensor), key) for key, tensor in state.items()}
+    return {key: path_of.get(id(tensor), key) for key, tensor in state.items()}
 
 
 def mean_loss(loss: Tensor, rows: Tensor) -> Tensor:

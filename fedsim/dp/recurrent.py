@@ -27,6 +27,7 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 from opacus.layers.dp_rnn import DPRNNBase
 from torch import nn
 
+from fedsim.dp.attention import dp_attention
 from fedsim.dp.fast_lstm import FastDPLSTM
 from fedsim.errors import FedsimError
 
@@ -43,13 +44,18 @@ def dp_recurrent(model: nn.Module) -> nn.Module:
 
 
 def vectorizable(model: nn.Module) -> nn.Module:
-    """``model`` itself, or a copy with its layers of ``COHORT_SWAPS`` replaced."""
+    """``model`` itself, or a copy with its layers of ``COHORT_SWAPS`` replaced.
+
+    And its ``nn.MultiheadAttention`` layers swapped as DP-SGD swaps them
+    (:func:`fedsim.dp.dp_attention`): the cohort then clips their projections in one pass
+    whether it is given the plain model or the one built for DP.
+    """
     swappable = [m for m in model.modules() if type(m) in COHORT_SWAPS]
-    if not swappable:
+    if not swappable and not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return model
     for layer in swappable:
         _refuse_projection(layer)
-    return _swapped(copy.deepcopy(model), COHORT_SWAPS)
+    return dp_attention(_swapped(copy.deepcopy(model), COHORT_SWAPS))
 
 
 def _refuse_projection(layer: nn.Module) -> None:

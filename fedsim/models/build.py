@@ -20,6 +20,7 @@ from fedsim.dp import (
     check_samples_apart,
     choose_grad_sample,
     cohort_clipping,
+    dp_attention,
     dp_recurrent,
 )
 from fedsim.errors import FedsimError, blamed
@@ -49,9 +50,10 @@ def build_model(
         Number of token ids, for text tasks (``len(Dataset.vocab)``).
     dp
         Build for DP-SGD (per-sample gradients): ``FastDPLSTM`` for ``lstm``, and in any
-        model ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` swapped for the layers that compute
-        the same with per-sample gradients (:func:`fedsim.dp.dp_recurrent`). The
-        state_dict is the same either way.
+        model ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``nn.MultiheadAttention`` swapped
+        for layers that compute the same with per-sample gradients
+        (:func:`fedsim.dp.dp_recurrent`, :func:`fedsim.dp.dp_attention`). The state_dict
+        is the same either way.
 
     """
     tasks = tasks_of(name, MODELS, "model")
@@ -69,7 +71,7 @@ def build_model(
         )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise FedsimError(f"model '{name}' built a {type(model).__name__}, not a torch.nn.Module")
-    return dp_recurrent(model) if dp else model
+    return dp_attention(dp_recurrent(model)) if dp else model
 
 
 def model_kwargs(dataset: Dataset) -> dict[str, Any]:
