@@ -80,6 +80,7 @@ DP = {"epochs": 2, "batch_size": 16, "lr": 0.1, "noise_multiplier": 1.0, "max_gr
         ("lstm", CHARS, (20, 33), {"grad_sample": "fast", "all_positions": True}),
         (f"{__name__}:Encoder", CHARS, (20, 33), {"grad_sample": "fast", "momentum": 0.9}),
         (f"{__name__}:Encoder", CHARS, (20, 33), {"grad_sample": "hooks"}),
+        (f"{__name__}:TimeFirstEncoder", CHARS, (20, 33), {"grad_sample": "fast"}),
     ],
 )
 @pytest.mark.parametrize("clipping", ["one-pass", "per-sample"])
@@ -331,15 +332,25 @@ class Encoder(nn.Module):
     whether it is given the plain model or the one built for DP.
     """
 
+    time_first = False
+
     def __init__(self, *, num_classes=20, dropout=0.0, **_):
         super().__init__()
         self.emb = nn.Embedding(20, 8)
-        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout, batch_first=not self.time_first)
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x, all_positions=False):
-        out = self.enc(self.emb(x), src_key_padding_mask=x == 0)  # (B, T, 8)
+        h = self.emb(x).transpose(0, 1) if self.time_first else self.emb(x)
+        out = self.enc(h, src_key_padding_mask=x == 0)
+        out = out.transpose(0, 1) if self.time_first else out  # (B, T, 8)
         return self.head(out).transpose(1, 2) if all_positions else self.head(out.mean(1))
+
+
+class TimeFirstEncoder(Encoder):
+    """torch's default layout: the layer takes (T, B, E)."""
+
+    time_first = True
 
 
 ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
@@ -353,6 +364,7 @@ ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
     "dprnn-chars": (lambda: _Gru(rnn=DPRNN), True, True),
     "shared-linear": (_SharedLayer, False, False),
     "encoder-layer": (lambda: vectorizable(Encoder()), True, True),
+    "encoder-layer-time-first": (lambda: vectorizable(TimeFirstEncoder()), True, False),
 }
 
 

@@ -3,7 +3,8 @@
 The public face of the package. ``fast_clip`` clips per-sample gradients in one backward
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
 ``lstm_recurrence`` an LSTM with exact per-sample gradients, ``attention`` a drop-in for
-``nn.MultiheadAttention``); ``schedule`` is the one
+``nn.MultiheadAttention``, ``time_first`` torch's time-first transformer layers run
+batch-first inside); ``schedule`` is the one
 place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
 purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in one call
 and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fedsim.dp.time_first import batch_first_inside
 from fedsim.errors import FedsimError
 
 PACKED = ("weight", "bias")  # in_proj.weight <-> nn.MultiheadAttention's in_proj_weight
@@ -201,9 +202,11 @@ def replace_attention(model: nn.Module, *, same_keys: bool = False) -> nn.Module
 def dp_attention(model: nn.Module) -> nn.Module:
     """``model`` with the ``nn.MultiheadAttention`` layers it can swap under the same keys.
 
-    What ``build_model(dp=True)`` applies; in place, returns ``model``.
+    What ``build_model(dp=True)`` applies; in place, returns ``model``. torch's time-first
+    encoder and decoder layers first become ones that run batch-first inside
+    (:func:`fedsim.dp.time_first.batch_first_inside`).
     """
-    return replace_attention(model, same_keys=True)
+    return replace_attention(batch_first_inside(model), same_keys=True)
 
 
 def _same_keys(layer: nn.MultiheadAttention) -> bool:
