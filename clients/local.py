@@ -95,7 +95,9 @@ def train_group(
         for pid in clients
     ]
     updates = train_cohort(
-        build_model(config.model, **model_spec(config)),
+        # built as train_round builds it: the cohort's template is the model the checks
+        # before round 1 (fedsim.models.check_client_model) ran a cohort step of
+        build_model(config.model, **model_spec(config), dp=config.dp_sample),
         [state] * len(clients),
         [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data],
         **_options(config),

@@ -11,7 +11,14 @@ from torch.func import vmap
 
 from fedsim.clients.training import train_local
 from fedsim.data import NEXT_CHAR
-from fedsim.dp import DPRandomness, dp_randomness, seeded_root, train_cohort, vectorizable
+from fedsim.dp import (
+    DPRandomness,
+    dp_randomness,
+    replace_attention,
+    seeded_root,
+    train_cohort,
+    vectorizable,
+)
 from fedsim.dp.cohort_step import _cross_entropy, functional_per_sample, one_pass_clipped_sum
 from fedsim.dp.fast_clip import per_sample_cross_entropy
 from fedsim.errors import FedsimError
@@ -365,6 +372,12 @@ ONE_PASS_MODELS = {  # name: (model, text input?, a loss at every position?)
     "shared-linear": (_SharedLayer, False, False),
     "encoder-layer": (lambda: vectorizable(Encoder()), True, True),
     "encoder-layer-time-first": (lambda: vectorizable(TimeFirstEncoder()), True, False),
+    # the attention swapped by hand: no nn.MultiheadAttention left to show the layer
+    "encoder-layer-time-first-drop-in": (
+        lambda: vectorizable(replace_attention(TimeFirstEncoder())),
+        True,
+        False,
+    ),
 }
 
 

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.dp import check_clippable, check_samples_apart, dp_attention
+from fedsim.dp import (
+    check_clippable,
+    check_samples_apart,
+    dp_attention,
+    replace_attention,
+    vectorizable,
+)
 from fedsim.dp.time_first import BatchFirstDecoderLayer, BatchFirstEncoderLayer
 from fedsim.errors import FedsimError
 
@@ -48,6 +54,12 @@ def test_it_computes_what_the_time_first_layers_compute(mode):
     x = tokens()
     with torch.no_grad():  # in eval, the plain layers may take torch's fused path
         assert torch.allclose(inside(x), plain(x), atol=1e-5)
+
+
+def test_a_cohort_runs_them_batch_first_inside_the_attention_swapped_by_hand_too():
+    model = replace_attention(Seq2Seq())
+    assert type(vectorizable(model).dec) is BatchFirstDecoderLayer
+    assert type(model.dec) is nn.TransformerDecoderLayer  # vectorizable swaps in a copy
 
 
 def test_batch_first_layers_and_subclasses_are_left_alone():

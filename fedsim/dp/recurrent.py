@@ -29,6 +29,7 @@ from torch import nn
 
 from fedsim.dp.attention import dp_attention
 from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.time_first import time_first_layers
 from fedsim.errors import FedsimError
 
 Swaps = dict[type[nn.Module], type[nn.Module]]
@@ -46,12 +47,14 @@ def dp_recurrent(model: nn.Module) -> nn.Module:
 def vectorizable(model: nn.Module) -> nn.Module:
     """``model`` itself, or a copy with its layers of ``COHORT_SWAPS`` replaced.
 
-    And its ``nn.MultiheadAttention`` layers swapped as DP-SGD swaps them
-    (:func:`fedsim.dp.dp_attention`): the cohort then clips their projections in one pass
-    whether it is given the plain model or the one built for DP.
+    And its ``nn.MultiheadAttention`` layers and torch's time-first transformer layers
+    swapped as DP-SGD swaps them (:func:`fedsim.dp.dp_attention`): the cohort then clips
+    their projections in one pass, with each sample first, whether it is given the plain
+    model or the one built for DP.
     """
     swappable = [m for m in model.modules() if type(m) in COHORT_SWAPS]
-    if not swappable and not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not (swappable or attention or time_first_layers(model)):
         return model
     for layer in swappable:
         _refuse_projection(layer)

@@ -61,18 +61,25 @@ def batch_first_inside(model: nn.Module) -> nn.Module:
     """``model`` with its time-first encoder and decoder layers run batch-first inside.
 
     In place; returns ``model``. Only torch's own classes are changed (a subclass's
-    forward may differ), and only time-first ones.
+    forward may differ), and only time-first ones (:func:`time_first_layers`).
     """
-    for layer in model.modules():
-        attentions = _attentions(layer)
-        if type(layer) in BATCH_FIRST and not attentions[0].batch_first:
-            # the class alone changes: torch keeps no record of the constructor's arguments
-            # (activation, norm_first, ...) to build a new layer from, and the modules,
-            # weights, hooks and mode stay the ones the model has
-            layer.__class__ = BATCH_FIRST[type(layer)]
-            for attention in attentions:
-                attention.batch_first = True
+    for layer in time_first_layers(model):
+        # the class alone changes: torch keeps no record of the constructor's arguments
+        # (activation, norm_first, ...) to build a new layer from, and the modules,
+        # weights, hooks and mode stay the ones the model has
+        layer.__class__ = BATCH_FIRST[type(layer)]
+        for attention in _attentions(layer):
+            attention.batch_first = True
     return model
+
+
+def time_first_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder and decoder layers of torch in ``model`` that run time-first."""
+    return [
+        layer
+        for layer in model.modules()
+        if type(layer) in BATCH_FIRST and not _attentions(layer)[0].batch_first
+    ]
 
 
 def _attentions(layer: nn.Module) -> list[Any]:
