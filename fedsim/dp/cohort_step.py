@@ -113,11 +113,8 @@ def cohort_clipping(
     """
     template = vectorizable(copy.deepcopy(model)).train()
     weights = {n: p.detach() for n, p in template.named_parameters() if p.requires_grad}
-    paths = canonical_names(template)  # one path per tensor: functional_call ties the others
-    consts: dict[str, Tensor] = {}
-    for key, tensor in template.state_dict().items():
-        if paths[key] not in weights:
-            consts.setdefault(paths[key], tensor)
+    consts = {n: p.detach() for n, p in template.named_parameters() if not p.requires_grad}
+    consts.update(template.named_buffers())  # by path, as functional_call takes them
     per_sample = functional_per_sample(template, all_positions=all_positions)
     found = one_pass_clipped_sum(template, per_sample, (weights, consts, x[:1], y[:1]), clip=1.0)
     return "per-sample" if found is None else "one-pass"
