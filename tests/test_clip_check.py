@@ -9,7 +9,15 @@ from torch import nn
 import fedsim.dp
 from fedsim.clients.training import train_local
 from fedsim.config import parse_config
-from fedsim.dp import FastDPLSTM, check_clippable, check_cohort_step, choose_grad_sample, clip_rules
+from fedsim.dp import (
+    FastDPLSTM,
+    check_clip_bound,
+    check_clippable,
+    check_cohort_step,
+    choose_grad_sample,
+    clip_rules,
+    fast_clip,
+)
 from fedsim.errors import FedsimError
 from fedsim.experiments.run import preflight
 from fedsim.models import build_model
@@ -83,7 +91,7 @@ def test_auto_is_fast_but_hooks_for_tied_weights():
     for name in ("cnn", "fedavg-cnn", "lstm", "transformer"):
         model = build_model(name, input_shape=(1, 28, 28), num_classes=3, dp=True)
         assert choose_grad_sample("auto", model) == "fast"
-    assert choose_grad_sample("ghost", tied()) == "ghost"  # an exact mode stays as asked
+    assert choose_grad_sample("hooks", tied()) == "hooks"  # an exact mode stays as asked
     with pytest.raises(FedsimError, match="grad-sample must be auto or one of fast, hooks"):
         choose_grad_sample("slow", tied())
     # by default a client trains the tied model, with Opacus's hooks: each layer's share
@@ -251,3 +259,95 @@ def test_a_run_stops_before_any_work_where_its_mode_cannot_train_the_model(tmp_p
     preflight(tied)  # auto: hooks
     with pytest.raises(FedsimError, match=r"^model Tied: grad-sample 'fast' .*\(tied weights\)"):
         preflight(tied.model_copy(update={"grad_sample": "fast"}))
+
+
+class Reuse(nn.Module):
+    """A weight used by its own layer and, by plain code, outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.a(x * 1e-3) + 10 * torch.tanh(x @ self.a.weight.t()))
+
+
+@pytest.mark.parametrize(
+    ("mode", "needle"),
+    [
+        ("fast", r"per-sample gradients of 'a\.weight' do not add up"),
+        # Opacus's hooks keep only the layer's part of the gradient: within the bound,
+        # but not the model's gradient; ghost's per-layer norm misses the outside part
+        ("hooks", r"'hooks' computes one sample's gradient wrongly"),
+        ("ghost", r"'ghost' clipped one sample's gradient to 1\.\d+ × the norm bound, more"),
+    ],
+)
+def test_a_weight_used_outside_its_layer_is_refused_in_every_mode(mode, needle):
+    torch.manual_seed(0)
+    with pytest.raises(FedsimError, match=r"^model Reuse: .*" + needle):
+        check_clippable(Reuse(), X, Y, grad_sample=mode)
+
+
+def test_ghost_is_refused_for_tied_weights_which_it_would_under_clip():
+    with pytest.raises(FedsimError, match=r"'ghost' cannot clip .*tied weights.*use 'hooks'"):
+        choose_grad_sample("ghost", tied())
+    with pytest.raises(FedsimError, match="'ghost' cannot clip"):
+        check_clippable(tied(), X, Y, grad_sample="ghost")
+
+
+def test_one_sample_s_clipped_gradient_is_checked_against_its_definition(monkeypatch):
+    """A mode whose clipping lets one sample past the bound is refused before any round."""
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    check_clip_bound(model, X, Y, grad_sample="fast")
+    real = fast_clip.FastClipper.backward
+
+    def lenient(self, losses):  # clips to 1.01 × the bound
+        self.max_grad_norm *= 1.01
+        return real(self, losses)
+
+    monkeypatch.setattr(fast_clip.FastClipper, "backward", lenient)
+    with pytest.raises(FedsimError, match=r"'fast' clipped one sample's gradient to 1\.01 ×"):
+        check_clip_bound(model, X, Y, grad_sample="fast")
+
+
+class Embedded(nn.Module):
+    def __init__(self, **embedding):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 8, **embedding), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+class Rescaled(nn.Module):
+    """Rescales its weight in the forward pass, by an amount that depends on the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.mul_(1 + x.abs().mean())
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("mode", ["fast", "hooks", "ghost"])
+def test_weights_changed_outside_dp_sgd_are_refused(mode):
+    """An embedding's max_norm rescales the rows a batch looks up: the rows a client's
+    tokens touched would show in the weights it sends, whatever the noise."""
+    tokens = torch.randint(0, 10, (4, 5))
+    check_clippable(Embedded(), tokens, Y, grad_sample=mode)
+    with pytest.raises(FedsimError, match=r"^model Embedded: layer 'emb' .* max_norm"):
+        check_clippable(Embedded(max_norm=1.0), tokens, Y, grad_sample=mode)
+    needle = "do not add up" if mode == "fast" else r"weight 'lin\.weight' changed .* rate 0"
+    with pytest.raises(FedsimError, match=r"^model Rescaled: .*" + needle):
+        check_clippable(Rescaled(), X, Y, grad_sample=mode)
+
+
+def test_a_cohort_is_checked_against_the_definition_too():
+    torch.manual_seed(0)
+    check_cohort_step(Reuse(), X, Y, dp=False)  # without DP nothing is clipped
+    with pytest.raises(FedsimError, match=r"^model Reuse: a vectorized cohort computes one "):
+        check_cohort_step(Reuse(), X, Y, dp=True)
+    check_cohort_step(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), X, Y, dp=True)

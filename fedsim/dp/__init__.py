@@ -4,16 +4,17 @@ The public face of the package. ``fast_clip`` clips per-sample gradients in one 
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
 ``lstm_recurrence`` an LSTM with exact per-sample gradients, ``attention`` a drop-in for
 ``nn.MultiheadAttention``, ``time_first`` torch's time-first transformer layers run
-batch-first inside); ``schedule`` is the one
-place that fixes a client's (q, steps); ``randomness`` gives every (round, client,
-purpose) its own stream, and ``noise`` draws a step's Gaussian noise from it in one call
-and adds it in fused operations; ``accounting`` turns histories into ε and targets into σ;
-``cohort`` trains K clients' DP-SGD at once, vectorized with torch.func
-(``cohort_step``: one client's step inside vmap, clipping in one backward pass;
-``cohort_update``: each client's noise and SGD update); ``recurrent`` swaps torch's
-recurrent layers for ones that compute the same and that DP-SGD or vmap can run;
-``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses into an ε
-lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
+batch-first inside; ``clip_check`` tries a model in a mode before any round, and
+``bound_check`` checks that the mode clips one sample's gradient as defined);
+``schedule`` is the one place that fixes a client's (q, steps); ``randomness`` gives
+every (round, client, purpose) its own stream, and ``noise`` draws a step's Gaussian
+noise from it in one call and adds it in fused operations; ``accounting`` turns
+histories into ε and targets into σ; ``cohort`` trains K clients' DP-SGD at once,
+vectorized with torch.func (``cohort_step``: one client's step inside vmap, clipping in
+one backward pass; ``cohort_update``: each client's noise and SGD update); ``recurrent``
+swaps torch's recurrent layers for ones that compute the same and that DP-SGD or vmap
+can run; ``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses
+into an ε lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
 
 The accountants load on first use (PEP 562): they import Google's dp-accounting, about
 0.5 s of a process's start-up on top of what Opacus imports anyway (the client app's
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from fedsim.dp.attention import DPMultiheadAttention, dp_attention, replace_attention
 from fedsim.dp.audit import OneRunAudit, best_guesses, epsilon_ceiling, one_run_epsilon
+from fedsim.dp.bound_check import check_clip_bound
 from fedsim.dp.canaries import Canaries, audit_record, canary_seed, canary_set, make_canaries
 from fedsim.dp.clip_check import check_clippable, check_cohort_step
 from fedsim.dp.cohort import CohortUpdate, train_cohort
@@ -112,6 +114,7 @@ __all__ = [
     "best_guesses",
     "canary_seed",
     "canary_set",
+    "check_clip_bound",
     "check_clippable",
     "check_cohort_model",
     "check_cohort_step",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from opacus import PrivacyEngine
@@ -21,6 +23,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from fedsim.dp.bound_check import check_clip_bound
 from fedsim.dp.cohort import train_cohort
 from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
 from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample, make_private
@@ -49,16 +52,17 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
     :func:`fedsim.dp.make_private`, or with ``fast`` its clipper's backward pass, whose
     per-sample gradients, none of them clipped, must add up to autograd's gradient of
     the summed loss. A buffer the step changed (running statistics of a layer of one's
-    own) is refused: clients send their whole state, and only the gradients are noised.
+    own), or a weight it changed at learning rate 0, is refused: clients send their
+    whole state, and only the gradients are noised. Last, the mode must clip a single
+    sample's gradient as DP-SGD defines it (:func:`check_clip_bound`).
     """
     name = type(model).__name__
     _refuse_layers(model, name)
     grad_sample = choose_grad_sample(grad_sample, model)
     probe = copy.deepcopy(model)
-    buffers = {path: b.clone() for path, b in probe.named_buffers()}
+    state = {path: t.detach().clone() for path, t in probe.state_dict(keep_vars=True).items()}
     try:
-        with warnings.catch_warnings():  # Opacus's, about a step nobody will use
-            warnings.simplefilter("ignore")
+        with _quiet():
             if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
                 _check_fast_sum(probe, x, y)
             else:
@@ -73,12 +77,33 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
             f"({first_line(error)}); "
             f"try grad-sample {others}"
         ) from None
-    for path, b in probe.named_buffers():
-        if path in buffers and not torch.equal(b, buffers[path]):
-            raise FedsimError(
-                f"model {name}: its buffer '{path}' changed in a training step, and would "
-                "reach the server unnoised (DP-SGD noises gradients only); keep buffers fixed"
-            )
+    _check_unchanged(probe, state, name)
+    try:
+        with _quiet():
+            check_clip_bound(model, x, y, grad_sample=grad_sample)
+    except FedsimError as error:
+        raise FedsimError(f"model {name}: {error}") from None
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Without Opacus's warnings, which are about steps nobody will use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _check_unchanged(probe: nn.Module, before: dict[str, Tensor], name: str) -> None:
+    """Refuse a buffer that a training step changed, or a weight it changed at lr 0."""
+    for path, t in probe.state_dict(keep_vars=True).items():
+        if path not in before or torch.equal(t.detach(), before[path]):
+            continue
+        what = "weight" if isinstance(t, nn.Parameter) else "buffer"
+        raise FedsimError(
+            f"model {name}: its {what} '{path}' changed in a training step at learning "
+            "rate 0, and would reach the server unnoised (DP-SGD noises gradients only); "
+            f"keep {what}s fixed in the forward pass"
+        )
 
 
 def _refuse_layers(model: nn.Module, name: str) -> None:
@@ -89,6 +114,12 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
                 f"model {name}: layer '{path}' is an nn.LSTM with proj_size, which no layer "
                 "that DP-SGD can clip has (fedsim.dp.FastDPLSTM, Opacus's DPLSTM); drop "
                 "proj_size and project with an nn.Linear after it"
+            )
+        if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)) and layer.max_norm is not None:
+            raise FedsimError(
+                f"model {name}: layer '{path}' is an embedding with max_norm, which rescales "
+                "the rows a batch looks up in place, outside DP-SGD's clipping and noise "
+                "(the server would see which tokens a client holds); drop max_norm"
             )
         if type(layer) in DROP_INS:
             raise FedsimError(
@@ -166,8 +197,11 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
 
     Besides :func:`fedsim.dp.check_cohort_model`'s layer types, what ``vmap`` and ``grad``
     refuse only when called: in-place updates of a buffer, data-dependent control flow.
+    With ``dp``, the cohort must then clip one sample's gradient as DP-SGD defines it
+    (:func:`check_clip_bound`).
     """
     probe = copy.deepcopy(model)
+    name = type(model).__name__
     try:
         train_cohort(
             probe, [probe.state_dict()], [(x, y)], epochs=1, batch_size=len(y), lr=0.0,
@@ -176,6 +210,12 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
     # AttributeError: a forward that calls what only the swapped-out layer had
     except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
         raise FedsimError(
-            f"model {type(model).__name__} cannot be trained as a vectorized cohort "
+            f"model {name} cannot be trained as a vectorized cohort "
             f"({first_line(error)}); set clients-per-worker = 1"
         ) from None
+    if dp:
+        try:
+            with _quiet():
+                check_clip_bound(model, x, y, grad_sample="cohort")
+        except FedsimError as error:
+            raise FedsimError(f"model {name}: {error}") from None

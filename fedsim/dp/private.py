@@ -32,16 +32,24 @@ def choose_grad_sample(grad_sample: str, module: nn.Module) -> str:
     """The per-sample mode to train ``module`` with: ``grad_sample``, or ``auto``'s choice.
 
     ``auto`` is ``fast`` wherever ``fast`` can clip the model, and ``hooks`` where layers
-    share a parameter (tied weights), which ``fast``'s per-layer norms cannot add up.
+    share a parameter (tied weights), which ``fast``'s per-layer norms cannot add up;
+    ``ghost`` is refused there, as its per-layer norms would under-count such a gradient.
     Measured (docs/benchmarks.md): ``fast`` is the fastest of the three for every built-in
     model on a CPU, and on an H100 for the CNN, level with ``hooks`` for the Transformer
     and the LSTM (within the repeats' spread); no device changes the choice.
     """
     if grad_sample not in ("auto", *GRAD_SAMPLE_MODES):
         raise FedsimError(f"grad-sample must be auto or one of {', '.join(GRAD_SAMPLE_MODES)}")
+    shared = shares_parameters(module)
+    if grad_sample == "ghost" and shared:
+        raise FedsimError(
+            "grad-sample 'ghost' cannot clip a model whose layers share a parameter (tied "
+            "weights): Opacus's ghost norms count each layer's part of its gradient alone, "
+            "and one sample could move the sum by more than max-grad-norm; use 'hooks'"
+        )
     if grad_sample != "auto":
         return grad_sample
-    return "hooks" if shares_parameters(module) else "fast"
+    return "hooks" if shared else "fast"
 
 
 class PrivateTraining(NamedTuple):

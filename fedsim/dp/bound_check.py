@@ -1,0 +1,155 @@
+"""A check that a per-sample mode clips one sample's gradient as DP-SGD defines it.
+
+DP-SGD's guarantee rests on one sample moving the clipped sum by at most the norm bound
+C: the sample's gradient, scaled down to norm C where it is longer. Each mode computes a
+sample's gradient its own way, layer by layer. A parameter that is also used outside its
+own layer (a weight tied to another layer, or read by the forward pass of other code)
+breaks that: Opacus's ghost clipping then measures too small a norm, and the clipped
+gradient can exceed C (the noise no longer covers it); Opacus's hooks drop the outside
+part of the gradient (it stays within C, but trains on another gradient than the
+model's). This check runs the mode's own machinery on one sample, without noise and with
+C at half the sample's gradient norm, against autograd's gradient of the sample's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from opacus import PrivacyEngine
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from fedsim.dp.cohort import train_cohort
+from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
+from fedsim.dp.private import make_private
+from fedsim.dp.randomness import secure_dp_randomness
+from fedsim.dp.schedule import poisson_schedule
+from fedsim.errors import FedsimError
+
+Grads = dict[str, Tensor]
+TOLERANCE = 1e-3  # of the norm bound: float32 rounding in the per-layer norms is ~1e-6
+CHECKED_SAMPLES = 2
+
+
+def check_clip_bound(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str) -> None:
+    """Refuse, in one line, a mode that does not clip a sample's gradient of ``model``.
+
+    For each of the first samples of ``(x, y)``: the clipped gradient that mode
+    ``grad_sample`` (``fast``, ``hooks``, ``ghost``, or ``cohort``: a vectorized cohort's
+    step, read from its update) computes for a batch of that one sample must not be
+    longer than the norm bound; and where the model's training forward is deterministic,
+    it must equal autograd's gradient of the sample's loss, clipped. Both passes draw the
+    same dropout masks (the cohort's own, where the check is of the bound alone).
+    """
+    mode = "a vectorized cohort" if grad_sample == "cohort" else f"grad-sample '{grad_sample}'"
+    for i in range(min(CHECKED_SAMPLES, len(y))):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        want = _gradient(copy.deepcopy(model), xi, yi)
+        norm = _norm(want.values())
+        if not norm > 0:  # a sample with no gradient has nothing to clip
+            continue
+        bound = norm / 2
+        got = _clipped(copy.deepcopy(model), xi, yi, grad_sample, bound)
+        length = _norm(got.values()) / bound
+        if length > 1 + TOLERANCE:
+            raise FedsimError(
+                f"{mode} clipped one sample's gradient to {length:.3g} × "
+                "the norm bound, more than the noise covers: a parameter is used outside "
+                f"its own layer (tied weights, or read by other code); {_advice(grad_sample)}"
+            )
+        clipped = {path: g * (bound / norm) for path, g in want.items()}
+        off = _norm(got[path] - clipped[path] for path in clipped) / bound
+        if off > TOLERANCE and _deterministic(model, xi):
+            raise FedsimError(
+                f"{mode} computes one sample's gradient wrongly (off by "
+                f"{off:.3g} × the norm bound): a parameter is used outside its own layer "
+                f"(tied weights, or read by other code); {_advice(grad_sample)}"
+            )
+
+
+def _advice(grad_sample: str) -> str:
+    if grad_sample == "cohort":
+        return "set clients-per-worker = 1, or use each parameter in one layer only"
+    others = " or ".join(f"'{m}'" for m in ("fast", "hooks") if m != grad_sample)
+    return f"try grad-sample {others}, or use each parameter in one layer only"
+
+
+def _gradient(model: nn.Module, x: Tensor, y: Tensor) -> Grads:
+    """Autograd's gradient of the one sample's loss, by parameter path."""
+    trained = {path: p for path, p in model.named_parameters() if p.requires_grad}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        loss = per_sample_cross_entropy(model.train()(x), y).sum()
+    grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
+    return {
+        path: torch.zeros_like(p) if g is None else g
+        for (path, p), g in zip(trained.items(), grads, strict=True)
+    }
+
+
+def _clipped(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str, bound: float) -> Grads:
+    """The clipped gradient that ``grad_sample``'s own machinery gives the one sample."""
+    if grad_sample == "cohort":
+        return _cohort_clipped(model, x, y, bound)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
+            clipper = FastClipper(model.train(), max_grad_norm=bound)
+            clipper.backward(per_sample_cross_entropy(model(x), y))
+            clipper.close()
+        else:
+            private = make_private(
+                PrivacyEngine(accountant="rdp"),
+                grad_sample=grad_sample,
+                module=model.train(),
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                dataset=TensorDataset(x, y),
+                schedule=poisson_schedule(1, batch_size=1, epochs=1),  # divides by 1
+                noise_multiplier=0.0,
+                max_grad_norm=bound,
+                randomness=secure_dp_randomness(),
+            )
+            try:
+                private.criterion(private.module(x), y).backward()
+                private.optimizer.step()
+            finally:
+                private.close()
+    return {
+        path: torch.zeros_like(p) if p.grad is None else p.grad
+        for path, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _cohort_clipped(model: nn.Module, x: Tensor, y: Tensor, bound: float) -> Grads:
+    """A one-client cohort's noiseless step, (start − end) / lr: its clipped gradient."""
+    start = {key: t.detach().clone() for key, t in model.state_dict().items()}
+    largest = max(
+        (float(t.abs().max()) for t in start.values() if t.is_floating_point()), default=0
+    )
+    lr = 1e3 * (largest + 1.0) / bound  # the step dwarfs the weights: no digits lost
+    [update] = train_cohort(
+        model, [start], [(x, y)], epochs=1, batch_size=1, lr=lr, noise_multiplier=0.0,
+        max_grad_norm=bound,
+    )  # fmt: skip
+    key_of = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
+    keys = {path: key_of[id(p)] for path, p in model.named_parameters() if p.requires_grad}
+    return {path: (start[k].double() - update.state[k].double()) / lr for path, k in keys.items()}
+
+
+def _deterministic(model: nn.Module, x: Tensor) -> bool:
+    """Whether the training forward gives the same output from two random states."""
+    probe = copy.deepcopy(model).train()
+    outputs = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outputs.append(probe(x))
+    return torch.equal(*outputs)
+
+
+def _norm(tensors: Iterable[Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
