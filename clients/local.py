@@ -148,11 +148,11 @@ def _spent(config: FedsimConfig, num_examples: int) -> PrivacySpent:
 def fault_draws(config: FedsimConfig, pid: int, server_round: int) -> tuple[bool, bool]:
     """Whether a client straggles, and whether it drops out, in ``server_round``.
 
-    Faults are part of an experiment's design, not of a DP mechanism: always seeded.
+    Drawn as the noise is: from the config's seed, or with ``secure-noise`` from the
+    operating system. Under secret cohorts (user-level DP) a straggler that whoever knows
+    the seed could name would show, by the round's time, that it was sampled.
     """
-    seed = stream_seed(
-        seeded_root(config.seed), purpose=Purpose.FAULTS, server_round=server_round, client=pid
-    )
+    seed = stream_seed(_root(config), purpose=Purpose.FAULTS, server_round=server_round, client=pid)
     straggle, drop = numpy_generator(seed).random(2)
     return bool(straggle < config.straggler_prob), bool(drop < config.client_dropout)
 

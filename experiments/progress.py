@@ -42,14 +42,19 @@ class RunProgress(Protocol):
 
 
 def round_line(row: RoundRow, num_rounds: int) -> str:
-    """One round as a line: accuracy, loss, ε, seconds, and who dropped out."""
+    """One round as a line: accuracy, loss, ε, seconds, and who dropped out.
+
+    Under private cohorts (user-level DP) the row has no seconds, and the line none: logs
+    get published, and a round's time shows how much data its cohort held.
+    """
     dropped = f"  dropped {row.dropped}" if row.dropped else ""
     if not dropped and row.failed:  # under user-level DP the row names nobody
         dropped = f"  {row.failed} of {row.cohort} dropped"
     eps = report.format_epsilon(row.epsilon)
+    seconds = "" if row.seconds is None else f"  {row.seconds:6.2f} s"
     return (
         f"round {row.round:>3}/{num_rounds}  accuracy {row.accuracy:.4f}  "
-        f"loss {row.loss:.4f}  ε {eps:>6}  {row.seconds:6.2f} s{dropped}"
+        f"loss {row.loss:.4f}  ε {eps:>6}{seconds}{dropped}"
     )
 
 

@@ -3,7 +3,8 @@
 What is published and what stays in ``private/`` is decided here. Under user-level DP
 the ε counts amplification by sampling the cohorts, which holds only while they stay
 secret: the published rows then give each round's cohort size and failure count, and
-``private/participation.csv`` names the clients.
+``private/participation.csv`` names the clients and gives each round's time (which shows
+how much data a cohort held).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ RELATION = {
 }
 
 
+def relation(config: FedsimConfig, unit: str) -> str:
+    """What two neighbouring datasets differ in, for ``unit``, and what is public anyway."""
+    if not config.share_label_counts:
+        return RELATION[unit]
+    return RELATION[unit] + "; each client's label counts are published, outside this ε"
+
+
 def primary_unit(dp: str) -> str:
     """The unit whose ε heads reports."""
     return {"none": "none", "sample": "sample", "user": "user", "both": "user"}[dp]
@@ -82,7 +90,7 @@ def round_rows(
         accuracy=round(acc, 6),
         loss=round(loss, 6),
         epsilon=headline,
-        seconds=round(seconds, 3),
+        seconds=None if secret else round(seconds, 3),
         cohort=len(cohort),
         failed=len(dropped),
         clients="" if secret else clients,
@@ -91,7 +99,8 @@ def round_rows(
         epsilon_user=eps.get("user"),
         clip_norm=clip_norm,
     )
-    return public, {"round": server_round, "clients": clients, "dropped": reasons}
+    private = {"round": server_round, "clients": clients, "dropped": reasons}
+    return public, private | {"seconds": round(seconds, 3)}
 
 
 def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | None) -> None:
@@ -181,7 +190,9 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
     """Each ε with its unit, relation, accountant and who it protects against."""
     cfg = state.config
     out = [
-        Guarantee(unit, value, cfg.delta, cfg.accountant, RELATION[unit], *TRUST[(unit, engine)])
+        Guarantee(
+            unit, value, cfg.delta, cfg.accountant, relation(cfg, unit), *TRUST[(unit, engine)]
+        )
         for unit, value in eps.items()
     ]
     if cfg.dp_user:
@@ -189,11 +200,9 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
             state.user_ledger, delta=cfg.delta, accountant=accounting.REPLACE_ONE
         )
         trust = TRUST[("user", engine)]
-        relation = RELATION["replace"]
+        implied = relation(cfg, "replace")
         out.append(
-            Guarantee(
-                "sample", replace, cfg.delta, accounting.REPLACE_ONE, relation, *trust, "user"
-            )
+            Guarantee("sample", replace, cfg.delta, accounting.REPLACE_ONE, implied, *trust, "user")
         )
     return [asdict(g) for g in out]
 

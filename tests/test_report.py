@@ -80,3 +80,27 @@ def test_grid_points_product_with_no_dp_baseline():
     }
     with pytest.raises(FedsimError, match="no values"):
         grid_axes(["lr="])
+
+
+def test_a_printed_epsilon_is_never_below_the_computed_one():
+    """Rounding to nearest printed 8.004 as "8": ε rounds up, an audit's lower bound down."""
+    report = results.report
+    assert (report.format_epsilon(8.004), report.format_epsilon(8.004, places=3)) == (
+        "8.01",
+        "8.004",
+    )
+    assert (report.format_epsilon(2.77), report.format_epsilon(4.0)) == ("2.77", "4")
+    assert (report.format_epsilon(3.99849, places=3), report.format_lower_bound(3.99849)) == (
+        "3.999",
+        "3.99",
+    )
+    assert report.format_epsilon(math.inf) == report.format_epsilon(None) == "∞"
+    values = [0.0, 1e-9, 7.9999, 9.9951, 12345.6, *(10 ** (k / 97 - 4) for k in range(800))]
+    for eps in values:
+        for places in (None, 1, 3):
+            assert float(report.format_epsilon(eps, places=places)) >= eps
+            assert float(report.format_lower_bound(eps, places=places)) <= eps
+    summary = {"privacy_unit": "sample", "accuracy": 0.5, "epsilon_by_unit": {"sample": 7.9991},
+               "noise_multiplier": 1.0, "delta": 1e-5, "accountant": "rdp",
+               "noise": {"kind": "secure"}, "config": {"seed": 0}}  # fmt: skip
+    assert "ε = 8.000 for one sample" in report.summary_line(summary)

@@ -189,7 +189,8 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     cohorts = [r["clients"] for r in read_csv(out / "private" / "participation.csv")[1:]]
     rounds = read_csv(out / "rounds.csv")
     assert [int(r["cohort"]) for r in rounds[1:]] == [len(c.split()) for c in cohorts]
-    assert all(r["clients"] == "" and r["dropped"] == "" for r in rounds)
+    assert all(r["clients"] == "" and r["dropped"] == "" and r["seconds"] == "" for r in rounds)
+    assert all(float(r["seconds"]) >= 0 for r in read_csv(out / "private" / "participation.csv"))
     for name in PUBLISHABLE:
         text = (out / name).read_text()
         for ids in (c.split() for c in cohorts if len(c.split()) > 1):  # no cohort appears

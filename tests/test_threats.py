@@ -38,6 +38,7 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
+from fedsim.experiments.progress import round_line
 from fedsim.messages import (
     ARRAYS,
     CONFIG,
@@ -113,6 +114,18 @@ def test_a_client_with_secure_noise_trains_differently_each_time():
         a = local.train_round(config, 2, 1, state)[0]
         b = local.train_round(config, 2, 1, state)[0]
         assert all(torch.equal(a[k], b[k]) for k in a) is not secure
+
+
+def test_simulated_faults_are_drawn_as_the_noise_is():
+    """With secure noise nobody can name the stragglers from the published seed: a round's
+    time would otherwise show that one was sampled, under secret cohorts."""
+    faults = {"client-dropout": 0.5, "straggler-prob": 0.5}
+    for secure in (False, True):
+        config = parse_config({**faults, "secure-noise": secure})
+        draws = [[local.fault_draws(config, c, r) for c in range(32)] for r in (1, 2)]
+        again = [[local.fault_draws(config, c, r) for c in range(32)] for r in (1, 2)]
+        assert (draws == again) is not secure  # 64 pairs of fair coins: 2^-128 by chance
+        assert draws[0] != draws[1]  # each round draws anew
 
 
 def test_deployment_refuses_seeded_noise_at_every_door():
@@ -200,7 +213,7 @@ def user_state(dp, cohorts, reports=None):
     for r, cohort in enumerate([[], *cohorts]):
         row, private = outputs.round_rows(state, r, 0.5, 0.5, cohort=cohort,
                                           dropped={c: "dropped out" for c in cohort[:1]},
-                                          clip_norm=None, seconds=0.0)  # fmt: skip
+                                          clip_norm=None, seconds=10.0 * len(cohort))  # fmt: skip
         state.rows.append(row)
         state.participation.append(private)
     return state
@@ -230,6 +243,21 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     private = results.read_csv(tmp_path / results.PARTICIPATION)
     assert [r["clients"] for r in private[1:]] == ["1 4 7", "0 4", "2 4 9"]
     assert (tmp_path / results.PRIVATE_README).read_text().startswith("Do not publish")
+    # a round's time tracks how much data its cohort held: it stays with the cohorts
+    assert [r["seconds"] for r in rounds] == [""] * 4
+    assert [float(r["seconds"]) for r in private] == [0.0, 30.0, 20.0, 30.0]
+    result = results.load_run(tmp_path)
+    assert [r.seconds for r in result.rounds] == [None] * 4
+    assert "30.00" not in results.report.round_table(result.rounds)
+    assert "  s" not in round_line(result.rounds[1], 3) and "ε" in round_line(result.rounds[1], 3)
+
+
+def test_every_guarantee_says_where_label_counts_are_published():
+    state = user_state("both", COHORTS)
+    for share in (False, True):
+        state.config = state.config.model_copy(update={"share_label_counts": share})
+        for g in outputs.guarantees(state, state.epsilons(), "simulation"):
+            assert ("label counts are published" in g["relation"]) is share, g
 
 
 def test_published_sample_epsilon_under_secret_cohorts_reveals_no_cohort():

@@ -57,7 +57,9 @@ def one_run(config: dict, folder: Path) -> dict:
     finally:
         if probe is not None:
             probe.terminate()
-    seconds = [r.seconds for r in result.rounds[1:]]
+    seconds = [r.seconds for r in result.rounds[1:] if r.seconds is not None]
+    if not seconds:
+        raise SystemExit("under user-level DP rounds.csv keeps no round times; bench dp=sample")
     util = [float(v) for v in samples.read_text().split()] if probe is not None else []
     return {
         "K": config.get("clients-per-worker", 1),

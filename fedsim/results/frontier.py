@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedsim.results import files
 from fedsim.results.plots import plot_frontier
-from fedsim.results.report import format_epsilon
+from fedsim.results.report import format_epsilon, format_lower_bound
 from fedsim.results.schema import Result, load_run
 
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
@@ -119,7 +119,7 @@ def markdown(rows: list[dict]) -> str:
 def _audit_cell(row: dict) -> str:
     if row["audit_epsilon"] == "":
         return ""
-    return f"{row['audit_epsilon']:.3g} ({row['audit_confidence']:.0%})"
+    return f"{format_lower_bound(row['audit_epsilon'])} ({row['audit_confidence']:.0%})"
 
 
 def write_frontier(rows: list[dict], out_dir: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from fedsim.results import files
-from fedsim.results.report import summary_line
+from fedsim.results.report import format_epsilon, summary_line
 from fedsim.results.schema import Result
 
 FORMATS = ("png", "svg")
@@ -64,7 +64,7 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
     ax.set_xscale("log")
     epsilons = sorted({r["epsilon"] for r in rows if r["unit"] != "none"})
     ax.xaxis.set_major_locator(ticker.FixedLocator(epsilons))  # every ε run is labelled
-    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda eps, _: format_epsilon(eps)))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("ε")
     ax.set_ylabel("test accuracy")

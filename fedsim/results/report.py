@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import math
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from fedsim.results.schema import RoundRow
 
 
-def format_epsilon(eps: float | None) -> str:
-    """ε for humans: ∞ for non-private training."""
-    return "∞" if eps is None or math.isinf(eps) else f"{eps:.3g}"
+def format_epsilon(eps: float | None, *, places: int | None = None) -> str:
+    """ε for humans, rounded up, so that no printed ε is below the one computed.
+
+    3 significant digits, or ``places`` decimals; ∞ for non-private training. (Rounding to
+    nearest printed 8.004 as "8".)
+    """
+    if eps is None or math.isinf(eps):
+        return "∞"
+    return _directed(eps, places, ROUND_CEILING)
+
+
+def format_lower_bound(eps: float, *, places: int | None = None) -> str:
+    """A measured lower bound on ε (an audit's), rounded down: never above the measured."""
+    return _directed(eps, places, ROUND_FLOOR)
+
+
+def _directed(value: float, places: int | None, rounding: str) -> str:
+    # the shortest decimal that reads back as the same float: 2.77, not 2.7700000000000000177
+    exact = Decimal(repr(float(value)))
+    if places is None:  # 3 significant digits, as "%.3g" shows them
+        if exact == 0:
+            return "0"
+        step = Decimal(1).scaleb(exact.adjusted() - 2)
+        return f"{float(exact.quantize(step, rounding=rounding)):.3g}"
+    return f"{exact.quantize(Decimal(1).scaleb(-places), rounding=rounding):.{places}f}"
 
 
 def round_table(rounds: list[RoundRow]) -> str:
@@ -18,7 +41,7 @@ def round_table(rounds: list[RoundRow]) -> str:
     for r in rounds:
         lines.append(
             f"{r.round:>5}  {r.accuracy:>8.4f}  {r.loss:>7.4f}  "
-            f"{format_epsilon(r.epsilon):>8}  {r.seconds:>7.2f}"
+            f"{format_epsilon(r.epsilon):>8}  {'' if r.seconds is None else f'{r.seconds:.2f}':>7}"
         )
     return "\n".join(lines)
 
@@ -27,8 +50,9 @@ def audit_words(summary: dict) -> str:
     """Each audited unit's measured bound in words, or "" where the run had no canaries."""
     words = ""
     for audit in (summary.get("audit") or {}).values():
+        bound = format_lower_bound(audit["epsilon"], places=3)
         words += (
-            f"; audited: ε ≥ {audit['epsilon']:.3f} for one {audit['unit']} at "
+            f"; audited: ε ≥ {bound} for one {audit['unit']} at "
             f"{audit['confidence']:.0%} confidence ({audit['correct']} of {audit['guesses']} "
             f"guesses right, {audit['canaries']} canaries, ceiling {audit['ceiling']:.2f})"
         )
@@ -47,11 +71,11 @@ def summary_line(summary: dict) -> str:
         return line + audit_words(summary)
     sigma = {"sample": summary["noise_multiplier"], "user": summary.get("user_noise_multiplier")}
     parts = [
-        f"ε = {eps:.3f} for one {unit} (σ = {sigma[unit]:.4f})"
+        f"ε = {format_epsilon(eps, places=3)} for one {unit} (σ = {sigma[unit]:.4f})"
         for unit, eps in summary["epsilon_by_unit"].items()
     ]
     parts += [
-        f"ε = {g['epsilon']:.3f} for one example replaced ({g['accountant']})"
+        f"ε = {format_epsilon(g['epsilon'], places=3)} for one example replaced ({g['accountant']})"
         for g in summary.get("guarantees", [])
         if g.get("implied_by") == "user"
     ]

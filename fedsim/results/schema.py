@@ -43,7 +43,9 @@ class RoundRow:
     accuracy: float
     loss: float
     epsilon: float  # the headline unit's ε so far; ∞ after round 0 without DP
-    seconds: float  # since the previous row: training, aggregation, evaluation, accounting
+    # since the previous row: training, aggregation, evaluation, accounting; None where
+    # cohorts are private (a round's time shows how much data its cohort held)
+    seconds: float | None
     cohort: int  # clients sampled this round
     failed: int  # of them, how many were left out
     clients: str  # their ids, "" where cohorts are private (user-level DP)
@@ -73,7 +75,7 @@ class RoundRow:
             accuracy=_number(row, "accuracy"),
             loss=_number(row, "loss"),
             epsilon=_number(row, "epsilon"),
-            seconds=_number(row, "seconds"),
+            seconds=_optional(row, "seconds"),
             cohort=_whole(row, "cohort"),
             failed=_whole(row, "failed"),
             clients=row["clients"],
