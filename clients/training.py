@@ -16,7 +16,13 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedsim.dp import DPRandomness, make_private, poisson_schedule, secure_dp_randomness
+from fedsim.dp import (
+    DPRandomness,
+    make_private,
+    next_char_targets,
+    poisson_schedule,
+    secure_dp_randomness,
+)
 from fedsim.messages import PrivacySpent
 
 
@@ -176,5 +182,4 @@ def _loss(
 ) -> torch.Tensor:
     if not all_positions:
         return criterion(model(x), y)
-    targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (N, T): the next characters
-    return criterion(model(x, all_positions=True), targets)  # logits (N, C, T)
+    return criterion(model(x, all_positions=True), next_char_targets(x, y))  # logits (N, C, T)

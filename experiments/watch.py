@@ -101,9 +101,10 @@ class RunWatch:
                 f"fedsim: waiting {waited} for round 0: the ServerApp starts, finds its "
                 f"{self.config.num_clients} SuperNodes and evaluates the initial model"
             )
-        else:
+        else:  # under private cohorts no round's time is shown: it tells of its cohort
+            lead = "still waiting" if self.config.dp_user else f"waiting {waited}"
             self.progress.note(
-                f"fedsim: waiting {waited} for round {self.printed} of "
+                f"fedsim: {lead} for round {self.printed} of "
                 f"{self.config.num_rounds}: each SuperNode starts a ClientApp and trains"
             )
 

@@ -127,7 +127,7 @@ def privacy_record(state: RunState, *, public: bool = True) -> dict:
     cfg = state.config
     record: dict = {"accountant": cfg.accountant, "delta": cfg.delta, "units": {}}
     if cfg.dp_sample:
-        sample: dict[str, Any] = {"sampling": privacy.SAMPLING, "relation": RELATION["sample"]}
+        sample: dict[str, Any] = {"sampling": privacy.SAMPLING, "relation": relation(cfg, "sample")}
         if public and cfg.dp_user:
             sample["charged"] = "every client, every round: cohorts are secret"
             sample["rounds"] = [e.round for e in state.user_ledger]
@@ -138,7 +138,7 @@ def privacy_record(state: RunState, *, public: bool = True) -> dict:
     if cfg.dp_user:
         record["units"]["user"] = {
             "sampling": privacy.USER_SAMPLING,
-            "relation": RELATION["user"],
+            "relation": relation(cfg, "user"),
             "max_update_norm": cfg.max_update_norm,
             "clip_quantile": cfg.clip_quantile,
             "rounds": [asdict(e) for e in state.user_ledger],
@@ -276,7 +276,7 @@ def write_final(
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
-        "wall_seconds": round(time.time() - started, 2),
+        "wall_seconds": round(wall_seconds(state, started), 2),
         "training": training,
         "software": software(),
         "config": cfg.to_flat(),
@@ -286,6 +286,17 @@ def write_final(
     results.write_json(run_dir / results.SUMMARY, summary)
     write_private(state, run_dir)
     return summary
+
+
+def wall_seconds(state: RunState, started: float) -> float:
+    """The run's time: this process's, or under private cohorts every round's, summed.
+
+    A resumed run's own time would be the time of its last rounds, which under private
+    cohorts tells of those rounds' cohorts.
+    """
+    if not state.config.dp_user:
+        return time.time() - started
+    return sum(float(p["seconds"]) for p in state.participation if p.get("seconds") is not None)
 
 
 PRIVATE_NOTE = """Do not publish this folder.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +57,23 @@ class RunState:
         """Inverse of :meth:`to_checkpoint`; ``infos`` come from the clients or the data.
 
         They are not checkpointed: with a large population they would be most of every
-        round's checkpoint, and they are the same on resume.
+        round's checkpoint, and they are the same on resume. A checkpoint written before
+        round times moved to ``private/`` under private cohorts has them moved there.
         """
+        config = parse_config(data["config"])
+        rows = [RoundRow(**r) for r in data["rows"]]
+        participation = [dict(p) for p in data["participation"]]
+        if config.dp_user:
+            for row, private in zip(rows, participation, strict=False):
+                private.setdefault("seconds", row.seconds)
+            rows = [replace(row, seconds=None) for row in rows]
         return cls(
-            config=parse_config(data["config"]),
+            config=config,
             infos=infos,
             ledger=privacy.ledger_from_json(data["ledger"]),
             user_ledger=[privacy.LedgerEntry(**e) for e in data["user_ledger"]],
-            rows=[RoundRow(**r) for r in data["rows"]],
-            participation=list(data["participation"]),
+            rows=rows,
+            participation=participation,
             arrays=data["arrays"],
             strategy=data["strategy"],
             clip_norm=data["clip_norm"],

@@ -33,7 +33,7 @@ def test_readme_example_runs_from_a_folder_outside_the_repository(tmp_path_facto
         timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"accuracy [01]\.\d+ at ε = [0-4]\.\d\d", result.stdout), result.stdout
+    assert re.search(r"accuracy [01]\.\d+ at ε = [0-4]\.\d+", result.stdout), result.stdout
     assert (folder / "blobs-run" / "summary.json").is_file()
 
 

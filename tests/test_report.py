@@ -95,6 +95,7 @@ def test_a_printed_epsilon_is_never_below_the_computed_one():
         "3.99",
     )
     assert report.format_epsilon(math.inf) == report.format_epsilon(None) == "∞"
+    assert report.format_epsilon(5.5e26, places=3) == "5.5e+26"  # σ near 0: no 27 digits
     values = [0.0, 1e-9, 7.9999, 9.9951, 12345.6, *(10 ** (k / 97 - 4) for k in range(800))]
     for eps in values:
         for places in (None, 1, 3):

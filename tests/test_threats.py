@@ -6,6 +6,7 @@ and the replace-one claim; 6. one per-sample loss in every clipping mode; 7. a s
 key that reads like an ε but holds a client id.
 """
 
+import copy
 import json
 import math
 import time
@@ -246,10 +247,26 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     # a round's time tracks how much data its cohort held: it stays with the cohorts
     assert [r["seconds"] for r in rounds] == [""] * 4
     assert [float(r["seconds"]) for r in private] == [0.0, 30.0, 20.0, 30.0]
+    assert results.round_seconds(tmp_path) == [0.0, 30.0, 20.0, 30.0]  # for their owner
     result = results.load_run(tmp_path)
     assert [r.seconds for r in result.rounds] == [None] * 4
     assert "30.00" not in results.report.round_table(result.rounds)
     assert "  s" not in round_line(result.rounds[1], 3) and "ε" in round_line(result.rounds[1], 3)
+
+
+def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
+    """Written before round times moved to private/: resumed, it republishes none."""
+    state = user_state("user", COHORTS)
+    state.arrays = {}
+    data = state.to_checkpoint()
+    for row, private in zip(data["rows"], data["participation"], strict=True):
+        row["seconds"] = private.pop("seconds") + 1.0
+    restored = RunState.from_checkpoint(copy.deepcopy(data), state.infos)
+    assert [r.seconds for r in restored.rows] == [None] * 4
+    assert [p["seconds"] for p in restored.participation] == [1.0, 31.0, 21.0, 31.0]
+    summary = outputs.write_final(restored, tmp_path, 0.0,
+                                  engine="simulation", training=TRAINING)  # fmt: skip
+    assert summary["wall_seconds"] == 84.0  # every round's, not the resumed process's
 
 
 def test_every_guarantee_says_where_label_counts_are_published():

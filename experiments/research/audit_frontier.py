@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedsim.results import report
+
 SETTINGS = {
     "sample": ["num-clients=2", "clients-per-round=2", "local-epochs=5", "num-rounds=10", "lr=0.2"],
     "user": ["dp='user'", "num-clients=100", "clients-per-round=25", "num-rounds=20"],
@@ -38,8 +40,8 @@ def run(out: Path, sets: list[str]) -> dict:
 def row(name: str, summary: dict, unit: str) -> str:
     """One Markdown row: the run, reported ε, the audit's bound and guesses, accuracy."""
     audit = (summary.get("audit") or {}).get(unit)
-    eps = "∞" if summary["epsilon"] is None else f"{summary['epsilon']:.3f}"
-    bound = f"{audit['epsilon']:.3f}" if audit else "(no canaries)"
+    eps = report.format_epsilon(summary["epsilon"], places=3)  # up, and the bound down
+    bound = report.format_lower_bound(audit["epsilon"], places=3) if audit else "(no canaries)"
     guesses = f"{audit['correct']}/{audit['guesses']}" if audit else ""
     estimate = f"{audit['estimate']:.3f}" if audit and audit.get("estimate") is not None else ""
     sigma = summary["noise_multiplier" if unit == "sample" else "user_noise_multiplier"] or 0

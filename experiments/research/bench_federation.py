@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsim import results
 from fedsim.config import FedsimConfig, parse_config, toml_literal
 
 PLAIN, FEDSIM, PFL = "plain loop", "fedsim run", "pfl 0.6"
@@ -99,8 +100,7 @@ def run_side(side: str, config: FedsimConfig, python: str = sys.executable) -> S
         if done.returncode != 0:
             sys.exit(f"bench_federation: the {side} side failed:\n{done.stderr[-3000:]}")
         if side == FEDSIM:
-            rows = (folder / "run" / "rounds.csv").read_text().splitlines()[1:]
-            seconds = [float(line.split(",")[4]) for line in rows]
+            seconds = results.round_seconds(folder / "run")
             accuracy = json.loads((folder / "run" / "summary.json").read_text())["accuracy"]
         else:
             seconds, accuracy = json.loads((folder / "result.json").read_text())

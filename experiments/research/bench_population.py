@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedsim import results
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare"
 
 
@@ -52,8 +54,7 @@ def run(population: int, args: argparse.Namespace, out: Path) -> dict:
     total = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"population {population} failed: {proc.stderr.read().decode()[-500:]}")
-    rows = (out / "rounds.csv").read_text().splitlines()[1:]
-    seconds = [float(line.split(",")[4]) for line in rows]
+    seconds = results.round_seconds(out)
     summary = json.loads((out / "summary.json").read_text())
     # round 1 includes starting the Ray workers and loading data in them
     steady = statistics.median(seconds[2:])

@@ -23,6 +23,7 @@ import tomllib
 from pathlib import Path
 
 from experiments.research import bench_cohort
+from fedsim import results
 from fedsim.experiments.api import run
 
 MNIST_CNN = {
@@ -57,9 +58,7 @@ def one_run(config: dict, folder: Path) -> dict:
     finally:
         if probe is not None:
             probe.terminate()
-    seconds = [r.seconds for r in result.rounds[1:] if r.seconds is not None]
-    if not seconds:
-        raise SystemExit("under user-level DP rounds.csv keeps no round times; bench dp=sample")
+    seconds = results.round_seconds(folder)[1:]
     util = [float(v) for v in samples.read_text().split()] if probe is not None else []
     return {
         "K": config.get("clients-per-worker", 1),

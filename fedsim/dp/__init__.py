@@ -36,6 +36,7 @@ from fedsim.dp.cohort_step import cohort_clipping
 from fedsim.dp.fast_clip import (
     FastClipper,
     make_private_fast,
+    next_char_targets,
     per_sample_cross_entropy,
     poisson_loader,
 )
@@ -131,6 +132,7 @@ __all__ = [
     "make_canaries",
     "make_private",
     "make_private_fast",
+    "next_char_targets",
     "numpy_generator",
     "one_run_epsilon",
     "per_sample_cross_entropy",

@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from fedsim.dp.bound_check import check_clip_bound
 from fedsim.dp.cohort import train_cohort
-from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
+from fedsim.dp.fast_clip import FastClipper, logits_and_targets, per_sample_cross_entropy
 from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample, make_private
 from fedsim.dp.randomness import secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
@@ -44,7 +44,9 @@ DROP_INS = {
 }
 
 
-def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str) -> None:
+def check_clippable(
+    model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str, all_positions: bool = False
+) -> None:
     """Refuse, in one line, a model that DP-SGD in mode ``grad_sample`` cannot train.
 
     Opacus's validation first (``make_private`` repeats it in every mode), then one step
@@ -53,20 +55,24 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
     per-sample gradients, none of them clipped, must add up to autograd's gradient of
     the summed loss. A buffer the step changed (running statistics of a layer of one's
     own), or a weight it changed at learning rate 0, is refused: clients send their
-    whole state, and only the gradients are noised. Last, the mode must clip a single
-    sample's gradient as DP-SGD defines it (:func:`check_clip_bound`).
+    whole state, and only the gradients are noised. Last, the mode must keep each
+    sample's clipped gradient within the bound (:func:`check_clip_bound`). Every step
+    trains the clients' loss (``all_positions``: every position of a window).
     """
     name = type(model).__name__
     _refuse_layers(model, name)
-    grad_sample = choose_grad_sample(grad_sample, model)
+    try:
+        grad_sample = choose_grad_sample(grad_sample, model)
+    except FedsimError as error:
+        raise FedsimError(f"model {name}: {error}") from None
     probe = copy.deepcopy(model)
-    state = {path: t.detach().clone() for path, t in probe.state_dict(keep_vars=True).items()}
+    state = _tensors(probe)
     try:
         with _quiet():
             if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
-                _check_fast_sum(probe, x, y)
+                _check_fast_sum(probe, x, y, all_positions)
             else:
-                _one_step(probe, x, y, grad_sample)
+                _one_step(probe, x, y, grad_sample, all_positions)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
@@ -80,7 +86,7 @@ def check_clippable(model: nn.Module, x: Tensor, y: Tensor, *, grad_sample: str)
     _check_unchanged(probe, state, name)
     try:
         with _quiet():
-            check_clip_bound(model, x, y, grad_sample=grad_sample)
+            check_clip_bound(model, x, y, grad_sample=grad_sample, all_positions=all_positions)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
 
@@ -91,6 +97,12 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the weights and buffers of ``model``'s state (no ``_extra_state``)."""
+    state = model.state_dict(keep_vars=True)
+    return {key: t.detach().clone() for key, t in state.items() if torch.is_tensor(t)}
 
 
 def _check_unchanged(probe: nn.Module, before: dict[str, Tensor], name: str) -> None:
@@ -144,7 +156,9 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
         raise FedsimError(f"model {name}: {first_line(errors[0])}")
 
 
-def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
+def _one_step(
+    model: nn.Module, x: Tensor, y: Tensor, grad_sample: str, all_positions: bool
+) -> None:
     """One DP-SGD step, as a client takes it, at learning rate 0."""
     private = make_private(
         PrivacyEngine(accountant="rdp"),
@@ -158,24 +172,24 @@ def _one_step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str) -> None:
         randomness=secure_dp_randomness(),
     )
     try:
-        private.criterion(private.module(x), y).backward()
+        private.criterion(*logits_and_targets(private.module, x, y, all_positions)).backward()
         private.optimizer.step()
     finally:
         private.close()
 
 
-def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor) -> None:
+def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor, all_positions: bool) -> None:
     """``fast``'s unclipped per-sample gradients, summed, against autograd's gradient.
 
     Both passes run on ``model`` (a copy) from the same random state (dropout masks).
     """
     clipper = FastClipper(model.train(), max_grad_norm=float("inf"))
     with torch.random.fork_rng(devices=[]):
-        clipper.backward(per_sample_cross_entropy(model(x), y))
+        clipper.backward(per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions)))
     clipper.close()
     summed = {path: p.grad for path, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    per_sample_cross_entropy(model(x), y).sum().backward()
+    per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions)).sum().backward()
     # the model's largest gradient sets the tolerance: a parameter whose gradient is zero
     # in exact arithmetic (attention's key bias: softmax ignores it) holds rounding only
     scale = max((float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None),
@@ -192,20 +206,22 @@ def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor) -> None:
             )
 
 
-def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> None:
+def check_cohort_step(
+    model: nn.Module, x: Tensor, y: Tensor, *, dp: bool, all_positions: bool = False
+) -> None:
     """Refuse, in one line, a model a vectorized cohort cannot train: one step of a copy.
 
     Besides :func:`fedsim.dp.check_cohort_model`'s layer types, what ``vmap`` and ``grad``
     refuse only when called: in-place updates of a buffer, data-dependent control flow.
-    With ``dp``, the cohort must then clip one sample's gradient as DP-SGD defines it
-    (:func:`check_clip_bound`).
+    With ``dp``, the cohort must then keep each sample's clipped gradient within the bound
+    (:func:`check_clip_bound`). Both train the clients' loss (``all_positions``).
     """
     probe = copy.deepcopy(model)
     name = type(model).__name__
     try:
         train_cohort(
             probe, [probe.state_dict()], [(x, y)], epochs=1, batch_size=len(y), lr=0.0,
-            noise_multiplier=1.0 if dp else None,
+            noise_multiplier=1.0 if dp else None, all_positions=all_positions,
         )  # fmt: skip
     # AttributeError: a forward that calls what only the swapped-out layer had
     except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as error:
@@ -216,6 +232,6 @@ def check_cohort_step(model: nn.Module, x: Tensor, y: Tensor, *, dp: bool) -> No
     if dp:
         try:
             with _quiet():
-                check_clip_bound(model, x, y, grad_sample="cohort")
+                check_clip_bound(model, x, y, grad_sample="cohort", all_positions=all_positions)
         except FedsimError as error:
             raise FedsimError(f"model {name}: {error}") from None

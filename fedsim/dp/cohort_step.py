@@ -39,6 +39,7 @@ from fedsim.dp.clip_rules import (
     rule_layers,
     total_norm,
 )
+from fedsim.dp.fast_clip import next_char_targets
 from fedsim.dp.recurrent import vectorizable
 from fedsim.errors import FedsimError
 
@@ -279,7 +280,7 @@ def functional_per_sample(model: nn.Module, *, all_positions: bool) -> PerSample
     def per_sample(weights: Weights, consts: Weights, x: Tensor, y: Tensor) -> Tensor:
         if not all_positions:  # (B, C) logits
             return _cross_entropy(functional_call(model, (weights, consts), (x,)), y)
-        targets = torch.cat([x[:, 1:].long(), y[:, None]], dim=1)  # (B, T): next characters
+        targets = next_char_targets(x, y)  # (B, T)
         logits = functional_call(model, (weights, consts), (x,), {"all_positions": True})
         return _cross_entropy(logits, targets)  # (B, C, T) -> (B,)
 

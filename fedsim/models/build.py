@@ -106,9 +106,11 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
     if config.dp_sample:
         check_samples_apart(model, x)
     if config.clients_per_worker > 1:
-        check_cohort_step(model, x, y, dp=config.dp_sample)
+        check_cohort_step(model, x, y, dp=config.dp_sample, all_positions=config.all_positions)
     elif config.dp_sample:
-        check_clippable(model, x, y, grad_sample=config.grad_sample)
+        check_clippable(
+            model, x, y, grad_sample=config.grad_sample, all_positions=config.all_positions
+        )
 
 
 def clipping_path(config: FedsimConfig, dataset: Dataset) -> str | None:

@@ -25,7 +25,7 @@ from fedsim.results.files import (
     write_csv,
     write_json,
 )
-from fedsim.results.schema import ROUND_FIELDS, Result, RoundRow, load_run
+from fedsim.results.schema import ROUND_FIELDS, Result, RoundRow, load_run, round_seconds
 
 __all__ = [
     "CHECKPOINT",
@@ -47,6 +47,7 @@ __all__ = [
     "default_run_dir",
     "load_run",
     "read_csv",
+    "round_seconds",
     "write_atomic",
     "write_csv",
     "write_json",

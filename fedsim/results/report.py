@@ -27,7 +27,8 @@ def format_lower_bound(eps: float, *, places: int | None = None) -> str:
 def _directed(value: float, places: int | None, rounding: str) -> str:
     # the shortest decimal that reads back as the same float: 2.77, not 2.7700000000000000177
     exact = Decimal(repr(float(value)))
-    if places is None:  # 3 significant digits, as "%.3g" shows them
+    # 3 significant digits, as "%.3g" shows them; and for ε ≥ 1e6, which places would spell out
+    if places is None or exact.adjusted() >= 6:
         if exact == 0:
             return "0"
         step = Decimal(1).scaleb(exact.adjusted() - 2)

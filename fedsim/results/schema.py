@@ -130,6 +130,19 @@ class Result:
         return self.path / files.MODEL
 
 
+def round_seconds(run_dir: str | Path) -> list[float]:
+    """Each row's seconds, for the run's owner (``private/`` included).
+
+    From ``rounds.csv``; where cohorts are private, which keeps them out of it, from
+    ``private/participation.csv``.
+    """
+    run_dir = Path(run_dir)
+    rows = files.read_csv(run_dir / files.ROUNDS)
+    if all(row["seconds"] != "" for row in rows):
+        return [float(row["seconds"]) for row in rows]
+    return [float(row["seconds"]) for row in files.read_csv(run_dir / files.PARTICIPATION)]
+
+
 def load_run(run_dir: str | Path) -> Result:
     """The :class:`Result` of a finished run folder; one error line if it is not one."""
     path = Path(run_dir)
