@@ -96,30 +96,46 @@ def _clipped(
                 per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions))
             )
             clipper.close()
-        else:
-            private = make_private(
-                PrivacyEngine(accountant="rdp"),
-                grad_sample=grad_sample,
-                module=model.train(),
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                dataset=TensorDataset(x, y),
-                schedule=poisson_schedule(1, batch_size=1, epochs=1),  # divides by 1
-                noise_multiplier=0.0,
-                max_grad_norm=bound,
-                randomness=secure_dp_randomness(),
-            )
-            try:
-                private.criterion(
-                    *logits_and_targets(private.module, x, y, all_positions)
-                ).backward()
-                private.optimizer.step()
-            finally:
-                private.close()
+        else:  # a batch of one: the step divides the clipped sum by 1
+            opacus_step(model, x, y, grad_sample, 0.0, bound, all_positions=all_positions)
     return {
         path: torch.zeros_like(p) if p.grad is None else p.grad
         for path, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+def opacus_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    grad_sample: str,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    *,
+    all_positions: bool,
+) -> None:
+    """One DP-SGD step on the batch ``(x, y)`` in mode ``hooks`` or ``ghost``, at lr 0.
+
+    As a client takes it (:func:`fedsim.dp.make_private`); the noised, scaled sum is left
+    in each parameter's ``grad``.
+    """
+    private = make_private(
+        PrivacyEngine(accountant="rdp"),
+        grad_sample=grad_sample,
+        module=model.train(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        dataset=TensorDataset(x, y),
+        schedule=poisson_schedule(len(y), batch_size=len(y), epochs=1),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        randomness=secure_dp_randomness(),
+    )
+    try:
+        private.criterion(*logits_and_targets(private.module, x, y, all_positions)).backward()
+        private.optimizer.step()
+    finally:
+        private.close()
 
 
 def _cohort_clipped(

@@ -16,19 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from opacus import PrivacyEngine
 from opacus.layers import DPMultiheadAttention as OpacusAttention
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
-from fedsim.dp.bound_check import check_clip_bound
+from fedsim.dp.bound_check import check_clip_bound, opacus_step
 from fedsim.dp.cohort import train_cohort
 from fedsim.dp.fast_clip import FastClipper, logits_and_targets, per_sample_cross_entropy
-from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample, make_private
-from fedsim.dp.randomness import secure_dp_randomness
-from fedsim.dp.schedule import poisson_schedule
+from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample
 from fedsim.errors import FedsimError, first_line
 
 # layers whose per-sample gradients Opacus cannot compute, and what to use instead
@@ -72,7 +68,7 @@ def check_clippable(
             if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
                 _check_fast_sum(probe, x, y, all_positions)
             else:
-                _one_step(probe, x, y, grad_sample, all_positions)
+                opacus_step(probe, x, y, grad_sample, 1.0, 1.0, all_positions=all_positions)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
@@ -154,28 +150,6 @@ def _refuse_layers(model: nn.Module, name: str) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise FedsimError(f"model {name}: {first_line(errors[0])}")
-
-
-def _one_step(
-    model: nn.Module, x: Tensor, y: Tensor, grad_sample: str, all_positions: bool
-) -> None:
-    """One DP-SGD step, as a client takes it, at learning rate 0."""
-    private = make_private(
-        PrivacyEngine(accountant="rdp"),
-        grad_sample=grad_sample,
-        module=model.train(),
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        dataset=TensorDataset(x, y),
-        schedule=poisson_schedule(len(y), batch_size=len(y), epochs=1),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        randomness=secure_dp_randomness(),
-    )
-    try:
-        private.criterion(*logits_and_targets(private.module, x, y, all_positions)).backward()
-        private.optimizer.step()
-    finally:
-        private.close()
 
 
 def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor, all_positions: bool) -> None:
