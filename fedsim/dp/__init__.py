@@ -5,7 +5,7 @@ pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` a
 ``lstm_recurrence`` an LSTM with exact per-sample gradients, ``attention`` a drop-in for
 ``nn.MultiheadAttention``, ``time_first`` torch's time-first transformer layers run
 batch-first inside; ``clip_check`` tries a model in a mode before any round, and
-``bound_check`` checks that the mode clips one sample's gradient as defined);
+``bound_check`` that it keeps each sample's clipped gradient within the bound);
 ``schedule`` is the one place that fixes a client's (q, steps); ``randomness`` gives
 every (round, client, purpose) its own stream, and ``noise`` draws a step's Gaussian
 noise from it in one call and adds it in fused operations; ``accounting`` turns

@@ -55,7 +55,7 @@ def check_clip_bound(
         length = _norm(got.values()) / bound
         if length > 1 + TOLERANCE:
             raise FedsimError(
-                f"{mode} clipped one sample's gradient to {length:.3g} × the norm bound, more "
+                f"{mode} clipped one sample's gradient to {length:.4g} × the norm bound, more "
                 "than the noise covers: a parameter is used outside its own layer (tied "
                 f"weights, or read by other code); {_advice(grad_sample)}"
             )
