@@ -4,17 +4,18 @@ The public face of the package. ``fast_clip`` clips per-sample gradients in one 
 pass (``clip_rules`` and ``per_sample`` hold its per-layer math, ``fast_lstm`` and
 ``lstm_recurrence`` an LSTM with exact per-sample gradients, ``attention`` a drop-in for
 ``nn.MultiheadAttention``, ``time_first`` torch's time-first transformer layers run
-batch-first inside; ``clip_check`` tries a model in a mode before any round, and
-``bound_check`` that it keeps each sample's clipped gradient within the bound);
-``schedule`` is the one place that fixes a client's (q, steps); ``randomness`` gives
-every (round, client, purpose) its own stream, and ``noise`` draws a step's Gaussian
-noise from it in one call and adds it in fused operations; ``accounting`` turns
-histories into ε and targets into σ; ``cohort`` trains K clients' DP-SGD at once,
-vectorized with torch.func (``cohort_step``: one client's step inside vmap, clipping in
-one backward pass; ``cohort_update``: each client's noise and SGD update); ``recurrent``
-swaps torch's recurrent layers for ones that compute the same and that DP-SGD or vmap
-can run; ``canaries`` builds a one-run audit's canaries and ``audit`` turns its guesses
-into an ε lower bound; ``user_canaries`` makes the canary clients of a user-level audit.
+batch-first inside; ``loss`` the per-sample loss the clients train; ``clip_check`` tries
+a model in a mode before any round, and ``bound_check`` that it keeps each sample's
+clipped gradient within the bound); ``schedule`` is the one place that fixes a client's
+(q, steps); ``randomness`` gives every (round, client, purpose) its own stream, and
+``noise`` draws a step's Gaussian noise from it in one call and adds it in fused
+operations; ``accounting`` turns histories into ε and targets into σ; ``cohort`` trains
+K clients' DP-SGD at once, vectorized with torch.func (``cohort_step``: one client's
+step inside vmap, clipping in one backward pass; ``cohort_update``: each client's noise
+and SGD update); ``recurrent`` swaps torch's recurrent layers for ones that compute the
+same and that DP-SGD or vmap can run; ``canaries`` builds a one-run audit's canaries and
+``audit`` turns its guesses into an ε lower bound; ``user_canaries`` makes the canary
+clients of a user-level audit.
 
 The accountants load on first use (PEP 562): they import Google's dp-accounting, about
 0.5 s of a process's start-up on top of what Opacus imports anyway (the client app's
@@ -36,11 +37,11 @@ from fedsim.dp.cohort_step import cohort_clipping
 from fedsim.dp.fast_clip import (
     FastClipper,
     make_private_fast,
-    next_char_targets,
     per_sample_cross_entropy,
     poisson_loader,
 )
 from fedsim.dp.fast_lstm import FastDPLSTM
+from fedsim.dp.loss import next_char_targets
 from fedsim.dp.private import (
     GRAD_SAMPLE_MODES,
     PrivateTraining,

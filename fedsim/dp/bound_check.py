@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedsim.dp.cohort import train_cohort
-from fedsim.dp.fast_clip import FastClipper, logits_and_targets, per_sample_cross_entropy
+from fedsim.dp.fast_clip import FastClipper
+from fedsim.dp.loss import logits_and_targets, per_sample_loss
 from fedsim.dp.private import make_private
 from fedsim.dp.randomness import secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
@@ -69,17 +70,10 @@ def _advice(grad_sample: str) -> str:
 
 def _gradient(model: nn.Module, x: Tensor, y: Tensor, all_positions: bool) -> Grads:
     """Autograd's gradient of the one sample's loss, by parameter path."""
-    trained = {path: p for path, p in model.named_parameters() if p.requires_grad}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        loss = per_sample_cross_entropy(
-            *logits_and_targets(model.train(), x, y, all_positions)
-        ).sum()
-    grads = torch.autograd.grad(loss, list(trained.values()), allow_unused=True)
-    return {
-        path: torch.zeros_like(p) if g is None else g
-        for (path, p), g in zip(trained.items(), grads, strict=True)
-    }
+        per_sample_loss(model.train(), x, y, all_positions).sum().backward()
+    return _grads(model)
 
 
 def _clipped(
@@ -90,19 +84,39 @@ def _clipped(
         return _cohort_clipped(model, x, y, bound, all_positions)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
-            clipper = FastClipper(model.train(), max_grad_norm=bound)
-            clipper.backward(
-                per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions))
-            )
-            clipper.close()
+        if grad_sample == "fast":
+            fast_step(model, x, y, bound, all_positions=all_positions)
         else:  # a batch of one: the step divides the clipped sum by 1
             opacus_step(model, x, y, grad_sample, 0.0, bound, all_positions=all_positions)
+    return _grads(model)
+
+
+def _grads(model: nn.Module) -> Grads:
+    """Each trained parameter's ``grad`` by path, zeros where it got none."""
     return {
         path: torch.zeros_like(p) if p.grad is None else p.grad
         for path, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+def fast_step(
+    model: nn.Module, x: Tensor, y: Tensor, max_grad_norm: float, *, all_positions: bool
+) -> None:
+    """``fast``'s clipped sum of the batch's per-sample gradients, left in each ``grad``.
+
+    Its clipper alone, with no optimizer: a process's first optimizer imports
+    ``torch._dynamo`` (1 s), which a check before any round need not pay.
+    """
+    clipper = FastClipper(model.train(), max_grad_norm=max_grad_norm)
+    clipper.backward(per_sample_loss(model, x, y, all_positions))
+    clipper.close()
+
+
+def state_copy(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of the tensors of ``model``'s state_dict (weights and buffers, no extra state)."""
+    state = model.state_dict(keep_vars=True)
+    return {key: t.detach().clone() for key, t in state.items() if torch.is_tensor(t)}
 
 
 def opacus_step(
@@ -142,7 +156,7 @@ def _cohort_clipped(
     model: nn.Module, x: Tensor, y: Tensor, bound: float, all_positions: bool
 ) -> Grads:
     """A one-client cohort's noiseless step, (start − end) / lr: its clipped gradient."""
-    start = {k: t.detach().clone() for k, t in model.state_dict().items() if torch.is_tensor(t)}
+    start = state_copy(model)
     largest = max(
         (float(t.abs().max()) for t in start.values() if t.is_floating_point()), default=0
     )

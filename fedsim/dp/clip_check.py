@@ -21,9 +21,9 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
-from fedsim.dp.bound_check import check_clip_bound, opacus_step
+from fedsim.dp.bound_check import check_clip_bound, fast_step, opacus_step, state_copy
 from fedsim.dp.cohort import train_cohort
-from fedsim.dp.fast_clip import FastClipper, logits_and_targets, per_sample_cross_entropy
+from fedsim.dp.loss import per_sample_loss
 from fedsim.dp.private import GRAD_SAMPLE_MODES, choose_grad_sample
 from fedsim.errors import FedsimError, first_line
 
@@ -62,10 +62,10 @@ def check_clippable(
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
     probe = copy.deepcopy(model)
-    state = _tensors(probe)
+    state = state_copy(probe)
     try:
         with _quiet():
-            if grad_sample == "fast":  # no optimizer: its first one imports torch._dynamo, 1 s
+            if grad_sample == "fast":
                 _check_fast_sum(probe, x, y, all_positions)
             else:
                 opacus_step(probe, x, y, grad_sample, 1.0, 1.0, all_positions=all_positions)
@@ -93,12 +93,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _tensors(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of the weights and buffers of ``model``'s state (no ``_extra_state``)."""
-    state = model.state_dict(keep_vars=True)
-    return {key: t.detach().clone() for key, t in state.items() if torch.is_tensor(t)}
 
 
 def _check_unchanged(probe: nn.Module, before: dict[str, Tensor], name: str) -> None:
@@ -157,13 +151,11 @@ def _check_fast_sum(model: nn.Module, x: Tensor, y: Tensor, all_positions: bool)
 
     Both passes run on ``model`` (a copy) from the same random state (dropout masks).
     """
-    clipper = FastClipper(model.train(), max_grad_norm=float("inf"))
     with torch.random.fork_rng(devices=[]):
-        clipper.backward(per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions)))
-    clipper.close()
+        fast_step(model, x, y, float("inf"), all_positions=all_positions)
     summed = {path: p.grad for path, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    per_sample_cross_entropy(*logits_and_targets(model, x, y, all_positions)).sum().backward()
+    per_sample_loss(model, x, y, all_positions).sum().backward()
     # the model's largest gradient sets the tolerance: a parameter whose gradient is zero
     # in exact arithmetic (attention's key bias: softmax ignores it) holds rounding only
     scale = max((float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None),

@@ -39,7 +39,7 @@ from fedsim.dp.clip_rules import (
     rule_layers,
     total_norm,
 )
-from fedsim.dp.fast_clip import next_char_targets
+from fedsim.dp.loss import next_char_targets
 from fedsim.dp.recurrent import vectorizable
 from fedsim.errors import FedsimError
 

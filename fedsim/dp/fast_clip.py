@@ -286,24 +286,6 @@ def per_sample_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
     return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
 
 
-def next_char_targets(x: Tensor, y: Tensor) -> Tensor:
-    """``(N, T)`` targets of a window that trains every position: its next characters."""
-    return torch.cat([x[:, 1:].long(), y[:, None]], dim=1)
-
-
-def logits_and_targets(
-    model: nn.Module, x: Tensor, y: Tensor, all_positions: bool = False
-) -> tuple[Tensor, Tensor]:
-    """The training forward's logits and their targets, as the clients train.
-
-    ``(B, C)`` and ``(B,)``; with ``all_positions`` (every position of a next-character
-    window) ``(B, C, T)`` and ``(B, T)``.
-    """
-    if not all_positions:
-        return model(x), y
-    return model(x, all_positions=True), next_char_targets(x, y)
-
-
 def poisson_loader(
     dataset: TensorDataset, schedule: Schedule, generator: torch.Generator | None
 ) -> DPDataLoader:

@@ -40,8 +40,7 @@ def choose_grad_sample(grad_sample: str, module: nn.Module) -> str:
     """
     if grad_sample not in ("auto", *GRAD_SAMPLE_MODES):
         raise FedsimError(f"grad-sample must be auto or one of {', '.join(GRAD_SAMPLE_MODES)}")
-    shared = shares_parameters(module)
-    if grad_sample == "ghost" and shared:
+    if grad_sample == "ghost" and shares_parameters(module):
         raise FedsimError(
             "grad-sample 'ghost' cannot clip a model whose layers share a parameter (tied "
             "weights): Opacus's ghost norms count each layer's part of its gradient alone, "
@@ -49,7 +48,7 @@ def choose_grad_sample(grad_sample: str, module: nn.Module) -> str:
         )
     if grad_sample != "auto":
         return grad_sample
-    return "hooks" if shared else "fast"
+    return "hooks" if shares_parameters(module) else "fast"
 
 
 class PrivateTraining(NamedTuple):
