@@ -145,7 +145,18 @@ def import_roots(names: Iterable[str]) -> list[str]:
 
 
 def tasks_of(name: str, table: Mapping[str, Part], what: str) -> tuple[str, ...]:
-    """The tasks a part declares: its table entry's, or a ``tasks`` attribute; () if none."""
+    """The tasks a part declares: its table entry's, or a ``tasks`` attribute; () if none.
+
+    A declared task that fedsim does not know (``"text"``, a typo) is an error, not a
+    part that matches no dataset.
+    """
     if name in table:
         return table[name].tasks
-    return tuple(getattr(resolve(name, table, what), "tasks", ()))
+    declared = getattr(resolve(name, table, what), "tasks", ())
+    tasks = (declared,) if isinstance(declared, str) else declared
+    if not isinstance(tasks, tuple | list | set | frozenset) or any(t not in TASKS for t in tasks):
+        raise FedsimError(
+            f"{what} '{name}': its tasks attribute is {declared!r}; make it a tuple of "
+            f"{', '.join(repr(t) for t in TASKS)}, or remove it"
+        )
+    return tuple(tasks)

@@ -52,5 +52,20 @@ def test_own_parts_are_imported_when_the_config_is_checked(tmp_path, monkeypatch
         with pytest.raises(FedsimError, match=re.escape(needle)) as info:
             parse_config({"model": name})
         assert "\n" not in str(info.value)
-    with pytest.raises(FedsimError, match="model nets:MLP cannot learn dataset sst2"):
+    with pytest.raises(FedsimError, match=r"model nets:MLP cannot learn dataset sst2.*task image"):
         parse_config({"model": "nets:MLP", "dataset": "sst2"})
+
+
+def test_a_model_that_declares_an_unknown_task_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "bags.py").write_text(
+        "class Text:\n    tasks = ('text',)\n\n\n"
+        "class One:\n    tasks = 'text-classification'\n\n\n"
+        "class Loose:\n    tasks = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("bags:Text", "bags:Loose"):
+        with pytest.raises(FedsimError, match=r"its tasks attribute is .*'next-char'") as info:
+            parse_config({"model": name, "dataset": "sst2"})
+        assert "\n" not in str(info.value)
+    # one task named as a string is that task, not its letters
+    assert parse_config({"model": "bags:One", "dataset": "sst2"}).model == "bags:One"

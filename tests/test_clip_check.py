@@ -86,6 +86,34 @@ def test_each_mode_is_tried_on_the_model():
     check_clippable(tied(), X, Y, grad_sample="auto")
 
 
+class Bag(nn.Module):
+    """Opacus's EmbeddingBag rule wants 1-D ids with offsets; fast's takes (B, T) ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.EmbeddingBag(20, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_mode_that_fails_names_only_the_modes_that_run(mode, monkeypatch):
+    ids, labels = torch.randint(0, 20, (4, 7)), torch.randint(0, 3, (4,))
+    needle = rf"^model Bag cannot be trained with grad-sample '{mode}' .*; grad-sample fast can"
+    with pytest.raises(FedsimError, match=needle):
+        check_clippable(Bag(), ids, labels, grad_sample=mode)
+    check_clippable(Bag(), ids, labels, grad_sample="fast")
+    # where no mode runs, none is offered
+    monkeypatch.setattr(fedsim.dp.clip_check, "fast_step", _raises)
+    with pytest.raises(FedsimError, match="no other grad-sample mode can train it either"):
+        check_clippable(Bag(), ids, labels, grad_sample=mode)
+
+
+def _raises(*args, **kwargs):
+    raise RuntimeError("no rule")
+
+
 def test_auto_is_fast_but_hooks_for_tied_weights():
     assert choose_grad_sample("auto", tied()) == "hooks"
     assert choose_grad_sample("auto", nn.Sequential(nn.Linear(6, 3), nn.PReLU())) == "fast"

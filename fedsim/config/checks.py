@@ -45,7 +45,8 @@ def check_task(config: FedsimConfig, task: str) -> None:
         fits = sorted(m for m, part in registry.MODELS.items() if task in part.tasks)
         raise FedsimError(
             f"model {config.model} cannot learn dataset {config.dataset} ({task}); "
-            f"use model {' or '.join(fits)} for it, or an image dataset for {config.model}"
+            f"use model {' or '.join(fits)} for it, or a dataset of task "
+            f"{' or '.join(tasks)} for {config.model}"
         )
     if config.next_char_loss != "last" and task != registry.NEXT_CHAR:
         raise FedsimError(

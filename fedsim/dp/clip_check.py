@@ -64,20 +64,14 @@ def check_clippable(
     probe = copy.deepcopy(model)
     state = state_copy(probe)
     try:
-        with _quiet():
-            if grad_sample == "fast":
-                _check_fast_sum(probe, x, y, all_positions)
-            else:
-                opacus_step(probe, x, y, grad_sample, 1.0, 1.0, all_positions=all_positions)
+        _step(probe, x, y, grad_sample, all_positions)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
-    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
+    except STEP_ERRORS as error:
         # the forward pass ran in check_samples_apart: this is the per-sample machinery's
-        others = ", ".join(m for m in GRAD_SAMPLE_MODES if m != grad_sample)
         raise FedsimError(
             f"model {name} cannot be trained with grad-sample '{grad_sample}' "
-            f"({first_line(error)}); "
-            f"try grad-sample {others}"
+            f"({first_line(error)}); {_instead(model, x, y, grad_sample, all_positions)}"
         ) from None
     _check_unchanged(probe, state, name)
     try:
@@ -85,6 +79,34 @@ def check_clippable(
             check_clip_bound(model, x, y, grad_sample=grad_sample, all_positions=all_positions)
     except FedsimError as error:
         raise FedsimError(f"model {name}: {error}") from None
+
+
+STEP_ERRORS = (NotImplementedError, RuntimeError, TypeError, ValueError)
+
+
+def _step(model: nn.Module, x: Tensor, y: Tensor, grad_sample: str, all_positions: bool) -> None:
+    """One DP-SGD step of ``model`` (a copy) in mode ``grad_sample``; raises if it fails."""
+    with _quiet():
+        if grad_sample == "fast":
+            _check_fast_sum(model, x, y, all_positions)
+        else:
+            opacus_step(model, x, y, grad_sample, 1.0, 1.0, all_positions=all_positions)
+
+
+def _instead(model: nn.Module, x: Tensor, y: Tensor, failed: str, all_positions: bool) -> str:
+    """What to do instead: the other modes whose step runs on this model, tried here."""
+    works = []
+    for mode in GRAD_SAMPLE_MODES:
+        if mode == failed:
+            continue
+        try:
+            _step(copy.deepcopy(model), x, y, choose_grad_sample(mode, model), all_positions)
+        except (FedsimError, *STEP_ERRORS):
+            continue
+        works.append(mode)
+    if not works:
+        return "no other grad-sample mode can train it either: change that layer"
+    return f"grad-sample {' or '.join(works)} can (set it in the config)"
 
 
 @contextmanager
