@@ -17,9 +17,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.dp import Purpose, numpy_generator, stream_seed
-from fedsim.errors import blamed
+from fedsim.errors import FedsimError, blamed
 from fedsim.messages import (
     CONFIG,
+    ROUND_KEY,
     PrivacySpent,
     decode_train_report,
     message_client,
@@ -165,6 +166,8 @@ class Cohorts(StrategyWrapper):
         """Send the global model to this round's sample of clients."""
         made = next(iter(self.inner.configure_train(server_round, arrays, config, grid)), None)
         template = made.content.config_records[CONFIG] if made is not None else config
+        name = getattr(self.inner, "name", type(self.inner).__name__)
+        _check_template(template, config, name, server_round)
         chosen = sample_clients(
             self.num_clients,
             self.clients_per_round,
@@ -183,6 +186,33 @@ class Cohorts(StrategyWrapper):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate in client order, so float sums do not depend on arrival order."""
         return self.inner.aggregate_train(server_round, sorted(replies, key=client_of))
+
+
+def _check_template(
+    template: ConfigRecord, run: ConfigRecord, strategy: str, server_round: int
+) -> None:
+    """Refuse a round's train config whose fedsim keys are not the run's own.
+
+    Clients train as the message says, but the privacy ledger (the spend charged to a
+    silent client, the σ solved for the schedule) and ``summary.json`` follow the run's
+    config: a strategy that turned ``dp`` off or changed ``local-epochs`` in a round
+    would make the reported ε wrong. Keys equal to the run's (FedProx's ``proximal-mu``)
+    and the round number pass.
+    """
+    for key in sorted((set(template) | set(run)) - {ROUND_KEY}):
+        if key not in run:
+            change = f"added key '{key}'"
+        elif key not in template:
+            change = f"dropped key '{key}'"
+        elif template[key] != run[key]:
+            change = f"changed '{key}' from {run[key]!r} to {template[key]!r}"
+        else:
+            continue
+        raise FedsimError(
+            f"strategy '{strategy}' {change} in round {server_round}'s train config; clients "
+            "take the run's config and nothing else (the privacy ledger and summary.json "
+            "count it): set fedsim's keys in the run's config, not per round"
+        )
 
 
 class PrivacyLedger(StrategyWrapper):

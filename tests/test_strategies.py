@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedsim.config import parse_config
 from fedsim.dp import seeded_root
@@ -52,12 +52,48 @@ def test_cohorts_carry_the_strategys_config_to_each_sampled_client():
     prox = build_algorithm(parse_config({"strategy": "fedprox", "proximal-mu": 0.1}))
     cohorts = Cohorts(prox, num_clients=3, nodes=[11, 12, 13], bound=True,
                       clients_per_round=2, root=seeded_root(0))  # fmt: skip
-    messages = list(cohorts.configure_train(4, arrays([0.0]), ConfigRecord({"lr": 0.5}), GRID))
+    run = ConfigRecord({"lr": 0.5, "proximal-mu": 0.1})
+    messages = list(cohorts.configure_train(4, arrays([0.0]), run, GRID))
     assert len(messages) == 2
     clients = [named_partition(m.content) for m in messages]
     assert len(set(clients)) == 2 and [m.metadata.dst_node_id - 11 for m in messages] == clients
     for m in messages:
         assert m.content[CONFIG]["proximal-mu"] == 0.1 and m.content[CONFIG]["lr"] == 0.5
+
+
+class Scheduled(FedAvg):
+    """Per-round settings in the train config, Flower's usual way."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+
+    def configure_train(self, server_round, arrays, config, grid):
+        config = ConfigRecord(dict(config))
+        self.change(config)
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda c: c.__setitem__("dp", "none"), "changed 'dp' from 'sample' to 'none'"),
+        (lambda c: c.__setitem__("local-epochs", 3), "changed 'local-epochs' from 1 to 3"),
+        (lambda c: c.pop("secure-noise"), "dropped key 'secure-noise'"),
+        (lambda c: c.__setitem__("warmup", 1), "added key 'warmup'"),
+    ],
+)
+def test_a_strategy_that_changes_the_runs_config_is_refused(change, needle):
+    run = ConfigRecord(parse_config({"dp": "sample", "noise-multiplier": 1.0}).to_flat())
+    own = OwnStrategy(Scheduled(change), "mine:Scheduled")
+    cohorts = Cohorts(own, num_clients=3, nodes=[11, 12, 13], bound=True,
+                      clients_per_round=2, root=seeded_root(0))  # fmt: skip
+    with pytest.raises(FedsimError, match=rf"^strategy 'mine:Scheduled' {needle} in round 2's"):
+        cohorts.configure_train(2, arrays([0.0]), run, GRID)
+    # the same strategy, changing nothing, passes: the round number it adds is its own
+    plain = Cohorts(Scheduled(lambda c: None), num_clients=3, nodes=[11, 12, 13], bound=True,
+                    clients_per_round=2, root=seeded_root(0))  # fmt: skip
+    assert len(list(plain.configure_train(2, arrays([0.0]), run, GRID))) == 2
 
 
 def test_the_strategy_aggregates_replies_in_client_order_with_its_optimizer():
