@@ -48,8 +48,9 @@ TRUST = {
 RELATION = {
     "sample": "zero out one training example of a client (its gradient counts as 0; for "
     "Poisson sampling the same ε as adding or removing it; example counts are public)",
-    "user": "zero out one client's whole data (its update counts as 0; who takes part and "
-    "each client's example count are public)",
+    "user": "zero out one client's whole data (its update counts as 0, and with adaptive "
+    "clipping so does its clip bit, centred to ±1/2; who takes part and each client's "
+    "example count are public)",
     "replace": "replace one training example of a client by another, or change any of its "
     "data: what the user-level guarantee implies for one example",
 }

@@ -186,3 +186,22 @@ def test_ledger_json_round_trip():
             privacy.ledger_from_json(privacy.ledger_to_json(ledger)), delta=DELTA, accountant="rdp"
         )[0],
     )
+
+
+def test_runs_pooled_on_the_same_data_compose_their_worst_clients():
+    # two seeds' runs, one client size each: the record's two histories, composed
+    one = [(1.1, 0.05, 100)]
+    eps, used = accounting.pooled_epsilon([[one], [one]], delta=DELTA, accountant="pld")
+    assert used == "pld" and eps >= independent_pld(one * 2, DELTA, pessimistic=False)
+    assert eps > accounting.history_epsilon(one, delta=DELTA, accountant="pld") * 1.2
+    # clients that differ: every pick of one per run is a record's possible history
+    a, b = [(0.9, 0.1, 20)], [(2.0, 0.3, 60)]
+    eps, used = accounting.pooled_epsilon([[a, b], [a, b]], delta=DELTA, accountant="pld")
+    for pick in ([a, a], [a, b], [b, b]):
+        assert eps >= independent_pld(pick[0] + pick[1], DELTA, pessimistic=False)
+    # too many picks (3 runs of 3 sizes): RDP's curves, the largest per order in each run;
+    # with one σ and one step count that is the largest sample rate's, 3 times
+    runs = [[[(1.0, q, 50)] for q in (0.02, 0.08, 0.05)]] * 3
+    eps, used = accounting.pooled_epsilon(runs, delta=DELTA, accountant="prv")
+    assert used == "rdp"
+    assert eps == pytest.approx(independent_rdp([(1.0, 0.08, 150)], DELTA), rel=1e-3)

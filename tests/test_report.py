@@ -5,13 +5,16 @@ import math
 import subprocess
 import sys
 
+import dp_accounting
 import pytest
 
 from fedsim import results
 from fedsim.config import FedsimConfig
+from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.errors import FedsimError
 from fedsim.experiments.sweep import grid_axes, grid_points
 from fedsim.results import RoundRow, frontier
+from fedsim.results.report import format_epsilon
 from tests.conftest import ROOT
 
 
@@ -33,7 +36,11 @@ def fake_run(path, *, eps, acc, seed, dp="sample"):
         RoundRow(1, acc, 0.3, eps or math.inf, 1.0, 2, 0, "0 1", "", eps, None, None),
     ]
     results.write_csv(path / results.ROUNDS, [r.to_csv() for r in rows], results.ROUND_FIELDS)
-    results.write_json(path / results.PRIVACY, {"accountant": "rdp", "units": {}})
+    # each client's ledger; client 1 samples more and sets the run's worst case
+    ledger = {c: [{"round": 1, "noise_multiplier": 1.1, "sample_rate": q, "steps": 300}]
+              for c, q in (("0", 0.02), ("1", 0.05))}  # fmt: skip
+    units = {"sample": {"clients": ledger}} if eps else {}
+    results.write_json(path / results.PRIVACY, {"accountant": "rdp", "units": units})
 
 
 @pytest.fixture
@@ -53,9 +60,17 @@ def test_frontier_pools_seeds_and_sorts_by_epsilon(sweep):
     assert rows[0]["accuracy_std"] == pytest.approx(0.0283, abs=1e-4)
     written = frontier.write_frontier(rows, sweep)
     assert all(p.stat().st_size > 0 for p in written)
-    assert (
-        "| sample | 1 | 1e-05 | rdp | 0.7200 ± 0.0283 | 2 |" in (sweep / "frontier.md").read_text()
-    )
+    # the two seeds' runs share their data: their ledgers compose, the worst client's of
+    # each (dp-accounting's RDP, at the same orders, computes it independently)
+    worst = dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1))
+    rdp = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
+    rdp.compose(dp_accounting.SelfComposedDpEvent(worst, 600))
+    assert rows[0]["epsilon_pooled"] == pytest.approx(rdp.get_epsilon(1e-5), rel=1e-3)
+    assert rows[0]["pooled_accountant"] == "rdp" and math.isinf(rows[2]["epsilon_pooled"])
+    pooled = format_epsilon(rows[0]["epsilon_pooled"])
+    table = (sweep / "frontier.md").read_text()
+    assert f"| sample | 1 | 1e-05 | rdp | 0.7200 ± 0.0283 | 2 | {pooled} |" in table
+    assert "a reader of all of them" in table
 
 
 def test_report_command_rebuilds_from_files(sweep):

@@ -72,6 +72,7 @@ if TYPE_CHECKING:
         REPLACE_ONE,
         History,
         history_epsilon,
+        pooled_epsilon,
         solve_noise_multiplier,
     )
 
@@ -81,6 +82,7 @@ _ACCOUNTING = {
     "REPLACE_ONE",
     "History",
     "history_epsilon",
+    "pooled_epsilon",
     "solve_noise_multiplier",
 }
 
@@ -139,6 +141,7 @@ __all__ = [
     "per_sample_cross_entropy",
     "poisson_loader",
     "poisson_schedule",
+    "pooled_epsilon",
     "replace_attention",
     "secure_dp_randomness",
     "secure_root",

@@ -16,8 +16,9 @@ guarantee for a whole client implies for one of its examples.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import dp_accounting
 import numpy as np
@@ -133,6 +134,47 @@ def history_epsilon(history: History, *, delta: float, accountant: str) -> float
             f"accountant {accountant} cannot count {steps} noisy steps ({type(exc).__name__}); "
             "use accountant rdp, or fewer rounds or local epochs"
         ) from None
+
+
+MAX_POOLED = 16  # choices of one history per run that pooled_epsilon composes one by one
+
+
+def pooled_epsilon(
+    runs: Sequence[Iterable[History]], *, delta: float, accountant: str
+) -> tuple[float, str]:
+    """ε of one record that is in every run of ``runs``, in whichever client is worst.
+
+    ``runs`` holds, per run, its clients' histories (the user unit: one). The runs of a
+    sweep's point share their data: each record is in one client of each run, and a
+    reader of all of them faces the composition. Where there are at most ``MAX_POOLED``
+    ways to pick one distinct history per run, each pick is composed under
+    ``accountant`` and the largest ε kept. Otherwise each run's RDP curve is the largest
+    of its clients', order by order (a bound on every one of them), the runs' curves are
+    added, and ε is ``rdp``'s. Returns ε and the accountant that gave it.
+    """
+    choices = [sorted({_merged(h) for h in histories}) or [()] for histories in runs]
+    if math.prod(len(c) for c in choices) <= MAX_POOLED:
+        eps = max(
+            history_epsilon(list(_merged(sum(pick, ()))), delta=delta, accountant=accountant)
+            for pick in itertools.product(*choices)
+        )
+        return eps, accountant
+    total = sum(np.max([_rdp_of(h) for h in c], axis=0) for c in choices)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+    return float(eps), "rdp"
+
+
+def _merged(history: Iterable[tuple[float, float, int]]) -> tuple:
+    """The history with equal (σ, q) entries merged, as a sorted tuple (a set member)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, t in history:
+        steps[(float(sigma), float(q))] = steps.get((float(sigma), float(q)), 0) + int(t)
+    return tuple((sigma, q, t) for (sigma, q), t in sorted(steps.items()))
+
+
+def _rdp_of(history: tuple) -> np.ndarray:
+    """RDP at each of ``RDP_ORDERS`` of a composed history."""
+    return sum((_rdp_curve(s, q) * t for s, q, t in history), np.zeros(len(RDP_ORDERS)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsim.dp.accounting import History, pooled_epsilon
 from fedsim.results import files
 from fedsim.results.plots import plot_frontier
 from fedsim.results.report import format_epsilon, format_lower_bound
@@ -15,6 +16,7 @@ from fedsim.results.schema import Result, load_run
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
 FIELDS = (
     "unit", "epsilon", "delta", "accountant", "accuracy_mean", "accuracy_std", "seeds",
+    "epsilon_pooled", "pooled_accountant",
     "noise_multiplier", "clip", "rounds", "clients_per_round", "num_clients", "noise",
     "audit_epsilon", "audit_confidence", "runs",
 )  # fmt: skip
@@ -39,8 +41,9 @@ def frontier(runs: list[Path]) -> list[dict]:
     """One row per distinct config (seeds pooled), sorted by ε, non-private last."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        summary = load_run(run).summary
-        groups.setdefault(_point_key(summary), []).append(summary | {"_dir": run.name})
+        result = load_run(run)
+        summary = result.summary | {"_dir": run.name, "_privacy": result.privacy}
+        groups.setdefault(_point_key(summary), []).append(summary)
     rows = [_row(group) for group in groups.values()]
     return sorted(rows, key=lambda r: (r["unit"] == "none", r["unit"], r["epsilon"]))
 
@@ -58,6 +61,7 @@ def _row(group: list[dict]) -> dict:
         "accuracy_mean": round(statistics.fmean(accs), 4),
         "accuracy_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
         "seeds": len(group),
+        **_pooled(group, unit),
         "noise_multiplier": round(
             first["user_noise_multiplier"] if user else first["noise_multiplier"], 4
         ),
@@ -69,6 +73,37 @@ def _row(group: list[dict]) -> dict:
         **_audit(group),
         "runs": " ".join(sorted(s["_dir"] for s in group)),
     }
+
+
+def _pooled(group: list[dict], unit: str) -> dict:
+    """ε over all the point's runs, which share their data: composed, not the largest.
+
+    One run's ε is its own; several are composed from their ``privacy.json`` ledgers
+    (:func:`fedsim.dp.accounting.pooled_epsilon`).
+    """
+    if unit == "none":
+        return {"epsilon_pooled": math.inf, "pooled_accountant": ""}
+    if len(group) == 1:
+        return {"epsilon_pooled": group[0]["epsilon"], "pooled_accountant": group[0]["accountant"]}
+    runs = [_histories(s["_privacy"]["units"][unit]) for s in group]
+    eps, accountant = pooled_epsilon(
+        runs, delta=group[0]["delta"], accountant=group[0]["accountant"]
+    )
+    return {"epsilon_pooled": eps, "pooled_accountant": accountant}
+
+
+def _histories(record: dict) -> list[History]:
+    """A unit's histories in ``privacy.json``: per client, per client size, or the user's."""
+
+    def steps(entry: dict) -> tuple[float, float, int]:
+        return entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
+
+    if "clients" in record:  # the sample unit: each client's ledger
+        return [[steps(e) for e in entries] for entries in record["clients"].values()]
+    if "schedules" in record:  # the sample unit with secret cohorts: charged every round
+        rounds = len(record["rounds"])
+        return [[steps(s["spend_per_round"])] * rounds for s in record["schedules"]]
+    return [[steps(e) for e in record["rounds"]]]  # the user unit
 
 
 def headline_audit(summary: dict) -> dict | None:
@@ -95,25 +130,37 @@ def _audit(group: list[dict]) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """The frontier as a Markdown table (what goes into docs and papers)."""
-    cols = ["unit", "ε", "δ", "accountant", "accuracy (mean ± std)", "seeds", "σ", "clip"]
+    cols = ["unit", "ε", "δ", "accountant", "accuracy (mean ± std)", "seeds", "ε, seeds pooled"]
+    cols += ["σ", "clip"]
     cols += ["rounds", "cohort", "clients", "noise", "audit ε ≥"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append(
             f"| {r['unit']} | {format_epsilon(r['epsilon'])} | {r['delta']} | {r['accountant']} "
             f"| {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['seeds']} "
-            f"| {r['noise_multiplier']} | {r['clip']} | {r['rounds']} "
+            f"| {_pooled_cell(r)} | {r['noise_multiplier']} | {r['clip']} | {r['rounds']} "
             f"| {r['clients_per_round']} | {r['num_clients']} | {r['noise']} "
             f"| {_audit_cell(r)} |"
         )
     note = (
-        "\nnoise: secure = from the operating system; seeded = from the config's seed, so the ε "
+        "\nε: the largest of the row's runs, each alone. ε, seeds pooled: the row's runs "
+        "share their data, so a reader of all of them (the mean accuracy reads all) faces "
+        "their composition, under the accountant in brackets where it is not the row's. "
+        "The whole table composes further still, and a row without DP bounds nothing.\n"
+        "noise: secure = from the operating system; seeded = from the config's seed, so the ε "
         "holds only against whoever does not know the seed. audit ε ≥: the one-run canary "
         "audit's measured lower bound for the row's unit (sample: canary examples scored by "
         "the final model's loss; user: canary clients scored by cosine) at the confidence "
         "shown, the largest over the seeds; blank without canaries.\n"
     )
     return "\n".join(lines) + "\n" + note
+
+
+def _pooled_cell(row: dict) -> str:
+    cell = format_epsilon(row["epsilon_pooled"])
+    if row["pooled_accountant"] and row["pooled_accountant"] != row["accountant"]:
+        cell += f" ({row['pooled_accountant']})"
+    return cell
 
 
 def _audit_cell(row: dict) -> str:
@@ -125,7 +172,8 @@ def _audit_cell(row: dict) -> str:
 def write_frontier(rows: list[dict], out_dir: Path) -> list[Path]:
     """Write ``frontier.csv``, ``frontier.md`` and the plot (PNG and SVG) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_rows = [r | {"epsilon": "inf" if math.isinf(r["epsilon"]) else r["epsilon"]} for r in rows]
+    infinite = ("epsilon", "epsilon_pooled")
+    csv_rows = [r | {k: "inf" for k in infinite if math.isinf(r[k])} for r in rows]
     files.write_csv(out_dir / "frontier.csv", csv_rows, FIELDS)
     files.write_atomic(out_dir / "frontier.md", markdown(rows))
     plots = plot_frontier(rows, out_dir / "frontier")
