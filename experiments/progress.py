@@ -44,12 +44,11 @@ class RunProgress(Protocol):
 def round_line(row: RoundRow, num_rounds: int) -> str:
     """One round as a line: accuracy, loss, ε, seconds, and who dropped out.
 
-    Under private cohorts (user-level DP) the row has no seconds, and the line none: logs
-    get published, and a round's time shows how much data its cohort held.
+    Under private cohorts (user-level DP) the row has no seconds and no failures, and the
+    line neither: logs get published, a round's time shows how much data its cohort held,
+    and a failure can come from a client's data.
     """
     dropped = f"  dropped {row.dropped}" if row.dropped else ""
-    if not dropped and row.failed:  # under user-level DP the row names nobody
-        dropped = f"  {row.failed} of {row.cohort} dropped"
     eps = report.format_epsilon(row.epsilon)
     seconds = "" if row.seconds is None else f"  {row.seconds:6.2f} s"
     return (

@@ -93,14 +93,19 @@ def round_rows(
         epsilon=headline,
         seconds=None if secret else round(seconds, 3),
         cohort=len(cohort),
-        failed=len(dropped),
+        failed=None if secret else len(dropped),
         clients="" if secret else clients,
         dropped="" if secret else reasons,
         epsilon_sample=eps.get("sample"),
         epsilon_user=eps.get("user"),
         clip_norm=clip_norm,
     )
-    private = {"round": server_round, "clients": clients, "dropped": reasons}
+    private = {
+        "round": server_round,
+        "clients": clients,
+        "failed": len(dropped),
+        "dropped": reasons,
+    }
     return public, private | {"seconds": round(seconds, 3)}
 
 

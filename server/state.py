@@ -58,15 +58,17 @@ class RunState:
 
         They are not checkpointed: with a large population they would be most of every
         round's checkpoint, and they are the same on resume. A checkpoint written before
-        round times moved to ``private/`` under private cohorts has them moved there.
+        round times and failure counts moved to ``private/`` under private cohorts has
+        them moved there.
         """
         config = parse_config(data["config"])
         rows = [RoundRow(**r) for r in data["rows"]]
         participation = [dict(p) for p in data["participation"]]
+        for row, private in zip(rows, participation, strict=False):
+            private.setdefault("seconds", row.seconds)
+            private.setdefault("failed", row.failed)
         if config.dp_user:
-            for row, private in zip(rows, participation, strict=False):
-                private.setdefault("seconds", row.seconds)
-            rows = [replace(row, seconds=None) for row in rows]
+            rows = [replace(row, seconds=None, failed=None) for row in rows]
         return cls(
             config=config,
             infos=infos,

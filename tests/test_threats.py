@@ -236,6 +236,8 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     rounds = results.read_csv(tmp_path / results.ROUNDS)
     assert [r["clients"] for r in rounds] == [""] * 4 and [r["dropped"] for r in rounds] == [""] * 4
     assert [int(r["cohort"]) for r in rounds] == [0, 3, 2, 3]  # sizes stay public
+    # a failure can come from a client's data: the counts stay private too
+    assert [r["failed"] for r in rounds] == [""] * 4 and summary["failed_per_round"] == {}
     assert summary["client_with_max_epsilon"] is None
     ledger = json.loads((tmp_path / results.PRIVACY).read_text())
     for unit in ledger["units"].values():
@@ -243,6 +245,7 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     assert "participation" not in json.dumps(summary)
     private = results.read_csv(tmp_path / results.PARTICIPATION)
     assert [r["clients"] for r in private[1:]] == ["1 4 7", "0 4", "2 4 9"]
+    assert [r["failed"] for r in private] == ["0", "1", "1", "1"]
     assert (tmp_path / results.PRIVATE_README).read_text().startswith("Do not publish")
     # a round's time tracks how much data its cohort held: it stays with the cohorts
     assert [r["seconds"] for r in rounds] == [""] * 4
@@ -252,6 +255,7 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     assert [r.seconds for r in result.rounds] == [None] * 4
     assert "30.00" not in results.report.round_table(result.rounds)
     assert "  s" not in round_line(result.rounds[1], 3) and "ε" in round_line(result.rounds[1], 3)
+    assert "dropped" not in round_line(result.rounds[1], 3)  # 1 of 3 was, in private/
 
 
 def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
@@ -261,9 +265,11 @@ def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
     data = state.to_checkpoint()
     for row, private in zip(data["rows"], data["participation"], strict=True):
         row["seconds"] = private.pop("seconds") + 1.0
+        row["failed"] = private.pop("failed")  # and failure counts, public then
     restored = RunState.from_checkpoint(copy.deepcopy(data), state.infos)
-    assert [r.seconds for r in restored.rows] == [None] * 4
+    assert [(r.seconds, r.failed) for r in restored.rows] == [(None, None)] * 4
     assert [p["seconds"] for p in restored.participation] == [1.0, 31.0, 21.0, 31.0]
+    assert [p["failed"] for p in restored.participation] == [0, 1, 1, 1]
     summary = outputs.write_final(restored, tmp_path, 0.0,
                                   engine="simulation", training=TRAINING)  # fmt: skip
     assert summary["wall_seconds"] == 84.0  # every round's, not the resumed process's

@@ -47,7 +47,9 @@ class RoundRow:
     # cohorts are private (a round's time shows how much data its cohort held)
     seconds: float | None
     cohort: int  # clients sampled this round
-    failed: int  # of them, how many were left out
+    # of them, how many were left out; None where cohorts are private (a failure can
+    # depend on a client's data: non-finite weights, an error)
+    failed: int | None
     clients: str  # their ids, "" where cohorts are private (user-level DP)
     dropped: str  # who was left out and why, "" where cohorts are private
     epsilon_sample: float | None
@@ -77,7 +79,7 @@ class RoundRow:
             epsilon=_number(row, "epsilon"),
             seconds=_optional(row, "seconds"),
             cohort=_whole(row, "cohort"),
-            failed=_whole(row, "failed"),
+            failed=None if row["failed"] == "" else _whole(row, "failed"),
             clients=row["clients"],
             dropped=row["dropped"],
             epsilon_sample=_optional(row, "epsilon_sample"),
