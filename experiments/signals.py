@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from fedsim.experiments.procs import (
 )
 
 CLIENT_GRACE_S = 2.0  # after a first signal, for clients that finish on their own
+# a second signal this soon after the first is the same one delivered twice (`timeout`
+# signals the process and then its group; a sweep passes on the terminal's Ctrl-C)
+SAME_SIGNAL_S = 0.25
 
 
 class Signals:
@@ -47,7 +51,7 @@ class Signals:
         self, stop: threading.Event, say: Callable[[str], None], *, spare: set[int], tag: str
     ) -> None:
         self.stop, self.say, self.spare, self.tag = stop, say, spare, tag
-        self.signum = 0
+        self.signum, self.first = 0, 0.0
         self.previous: dict[int, Any] = {}
         self.fds: tuple[int, int] | None = None
         self.old_wakeup = -1
@@ -56,12 +60,14 @@ class Signals:
     def heard(self, signum: int) -> None:
         """One SIGINT or SIGTERM arrived."""
         name = signal.Signals(signum).name
+        if self.signum and time.monotonic() - self.first < SAME_SIGNAL_S:
+            return
         if self.signum:
             self.say(f"fedsim: {name} again: aborting; the last checkpoint still resumes")
             kill_run_processes(self.spare, self.tag, grace=0)
             sys.stdout.flush()
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.first = signum, time.monotonic()
         self.stop.set()
         self.say(f"fedsim: {name}: stopping now (again to abort)")
         # Flower's worker threads wait on the clients' Ray tasks and cannot be told to

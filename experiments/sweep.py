@@ -8,23 +8,32 @@ an ε value means the same run without DP.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedsim import results
-from fedsim.config import parse_config, parse_override, toml_literal, toml_table
-from fedsim.errors import FedsimError
+from fedsim.config import parse_config, parse_override, read_toml, toml_literal, toml_table
+from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.experiments.progress import SweepProgress
 from fedsim.results import frontier
 
 EPSILON_KEYS = {"target-epsilon", "user-target-epsilon"}
 SWEEP_CONFIG = "sweep.toml"
+
+
+# keys a grid may not sweep: seeds are --seeds, and frontier rows pool runs that differ
+# only in these, so two points on them would be reported as two seeds
+NOT_SWEPT = {"seed": "sweep seeds with --seeds (seeds=...)", **dict.fromkeys(
+    ("name", "out-dir"), "each point gets its own folder in the sweep's --out")}  # fmt: skip
 
 
 def grid_axes(items: list[str]) -> dict[str, list[Any]]:
@@ -45,6 +54,9 @@ def grid_points(grid: Mapping[str, Sequence[Any]], seeds: Sequence[int]) -> dict
     ``none`` (or None) as a value of an ε key means the same run without DP.
     """
     axes = [(key.replace("_", "-"), list(values)) for key, values in grid.items()]
+    for key, _ in axes:
+        if key in NOT_SWEPT:
+            raise FedsimError(f"--grid {key}: {NOT_SWEPT[key]}; remove {key} from the grid")
     points = {}
     for combo in itertools.product(*(values for _, values in axes)):
         for seed in seeds:
@@ -61,8 +73,63 @@ def grid_points(grid: Mapping[str, Sequence[Any]], seeds: Sequence[int]) -> dict
     return points
 
 
-def run_point(out: Path, config: Path, sets: Mapping[str, Any]) -> tuple[bool, str]:
-    """Run (or resume) one point as a ``fedsim run`` process; (ok, last output line)."""
+class Children:
+    """The points' ``fedsim run`` processes, and the signal that stopped the sweep.
+
+    A SIGINT or SIGTERM to the sweep goes on to every point running (each stops after
+    abandoning its round, resumable), and no point starts after it: without this, a
+    ``kill`` or a batch scheduler's SIGTERM left the running points training on their own.
+    """
+
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.signum = 0
+
+    def call(self, command: list[str], log: IO[str]) -> int | None:
+        """Run ``command`` to its end; its status, or None if the sweep has stopped."""
+        with self.lock:
+            if self.signum:
+                return None
+            proc = subprocess.Popen(command, stdout=log, stderr=log)
+            self.live.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+
+    def stop(self, signum: int, frame: object = None) -> None:
+        """The signal handler: pass ``signum`` on to every running point."""
+        with self.lock:
+            self.signum = self.signum or signum
+            for proc in self.live:
+                proc.send_signal(signum)
+
+
+@contextlib.contextmanager
+def forwarded(children: Children) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``children`` while the sweep runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_point(
+    out: Path, config: Path, sets: Mapping[str, Any], children: Children
+) -> tuple[bool | None, str]:
+    """Run (or resume) one point as a ``fedsim run`` process; (ok, last output line).
+
+    ``ok`` is None where the point did not start: the sweep was stopped.
+    """
+    if children.signum:
+        return None, "not started"
     if (out / results.SUMMARY).is_file():
         return True, "done earlier"
     if out.with_name(f".{out.name}.partial").exists():
@@ -74,7 +141,9 @@ def run_point(out: Path, config: Path, sets: Mapping[str, Any]) -> tuple[bool, s
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         command = [sys.executable, "-m", "fedsim.experiments.cli", "run", *args]
-        code = subprocess.call(command, stdout=fh, stderr=fh)
+        code = children.call(command, fh)
+    if code is None:
+        return None, "not started"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith("accuracy ")]
     return code == 0, (summary or lines or [f"exit {code}"])[-1]
@@ -96,21 +165,31 @@ def run_sweep(
     points = grid_points(grid, seeds)
     for sets in points.values():  # every config is checked before any work starts
         parse_config({**base, **sets})
-    out.mkdir(parents=True, exist_ok=True)
     config = out / SWEEP_CONFIG
+    _check_same_base(config, base)
+    out.mkdir(parents=True, exist_ok=True)
     results.write_atomic(config, toml_table(base))
     print(f"fedsim sweep: {len(points)} runs, {jobs} at a time, in {out}", flush=True)
-    progress, failed = SweepProgress(len(points)), []
+    progress, failed, children = SweepProgress(len(points)), [], Children()
 
     def one(item: tuple[str, dict]) -> None:
         name, sets = item
-        ok, last = run_point(out / name, config, sets)
+        ok, last = run_point(out / name, config, sets, children)
+        if ok is None:
+            return
         print(progress.point(name, ok, last), flush=True)
         if not ok:
             failed.append(name)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with forwarded(children), ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, points.items()))
+    if children.signum:
+        name = signal.Signals(children.signum).name
+        raise RunInterrupted(
+            f"sweep stopped by {name}; finished points are kept, and the same command "
+            "continues the others",
+            children.signum,
+        )
     rows = frontier.frontier(frontier.find_runs([out]))
     frontier.write_frontier(rows, out)
     print(frontier.markdown(rows))
@@ -118,6 +197,26 @@ def run_sweep(
     if failed:
         raise FedsimError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see {out}/logs")
     return rows
+
+
+def _check_same_base(config: Path, base: Mapping[str, Any]) -> None:
+    """Refuse to continue a sweep in ``config``'s folder from another base config.
+
+    Its finished points would be skipped, and the frontier would mix runs of the old
+    config with a ``sweep.toml`` that names the new one.
+    """
+    if not config.is_file():
+        return
+    old, new = read_toml(config), dict(base)
+    with contextlib.suppress(FedsimError):  # as resolved, where each alone is a config
+        old, new = parse_config(old).to_flat(), parse_config(new).to_flat()
+    changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    if changed:
+        key = changed[0]
+        raise FedsimError(
+            f"{config.parent} holds a sweep of another config ({key}: {old.get(key)!r} there, "
+            f"{new.get(key)!r} now); give another --out, or the same settings to continue it"
+        )
 
 
 def default_jobs(client_cpus: float) -> int:

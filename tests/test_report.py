@@ -120,3 +120,9 @@ def test_a_printed_epsilon_is_never_below_the_computed_one():
                "noise_multiplier": 1.0, "delta": 1e-5, "accountant": "rdp",
                "noise": {"kind": "secure"}, "config": {"seed": 0}}  # fmt: skip
     assert "ε = 8.000 for one sample" in report.summary_line(summary)
+
+
+def test_a_grid_over_what_seeds_or_folders_set_is_refused():
+    for key, needle in [("seed", "--seeds"), ("name", "own folder"), ("out_dir", "own folder")]:
+        with pytest.raises(FedsimError, match=f"^--grid {key.replace('_', '-')}: .*{needle}"):
+            grid_points({key: [1, 2]}, [0])

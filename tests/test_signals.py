@@ -7,10 +7,12 @@ Each client straggles for minutes, so that a run which waits for its round to en
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
+from fedsim.experiments import signals
 from tests.conftest import start_fedsim
 
 pytestmark = pytest.mark.slow
@@ -69,7 +71,7 @@ def stop_and_time(proc, *signals):
     started = time.monotonic()
     for sig in signals:
         os.kill(proc.pid, sig)  # the command only, as `kill PID` does
-        time.sleep(0.2)
+        time.sleep(0.5)  # a second signal within SAME_SIGNAL_S would be the first again
     try:
         _, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -117,3 +119,46 @@ def test_sigterm_between_rounds_is_the_runs_not_rays(tmp_path):
     assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
+
+
+def test_one_signal_delivered_twice_stops_the_run_and_does_not_abort_it(monkeypatch):
+    """`timeout -s INT` signals the command, then its group: the run sees SIGINT twice."""
+    aborted, said = [], []
+    monkeypatch.setattr(signals, "kill_run_processes", lambda *a, **k: aborted.append(a))
+    monkeypatch.setattr(signals.os, "_exit", lambda code: aborted.append(code))
+    monkeypatch.setattr(signals.Signals, "_end_clients", lambda self: None)
+    stop = threading.Event()
+    handler = signals.Signals(stop, said.append, spare=set(), tag="t")
+    handler.heard(signal.SIGINT)
+    handler.heard(signal.SIGINT)  # the same one, through the process group
+    assert stop.is_set() and not aborted and len(said) == 1
+    handler.first -= signals.SAME_SIGNAL_S  # a second Ctrl-C, later: abort
+    handler.heard(signal.SIGINT)
+    assert aborted[-1] == 130 and "again: aborting" in said[1]
+
+
+def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path):
+    """A batch scheduler's SIGTERM goes to the sweep alone: its points must stop too."""
+    out = tmp_path / "sweep"
+    sets = "num-rounds=3 straggler-prob=1.0 straggler-delay=300"
+    args = ["--grid", "target-epsilon=4", "--seeds", "0,1", "--jobs", "1", "--set", sets]
+    proc = start_fedsim("sweep", *args, "--out", str(out), cwd=tmp_path, new_session=True)
+    log = out / "logs" / "target-epsilon=4_seed=0.log"
+    deadline = time.monotonic() + 120
+    while "round   0/" not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(3.0)  # round 1 is under way, its clients straggling
+    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
+    assert proc.returncode == 143, stderr
+    assert "sweep stopped by SIGTERM" in stderr and seconds < 30, (seconds, stderr)
+    assert leftovers == [], "a point's processes outlived the sweep"
+    assert "stopped by SIGTERM" in log.read_text()
+    assert (out / ".target-epsilon=4_seed=0.partial").is_dir()
+    assert not (out / "logs" / "target-epsilon=4_seed=1.log").exists()
+    # continued with another base config, it is refused before anything runs
+    again = start_fedsim("sweep", "--grid", "target-epsilon=4", "--seeds", "0,1",
+                         "--set", "num-rounds=5", "--out", str(out), cwd=tmp_path)  # fmt: skip
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 2
+    assert "holds a sweep of another config (num-rounds: 3 there, 5 now)" in err, err
