@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedsim import results
-from fedsim.config import parse_config, parse_override, read_toml, toml_literal, toml_table
+from fedsim.config import (
+    check_budget,
+    parse_config,
+    parse_override,
+    read_toml,
+    toml_literal,
+    toml_table,
+)
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.experiments.progress import SweepProgress
 from fedsim.results import frontier
@@ -164,6 +171,7 @@ def run_sweep(
     """
     points = grid_points(grid, seeds)
     for sets in points.values():  # every config is checked before any work starts
+        check_budget({**base, **sets})
         parse_config({**base, **sets})
     config = out / SWEEP_CONFIG
     _check_same_base(config, base)

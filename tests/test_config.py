@@ -6,6 +6,7 @@ from flwr.serverapp.strategy import FedAvgM
 
 from fedsim.config import FedsimConfig, as_config, load_config, parse_config, parse_override
 from fedsim.errors import FedsimError
+from fedsim.experiments.sweep import run_sweep
 from tests.conftest import ROOT
 
 
@@ -121,3 +122,24 @@ def test_parts_given_as_objects_become_import_paths():
             as_config(model=NamedNet)
     finally:
         NamedNet.__module__ = __name__
+
+
+def test_a_sigma_and_the_budget_it_would_ignore_are_refused_together(tmp_path):
+    needle = "noise-multiplier = 1.0 fixes σ, so target-epsilon = 3 would not be used"
+    with pytest.raises(FedsimError, match=needle):
+        load_config(None, ["noise-multiplier=1.0 target-epsilon=3"])
+    with pytest.raises(FedsimError, match="user-noise-multiplier = 2"):
+        as_config({"user_noise_multiplier": 2, "user_target_epsilon": 1})
+    assert as_config({"noise-multiplier": 0, "target-epsilon": 3}).target_epsilon == 3
+    # a resolved config keeps its budget beside the σ solved from it; a new budget would
+    # meet that σ
+    solved = FedsimConfig(noise_multiplier=1.1, target_epsilon=3)
+    assert as_config(solved).noise_multiplier == 1.1
+    with pytest.raises(FedsimError, match="fixes σ, so target-epsilon = 2"):
+        as_config(solved, target_epsilon=2)
+    assert as_config(solved, noise_multiplier=0, target_epsilon=2).noise_multiplier == 0
+    # a sweep's points: the grid's σ beside the base's budget
+    with pytest.raises(FedsimError, match="noise-multiplier = 2 fixes σ"):
+        run_sweep({"target-epsilon": 3}, grid={"noise-multiplier": [2]}, seeds=[0], jobs=1,
+                  out=tmp_path / "s")  # fmt: skip
+    assert not (tmp_path / "s").exists()

@@ -9,7 +9,7 @@ derived from the config), ``checks.py`` (checks across keys and against the data
 engine) and ``loading.py`` (TOML, ``--set``, mappings, error lines).
 """
 
-from fedsim.config.checks import check_deployment, check_task
+from fedsim.config.checks import check_budget, check_deployment, check_task
 from fedsim.config.loading import (
     ConfigLike,
     as_config,
@@ -30,6 +30,7 @@ __all__ = [
     "ConfigLike",
     "FedsimConfig",
     "as_config",
+    "check_budget",
     "check_deployment",
     "check_task",
     "config_mapping",

@@ -3,18 +3,38 @@
 The schema (``schema.py``) runs ``check_options``, ``check_strategy``, ``check_audit`` and,
 where a built-in dataset names its task, ``check_task`` as it validates. ``check_task``
 runs again once a dataset of your own is loaded; ``check_deployment`` where a SuperNode
-or the deployment's server reads the config.
+or the deployment's server reads the config; ``check_budget`` on the keys a user wrote.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fedsim import registry
 from fedsim.errors import FedsimError
 
 if TYPE_CHECKING:
     from fedsim.config.schema import FedsimConfig
+
+
+BUDGETS = {"noise-multiplier": "target-epsilon", "user-noise-multiplier": "user-target-epsilon"}
+
+
+def check_budget(values: Mapping[str, Any]) -> None:
+    """One error line where a new run's keys give both a σ and the ε budget it would ignore.
+
+    A σ above 0 is used as given, and ε is then what it gives; a budget beside it would be
+    silently left unmet. Checked on what a user wrote (a file, overrides, a mapping), not
+    on a resolved config, which keeps the budget beside the σ solved from it.
+    """
+    for sigma, budget in BUDGETS.items():
+        if values.get(sigma) and budget in values:
+            raise FedsimError(
+                f"config: {sigma} = {values[sigma]} fixes σ, so {budget} = {values[budget]} "
+                f"would not be used (ε is what that σ gives); remove one of them ({sigma} = 0 "
+                "solves σ for the budget)"
+            )
 
 
 def check_deployment(config: FedsimConfig) -> FedsimConfig:

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
-from fedsim.config.checks import check_deployment
+from fedsim.config.checks import BUDGETS, check_budget, check_deployment
 from fedsim.config.schema import FedsimConfig
 from fedsim.errors import FedsimError
 
@@ -85,13 +85,17 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
 
 def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
     """The unvalidated kebab-case ``{key: value}`` of what :func:`as_config` takes."""
-    if isinstance(config, FedsimConfig):
+    if isinstance(config, FedsimConfig):  # resolved: its budget stays beside its σ
         values = config.to_flat()
     elif isinstance(config, str | Path):
         values = read_toml(Path(config))
     else:
         values = dict(config or {})
     flat = {key.replace("_", "-"): value for key, value in (values | overrides).items()}
+    given = {key.replace("_", "-"): value for key, value in overrides.items()}
+    if isinstance(config, FedsimConfig):  # a new budget would meet the σ solved before
+        given = {k: values[k] for k, budget in BUDGETS.items() if budget in given} | given
+    check_budget(flat if not isinstance(config, FedsimConfig) else given)
     return {key: _named(key, value) if key in PARTS else value for key, value in flat.items()}
 
 
@@ -160,6 +164,7 @@ def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, A
     values: dict[str, Any] = read_toml(path) if path is not None else {}
     for item in overrides or []:
         values.update(parse_override(pair) for pair in _pairs(item))
+    check_budget(values)
     return values
 
 
