@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from fedsim import results
 from fedsim.config import (
+    BUDGETS,
     check_budget,
     parse_config,
     parse_override,
@@ -171,7 +172,7 @@ def run_sweep(
     """
     points = grid_points(grid, seeds)
     for sets in points.values():  # every config is checked before any work starts
-        check_budget({**base, **sets})
+        check_budget({k: v for k, v in base.items() if k in BUDGETS}, sets)  # base: checked
         parse_config({**base, **sets})
     config = out / SWEEP_CONFIG
     _check_same_base(config, base)

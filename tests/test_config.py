@@ -138,8 +138,15 @@ def test_a_sigma_and_the_budget_it_would_ignore_are_refused_together(tmp_path):
     with pytest.raises(FedsimError, match="fixes σ, so target-epsilon = 2"):
         as_config(solved, target_epsilon=2)
     assert as_config(solved, noise_multiplier=0, target_epsilon=2).noise_multiplier == 0
-    # a sweep's points: the grid's σ beside the base's budget
-    with pytest.raises(FedsimError, match="noise-multiplier = 2 fixes σ"):
-        run_sweep({"target-epsilon": 3}, grid={"noise-multiplier": [2]}, seeds=[0], jobs=1,
+    # a σ set over a shipped config's budget overrides it knowingly; a budget set over a
+    # file's σ would be ignored
+    shipped = ROOT / "experiments" / "configs" / "mnist-cnn.toml"
+    assert load_config(shipped, ["noise-multiplier=1.0"]).noise_multiplier == 1.0
+    (tmp_path / "fixed.toml").write_text("noise-multiplier = 1.5\n")
+    with pytest.raises(FedsimError, match=r"noise-multiplier = 1\.5 fixes σ"):
+        load_config(tmp_path / "fixed.toml", ["target-epsilon=2"])
+    # a sweep's points: a grid budget beside the base's σ
+    with pytest.raises(FedsimError, match="noise-multiplier = 2 fixes σ, so target-epsilon = 1"):
+        run_sweep({"noise-multiplier": 2}, grid={"target-epsilon": [1]}, seeds=[0], jobs=1,
                   out=tmp_path / "s")  # fmt: skip
     assert not (tmp_path / "s").exists()

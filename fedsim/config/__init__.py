@@ -9,7 +9,7 @@ derived from the config), ``checks.py`` (checks across keys and against the data
 engine) and ``loading.py`` (TOML, ``--set``, mappings, error lines).
 """
 
-from fedsim.config.checks import check_budget, check_deployment, check_task
+from fedsim.config.checks import BUDGETS, check_budget, check_deployment, check_task
 from fedsim.config.loading import (
     ConfigLike,
     as_config,
@@ -27,6 +27,7 @@ from fedsim.config.loading import (
 from fedsim.config.schema import FedsimConfig
 
 __all__ = [
+    "BUDGETS",
     "ConfigLike",
     "FedsimConfig",
     "as_config",

@@ -21,19 +21,25 @@ if TYPE_CHECKING:
 BUDGETS = {"noise-multiplier": "target-epsilon", "user-noise-multiplier": "user-target-epsilon"}
 
 
-def check_budget(values: Mapping[str, Any]) -> None:
-    """One error line where a new run's keys give both a σ and the ε budget it would ignore.
+def check_budget(*layers: Mapping[str, Any]) -> None:
+    """One error line where a σ in effect would leave an ε budget given with it unmet.
 
-    A σ above 0 is used as given, and ε is then what it gives; a budget beside it would be
-    silently left unmet. Checked on what a user wrote (a file, overrides, a mapping), not
-    on a resolved config, which keeps the budget beside the σ solved from it.
+    ``layers`` are what a user wrote, earliest first (a file, then overrides; a sweep's
+    base, then its grid point). A σ above 0 is used as given and ε is what it gives, so a
+    budget set in the σ's layer or a later one would be silently ignored. A σ set after
+    a budget overrides it knowingly (a shipped config's budget, a fixed σ on top); a
+    resolved config, which keeps its budget beside the σ solved from it, is no layer.
     """
     for sigma, budget in BUDGETS.items():
-        if values.get(sigma) and budget in values:
+        given = [i for i, layer in enumerate(layers) if sigma in layer]
+        if not given or not layers[given[-1]][sigma]:
+            continue
+        later = [layer for layer in layers[given[-1] :] if budget in layer]
+        if later:
             raise FedsimError(
-                f"config: {sigma} = {values[sigma]} fixes σ, so {budget} = {values[budget]} "
-                f"would not be used (ε is what that σ gives); remove one of them ({sigma} = 0 "
-                "solves σ for the budget)"
+                f"config: {sigma} = {layers[given[-1]][sigma]} fixes σ, so {budget} = "
+                f"{later[-1][budget]} would not be used (ε is what that σ gives); remove one "
+                f"of them ({sigma} = 0 solves σ for the budget)"
             )
 
 

@@ -94,8 +94,9 @@ def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any
     flat = {key.replace("_", "-"): value for key, value in (values | overrides).items()}
     given = {key.replace("_", "-"): value for key, value in overrides.items()}
     if isinstance(config, FedsimConfig):  # a new budget would meet the σ solved before
-        given = {k: values[k] for k, budget in BUDGETS.items() if budget in given} | given
-    check_budget(flat if not isinstance(config, FedsimConfig) else given)
+        check_budget({k: values[k] for k in BUDGETS}, given)
+    else:
+        check_budget({key.replace("_", "-"): value for key, value in values.items()}, given)
     return {key: _named(key, value) if key in PARTS else value for key, value in flat.items()}
 
 
@@ -162,10 +163,11 @@ def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, A
     ``"num-rounds=3 data-dir='/my data'"``.
     """
     values: dict[str, Any] = read_toml(path) if path is not None else {}
+    given: dict[str, Any] = {}
     for item in overrides or []:
-        values.update(parse_override(pair) for pair in _pairs(item))
-    check_budget(values)
-    return values
+        given.update(parse_override(pair) for pair in _pairs(item))
+    check_budget(values, given)
+    return values | given
 
 
 _PAIR = r"""[^\s=]+=(?:"[^"]*"|'[^']*'|\S*)"""
