@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
     """``--config`` and ``--set``, as every command that runs a config takes them."""
-    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--config", type=Path, action="append", default=[], help=config_help)
     parser.add_argument("config_file", nargs="?", type=Path, metavar="CONFIG", help="as --config")
     parser.add_argument(
         "--set",
@@ -108,10 +108,14 @@ def deploy_arguments(parser: argparse.ArgumentParser) -> None:
 def one_config(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the config file given either way (``CONFIG`` or ``--config``) as ``config``."""
     given = getattr(args, "config_file", None)
-    if given is not None:
-        if args.config is not None:
-            raise FedsimError(f"two configs given, {given} and --config {args.config}; give one")
-        args.config = given
+    configs = [*([given] if given is not None else []), *getattr(args, "config", [])]
+    if len(configs) > 1:  # a later one would replace the first unread, even a missing one
+        raise FedsimError(
+            f"{len(configs)} configs given ({', '.join(map(str, configs))}); give one, and "
+            "change its keys with --set"
+        )
+    if hasattr(args, "config"):
+        args.config = configs[0] if configs else None
     return args
 
 

@@ -10,7 +10,6 @@ from it with ``fedsim run --resume``.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 import warnings
@@ -113,7 +112,7 @@ def run_experiment(
         raise file_error(where, exc, f"fix that, then: fedsim run --resume {run_dir}") from None
     except BaseException:
         if load_checkpoint(staging) is None:
-            shutil.rmtree(staging, ignore_errors=True)
+            claim.abandon()
         raise
     finally:
         claim.release()

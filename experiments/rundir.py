@@ -49,6 +49,14 @@ class Claim:
     run_dir: Path
     staging: Path
     fd: int
+    made: tuple[Path, ...] = ()  # folders above ``staging`` that claiming it created
+
+    def abandon(self) -> None:
+        """Remove the staging folder, and the folders claiming it made if left empty."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        for folder in self.made:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: another run writes there
+                folder.rmdir()
 
     def release(self) -> None:
         """Give the lock up (the kernel does it too when the process ends)."""
@@ -72,7 +80,7 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
     run_dir = _absolute(run_dir)
     check_replaceable(run_dir, force=force)
     staging = staging_dir(run_dir)
-    _make_parent(staging, "choose another --out")
+    made = _make_parent(staging, "choose another --out")
     try:
         staging.mkdir()
     except FileExistsError:
@@ -85,7 +93,7 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
         ) from None
     except OSError as exc:
         raise file_error(staging, exc, "choose another --out") from None
-    return _lock(staging, run_dir)
+    return _lock(staging, run_dir, made)
 
 
 def claim_default(out_dir: str | Path, name: str) -> Claim:
@@ -98,14 +106,14 @@ def claim_default(out_dir: str | Path, name: str) -> Claim:
         staging = staging_dir(run_dir)
         if run_dir.exists() or staging.exists():
             continue
-        _make_parent(staging, "set out-dir to a folder you can write")
+        made = _make_parent(staging, "set out-dir to a folder you can write")
         try:
             staging.mkdir()
         except FileExistsError:
             continue  # another run took this name a moment ago
         except OSError as exc:
             raise file_error(staging, exc, "set out-dir to a folder you can write") from None
-        return _lock(staging, run_dir)
+        return _lock(staging, run_dir, made)
 
 
 def claim_resume(run_dir: Path) -> Claim:
@@ -147,7 +155,7 @@ def lock_holder(staging: Path) -> str:
     return ""
 
 
-def _lock(staging: Path, run_dir: Path) -> Claim:
+def _lock(staging: Path, run_dir: Path, made: tuple[Path, ...] = ()) -> Claim:
     try:
         fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     except FileNotFoundError:
@@ -164,16 +172,19 @@ def _lock(staging: Path, run_dir: Path) -> Claim:
         raise FedsimError(_busy(run_dir, holder)) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return Claim(run_dir, staging, fd)
+    return Claim(run_dir, staging, fd, made)
 
 
-def _make_parent(staging: Path, fix: str) -> None:
+def _make_parent(staging: Path, fix: str) -> tuple[Path, ...]:
+    """Make the folders above ``staging``; the ones that did not exist, deepest first."""
+    missing = [p for p in (staging.parent, *staging.parent.parents) if not p.exists()]
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file where a folder must be
         raise file_error(staging.parent, OSError(errno.ENOTDIR, "not a folder"), fix) from None
     except OSError as exc:
         raise file_error(staging.parent, exc, fix) from None
+    return tuple(missing)
 
 
 def _pid_in(fd: int) -> str:

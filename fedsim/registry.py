@@ -98,10 +98,22 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
+# what a part of one's own must have, where that can be seen without calling it
+REQUIRED = {"strategy": ("configure_train", "aggregate_train", "configure_evaluate")}
+
+
 def check_name(name: str, table: Mapping[str, Part], what: str) -> str:
     """``name``, if it is built in or an import path whose object exists; one line if not."""
-    if name not in table:
-        resolve(name, table, what)
+    if name in table:
+        return name
+    obj = resolve(name, table, what)
+    missing = [attr for attr in REQUIRED.get(what, ()) if not hasattr(obj, attr)]
+    if missing:
+        raise FedsimError(
+            f"{what} '{name}': {getattr(obj, '__name__', name)} has no {missing[0]}, so it "
+            "is no Flower Message-API strategy; name a subclass of "
+            "flwr.serverapp.strategy.Strategy (FedAvg, say)"
+        )
     return name
 
 

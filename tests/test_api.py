@@ -69,3 +69,11 @@ def test_a_model_that_declares_an_unknown_task_is_one_line(tmp_path, monkeypatch
         assert "\n" not in str(info.value)
     # one task named as a string is that task, not its letters
     assert parse_config({"model": "bags:One", "dataset": "sst2"}).model == "bags:One"
+
+
+def test_a_strategy_that_is_no_strategy_is_refused_before_any_folder(tmp_path, monkeypatch):
+    nets, _ = readme_example()
+    (tmp_path / "nets.py").write_text(nets)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FedsimError, match="strategy 'nets:MLP': MLP has no configure_train"):
+        parse_config({"strategy": "nets:MLP"})

@@ -36,7 +36,8 @@ BAD_RUNS = [
     (["--set", "num-rnds=3"], "did you mean 'num-rounds'"),
     (["--config", "missing.toml"], "does not exist"),
     (["missing.toml"], "config file missing.toml does not exist"),  # CONFIG, as --config
-    (["a.toml", "--config", "b.toml"], "two configs given, a.toml and --config b.toml"),
+    (["a.toml", "--config", "b.toml"], "2 configs given (a.toml, b.toml); give one"),
+    (["--config", "a.toml", "--config", "b.toml"], "2 configs given (a.toml, b.toml)"),
     (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
 ]
 

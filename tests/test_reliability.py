@@ -211,3 +211,19 @@ def test_a_transient_error_listing_proc_is_retried(monkeypatch):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_run_that_fails_before_a_checkpoint_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise FedsimError("the engine failed")
+
+    monkeypatch.setattr(runner, "_simulate", fail)
+    config = parse_config({"out-dir": str(tmp_path / "results" / "mine")})
+    with pytest.raises(FedsimError, match="the engine failed"):
+        run_experiment(config)
+    assert list(tmp_path.iterdir()) == []  # results/ and results/mine made, then removed
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "keep.txt").write_text("a user's")
+    with pytest.raises(FedsimError):
+        run_experiment(config)
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["keep.txt"]
