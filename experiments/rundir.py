@@ -127,7 +127,10 @@ def check_replaceable(run_dir: Path, *, force: bool) -> None:
     if not run_dir.exists() and not run_dir.is_symlink():
         return
     if not force:
-        raise FedsimError(f"{run_dir} already exists; choose another --out, or pass --force")
+        raise FedsimError(
+            f"{run_dir} already exists; choose another --out (out=), or replace a finished "
+            "run with --force (force=True)"
+        )
     if run_dir.is_symlink() or not run_dir.is_dir():
         raise FedsimError(f"--force replaces only a results folder, and {run_dir} is not one")
     entries = sorted(p.name for p in run_dir.iterdir())

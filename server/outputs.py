@@ -273,7 +273,7 @@ def write_final(
         "engine": engine,
         "sampling": {"sample": privacy.SAMPLING, "user": privacy.USER_SAMPLING}.get(unit),
         "client_with_max_epsilon": worst,
-        "noise_multiplier": cfg.noise_multiplier if "sample" in eps else 0.0,
+        "noise_multiplier": cfg.noise_multiplier if "sample" in eps else None,
         "max_grad_norm": cfg.max_grad_norm if "sample" in eps else None,
         "user_noise_multiplier": cfg.user_noise_multiplier if "user" in eps else None,
         "max_update_norm": cfg.max_update_norm if "user" in eps else None,

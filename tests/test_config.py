@@ -81,6 +81,9 @@ def test_validation_is_not_assert_based():
         ({"partition": "natural"}, "partition natural needs a dataset with natural users"),
         ({"min-samples": 10}, "applies only to partition natural"),
         ({"max-samples": -1}, "max-samples"),
+        ({"num-rounds": -1}, "num-rounds: must be ≥ 1, got -1; for example num-rounds = 30"),
+        ({"delta": 2}, "delta: must be < 1.0, got 2"),
+        ({"dp": "User"}, "dp: 'User' is not one of none, sample, user, both; did you mean 'user'?"),
     ],
 )
 def test_pairing_and_partition_errors(values, needle):

@@ -253,10 +253,24 @@ def _format_error(exc: ValidationError) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "config"
     if error["type"] in _EXPECTED and key in _DEFAULTS:
         return _type_message(key, _EXPECTED[error["type"]], error["input"])
+    if error["type"] in _BOUNDS and key in _DEFAULTS:
+        sign, bound = _BOUNDS[error["type"]], next(iter(error["ctx"].values()))
+        return (
+            f"config: {key}: must be {sign} {bound}, got {toml_literal(error['input'])}; "
+            f"for example {key} = {toml_literal(_DEFAULTS[key])} (the default)"
+        )
+    if error["type"] == "literal_error" and isinstance(error["input"], str):
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        near = [c for c in choices if c.lower() == error["input"].lower()]
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        return f"config: {key}: {error['input']!r} is not one of {', '.join(choices)}{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if error["loc"]:
         return f"config: {key}: {message} (got {error['input']!r})"
     return f"config: {message}"
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
 
 
 def _type_message(key: str, expected: str, value: Any) -> str:

@@ -62,17 +62,19 @@ def _row(group: list[dict]) -> dict:
         "accuracy_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
         "seeds": len(group),
         **_pooled(group, unit),
-        "noise_multiplier": round(
-            first["user_noise_multiplier"] if user else first["noise_multiplier"], 4
-        ),
+        "noise_multiplier": _sigma(first["user_noise_multiplier" if user else "noise_multiplier"]),
         "clip": first["max_update_norm"] if user else first["max_grad_norm"] or "",
         "rounds": first["num_rounds"],
         "clients_per_round": first["config"]["clients-per-round"],
         "num_clients": first["num_clients"],
-        "noise": first.get("noise", {}).get("kind", "seeded"),
+        "noise": first.get("noise", {}).get("kind", "seeded") if unit != "none" else "",
         **_audit(group),
         "runs": " ".join(sorted(s["_dir"] for s in group)),
     }
+
+
+def _sigma(value: float | None) -> float | str:
+    return "" if not value else round(value, 4)  # no DP: no σ (older runs wrote 0.0)
 
 
 def _pooled(group: list[dict], unit: str) -> dict:
@@ -137,7 +139,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['unit']} | {format_epsilon(r['epsilon'])} | {r['delta']} | {r['accountant']} "
-            f"| {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['seeds']} "
+            f"| {r['accuracy_mean']:.4f} ± {_spread(r)} | {r['seeds']} "
             f"| {_pooled_cell(r)} | {r['noise_multiplier']} | {r['clip']} | {r['rounds']} "
             f"| {r['clients_per_round']} | {r['num_clients']} | {r['noise']} "
             f"| {_audit_cell(r)} |"
@@ -154,6 +156,10 @@ def markdown(rows: list[dict]) -> str:
         "shown, the largest over the seeds; blank without canaries.\n"
     )
     return "\n".join(lines) + "\n" + note
+
+
+def _spread(row: dict) -> str:
+    return f"{row['accuracy_std']:.4f}" if row["seeds"] > 1 else "–"  # one seed: no spread
 
 
 def _pooled_cell(row: dict) -> str:

@@ -66,7 +66,7 @@ def plot_frontier(rows: list[dict], out: Path) -> list[Path]:
     ax.xaxis.set_major_locator(ticker.FixedLocator(epsilons))  # every ε run is labelled
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda eps, _: format_epsilon(eps)))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("ε")
+    ax.set_xlabel("ε of each run alone (frontier.md: the seeds pooled, composed)")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7)
     return _save(fig, out)
