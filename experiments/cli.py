@@ -115,8 +115,29 @@ def one_config(args: argparse.Namespace) -> argparse.Namespace:
             "change its keys with --set"
         )
     if hasattr(args, "config"):
-        args.config = configs[0] if configs else None
+        args.config = shipped(configs[0]) if configs else None
     return args
+
+
+SHIPPED = Path(__file__).parent / "configs"  # experiments/configs, installed with fedsim
+
+
+def shipped(path: Path) -> Path:
+    """``path``, or where no such file is here, the shipped config of that name.
+
+    ``fedsim run mnist-cnn`` (or ``mnist-cnn.toml``) then works in any folder.
+    """
+    if path.exists() or path.parent != Path():
+        return path
+    found = SHIPPED / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if not found.is_file():
+        names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.toml")))
+        raise FedsimError(
+            f"config file {path} does not exist here, and no shipped config has that name; "
+            f"pass an existing .toml file, or one of: {names}"
+        )
+    print(f"fedsim: config {path}: the shipped {found}", flush=True)
+    return found
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fedsim.config import parse_config
 from fedsim.errors import FedsimError
-from fedsim.experiments import machine
+from fedsim.experiments import cli, machine
 from fedsim.experiments.machine import check_machine, cpu_build_of_torch
 from tests.conftest import ROOT, cli_runs
 
@@ -238,3 +239,14 @@ def test_one_set_holds_several_pairs():
         "x1",
         0.1,
     )
+
+
+def test_a_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("mnist-cnn", "mnist-cnn.toml"):
+        found = cli.shipped(Path(name))
+        assert found == cli.SHIPPED / "mnist-cnn.toml" and found.is_file()
+    (tmp_path / "mnist-cnn.toml").write_text("num-rounds = 1\n")  # a file here comes first
+    assert cli.shipped(Path("mnist-cnn.toml")) == Path("mnist-cnn.toml")
+    with pytest.raises(FedsimError, match=r"no shipped config has that name; .* digits-cnn"):
+        cli.shipped(Path("nosuch"))
