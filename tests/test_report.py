@@ -126,3 +126,12 @@ def test_a_grid_over_what_seeds_or_folders_set_is_refused():
     for key, needle in [("seed", "--seeds"), ("name", "own folder"), ("out_dir", "own folder")]:
         with pytest.raises(FedsimError, match=f"^--grid {key.replace('_', '-')}: .*{needle}"):
             grid_points({key: [1, 2]}, [0])
+
+
+def test_an_audit_without_guesses_says_why():
+    audit = {"epsilon": 0.0, "unit": "sample", "confidence": 0.95, "correct": 0, "guesses": 0,
+             "canaries": 50, "ceiling": 1.2}  # fmt: skip
+    words = results.report.audit_words({"audit": {"sample": audit}})
+    assert "with 50 canaries no number of guesses shows ε > 0: use more" in words
+    assert "use more" not in results.report.audit_words({"audit": {"sample": audit | {
+        "guesses": 10, "correct": 9}}})  # fmt: skip
