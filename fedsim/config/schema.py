@@ -73,7 +73,7 @@ class FedsimConfig(BaseModel):
         "digits-cnn",
         min_length=1,
         pattern=r"^[A-Za-z0-9._-]+$",
-        description="names the results folder",
+        description="names the results folder (not given: DATASET-MODEL)",
     )
     model: str = Field(
         "cnn", description="cnn, fedavg-cnn, lstm, transformer, or your own as 'module:attr'"
@@ -188,7 +188,11 @@ class FedsimConfig(BaseModel):
         # numpy scalars (a seed from np.arange, an lr from np.linspace) are plain numbers
         # to a user; strict types would refuse np.int64 as an int
         if isinstance(values, dict):
-            return {key: _plain(value) for key, value in values.items()}
+            values = {key: _plain(value) for key, value in values.items()}
+            if "name" not in values:  # a run of one's own parts is not named digits-cnn
+                parts = [values.get(k, cls.model_fields[k].default) for k in ("dataset", "model")]
+                name = "-".join(str(p).rpartition(":")[2] for p in parts)
+                values["name"] = re.sub(r"[^A-Za-z0-9._-]", "_", name)
         return values
 
     @field_validator("*")
