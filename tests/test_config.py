@@ -153,3 +153,11 @@ def test_a_sigma_and_the_budget_it_would_ignore_are_refused_together(tmp_path):
         run_sweep({"noise-multiplier": 2}, grid={"target-epsilon": [1]}, seeds=[0], jobs=1,
                   out=tmp_path / "s")  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+def test_a_run_not_named_is_named_by_its_dataset_and_model():
+    assert parse_config({}).name == "digits-cnn" == FedsimConfig().name
+    assert parse_config({"model": "lstm", "dataset": "sst2"}).name == "sst2-lstm"
+    assert parse_config({"model": "lstm", "name": "mine"}).name == "mine"
+    resolved = parse_config({"model": "lstm"}).to_flat()  # a resumed run keeps its name
+    assert parse_config(resolved | {"dataset": "sms-spam"}).name == "digits-lstm"
