@@ -30,7 +30,13 @@ from fedsim.experiments.delivery import prompt_delivery
 from fedsim.experiments.machine import check_machine
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.raystart import RayStart
-from fedsim.experiments.rundir import claim_default, claim_new, claim_resume, staging_dir
+from fedsim.experiments.rundir import (
+    claim_default,
+    claim_new,
+    claim_resume,
+    lock_holder,
+    staging_dir,
+)
 from fedsim.experiments.signals import Signals
 from fedsim.models import check_client_model
 from fedsim.server.server_app import build_server_app
@@ -58,7 +64,18 @@ def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
     """
     if path.name.startswith(".") and path.name.endswith(".partial"):
         path = path.with_name(path.name[1 : -len(".partial")])
-    state = restore(staging_dir(path), infos=[])
+    staging = staging_dir(path)
+    state = restore(staging, infos=[])
+    if state is None and lock_holder(staging):
+        raise FedsimError(
+            f"{path} is being written by another fedsim run (pid {lock_holder(staging)}); "
+            "wait for it to finish"
+        )
+    if state is None and staging.is_dir():
+        raise FedsimError(
+            f"{staging} holds no checkpoint, so nothing of its run can be continued; remove "
+            "it, and start the run again"
+        )
     if state is None:
         raise FedsimError(f"no unfinished run to resume at {path}; pass the folder a run printed")
     return path, state.config

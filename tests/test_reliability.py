@@ -227,3 +227,11 @@ def test_a_run_that_fails_before_a_checkpoint_leaves_no_folder_it_made(tmp_path,
     with pytest.raises(FedsimError):
         run_experiment(config)
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["keep.txt"]
+
+
+def test_resuming_a_run_that_left_no_checkpoint_says_so(tmp_path):
+    (tmp_path / ".run.partial").mkdir()
+    with pytest.raises(FedsimError, match=r"\.run\.partial holds no checkpoint, so nothing"):
+        resume_target(tmp_path / "run")
+    with pytest.raises(FedsimError, match="no unfinished run to resume at"):
+        resume_target(tmp_path / "other")
