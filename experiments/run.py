@@ -66,10 +66,10 @@ def resume_target(path: Path) -> tuple[Path, FedsimConfig]:
         path = path.with_name(path.name[1 : -len(".partial")])
     staging = staging_dir(path)
     state = restore(staging, infos=[])
-    if state is None and lock_holder(staging):
+    holder = lock_holder(staging) if state is None else ""
+    if holder:
         raise FedsimError(
-            f"{path} is being written by another fedsim run (pid {lock_holder(staging)}); "
-            "wait for it to finish"
+            f"{path} is being written by another fedsim run (pid {holder}); wait for it to finish"
         )
     if state is None and staging.is_dir():
         raise FedsimError(

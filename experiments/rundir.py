@@ -82,7 +82,7 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
     staging = staging_dir(run_dir)
     made = _make_parent(staging, "choose another --out")
     try:
-        staging.mkdir()
+        staging.mkdir(parents=True)  # parents: one a failing run just removed
     except FileExistsError:
         holder = lock_holder(staging)
         if holder:
@@ -108,7 +108,7 @@ def claim_default(out_dir: str | Path, name: str) -> Claim:
             continue
         made = _make_parent(staging, "set out-dir to a folder you can write")
         try:
-            staging.mkdir()
+            staging.mkdir(parents=True)
         except FileExistsError:
             continue  # another run took this name a moment ago
         except OSError as exc:

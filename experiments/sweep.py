@@ -147,7 +147,7 @@ def run_point(
         args += [a for k, v in sets.items() for a in ("--set", f"{k}={toml_literal(v)}")]
     log = out.parent / "logs" / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
+    with log.open("a") as fh:  # a resumed point's log goes on
         command = [sys.executable, "-m", "fedsim.experiments.cli", "run", *args]
         code = children.call(command, fh)
     if code is None:
@@ -179,6 +179,21 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     results.write_atomic(config, toml_table(base))
     print(f"fedsim sweep: {len(points)} runs, {jobs} at a time, in {out}", flush=True)
+    failed = run_points(points, out, config, jobs)
+    rows = frontier.frontier(frontier.find_runs([out]))
+    frontier.write_frontier(rows, out)
+    print(frontier.markdown(rows))
+    print(f"fedsim sweep: frontier in {out}/frontier.md")
+    if failed:
+        raise FedsimError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see {out}/logs")
+    return rows
+
+
+def run_points(points: Mapping[str, dict], out: Path, config: Path, jobs: int) -> list[str]:
+    """Run every point, ``jobs`` at a time, saying each as it ends; the ones that failed.
+
+    A SIGINT or SIGTERM stops them (:class:`Children`) and raises :class:`RunInterrupted`.
+    """
     progress, failed, children = SweepProgress(len(points)), [], Children()
 
     def one(item: tuple[str, dict]) -> None:
@@ -193,19 +208,12 @@ def run_sweep(
     with forwarded(children), ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, points.items()))
     if children.signum:
-        name = signal.Signals(children.signum).name
         raise RunInterrupted(
-            f"sweep stopped by {name}; finished points are kept, and the same command "
-            "continues the others",
+            f"sweep stopped by {signal.Signals(children.signum).name}; finished points are "
+            "kept, and the same command continues the others",
             children.signum,
         )
-    rows = frontier.frontier(frontier.find_runs([out]))
-    frontier.write_frontier(rows, out)
-    print(frontier.markdown(rows))
-    print(f"fedsim sweep: frontier in {out}/frontier.md")
-    if failed:
-        raise FedsimError(f"{len(failed)} run(s) failed ({', '.join(failed)}); see {out}/logs")
-    return rows
+    return failed
 
 
 def _check_same_base(config: Path, base: Mapping[str, Any]) -> None:

@@ -86,8 +86,8 @@ def train_content(
 ) -> RecordDict:
     """Server -> client: the global model, and the round's config naming the client.
 
-    ``template`` is the config the strategy made for this round (it may add keys, as
-    FedProx adds ``proximal-mu``); each message gets its own copy, as it names a client.
+    ``template`` is the config the strategy made for this round, the run's own (checked
+    by the server's ``Cohorts``); each message gets its own copy, as it names a client.
     """
     config = ConfigRecord({**template, ROUND_KEY: server_round, PARTITION_KEY: client})
     return RecordDict({ARRAYS: arrays, CONFIG: config})

@@ -107,7 +107,9 @@ def check_name(name: str, table: Mapping[str, Part], what: str) -> str:
     if name in table:
         return name
     obj = resolve(name, table, what)
-    missing = [attr for attr in REQUIRED.get(what, ()) if not hasattr(obj, attr)]
+    # a class must have them; a factory's product is checked once it is called
+    wanted = REQUIRED.get(what, ()) if isinstance(obj, type) else ()
+    missing = [attr for attr in wanted if not hasattr(obj, attr)]
     if missing:
         raise FedsimError(
             f"{what} '{name}': {getattr(obj, '__name__', name)} has no {missing[0]}, so it "

@@ -301,6 +301,7 @@ def run_federation(
         on_reply=on_reply,
         abandon=not node_per_client,
         poll_s=PULL_INTERVAL_S if node_per_client else SIMULATION_PULL_S,
+        secret=cfg.dp_user,
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"

@@ -278,7 +278,9 @@ def write_final(
         "user_noise_multiplier": cfg.user_noise_multiplier if "user" in eps else None,
         "max_update_norm": cfg.max_update_norm if "user" in eps else None,
         "epsilon_per_round": [r.epsilon if dp else None for r in state.rows],
-        "failed_per_round": {r.round: r.failed for r in state.rows if r.failed},
+        "failed_per_round": None  # a failure can tell of a client's data
+        if cfg.dp_user
+        else {r.round: r.failed for r in state.rows if r.failed},
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,

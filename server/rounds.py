@@ -111,6 +111,20 @@ def _silent(*_: int) -> None:
     pass
 
 
+def too_few(server_round: int, good: int, sent: int, min_clients: int, why: str) -> str:
+    """The line a round with too few usable replies stops the run with; ``why`` "": secret."""
+    if not why:  # who failed, and how many, can tell of their data
+        return (
+            f"round {server_round}: fewer than min-clients ({min_clients}) sampled clients "
+            "replied; under user-level DP who failed, and how many, is not printed (it can "
+            "tell of their data): debug with dp = sample"
+        )
+    return (
+        f"round {server_round}: {good} of {sent} clients replied, min-clients is "
+        f"{min_clients} ({why})"
+    )
+
+
 def why_dropped(dropped: dict[int, str]) -> str:
     """Each reason once, with the clients it stopped: ``clients 0, 3: ...; client 2: ...``."""
     clients: dict[str, list[int]] = {}
@@ -158,6 +172,7 @@ def run_rounds(
     on_reply: ReplyFn | None = None,
     abandon: bool = False,
     poll_s: float = PULL_INTERVAL_S,
+    secret: bool = False,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
@@ -169,6 +184,7 @@ def run_rounds(
     each time more clients have replied. Once ``stop`` is set the run stops after the
     round, or at once with ``abandon`` (where replies dropped unread release nothing:
     a simulation, whose server is trusted). ``poll_s``: seconds between pulls for replies.
+    ``secret``: cohorts are private (user-level DP), so a stop names no client and no count.
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
@@ -185,10 +201,8 @@ def run_rounds(
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)):
-            raise FedsimError(
-                f"round {server_round}: {len(good)} of {len(messages)} clients replied, "
-                f"min-clients is {min_clients} ({why_dropped(dropped)})"
-            )
+            raise FedsimError(too_few(server_round, len(good), len(messages), min_clients,
+                                      "" if secret else why_dropped(dropped)))  # fmt: skip
         if new_arrays is None:
             raise FedsimError(
                 f"round {server_round}: the strategy's aggregate_train returned no model "

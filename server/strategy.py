@@ -140,8 +140,8 @@ class Cohorts(StrategyWrapper):
     Flower's strategies sample nodes with an unseeded ``random.sample`` and average
     replies in arrival order, so two runs with one seed would differ; and the cohort is
     part of a DP mechanism (``fedsim.dp.randomness``). The wrapped strategy still
-    configures the round (its template message carries any keys it adds, and it keeps
-    the arrays its server optimizer updates) and aggregates.
+    configures the round (its template message is sent, once checked to hold the run's
+    config unchanged; it keeps the arrays its server optimizer updates) and aggregates.
     """
 
     def __init__(
@@ -164,8 +164,11 @@ class Cohorts(StrategyWrapper):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model to this round's sample of clients."""
-        made = next(iter(self.inner.configure_train(server_round, arrays, config, grid)), None)
-        template = made.content.config_records[CONFIG] if made is not None else config
+        # the strategy gets a copy: one that edits the config it is given (FedAvg adds the
+        # round) must not change the run's config, nor what its template is checked against
+        given = ConfigRecord(dict(config))
+        made = next(iter(self.inner.configure_train(server_round, arrays, given, grid)), None)
+        template = made.content.config_records[CONFIG] if made is not None else given
         name = getattr(self.inner, "name", type(self.inner).__name__)
         _check_template(template, config, name, server_round)
         chosen = sample_clients(
@@ -191,13 +194,14 @@ class Cohorts(StrategyWrapper):
 def _check_template(
     template: ConfigRecord, run: ConfigRecord, strategy: str, server_round: int
 ) -> None:
-    """Refuse a round's train config whose fedsim keys are not the run's own.
+    """Refuse a round's train config that is not the run's own, key for key.
 
     Clients train as the message says, but the privacy ledger (the spend charged to a
     silent client, the σ solved for the schedule) and ``summary.json`` follow the run's
     config: a strategy that turned ``dp`` off or changed ``local-epochs`` in a round
-    would make the reported ε wrong. Keys equal to the run's (FedProx's ``proximal-mu``)
-    and the round number pass.
+    would make the reported ε wrong. A key the run's config lacks is refused too (clients
+    refuse it: ``fedsim.messages.decode_config``). Keys equal to the run's (FedProx's
+    ``proximal-mu``) and the round number pass.
     """
     for key in sorted((set(template) | set(run)) - {ROUND_KEY}):
         if key not in run:

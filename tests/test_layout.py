@@ -27,7 +27,7 @@ ALLOWED = {
     "fedsim.data": TOP,
     "fedsim.dp": TOP,
     "fedsim.models": TOP | {"fedsim.data", "fedsim.dp"},
-    "fedsim.results": TOP,
+    "fedsim.results": TOP | {"fedsim.dp"},  # the frontier composes the ledgers it reads
     "fedsim.clients": TOP | CORE,
     "fedsim.server": TOP | CORE,
     "fedsim.experiments": TOP | CORE | {"fedsim.clients", "fedsim.server"},

@@ -69,8 +69,7 @@ class Scheduled(FedAvg):
         self.change = change
 
     def configure_train(self, server_round, arrays, config, grid):
-        config = ConfigRecord(dict(config))
-        self.change(config)
+        self.change(config)  # in place, as FedAvg adds the round number
         return super().configure_train(server_round, arrays, config, grid)
 
 
@@ -88,8 +87,10 @@ def test_a_strategy_that_changes_the_runs_config_is_refused(change, needle):
     own = OwnStrategy(Scheduled(change), "mine:Scheduled")
     cohorts = Cohorts(own, num_clients=3, nodes=[11, 12, 13], bound=True,
                       clients_per_round=2, root=seeded_root(0))  # fmt: skip
+    before = dict(run)
     with pytest.raises(FedsimError, match=rf"^strategy 'mine:Scheduled' {needle} in round 2's"):
         cohorts.configure_train(2, arrays([0.0]), run, GRID)
+    assert dict(run) == before  # the run's config, untouched for later rounds
     # the same strategy, changing nothing, passes: the round number it adds is its own
     plain = Cohorts(Scheduled(lambda c: None), num_clients=3, nodes=[11, 12, 13], bound=True,
                     clients_per_round=2, root=seeded_root(0))  # fmt: skip

@@ -29,6 +29,17 @@ def check_budget(*layers: Mapping[str, Any]) -> None:
     budget set in the σ's layer or a later one would be silently ignored. A σ set after
     a budget overrides it knowingly (a shipped config's budget, a fixed σ on top); a
     resolved config, which keeps its budget beside the σ solved from it, is no layer.
+
+    Parameters
+    ----------
+    *layers : mapping of str to Any
+        Kebab-case keys, each layer as the user gave it.
+
+    Raises
+    ------
+    FedsimError
+        One line naming the σ, the budget it would ignore, and what to do.
+
     """
     for sigma, budget in BUDGETS.items():
         given = [i for i, layer in enumerate(layers) if sigma in layer]

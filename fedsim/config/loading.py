@@ -85,19 +85,35 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:
 
 def config_mapping(config: ConfigLike = None, **overrides: Any) -> dict[str, Any]:
     """The unvalidated kebab-case ``{key: value}`` of what :func:`as_config` takes."""
-    if isinstance(config, FedsimConfig):  # resolved: its budget stays beside its σ
+    if isinstance(config, FedsimConfig):
         values = config.to_flat()
     elif isinstance(config, str | Path):
         values = read_toml(Path(config))
     else:
         values = dict(config or {})
-    flat = {key.replace("_", "-"): value for key, value in (values | overrides).items()}
-    given = {key.replace("_", "-"): value for key, value in overrides.items()}
-    if isinstance(config, FedsimConfig):  # a new budget would meet the σ solved before
-        check_budget({k: values[k] for k in BUDGETS}, given)
-    else:
-        check_budget({key.replace("_", "-"): value for key, value in values.items()}, given)
+    flat = layered(
+        *({key.replace("_", "-"): v for key, v in d.items()} for d in (values, overrides))
+    )
     return {key: _named(key, value) if key in PARTS else value for key, value in flat.items()}
+
+
+def layered(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """``layers`` (earliest first) merged, later keys winning, with σ and budget checked.
+
+    A budget that a later layer's σ overrides (a fixed σ over a shipped config's budget)
+    is left out, so that the merged mapping holds no unused budget for a later check to
+    refuse. A layer that holds every key is a resolved config (``to_flat``, a run's
+    ``summary.json``): it keeps the budget its σ was solved from.
+    """
+    resolved = [set(layer) >= _KEYS for layer in layers]
+    check_budget(*({k: layer[k] for k in BUDGETS} if whole else layer
+                   for layer, whole in zip(layers, resolved, strict=True)))  # fmt: skip
+    merged = {key: value for layer in layers for key, value in layer.items()}
+    for sigma, budget in BUDGETS.items():
+        setters = [i for i, layer in enumerate(layers) if sigma in layer]
+        if setters and merged[sigma] and not resolved[setters[-1]]:
+            merged.pop(budget, None)  # checked above: it came before this σ
+    return merged
 
 
 def _named(key: str, value: Any) -> Any:
@@ -166,8 +182,7 @@ def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, A
     given: dict[str, Any] = {}
     for item in overrides or []:
         given.update(parse_override(pair) for pair in _pairs(item))
-    check_budget(values, given)
-    return values | given
+    return layered(values, given)
 
 
 _PAIR = r"""[^\s=]+=(?:"[^"]*"|'[^']*'|\S*)"""

@@ -150,7 +150,22 @@ def pooled_epsilon(
     ways to pick one distinct history per run, each pick is composed under
     ``accountant`` and the largest ε kept. Otherwise each run's RDP curve is the largest
     of its clients', order by order (a bound on every one of them), the runs' curves are
-    added, and ε is ``rdp``'s. Returns ε and the accountant that gave it.
+    added, and ε is ``rdp``'s.
+
+    Parameters
+    ----------
+    runs : sequence of iterables of History
+        Per run, each client's (σ, q, steps) history.
+    delta : float
+        The δ of the ε.
+    accountant : str
+        The accountant for picks composed one by one (a name in ``ACCOUNTANTS``).
+
+    Returns
+    -------
+    tuple of (float, str)
+        ε, and the name of the accountant that gave it.
+
     """
     choices = [sorted({_merged(h) for h in histories}) or [()] for histories in runs]
     if math.prod(len(c) for c in choices) <= MAX_POOLED:

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsim.dp.accounting import History, pooled_epsilon
+from fedsim.dp import History, pooled_epsilon
 from fedsim.results import files
 from fedsim.results.plots import plot_frontier
 from fedsim.results.report import format_epsilon, format_lower_bound
@@ -95,16 +95,17 @@ def _pooled(group: list[dict], unit: str) -> dict:
 
 
 def _histories(record: dict) -> list[History]:
-    """A unit's histories in ``privacy.json``: per client, per client size, or the user's."""
+    """A headline unit's histories in ``privacy.json``: per client, or the user unit's.
+
+    The sample unit heads a run only without user-level DP, so it has its clients'
+    ledgers, not the per-size schedules it publishes beside secret cohorts.
+    """
 
     def steps(entry: dict) -> tuple[float, float, int]:
         return entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
 
     if "clients" in record:  # the sample unit: each client's ledger
         return [[steps(e) for e in entries] for entries in record["clients"].values()]
-    if "schedules" in record:  # the sample unit with secret cohorts: charged every round
-        rounds = len(record["rounds"])
-        return [[steps(s["spend_per_round"])] * rounds for s in record["schedules"]]
     return [[steps(e) for e in record["rounds"]]]  # the user unit
 
 
