@@ -4,7 +4,15 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAvgM
 
-from fedsim.config import FedsimConfig, as_config, load_config, parse_config, parse_override
+from fedsim.config import (
+    FedsimConfig,
+    as_config,
+    config_mapping,
+    config_values,
+    load_config,
+    parse_config,
+    parse_override,
+)
 from fedsim.errors import FedsimError
 from fedsim.experiments.sweep import run_sweep
 from tests.conftest import ROOT
@@ -145,6 +153,13 @@ def test_a_sigma_and_the_budget_it_would_ignore_are_refused_together(tmp_path):
     # file's σ would be ignored
     shipped = ROOT / "experiments" / "configs" / "mnist-cnn.toml"
     assert load_config(shipped, ["noise-multiplier=1.0"]).noise_multiplier == 1.0
+    # ... and leaves the merged values without that budget, so that passing them on (the
+    # sweep command hands them to fedsim.sweep, which writes sweep.toml) is no conflict
+    merged = config_values(shipped, ["noise-multiplier=1.0"])
+    assert "target-epsilon" not in merged and config_mapping(merged)["noise-multiplier"] == 1.0
+    # a resolved config as a mapping (summary.json's config) keeps its budget beside its σ
+    resolved = solved.to_flat()
+    assert as_config(resolved, seed=1).target_epsilon == 3
     (tmp_path / "fixed.toml").write_text("noise-multiplier = 1.5\n")
     with pytest.raises(FedsimError, match=r"noise-multiplier = 1\.5 fixes σ"):
         load_config(tmp_path / "fixed.toml", ["target-epsilon=2"])
