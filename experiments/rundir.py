@@ -92,7 +92,7 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
             f"or remove {staging}"
         ) from None
     except OSError as exc:
-        raise file_error(staging, exc, "choose another --out") from None
+        raise file_error(run_dir, exc, "choose another --out") from None
     return _lock(staging, run_dir, made)
 
 
@@ -112,7 +112,7 @@ def claim_default(out_dir: str | Path, name: str) -> Claim:
         except FileExistsError:
             continue  # another run took this name a moment ago
         except OSError as exc:
-            raise file_error(staging, exc, "set out-dir to a folder you can write") from None
+            raise file_error(run_dir, exc, "set out-dir to a folder you can write") from None
         return _lock(staging, run_dir, made)
 
 

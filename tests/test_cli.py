@@ -40,6 +40,7 @@ BAD_RUNS = [
     (["a.toml", "--config", "b.toml"], "2 configs given (a.toml, b.toml); give one"),
     (["--config", "a.toml", "--config", "b.toml"], "2 configs given (a.toml, b.toml)"),
     (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
+    (["--out", "/proc/x"], "cannot write /proc/x: "),  # the folder typed, not its staging
 ]
 
 
