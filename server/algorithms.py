@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, strategy_refusal
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS, CONFIG, WEIGHT_KEY
 from fedsim.registry import STRATEGIES, STRATEGY_ARGS, resolve
@@ -56,6 +56,9 @@ def build_algorithm(config: FedsimConfig) -> Strategy:
             f"strategy '{config.strategy}' built a {type(strategy).__name__}, not a "
             "flwr.serverapp.strategy.Strategy"
         )
+    refusal = strategy_refusal(config, strategy)  # a factory's product: seen only now
+    if refusal:
+        raise FedsimError(f"config: {refusal}")
     return strategy
 
 

@@ -111,17 +111,27 @@ def _silent(*_: int) -> None:
     pass
 
 
-def too_few(server_round: int, good: int, sent: int, min_clients: int, why: str) -> str:
-    """The line a round with too few usable replies stops the run with; ``why`` "": secret."""
-    if not why:  # who failed, and how many, can tell of their data
+def too_few(
+    server_round: int,
+    good: list[Message],
+    sent: list[Message],
+    dropped: dict[int, str],
+    min_clients: int,
+    secret: bool,
+) -> str:
+    """The line a round with too few usable replies stops the run with.
+
+    ``secret``: cohorts are private, and who failed, and how many, can tell of their data.
+    """
+    if secret:
         return (
             f"round {server_round}: fewer than min-clients ({min_clients}) sampled clients "
             "replied; under user-level DP who failed, and how many, is not printed (it can "
             "tell of their data): debug with dp = sample"
         )
     return (
-        f"round {server_round}: {good} of {sent} clients replied, min-clients is "
-        f"{min_clients} ({why})"
+        f"round {server_round}: {len(good)} of {len(sent)} clients replied, min-clients is "
+        f"{min_clients} ({why_dropped(dropped)})"
     )
 
 
@@ -201,12 +211,12 @@ def run_rounds(
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
         if len(good) < min(min_clients, len(messages)):
-            raise FedsimError(too_few(server_round, len(good), len(messages), min_clients,
-                                      "" if secret else why_dropped(dropped)))  # fmt: skip
+            raise FedsimError(too_few(server_round, good, messages, dropped, min_clients, secret))
         if new_arrays is None:
+            replies = "the round's replies" if secret else f"{len(good)} replies"
             raise FedsimError(
                 f"round {server_round}: the strategy's aggregate_train returned no model "
-                f"from {len(good)} replies; return the new global ArrayRecord"
+                f"from {replies}; return the new global ArrayRecord"
             )
         arrays = keep_schema(new_arrays, arrays)
         on_round(server_round, arrays, dropped)

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from fedsim.results import read_csv
-from fedsim.server.rounds import too_few
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -56,10 +55,3 @@ def test_too_few_clients_fails_with_reasons(fault_runs):
     assert results[3].returncode != 0
     assert "2 of 4 clients replied, min-clients is 3" in results[3].stderr
     assert not (base / "run3").exists()
-
-
-def test_a_stop_under_secret_cohorts_names_no_client_and_no_count():
-    line = too_few(3, 0, 4, 1, "")
-    assert line.startswith("round 3: fewer than min-clients (1)") and "0 of 4" not in line
-    assert too_few(3, 2, 4, 3, "client 1: boom") == (
-        "round 3: 2 of 4 clients replied, min-clients is 3 (client 1: boom)")  # fmt: skip

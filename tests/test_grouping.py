@@ -196,3 +196,22 @@ def test_preflight_refuses_a_model_of_your_own_that_cannot_be_grouped():
     with pytest.raises(FedsimError, match="mixes the samples of a batch"):  # DP-SGD cannot either
         preflight(one_by_one)
     preflight(one_by_one.model_copy(update={"dp": "none"}))
+
+
+@pytest.mark.parametrize("dp", ["sample", "user"])
+def test_a_round_with_too_few_replies_stops_naming_clients_only_where_cohorts_are_public(
+    tmp_path, flower_run, dp
+):
+    # with seed 1 all six clients drop out of round 1
+    values = {"dp": dp, "noise-multiplier": 1.0, "user-noise-multiplier": 1.0,
+              "client-dropout": 0.99, "num-rounds": 1, "seed": 1}  # fmt: skip
+    if dp == "sample":
+        values.pop("user-noise-multiplier")
+    with pytest.raises(FedsimError) as info:
+        run(tmp_path, values, dp)
+    line = str(info.value)
+    if dp == "user":
+        assert "fewer than min-clients (1) sampled clients replied" in line
+        assert "of 6" not in line and "dropped out" not in line
+    else:
+        assert "0 of 6 clients replied" in line and "dropped out" in line

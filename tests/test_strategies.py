@@ -208,3 +208,18 @@ def test_an_error_in_a_strategy_of_ones_own_names_it():
 
 def refuse(server_round, replies):
     raise FedsimError("nothing to aggregate")
+
+
+def test_a_factory_s_strategy_is_checked_once_built(tmp_path, monkeypatch):
+    (tmp_path / "made.py").write_text(
+        "from flwr.serverapp.strategy import FedAvg, FedMedian\n\n\n"
+        "def median(**kw):\n    return FedMedian(**kw)\n\n\n"
+        "def avg(**kw):\n    return FedAvg(**kw)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config({"strategy": "made:median", "dp": "user"})  # a function: no class yet
+    with pytest.raises(FedsimError, match="made:median does not aggregate by a sum"):
+        build_algorithm(config)
+    assert build_algorithm(parse_config({"strategy": "made:median"})).__class__.__name__ == (
+        "FedMedian")  # fmt: skip
+    assert build_algorithm(parse_config({"strategy": "made:avg", "dp": "user"}))

@@ -9,7 +9,13 @@ derived from the config), ``checks.py`` (checks across keys and against the data
 engine) and ``loading.py`` (TOML, ``--set``, mappings, error lines).
 """
 
-from fedsim.config.checks import BUDGETS, check_budget, check_deployment, check_task
+from fedsim.config.checks import (
+    BUDGETS,
+    check_budget,
+    check_deployment,
+    check_task,
+    strategy_refusal,
+)
 from fedsim.config.loading import (
     ConfigLike,
     as_config,
@@ -42,6 +48,7 @@ __all__ = [
     "parse_config",
     "parse_override",
     "read_toml",
+    "strategy_refusal",
     "toml_literal",
     "toml_table",
 ]

@@ -128,16 +128,28 @@ def check_strategy(config: FedsimConfig) -> None:
                 f"set strategy to {' or '.join(takers)}, or remove {key}"
             )
     if registry.is_import_path(config.strategy):
-        classes = getattr(registry.resolve(config.strategy, {}, "strategy"), "__mro__", ())
-        names = {c.__name__ for c in classes}
-        if names & {"DifferentialPrivacyFixedClippingBase", "DifferentialPrivacyAdaptiveBase"}:
-            raise ValueError(
-                "Flower's DP wrappers noise a weighted mean and count only RDP; fedsim adds "
-                "and counts DP itself: use a plain strategy with dp = user or both"
-            )
-        if config.dp_user and names & set(registry.NOT_A_SUM):
-            raise ValueError(
-                f"strategy {config.strategy} does not aggregate by a sum: one client can "
-                "move its output without bound, which the user-level noise does not "
-                "cover; use a FedAvg-like strategy with dp = user or both"
-            )
+        found = registry.resolve(config.strategy, {}, "strategy")
+        refusal = strategy_refusal(config, found)
+        if refusal:
+            raise ValueError(refusal)
+
+
+def strategy_refusal(config: FedsimConfig, strategy: object) -> str:
+    """Why ``config`` cannot use the strategy class ``strategy`` (or its instance); "" if it can.
+
+    Checked on the class a config names, and again on what a factory of one's own builds.
+    """
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    names = {c.__name__ for c in cls.__mro__}
+    if names & {"DifferentialPrivacyFixedClippingBase", "DifferentialPrivacyAdaptiveBase"}:
+        return (
+            "Flower's DP wrappers noise a weighted mean and count only RDP; fedsim adds "
+            "and counts DP itself: use a plain strategy with dp = user or both"
+        )
+    if config.dp_user and names & set(registry.NOT_A_SUM):
+        return (
+            f"strategy {config.strategy} does not aggregate by a sum: one client can "
+            "move its output without bound, which the user-level noise does not "
+            "cover; use a FedAvg-like strategy with dp = user or both"
+        )
+    return ""
