@@ -213,10 +213,10 @@ def run_rounds(
         if len(good) < min(min_clients, len(messages)):
             raise FedsimError(too_few(server_round, good, messages, dropped, min_clients, secret))
         if new_arrays is None:
-            replies = "the round's replies" if secret else f"{len(good)} replies"
+            which = "the round's replies" if secret else f"{len(good)} replies"
             raise FedsimError(
                 f"round {server_round}: the strategy's aggregate_train returned no model "
-                f"from {replies}; return the new global ArrayRecord"
+                f"from {which}; return the new global ArrayRecord"
             )
         arrays = keep_schema(new_arrays, arrays)
         on_round(server_round, arrays, dropped)

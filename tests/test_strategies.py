@@ -211,15 +211,16 @@ def refuse(server_round, replies):
 
 
 def test_a_factory_s_strategy_is_checked_once_built(tmp_path, monkeypatch):
-    (tmp_path / "made.py").write_text(
+    (tmp_path / "factories16.py").write_text(
         "from flwr.serverapp.strategy import FedAvg, FedMedian\n\n\n"
         "def median(**kw):\n    return FedMedian(**kw)\n\n\n"
         "def avg(**kw):\n    return FedAvg(**kw)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = parse_config({"strategy": "made:median", "dp": "user"})  # a function: no class yet
-    with pytest.raises(FedsimError, match="made:median does not aggregate by a sum"):
+    # a function: no class to check until it is called
+    config = parse_config({"strategy": "factories16:median", "dp": "user"})
+    with pytest.raises(FedsimError, match="factories16:median does not aggregate by a sum"):
         build_algorithm(config)
-    assert build_algorithm(parse_config({"strategy": "made:median"})).__class__.__name__ == (
+    assert build_algorithm(parse_config({"strategy": "factories16:median"})).__class__.__name__ == (
         "FedMedian")  # fmt: skip
-    assert build_algorithm(parse_config({"strategy": "made:avg", "dp": "user"}))
+    assert build_algorithm(parse_config({"strategy": "factories16:avg", "dp": "user"}))
