@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from fedsim.dp import history_epsilon, poisson_schedule
+from fedsim.dp import history_epsilon, merged_history, poisson_schedule
 from fedsim.messages import PrivacySpent
 
 PRIVACY_UNIT_SAMPLE = "sample"
@@ -54,12 +54,7 @@ def _entries(spent: PrivacySpent, rounds: Iterable[int]) -> list[LedgerEntry]:
 
 def _history(entries: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
     """Opacus history with equal (σ, q) runs merged; composition only needs the totals."""
-    merged: dict[tuple[float, float], int] = {}
-    for e in entries:
-        merged[(e.noise_multiplier, e.sample_rate)] = (
-            merged.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
-        )
-    return [(sigma, q, steps) for (sigma, q), steps in sorted(merged.items())]
+    return list(merged_history((e.noise_multiplier, e.sample_rate, e.steps) for e in entries))
 
 
 def client_epsilon(entries: list[LedgerEntry], *, delta: float, accountant: str) -> float:

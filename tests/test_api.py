@@ -77,8 +77,3 @@ def test_a_strategy_that_is_no_strategy_is_refused_before_any_folder(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(FedsimError, match="strategy 'nets:MLP': MLP has no configure_train"):
         parse_config({"strategy": "nets:MLP"})
-    # a factory (a function that builds a strategy) is checked once it is called
-    (tmp_path / "made.py").write_text(
-        "from flwr.serverapp.strategy import FedAvg\n\n\ndef make(**kw):\n    return FedAvg(**kw)\n"
-    )
-    assert parse_config({"strategy": "made:make"}).strategy == "made:make"

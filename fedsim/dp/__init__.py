@@ -72,6 +72,7 @@ if TYPE_CHECKING:
         REPLACE_ONE,
         History,
         history_epsilon,
+        merged_history,
         pooled_epsilon,
         solve_noise_multiplier,
     )
@@ -82,6 +83,7 @@ _ACCOUNTING = {
     "REPLACE_ONE",
     "History",
     "history_epsilon",
+    "merged_history",
     "pooled_epsilon",
     "solve_noise_multiplier",
 }
@@ -135,6 +137,7 @@ __all__ = [
     "make_canaries",
     "make_private",
     "make_private_fast",
+    "merged_history",
     "next_char_targets",
     "numpy_generator",
     "one_run_epsilon",

@@ -167,10 +167,10 @@ def pooled_epsilon(
         ε, and the name of the accountant that gave it.
 
     """
-    choices = [sorted({_merged(h) for h in histories}) or [()] for histories in runs]
+    choices = [sorted({merged_history(h) for h in histories}) or [()] for histories in runs]
     if math.prod(len(c) for c in choices) <= MAX_POOLED:
         eps = max(
-            history_epsilon(list(_merged(sum(pick, ()))), delta=delta, accountant=accountant)
+            history_epsilon(list(merged_history(sum(pick, ()))), delta=delta, accountant=accountant)
             for pick in itertools.product(*choices)
         )
         return eps, accountant
@@ -179,8 +179,12 @@ def pooled_epsilon(
     return float(eps), "rdp"
 
 
-def _merged(history: Iterable[tuple[float, float, int]]) -> tuple:
-    """The history with equal (σ, q) entries merged, as a sorted tuple (a set member)."""
+def merged_history(history: Iterable[tuple[float, float, int]]) -> tuple:
+    """The history with equal (σ, q) entries merged, as a sorted tuple (a set member).
+
+    Composition needs only each (σ, q)'s total steps; merged, a history costs one
+    accountant step per distinct mechanism.
+    """
     steps: dict[tuple[float, float], int] = {}
     for sigma, q, t in history:
         steps[(float(sigma), float(q))] = steps.get((float(sigma), float(q)), 0) + int(t)
