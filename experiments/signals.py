@@ -9,9 +9,11 @@ died first.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,9 @@ CLIENT_GRACE_S = 2.0  # after a first signal, for clients that finish on their o
 # a second signal this soon after the first is the same one delivered twice (`timeout`
 # signals the process and then its group; a sweep passes on the terminal's Ctrl-C)
 SAME_SIGNAL_S = 0.25
+# a stop that hangs (Flower or Ray waiting on something that will not come) is aborted
+# after this long: before a scheduler's SIGKILL (Slurm and Kubernetes wait 30 s)
+STOP_WITHIN_S = 20.0
 
 
 class Signals:
@@ -39,7 +44,8 @@ class Signals:
     releases nothing of it) and ends with the last checkpointed round, and Flower shuts
     Ray down. The second kills every process the run started and ends this process with
     status 128 + the signal, as ``kill -9`` would: the checkpoint, written atomically,
-    still resumes.
+    still resumes. A stop still under way ``STOP_WITHIN_S`` after the first signal is
+    aborted the same way, and every thread's stack is kept in a file for a bug report.
 
     Signals are counted by a thread reading Python's wakeup fd, not in a handler: Ray
     defers Python's SIGINT handler while it works in the main thread, and a second
@@ -63,10 +69,7 @@ class Signals:
         if self.signum and time.monotonic() - self.first < SAME_SIGNAL_S:
             return
         if self.signum:
-            self.say(f"fedsim: {name} again: aborting; the last checkpoint still resumes")
-            kill_run_processes(self.spare, self.tag, grace=0)
-            sys.stdout.flush()
-            os._exit(128 + signum)
+            self._abort(signum, f"fedsim: {name} again: aborting")
         self.signum, self.first = signum, time.monotonic()
         self.stop.set()
         self.say(f"fedsim: {name}: stopping now (again to abort)")
@@ -76,10 +79,25 @@ class Signals:
         threading.Thread(target=self._end_clients, daemon=True).start()
 
     def _end_clients(self) -> None:
+        deadline = time.monotonic() + STOP_WITHIN_S
         if self.done.wait(CLIENT_GRACE_S):
             return
         while not self.done.wait(0.5):
+            if time.monotonic() > deadline:
+                stacks = _dump_stacks()
+                self._abort(
+                    self.signum,
+                    f"fedsim: the run did not stop within {STOP_WITHIN_S:.0f} s: aborting "
+                    f"(its threads' stacks, for a bug report: {stacks})",
+                )
             kill_clients(self.tag)
+
+    def _abort(self, signum: int, why: str) -> None:
+        """End the run and this process at once, with status 128 + ``signum``."""
+        self.say(f"{why}; the last checkpoint still resumes")
+        kill_run_processes(self.spare, self.tag, grace=0)
+        sys.stdout.flush()
+        os._exit(128 + signum)
 
     def _listen(self, read_fd: int) -> None:
         while data := os.read(read_fd, 64):  # one byte per signal; b"" once closed
@@ -113,6 +131,18 @@ class Signals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         os.close(self.fds[1])  # the listening thread ends
+
+
+def _dump_stacks() -> str:
+    """Write every thread's stack to a new file; return its path."""
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="fedsim-stop-", suffix=".txt", delete=False
+        ) as file:
+            faulthandler.dump_traceback(file, all_threads=True)
+    except OSError as error:
+        return f"not written: {error}"
+    return file.name
 
 
 def _counted_elsewhere(signum: int, frame: object) -> None:

@@ -1,8 +1,12 @@
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +30,29 @@ def flower_run():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def once_per_session(
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]
+) -> tuple[Path, Any]:
+    """(folder, result) of ``make(folder)``, made once per test session.
+
+    pytest-xdist may split a module between its workers, and each would run the module's
+    fixtures again: a minute or more for a fixture that runs simulations. Here the first
+    worker to ask makes it; the others wait for it and read the same folder and result
+    (JSON). A ``make`` that fails is tried again by the next worker that asks.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's, shared by its workers
+    folder, made = root / name, root / f"{name}.made.json"
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not made.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed make left
+            folder.mkdir()
+            made.write_text(json.dumps(make(folder)))
+    return folder, json.loads(made.read_text())
 
 
 def start_fedsim(*args: str, cwd: Path, new_session: bool = False) -> subprocess.Popen:

@@ -10,7 +10,7 @@ from fedsim.config import parse_config
 from fedsim.errors import FedsimError
 from fedsim.experiments import cli, machine
 from fedsim.experiments.machine import check_machine, cpu_build_of_torch
-from tests.conftest import ROOT, cli_runs
+from tests.conftest import ROOT, cli_runs, once_per_session
 
 
 def fedsim(*args, cwd):
@@ -48,14 +48,20 @@ BAD_RUNS = [
 def bad_runs(tmp_path_factory):
     """Every BAD_RUNS case in one process (the engine's imports paid once), each in its
     own empty folder, and a run whose --out already holds results."""
-    folders = [tmp_path_factory.mktemp("bad") for _ in BAD_RUNS]
-    done = tmp_path_factory.mktemp("done")
-    (done / "out").mkdir()
+    base, results = once_per_session(tmp_path_factory, "bad-runs", _bad_runs)
+    return [*(base / f"bad{i}" for i in range(len(BAD_RUNS))), base / "done"], results
+
+
+def _bad_runs(base):
+    folders = [base / f"bad{i}" for i in range(len(BAD_RUNS))]
+    done = base / "done"
+    for folder in (*folders, done / "out"):
+        folder.mkdir(parents=True)
     (done / "out" / "summary.json").write_text("{}")
     cases = [(["run", *args], cwd) for (args, _), cwd in zip(BAD_RUNS, folders, strict=True)]
     cases.append((["run", "--out", str(done / "out")], done))
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    return [*folders, done], cli_runs(cases, env)
+    return cli_runs(cases, env)
 
 
 @pytest.mark.parametrize(("index", "needle"), [(i, n) for i, (_, n) in enumerate(BAD_RUNS)])

@@ -22,7 +22,7 @@ from fedsim.experiments.deploy import app_sources
 from fedsim.experiments.localfed import CONNECTION, LocalFederation, flower_bin
 from fedsim.experiments.procs import TAG_VAR, free_port, spawn, stop_tree, tagged
 from fedsim.results import read_csv
-from tests.conftest import ROOT, cli_runs
+from tests.conftest import ROOT, cli_runs, once_per_session
 from tests.test_api import readme_example
 from tests.test_data import fake_mnist
 
@@ -217,10 +217,16 @@ BAD_DEPLOYS = [
 def bad_deploys(tmp_path_factory):
     """Every BAD_DEPLOYS case in one process, each in its own empty folder; their
     temporary files (none should be left) go to one more."""
-    folders = [tmp_path_factory.mktemp("bad-deploy") for _ in BAD_DEPLOYS]
-    temp = tmp_path_factory.mktemp("bad-deploy-tmp")
+    base, results = once_per_session(tmp_path_factory, "bad-deploys", _bad_deploys)
+    return [*(base / f"bad{i}" for i in range(len(BAD_DEPLOYS))), base / "tmp"], results
+
+
+def _bad_deploys(base):
+    folders = [base / f"bad{i}" for i in range(len(BAD_DEPLOYS))]
+    for folder in (*folders, base / "tmp"):
+        folder.mkdir()
     cases = [(["deploy", *args], cwd) for (args, _), cwd in zip(BAD_DEPLOYS, folders, strict=True)]
-    return [*folders, temp], cli_runs(cases, deploy_env(temp))
+    return cli_runs(cases, deploy_env(base / "tmp"))
 
 
 @pytest.mark.parametrize(("index", "needle"), [(i, n) for i, (_, n) in enumerate(BAD_DEPLOYS)])

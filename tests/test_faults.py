@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fedsim.results import read_csv
-from tests.conftest import ROOT
+from tests.conftest import ROOT, once_per_session
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -26,7 +26,11 @@ def cli(*args, cwd):
 @pytest.fixture(scope="module")
 def fault_runs(tmp_path_factory):
     """Both runs of the fault app at once: min-clients 2 (goes on) and 3 (stops)."""
-    base = tmp_path_factory.mktemp("faults")
+    base, made = once_per_session(tmp_path_factory, "faults", _fault_runs)
+    return base, {int(k): subprocess.CompletedProcess([], *v) for k, v in made.items()}
+
+
+def _fault_runs(base):
     procs = {}
     for need in (2, 3):
         cmd = [sys.executable, "-m", "tests.fault_app", str(base / f"run{need}"), *SMALL]
@@ -34,11 +38,8 @@ def fault_runs(tmp_path_factory):
             [*cmd, f"min-clients={need}"], cwd=ROOT, env=ENV, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-    results = {}
-    for need, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        results[need] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return base, results
+    outputs = {need: proc.communicate(timeout=600) for need, proc in procs.items()}
+    return {need: [procs[need].returncode, *outputs[need]] for need in procs}
 
 
 def test_raising_and_nan_clients_are_left_out_with_reasons(fault_runs):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,7 +64,7 @@ def session_processes(sid, grace=3.0):
 
 
 def stop_and_time(proc, *signals):
-    """Seconds until the run ended, processes of its session left, and its stderr.
+    """Seconds until the run ended, processes of its session left, its stderr and stdout.
 
     Both pipes are drained while waiting: a run that wrote more than a pipe holds would
     otherwise block on the write, and look like a run that ignores the signal.
@@ -73,26 +74,32 @@ def stop_and_time(proc, *signals):
         os.kill(proc.pid, sig)  # the command only, as `kill PID` does
         time.sleep(0.5)  # a second signal within SAME_SIGNAL_S would be the first again
     try:
-        _, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"still running 60 s after {signals}; its stderr ended:\n{stderr[-3000:]}")
+        stdout, stderr = proc.communicate()
+        ended = f"{stdout[-2000:]}\n{stderr[-2000:]}"
+        pytest.fail(f"still running 60 s after {signals}; its output ended:\n{ended}")
     finally:
         leftovers = session_processes(proc.pid)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
-    return time.monotonic() - started, leftovers, stderr
+    return time.monotonic() - started, leftovers, stderr, stdout
 
 
 def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
     out = tmp_path / "run"
     proc = start(out, tmp_path)
     wait_for_round_zero(proc)
-    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
+    seconds, leftovers, stderr, stdout = stop_and_time(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
-    assert seconds < 15, f"took {seconds:.1f} s to stop"
-    assert "stopped by SIGTERM" in stderr and f"fedsim run --resume {out}" in stderr
+    # a stop that hangs in Flower or Ray is aborted after STOP_WITHIN_S: the same status,
+    # and the checkpoint resumes all the same (once in about ten suites, it hung here)
+    assert seconds < signals.STOP_WITHIN_S + 10, f"took {seconds:.1f} s to stop"
+    if "did not stop within" not in stdout:
+        # Ray's core is up: had it taken the signal, it would dump its stack, exit 134
+        assert stderr.startswith("fedsim: stopped by SIGTERM"), stderr
+        assert f"fedsim run --resume {out}" in stderr and "SIGTERM received" not in stderr
     assert "Traceback" not in stderr
     assert leftovers == [], "Ray or worker processes outlived the run"
     assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").is_file()
@@ -101,23 +108,10 @@ def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     proc = start(tmp_path / "run", tmp_path)
     wait_for_round_zero(proc)
-    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGINT, signal.SIGINT)
+    seconds, leftovers, stderr, _ = stop_and_time(proc, signal.SIGINT, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert "Traceback" not in stderr
-    assert leftovers == [], "Ray or worker processes outlived the run"
-
-
-def test_sigterm_between_rounds_is_the_runs_not_rays(tmp_path):
-    """Once Ray runs, its C++ core would take SIGTERM as a crash (a stack dump, exit 134)."""
-    proc = start(tmp_path / "run", tmp_path, ["num-rounds=30"])
-    for line in proc.stdout:
-        if line.startswith("round   2/"):
-            break
-    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
-    assert proc.returncode == 143, stderr
-    assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
-    assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
 
 
@@ -137,6 +131,40 @@ def test_one_signal_delivered_twice_stops_the_run_and_does_not_abort_it(monkeypa
     assert aborted[-1] == 130 and "again: aborting" in said[1]
 
 
+def hanging_stop(monkeypatch, tmp_path):
+    """A Signals whose stop is given 0.6 s, and a list of the statuses it exits with."""
+    monkeypatch.setattr(signals, "STOP_WITHIN_S", 0.6)
+    monkeypatch.setattr(signals, "CLIENT_GRACE_S", 0.1)
+    monkeypatch.setattr(signals, "kill_clients", lambda tag: None)
+    monkeypatch.setattr(signals, "kill_run_processes", lambda *a, **k: None)
+    monkeypatch.setattr(signals.tempfile, "tempdir", str(tmp_path))
+    said, exits = [], []
+    handler = signals.Signals(threading.Event(), said.append, spare=set(), tag="t")
+    # os._exit would end pytest: record the status and end the watch instead
+    monkeypatch.setattr(signals.os, "_exit", lambda code: (exits.append(code), handler.done.set()))
+    return handler, said, exits
+
+
+def test_a_stop_that_hangs_is_aborted_and_its_stacks_kept(monkeypatch, tmp_path):
+    """Flower or Ray waiting forever must not keep a stopped run from ending."""
+    handler, said, exits = hanging_stop(monkeypatch, tmp_path)
+    handler.heard(signal.SIGTERM)
+    assert handler.done.wait(10), "a stop that hangs was never aborted"
+    assert exits == [143] and "did not stop within 1 s: aborting" in said[1]
+    stacks = said[1].split("bug report: ")[1].split(")")[0]
+    assert stacks.startswith(str(tmp_path))
+    assert "_end_clients" in Path(stacks).read_text()
+
+
+def test_a_stop_that_ends_in_time_is_not_aborted(monkeypatch, tmp_path):
+    handler, said, exits = hanging_stop(monkeypatch, tmp_path)
+    handler.heard(signal.SIGTERM)
+    time.sleep(0.3)
+    handler.done.set()  # the run returned
+    time.sleep(1.0)
+    assert exits == [] and len(said) == 1 and not list(tmp_path.iterdir())
+
+
 def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path):
     """A batch scheduler's SIGTERM goes to the sweep alone: its points must stop too."""
     out = tmp_path / "sweep"
@@ -149,7 +177,7 @@ def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     time.sleep(3.0)  # round 1 is under way, its clients straggling
-    seconds, leftovers, stderr = stop_and_time(proc, signal.SIGTERM)
+    seconds, leftovers, stderr, _ = stop_and_time(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert "sweep stopped by SIGTERM" in stderr and seconds < 30, (seconds, stderr)
     assert leftovers == [], "a point's processes outlived the sweep"

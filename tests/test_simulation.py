@@ -15,7 +15,7 @@ from dp_accounting import rdp
 
 from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.results import read_csv
-from tests.conftest import start_fedsim
+from tests.conftest import once_per_session, start_fedsim
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -49,10 +49,14 @@ def start_resume(out):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sim")
+    base, stdout = once_per_session(tmp_path_factory, "sim", _two_runs)
+    return base, subprocess.CompletedProcess([], 0, stdout, "")
+
+
+def _two_runs(base):
     runs = [start_run(base / "a"), start_run(base / "b")]  # at once: their own Rays and folders
     first, _ = [finish(run) for run in runs]
-    return base, first
+    return first.stdout
 
 
 def test_results_complete_and_no_partial_left(two_runs):
