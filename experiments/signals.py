@@ -150,11 +150,28 @@ def _counted_elsewhere(signum: int, frame: object) -> None:
 
 
 def kill_clients(tag: str) -> None:
-    """SIGKILL the run's client processes (Ray's ClientApp actors), not Ray itself."""
+    """SIGKILL the run's Ray workers (Flower's ClientApp actors, idle ones), not Ray itself.
+
+    A worker is told by its command line, not only by the title Ray gives it while it
+    runs a client: in one stop that hung, Ray's logs had both actors running their
+    clients, yet no process of the run carried a ClientApp title, and Flower waited on
+    them until the stop was aborted. A worker whose title is not set is still
+    ``default_worker.py``; idle ones go too, as the run is ending.
+    """
     for pid in tagged(tag, var=RUN_TAG_VAR):
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().startswith("ray::ClientApp"):
+            if is_ray_worker(Path(f"/proc/{pid}/cmdline").read_bytes()):
                 os.kill(pid, signal.SIGKILL)
+
+
+def is_ray_worker(cmdline: bytes) -> bool:
+    """Whether a process's ``/proc/PID/cmdline`` is a Ray worker's, not Ray's own agents'."""
+    args = cmdline.decode(errors="replace").split("\0")
+    if args[0].startswith("ray::"):  # its title: ray::IDLE, ray::ClientAppActor.run, ...
+        return "Agent" not in args[0].split()[0]  # ray::DashboardAgent, RuntimeEnvAgent
+    # python .../default_worker.py ... (the raylet names it too, in an option of its own)
+    script = args[1] if len(args) > 1 else ""
+    return script.endswith("/ray/_private/workers/default_worker.py") and script[0] != "-"
 
 
 def kill_run_processes(spare: set[int], tag: str, grace: float = 2.0) -> None:

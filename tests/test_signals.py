@@ -36,7 +36,9 @@ def wait_for_round_zero(proc):
             break
     else:
         pytest.fail(f"the run ended before round 0: {proc.stderr.read()}")
-    deadline = time.monotonic() + 120
+    # once, a worker ran its client under another title: then the clients straggle all
+    # the same, past this deadline
+    deadline = time.monotonic() + 30
     while not ray_workers(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # its clients straggle
@@ -163,6 +165,32 @@ def test_a_stop_that_ends_in_time_is_not_aborted(monkeypatch, tmp_path):
     handler.done.set()  # the run returned
     time.sleep(1.0)
     assert exits == [] and len(said) == 1 and not list(tmp_path.iterdir())
+
+
+RAY = "/v/lib/python3.11/site-packages/ray"
+WORKERS = [
+    b"ray::IDLE" + b" " * 40,  # Ray's titles pad the command line
+    b"ray::ClientAppActor.run" + b" " * 40,
+    f"/v/bin/python\0{RAY}/_private/workers/default_worker.py\0--node-ip-address=1".encode(),
+]
+NOT_WORKERS = [
+    b"ray::DashboardAgent" + b" " * 40,
+    b"ray::RuntimeEnvAgent" + b" " * 40,
+    f"{RAY}/core/src/ray/raylet/raylet\0--python_worker_command={RAY}/_private/workers/"
+    "default_worker.py".encode(),
+    f"/v/bin/python\0{RAY}/dashboard/dashboard.py\0--host=127.0.0.1".encode(),
+    b"/v/bin/python\0-m\0fedsim.experiments.cli\0run",
+]
+
+
+@pytest.mark.parametrize("cmdline", WORKERS)
+def test_a_stop_ends_ray_workers_whatever_their_title(cmdline):
+    assert signals.is_ray_worker(cmdline)
+
+
+@pytest.mark.parametrize("cmdline", NOT_WORKERS)
+def test_a_stop_spares_ray_itself_and_the_run(cmdline):
+    assert not signals.is_ray_worker(cmdline)
 
 
 def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path):
