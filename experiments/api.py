@@ -36,6 +36,7 @@ def run(
     verbose: bool = False,
     progress: RunProgress | None = None,
     ray_start: RayStart | None = None,
+    stop_within: float | None = None,
     **overrides: Any,
 ) -> Result:
     """Run one experiment in Flower's simulation engine; return its :class:`Result`.
@@ -54,23 +55,42 @@ def run(
         A :class:`~fedsim.experiments.raystart.RayStart` for the same config, already
         entered: Ray then starts while your script still imports or loads (the
         ``fedsim`` command starts it before it imports the engine).
+    stop_within
+        Seconds after a first Ctrl-C or SIGTERM past which a stop still under way ends
+        this process, as a second signal does (the ``fedsim`` command: 20). By default
+        the stop is waited for.
     **overrides
         Config keys as Python names, e.g. ``num_rounds=5, dp="user"``.
 
     """
     cfg = as_config(config, **overrides)
     folder = run_experiment(
-        cfg, out=_path(out), force=force, verbose=verbose, progress=progress, ray_start=ray_start
+        cfg,
+        out=_path(out),
+        force=force,
+        verbose=verbose,
+        progress=progress,
+        ray_start=ray_start,
+        stop_within=stop_within,
     )
     return load_run(folder)
 
 
 def resume(
-    run_dir: str | Path, *, verbose: bool = False, progress: RunProgress | None = None
+    run_dir: str | Path,
+    *,
+    verbose: bool = False,
+    progress: RunProgress | None = None,
+    stop_within: float | None = None,
 ) -> Result:
-    """Continue the unfinished run at ``run_dir`` exactly as it was; return its result."""
+    """Continue the unfinished run at ``run_dir`` exactly as it was; return its result.
+
+    ``stop_within``: as for :func:`run`.
+    """
     target, cfg = resume_target(Path(run_dir))
-    folder = run_experiment(cfg, out=target, resume=True, verbose=verbose, progress=progress)
+    folder = run_experiment(
+        cfg, out=target, resume=True, verbose=verbose, progress=progress, stop_within=stop_within
+    )
     return load_run(folder)
 
 

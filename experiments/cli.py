@@ -16,6 +16,7 @@ from pathlib import Path
 from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
 from fedsim.errors import FedsimError, RunInterrupted, first_line
 from fedsim.experiments.machine import check_machine
+from fedsim.experiments.signals import STOP_WITHIN_S
 from fedsim.results import Result, load_run, report
 
 FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fedsim report)"
@@ -147,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         from fedsim.experiments import api  # the engine: torch, Flower, Ray
 
-        result = api.resume(args.resume, verbose=args.verbose)
+        result = api.resume(args.resume, verbose=args.verbose, stop_within=STOP_WITHIN_S)
     else:
         result = _run(load_config(args.config, args.overrides), args)
     _print_result(result, table=True)
@@ -182,6 +183,7 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
             verbose=args.verbose,
             ray_start=ray_start,
             dataset=dataset,
+            stop_within=STOP_WITHIN_S,
         )
     return load_run(folder)
 

@@ -92,6 +92,7 @@ def run_experiment(
     progress: RunProgress | None = None,
     ray_start: RayStart | None = None,
     dataset: Dataset | None = None,
+    stop_within: float | None = None,
 ) -> Path:
     """Run (or resume) ``config`` in Flower's simulation engine; return the results folder.
 
@@ -101,6 +102,8 @@ def run_experiment(
     ``ray_start``, entered by the caller for this ``config``, is a Ray already starting
     (the command starts it while it imports the engine); by default the run starts its
     own once its folder is claimed. ``dataset``, where given, is ``load_checked(config)``'s.
+    ``stop_within``: seconds after a first signal past which a stop still under way is
+    aborted, ending this process as a second signal does (default: it is waited for).
     """
     if ray_start is not None and ray_start.config != config:
         raise FedsimError("ray_start was made for another config; make it with this one")
@@ -116,7 +119,10 @@ def run_experiment(
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     progress = progress or for_terminal(config)
     try:
-        _simulate(config, dataset, staging, started, verbose, client_app, progress, ray_start)
+        _simulate(
+            config, dataset, staging, started, verbose, client_app, progress, ray_start,
+            stop_within,
+        )  # fmt: skip
         claim.finish()
     except RunInterrupted as exc:
         raise RunInterrupted(
@@ -146,10 +152,11 @@ def _simulate(
     client_app: ClientApp,
     progress: RunProgress,
     ray_start: RayStart | None,
+    stop_within: float | None,
 ) -> None:
     _quiet_logs(verbose)
     with nullcontext(ray_start) if ray_start else RayStart(config, verbose=verbose) as ray:
-        _simulate_on(config, dataset, staging, started, client_app, progress, ray)
+        _simulate_on(config, dataset, staging, started, client_app, progress, ray, stop_within)
 
 
 def _simulate_on(
@@ -160,6 +167,7 @@ def _simulate_on(
     client_app: ClientApp,
     progress: RunProgress,
     ray_start: RayStart,
+    stop_within: float | None,
 ) -> None:
     stop = threading.Event()
     # Ray goes on starting while the server is built and evaluates round 0
@@ -173,7 +181,9 @@ def _simulate_on(
         stop=stop,
         node_per_client=False,
     )
-    signals = Signals(stop, progress.note, spare=ray_start.spare, tag=ray_start.tag)
+    signals = Signals(
+        stop, progress.note, spare=ray_start.spare, tag=ray_start.tag, stop_within=stop_within
+    )
     try:
         with signals, prompt_delivery():
             ray_start.ready()

@@ -32,8 +32,9 @@ CLIENT_GRACE_S = 2.0  # after a first signal, for clients that finish on their o
 # a second signal this soon after the first is the same one delivered twice (`timeout`
 # signals the process and then its group; a sweep passes on the terminal's Ctrl-C)
 SAME_SIGNAL_S = 0.25
-# a stop that hangs (Flower or Ray waiting on something that will not come) is aborted
-# after this long: before a scheduler's SIGKILL (Slurm and Kubernetes wait 30 s)
+# what the `fedsim` command gives a stop before it aborts one that hangs (Flower or Ray
+# waiting on something that will not come): less than a scheduler waits before its
+# SIGKILL (Slurm and Kubernetes: 30 s)
 STOP_WITHIN_S = 20.0
 
 
@@ -44,8 +45,10 @@ class Signals:
     releases nothing of it) and ends with the last checkpointed round, and Flower shuts
     Ray down. The second kills every process the run started and ends this process with
     status 128 + the signal, as ``kill -9`` would: the checkpoint, written atomically,
-    still resumes. A stop still under way ``STOP_WITHIN_S`` after the first signal is
-    aborted the same way, and every thread's stack is kept in a file for a bug report.
+    still resumes. With ``stop_within``, a stop still under way that many seconds after
+    the first signal is aborted the same way, every thread's stack kept in a file for a
+    bug report; without, it is waited for (a script's or notebook's own process is not
+    ended unasked).
 
     Signals are counted by a thread reading Python's wakeup fd, not in a handler: Ray
     defers Python's SIGINT handler while it works in the main thread, and a second
@@ -54,9 +57,16 @@ class Signals:
     """
 
     def __init__(
-        self, stop: threading.Event, say: Callable[[str], None], *, spare: set[int], tag: str
+        self,
+        stop: threading.Event,
+        say: Callable[[str], None],
+        *,
+        spare: set[int],
+        tag: str,
+        stop_within: float | None = None,
     ) -> None:
         self.stop, self.say, self.spare, self.tag = stop, say, spare, tag
+        self.stop_within = stop_within
         self.signum, self.first = 0, 0.0
         self.previous: dict[int, Any] = {}
         self.fds: tuple[int, int] | None = None
@@ -79,15 +89,17 @@ class Signals:
         threading.Thread(target=self._end_clients, daemon=True).start()
 
     def _end_clients(self) -> None:
-        deadline = time.monotonic() + STOP_WITHIN_S
+        deadline = time.monotonic() + (self.stop_within or float("inf"))
         if self.done.wait(CLIENT_GRACE_S):
             return
         while not self.done.wait(0.5):
             if time.monotonic() > deadline:
                 stacks = _dump_stacks()
+                if self.done.is_set():  # the run returned meanwhile
+                    return
                 self._abort(
                     self.signum,
-                    f"fedsim: the run did not stop within {STOP_WITHIN_S:.0f} s: aborting "
+                    f"fedsim: the run did not stop within {self.stop_within:.0f} s: aborting "
                     f"(its threads' stacks, for a bug report: {stacks})",
                 )
             kill_clients(self.tag)
@@ -165,13 +177,26 @@ def kill_clients(tag: str) -> None:
 
 
 def is_ray_worker(cmdline: bytes) -> bool:
-    """Whether a process's ``/proc/PID/cmdline`` is a Ray worker's, not Ray's own agents'."""
+    """Whether a process's ``/proc/PID/cmdline`` is a Ray worker's, not Ray's own agents'.
+
+    Parameters
+    ----------
+    cmdline
+        The file's bytes: arguments ended by NUL, or the title Ray wrote over them.
+
+    Returns
+    -------
+    bool
+        True for a worker, titled (``ray::IDLE``, ``ray::ClientAppActor.run``) or not
+        (``python [-s] .../default_worker.py``); False for the raylet, which names that
+        script in an option, and for every other process.
+
+    """
     args = cmdline.decode(errors="replace").split("\0")
-    if args[0].startswith("ray::"):  # its title: ray::IDLE, ray::ClientAppActor.run, ...
+    if args[0].startswith("ray::"):
         return "Agent" not in args[0].split()[0]  # ray::DashboardAgent, RuntimeEnvAgent
-    # python .../default_worker.py ... (the raylet names it too, in an option of its own)
-    script = args[1] if len(args) > 1 else ""
-    return script.endswith("/ray/_private/workers/default_worker.py") and script[0] != "-"
+    script = next((arg for arg in args[1:] if not arg.startswith("-")), "")
+    return script.endswith("/ray/_private/workers/default_worker.py")
 
 
 def kill_run_processes(spare: set[int], tag: str, grace: float = 2.0) -> None:

@@ -4,16 +4,20 @@ Each client straggles for minutes, so that a run which waits for its round to en
 (what a signal used to do) fails these tests by its timing.
 """
 
+import inspect
 import os
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from fedsim.experiments import signals
+from fedsim.errors import FedsimError
+from fedsim.experiments import api, cli, signals
+from fedsim.experiments.run import run_experiment
 from tests.conftest import start_fedsim
 
 pytestmark = pytest.mark.slow
@@ -98,7 +102,10 @@ def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
     # a stop that hangs in Flower or Ray is aborted after STOP_WITHIN_S: the same status,
     # and the checkpoint resumes all the same (once in about ten suites, it hung here)
     assert seconds < signals.STOP_WITHIN_S + 10, f"took {seconds:.1f} s to stop"
-    if "did not stop within" not in stdout:
+    if "did not stop within" in stdout:  # passes, and says so in the suite's summary
+        line = next(line for line in stdout.splitlines() if "did not stop within" in line)
+        warnings.warn(f"the stop hung and was aborted: {line}", stacklevel=1)
+    else:
         # Ray's core is up: had it taken the signal, it would dump its stack, exit 134
         assert stderr.startswith("fedsim: stopped by SIGTERM"), stderr
         assert f"fedsim run --resume {out}" in stderr and "SIGTERM received" not in stderr
@@ -114,6 +121,19 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
     assert proc.returncode == 130, stderr
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert "Traceback" not in stderr
+    assert leftovers == [], "Ray or worker processes outlived the run"
+
+
+def test_sigterm_between_rounds_is_the_runs_not_rays(tmp_path):
+    """Once Ray runs, its C++ core would take SIGTERM as a crash (a stack dump, exit 134)."""
+    proc = start(tmp_path / "run", tmp_path, ["num-rounds=30"])
+    for line in proc.stdout:
+        if line.startswith("round   2/"):
+            break
+    seconds, leftovers, stderr, _ = stop_and_time(proc, signal.SIGTERM)
+    assert proc.returncode == 143, stderr
+    assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
 
 
@@ -133,15 +153,16 @@ def test_one_signal_delivered_twice_stops_the_run_and_does_not_abort_it(monkeypa
     assert aborted[-1] == 130 and "again: aborting" in said[1]
 
 
-def hanging_stop(monkeypatch, tmp_path):
-    """A Signals whose stop is given 0.6 s, and a list of the statuses it exits with."""
-    monkeypatch.setattr(signals, "STOP_WITHIN_S", 0.6)
+def hanging_stop(monkeypatch, tmp_path, stop_within=2.0):
+    """A Signals whose stop is given ``stop_within`` s, and the statuses it exits with."""
     monkeypatch.setattr(signals, "CLIENT_GRACE_S", 0.1)
     monkeypatch.setattr(signals, "kill_clients", lambda tag: None)
     monkeypatch.setattr(signals, "kill_run_processes", lambda *a, **k: None)
     monkeypatch.setattr(signals.tempfile, "tempdir", str(tmp_path))
     said, exits = [], []
-    handler = signals.Signals(threading.Event(), said.append, spare=set(), tag="t")
+    handler = signals.Signals(
+        threading.Event(), said.append, spare=set(), tag="t", stop_within=stop_within
+    )
     # os._exit would end pytest: record the status and end the watch instead
     monkeypatch.setattr(signals.os, "_exit", lambda code: (exits.append(code), handler.done.set()))
     return handler, said, exits
@@ -152,7 +173,7 @@ def test_a_stop_that_hangs_is_aborted_and_its_stacks_kept(monkeypatch, tmp_path)
     handler, said, exits = hanging_stop(monkeypatch, tmp_path)
     handler.heard(signal.SIGTERM)
     assert handler.done.wait(10), "a stop that hangs was never aborted"
-    assert exits == [143] and "did not stop within 1 s: aborting" in said[1]
+    assert exits == [143] and "did not stop within 2 s: aborting" in said[1]
     stacks = said[1].split("bug report: ")[1].split(")")[0]
     assert stacks.startswith(str(tmp_path))
     assert "_end_clients" in Path(stacks).read_text()
@@ -163,8 +184,31 @@ def test_a_stop_that_ends_in_time_is_not_aborted(monkeypatch, tmp_path):
     handler.heard(signal.SIGTERM)
     time.sleep(0.3)
     handler.done.set()  # the run returned
-    time.sleep(1.0)
+    time.sleep(2.5)
     assert exits == [] and len(said) == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_script_s_own_process_is_not_ended_unasked(monkeypatch, tmp_path):
+    """``fedsim.run`` from a script or notebook: a stop is waited for, however long."""
+    handler, said, exits = hanging_stop(monkeypatch, tmp_path, stop_within=None)
+    handler.heard(signal.SIGINT)
+    assert not handler.done.wait(2.5)
+    assert exits == [] and len(said) == 1
+    handler.done.set()
+
+
+def test_the_command_bounds_a_stop_and_a_script_waits(monkeypatch, capsys):
+    for call in (api.run, api.resume, run_experiment):  # a script's own process: waited for
+        assert inspect.signature(call).parameters["stop_within"].default is None
+    seen = {}
+
+    def resume(run_dir, **kwargs):
+        seen.update(kwargs)
+        raise FedsimError("no run here")
+
+    monkeypatch.setattr(api, "resume", resume)
+    assert cli.main(["run", "--resume", "x"]) == 2
+    assert seen["stop_within"] == signals.STOP_WITHIN_S < 30  # before a scheduler's SIGKILL
 
 
 RAY = "/v/lib/python3.11/site-packages/ray"
@@ -172,6 +216,7 @@ WORKERS = [
     b"ray::IDLE" + b" " * 40,  # Ray's titles pad the command line
     b"ray::ClientAppActor.run" + b" " * 40,
     f"/v/bin/python\0{RAY}/_private/workers/default_worker.py\0--node-ip-address=1".encode(),
+    f"/v/bin/python\0-s\0{RAY}/_private/workers/default_worker.py\0--node-ip-address=1".encode(),
 ]
 NOT_WORKERS = [
     b"ray::DashboardAgent" + b" " * 40,
