@@ -93,14 +93,11 @@ class Signals:
         if self.done.wait(CLIENT_GRACE_S):
             return
         while not self.done.wait(0.5):
-            if time.monotonic() > deadline:
-                stacks = _dump_stacks()
-                if self.done.is_set():  # the run returned meanwhile
-                    return
+            if time.monotonic() > deadline and not self.done.is_set():  # not returned since
                 self._abort(
                     self.signum,
                     f"fedsim: the run did not stop within {self.stop_within:.0f} s: aborting "
-                    f"(its threads' stacks, for a bug report: {stacks})",
+                    f"(its threads' stacks, for a bug report: {_dump_stacks()})",
                 )
             kill_clients(self.tag)
 
