@@ -89,7 +89,8 @@ class Signals:
         threading.Thread(target=self._end_clients, daemon=True).start()
 
     def _end_clients(self) -> None:
-        deadline = time.monotonic() + (self.stop_within or float("inf"))
+        within = float("inf") if self.stop_within is None else self.stop_within
+        deadline = time.monotonic() + within
         if self.done.wait(CLIENT_GRACE_S):
             return
         while not self.done.wait(0.5):

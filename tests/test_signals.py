@@ -197,7 +197,7 @@ def test_a_script_s_own_process_is_not_ended_unasked(monkeypatch, tmp_path):
     handler.done.set()
 
 
-def test_the_command_bounds_a_stop_and_a_script_waits(monkeypatch, capsys):
+def test_the_command_bounds_a_stop_and_a_script_waits(monkeypatch):
     for call in (api.run, api.resume, run_experiment):  # a script's own process: waited for
         assert inspect.signature(call).parameters["stop_within"].default is None
     seen = {}
