@@ -14,6 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real simulations first, each module's tests still in their order.
+
+    pytest-xdist's worksteal hands each worker a contiguous share of this list and lets
+    an idle worker take the end of another's queue. With the minutes-long runs first, the
+    suite ends on tests of a second or less, not with one worker idle while the other
+    starts a two-minute run.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -92,14 +92,21 @@ def kill_supernode(tmp_path, name):
     assert killed, f"no process of {name} found"
 
 
-def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
+def test_deploy_tls_auth_node_data_own_parts_and_a_supernode_killed_mid_run(tmp_path):
+    """One deployment, as a user's across machines: TLS, SuperNode auth, each node's own
+    data folder, the README's own model from the folder it runs in, FedProx, and one
+    SuperNode crashing while round 1 trains."""
+    sizes = {"server": 40, "a": 120, "b": 80}
+    for name, n in sizes.items():
+        (tmp_path / name).mkdir()
+        fake_mnist(tmp_path / name, n=n)
+    (tmp_path / "nets.py").write_text(readme_example()[0])
     # round-timeout well above a round's time on a loaded machine: the SuperLink itself
     # reports the dead node after two missed heartbeats (Flower's interval is 30 s)
-    args = ["deploy", "--num-nodes", "2", "--out", "out", "--timeout", "500"]
+    args = ["deploy", "--tls", "--auth", "--node-data-dir", "a", "--node-data-dir", "b"]
+    args += ["--out", "out", "--timeout", "500", "--set", "dataset=mnist data-dir=server"]
     args += ["--set", "num-rounds=2", "--set", "round-timeout=120", "--set", "min-clients=1"]
-    # the README's own model and dataset, from the folder it runs in, and FedProx
-    (tmp_path / "nets.py").write_text(readme_example()[0])
-    args += ["--set", "model='nets:MLP' dataset='nets:blobs' strategy='fedprox' proximal-mu=0.01"]
+    args += ["--set", "model='nets:MLP' strategy='fedprox' proximal-mu=0.01"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedsim.experiments.cli", *args],
         cwd=tmp_path,
@@ -119,11 +126,14 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
         stop_tree(proc)
     stdout = "".join(lines) + line + out
     assert proc.returncode == 0, stdout + err
-    assert re.search(r"SuperLink at 127\.0\.0\.1:\d+ \(insecure\), 2 SuperNodes", stdout)
+    assert re.search(r"SuperLink at 127\.0\.0\.1:\d+ \(TLS, SuperNode auth\), 2 SuperNodes", stdout)
     assert "supernode-1 exited (code -9)" in stdout and "rounds go on without it" in stdout
     summary, rounds = check_results(tmp_path / "out", 2)
     assert summary["num_clients"] == 2
     assert (summary["config"]["model"], summary["config"]["strategy"]) == ("nets:MLP", "fedprox")
+    # each node trained on all of its own data, not on a partition of the server's
+    partition = read_csv(tmp_path / "out" / "partition.csv")
+    assert [int(r["num_examples"]) for r in partition] == [sizes["a"], sizes["b"]]
     assert [r["clients"] for r in rounds[1:]] == ["0 1", "0 1"]
     # reported by the SuperLink after two missed heartbeats, before round-timeout
     assert all(r["dropped"].startswith("1: Error: Node Unavailable") for r in rounds[1:]), rounds
@@ -135,32 +145,11 @@ def test_deploy_insecure_and_a_supernode_killed_mid_run(tmp_path):
     # deployed clients draw secure noise and keep their label counts to themselves
     assert summary["noise"]["kind"] == "secure" and summary["engine"] == "deployment"
     assert summary["training"] == {"per_sample": "fast", "device": None}  # each node's own
-    partition = read_csv(tmp_path / "out" / "partition.csv")
     assert {r["labels"] for r in partition} == {"unknown"}
     # every process stopped, the work folder removed, no partial results left
     assert not (tmp_path / "out" / "private" / "checkpoint.pt").exists()
     assert_all_stopped(tmp_path)
     assert not list(tmp_path.glob("fedsim-deploy-*")) and not list(tmp_path.glob(".*.partial"))
-
-
-def test_deploy_tls_auth_and_node_data_dirs(tmp_path):
-    sizes = {"server": 40, "a": 120, "b": 80}
-    for name, n in sizes.items():
-        (tmp_path / name).mkdir()
-        fake_mnist(tmp_path / name, n=n)
-    result = fedsim(
-        "deploy", "--tls", "--auth", "--set", "num-rounds=1", "--set", "dataset=mnist",
-        "--set", "data-dir=server", "--node-data-dir", "a", "--node-data-dir", "b",
-        "--out", "out", "--timeout", "500",
-        tmp_path=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "(TLS, SuperNode auth), 2 SuperNodes" in result.stdout
-    check_results(tmp_path / "out", 1)
-    # each node trained on all of its own data, not on a partition of the server's
-    partition = read_csv(tmp_path / "out" / "partition.csv")
-    assert [int(r["num_examples"]) for r in partition] == [sizes["a"], sizes["b"]]
-    assert_all_stopped(tmp_path)
 
 
 def _ctrl_c_reaches_it():

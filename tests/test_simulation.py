@@ -48,19 +48,17 @@ def start_resume(out):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    base, stdout = once_per_session(tmp_path_factory, "sim", _two_runs)
+def small_run(tmp_path_factory):
+    base, stdout = once_per_session(tmp_path_factory, "sim", _small_run)
     return base, subprocess.CompletedProcess([], 0, stdout, "")
 
 
-def _two_runs(base):
-    runs = [start_run(base / "a"), start_run(base / "b")]  # at once: their own Rays and folders
-    first, _ = [finish(run) for run in runs]
-    return first.stdout
+def _small_run(base):
+    return fedsim_run(base / "a").stdout
 
 
-def test_results_complete_and_no_partial_left(two_runs):
-    base, first = two_runs
+def test_results_complete_and_no_partial_left(small_run):
+    base, first = small_run
     out = base / "a"
     for name in (
         "summary.json",
@@ -89,6 +87,7 @@ def test_results_complete_and_no_partial_left(two_runs):
         assert key in summary
     assert summary["privacy_unit"] == "sample" and summary["config"]["num-clients"] == 3
     assert summary["training"] == {"per_sample": "fast", "device": "cpu"}
+    assert summary["noise"]["kind"] == "seeded" and "seed (0" in summary["noise"]["meaning"]
     software = summary["software"]
     assert software["torch"] == torch.__version__ and software["opacus"] == opacus.__version__
     assert software["flwr"].startswith("1.42.") and software["fedsim"] and software["dp-accounting"]
@@ -103,16 +102,8 @@ def test_results_complete_and_no_partial_left(two_runs):
     assert "INFO" not in first.stdout
 
 
-def test_same_seed_same_accuracies(two_runs):
-    base, _ = two_runs
-    acc = [[r["accuracy"] for r in read_csv(base / run / "rounds.csv")] for run in "ab"]
-    assert acc[0] == acc[1]
-    summary = json.loads((base / "a" / "summary.json").read_text())
-    assert summary["noise"]["kind"] == "seeded" and "seed (0" in summary["noise"]["meaning"]
-
-
-def test_summary_epsilon_equals_independent_composition(two_runs):
-    base, _ = two_runs
+def test_summary_epsilon_equals_independent_composition(small_run):
+    base, _ = small_run
     summary = json.loads((base / "a" / "summary.json").read_text())
     ledger = json.loads((base / "a" / "privacy.json").read_text())
     assert ledger["accountant"] == summary["accountant"] == "rdp"
@@ -134,8 +125,8 @@ def test_summary_epsilon_equals_independent_composition(two_runs):
         assert [e["round"] for e in entries] == trained
 
 
-def test_dropout_finishes_and_records_dropped_clients(two_runs):
-    out = two_runs[0] / "a"
+def test_dropout_finishes_and_records_dropped_clients(small_run):
+    out = small_run[0] / "a"
     rounds = read_csv(out / "rounds.csv")[1:]
     dropped = {int(r["round"]): r["dropped"] for r in rounds if r["dropped"]}
     assert dropped, "with seed 0, 30% dropout drops someone in these rounds"
@@ -147,20 +138,26 @@ def test_dropout_finishes_and_records_dropped_clients(two_runs):
             assert r in [e["round"] for e in ledger[client]]
 
 
-def run_until(args, round_no, sig, cwd):
-    """Start ``fedsim ARGS``, send ``sig`` to its process group once ``round_no`` is printed."""
+def run_until(args, round_no, sig, cwd, *, group=True):
+    """Start ``fedsim ARGS``; once ``round_no`` is printed, send ``sig`` to its process
+    group (as a terminal's Ctrl-C does) or, not ``group``, to the command alone (as
+    ``kill PID`` or a batch scheduler does). The process, the seconds it took to end after
+    the signal, and what was left of its session."""
     proc = start_fedsim(*args, cwd=cwd, new_session=True)
+    sent = time.monotonic()
     try:
         for line in proc.stdout:
             if line.startswith(f"round {round_no:>3}/"):
-                os.killpg(proc.pid, sig)
+                sent = time.monotonic()
+                (os.killpg if group else os.kill)(proc.pid, sig)
                 break
         proc.wait(timeout=120)
     finally:
+        seconds = time.monotonic() - sent
         leftovers = _session_processes(proc.pid)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
-    return proc, leftovers
+    return proc, seconds, leftovers
 
 
 def _session_processes(sid):
@@ -179,8 +176,8 @@ def without_seconds(path):
 
 
 @pytest.fixture(scope="module")
-def reference(two_runs):
-    return without_seconds(two_runs[0] / "a" / "rounds.csv")
+def reference(small_run):
+    return without_seconds(small_run[0] / "a" / "rounds.csv")
 
 
 PUBLISHABLE = ("summary.json", "rounds.csv", "privacy.json", "partition.csv")
@@ -211,17 +208,21 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
 
 
 def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
-    """Ctrl-C after round 1; the resumed run is SIGKILLed after round 2; resumed again, the
-    run ends with the rounds of the uninterrupted one."""
+    """SIGTERM to the command after round 1, as a batch scheduler sends it; the resumed run
+    is SIGKILLed after round 2, as a crash; resumed again, the run ends with the rounds of
+    the uninterrupted one, accuracies and all: the same seed, the same run."""
     out = tmp_path / "run"
-    args = [a for s in SMALL for a in ("--set", s)]
-    stopped, leftovers = run_until(["run", "--out", str(out), *args], 1, signal.SIGINT, tmp_path)
+    args = ["run", "--out", str(out), *(a for s in SMALL for a in ("--set", s))]
+    stopped, seconds, leftovers = run_until(args, 1, signal.SIGTERM, tmp_path, group=False)
     stderr = stopped.stderr.read()
-    assert stopped.returncode == 130, stderr
+    assert stopped.returncode == 143, stderr
+    # Ray's C++ core runs by now: had it taken the SIGTERM, it would dump its stack, exit 134
+    assert stderr.startswith("fedsim: stopped by SIGTERM") and "SIGTERM received" not in stderr
     assert f"continue with: fedsim run --resume {out}" in stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
     assert not out.exists()
-    killed, leftovers = run_until(["run", "--resume", str(out)], 2, signal.SIGKILL, tmp_path)
+    killed, _, leftovers = run_until(["run", "--resume", str(out)], 2, signal.SIGKILL, tmp_path)
     assert killed.returncode == -signal.SIGKILL
     assert leftovers == [], "Ray or worker processes outlived the run"
     assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").exists()
