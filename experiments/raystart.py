@@ -50,9 +50,11 @@ def ray_init_args(config: FedsimConfig, *, verbose: bool) -> dict[str, Any]:
     would join those otherwise). It gets only the CPUs of the run's
     ``simulation_workers`` (Flower starts as many workers as the CPUs fit: 16 on a
     16-core machine, whatever the run needs), and its workers import
-    ``WORKER_PRELOAD`` as they start. Any other address is handed to
-    ``ray.init(address=...)``, with the driver's ``sys.path`` for the cluster's workers,
-    as Flower would pass it; a running cluster takes no settings of ours.
+    ``WORKER_PRELOAD`` as they start. Ray starts one worker per CPU ahead of time, unless
+    fewer actors than CPUs are certain (``client-cpus`` above 1 on CPUs alone). Any
+    other address is handed to ``ray.init(address=...)``, with the driver's ``sys.path``
+    for the cluster's workers, as Flower would pass it; a running cluster takes no
+    settings of ours.
     """
     args: dict[str, Any] = {
         "address": config.ray_address or "local",
@@ -68,6 +70,11 @@ def ray_init_args(config: FedsimConfig, *, verbose: bool) -> dict[str, Any]:
     # no runtime_env here: one would keep Flower's actors out of the workers that Ray
     # starts (and warms) with the cluster; they inherit PYTHONPATH instead
     args["_system_config"] = {"preload_python_modules": [WORKER_PRELOAD]}
+    if config.client_gpus == 0 and config.client_cpus > 1:
+        # Ray starts a worker per CPU as the driver connects, and each imports the client
+        # app (10 s of CPU); Flower makes an actor per client-cpus CPUs, so the others
+        # would sit idle. Then the actors' own workers start as Flower makes them.
+        args["_system_config"]["prestart_worker_first_driver"] = False
     return args
 
 

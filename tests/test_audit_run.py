@@ -126,7 +126,7 @@ def test_a_correct_mechanism_at_epsilon_1_is_not_contradicted():
 def test_a_run_without_dp_shows_a_clear_leak(tmp_path):
     sets = [
         "dp='none'", "audit-canaries=1000", "num-clients=2", "clients-per-round=2",
-        "local-epochs=5", "num-rounds=10", "lr=0.2",
+        "local-epochs=5", "num-rounds=10", "lr=0.2", "client-cpus=2",  # one Ray worker
     ]  # fmt: skip
     args = [a for s in sets for a in ("--set", s)]
     out = subprocess.run(

@@ -1,10 +1,15 @@
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import sklearn.datasets
+from sklearn.model_selection import train_test_split
 
 from fedsim.data import load_dataset
 from fedsim.data.images import read_idx
+from fedsim.data.split import stratified_split
 from fedsim.errors import FedsimError
 
 
@@ -24,10 +29,45 @@ def fake_mnist(folder, *, gz=False, n=20):
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n), gz=gz)
 
 
-def test_digits_is_embedded():
+def test_digits_is_embedded_and_split_as_scikit_learn_split_it():
     ds = load_dataset("digits")
     assert ds.x_train.shape == (1437, 1, 8, 8) and ds.x_test.shape == (360, 1, 8, 8)
     assert set(np.unique(ds.y_train)) == set(range(10))
+    bunch = sklearn.datasets.load_digits()  # what the loader read before, and how
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    parts = train_test_split(x, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0)
+    for ours, theirs in zip((ds.x_train, ds.x_test, ds.y_train, ds.y_test), parts, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("counts", [[2, 2], [5, 3, 9, 2], [7] * 6, [40, 3, 3, 3, 11], [2, 90]])
+@pytest.mark.parametrize("test_size", [0.2, 0.5, 0.35])
+def test_stratified_split_draws_what_scikit_learn_draws(counts, test_size):
+    """Remainder ties, uneven classes, text labels: the same indices, in the same order."""
+    rng = np.random.default_rng(sum(counts))
+    y = rng.permutation(np.repeat(np.array([f"c{i}" for i in range(len(counts))]), counts))
+    x = np.arange(len(y) * 3).reshape(len(y), 3)
+    try:
+        theirs = train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
+    except ValueError:  # too few samples for the classes: refused in one line instead
+        with pytest.raises(FedsimError, match="cannot hold"):
+            stratified_split(x, y, test_size)
+        return
+    for ours, expected in zip(stratified_split(x, y, test_size), theirs, strict=True):
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_label_with_one_example_cannot_be_split():
+    y = np.array([0, 0, 1, 1, 2, 0, 1])
+    with pytest.raises(FedsimError, match=r"label\(s\) \[2\] have a single example"):
+        stratified_split(np.zeros((7, 2)), y)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    code = "import sys; from fedsim.data import load_dataset; load_dataset('digits'); "
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("gz", [False, True])

@@ -112,6 +112,22 @@ def test_a_local_ray_gets_the_cpus_of_the_workers_a_run_needs(values, cpus, monk
 
 
 @pytest.mark.parametrize(
+    ("values", "ahead"),
+    [
+        ({}, True),  # a worker per CPU, an actor per worker: each starts warm
+        ({"client-cpus": 0.5}, True),  # more actors than CPUs
+        ({"client-cpus": 2}, False),  # half the CPUs' workers would never host a client
+        ({"client-cpus": 2, "client-gpus": 0.5}, True),  # GPUs may decide: Ray's default
+    ],
+)
+def test_ray_starts_workers_ahead_only_where_each_hosts_an_actor(values, ahead, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    system = ray_init_args(parse_config(values), verbose=False)["_system_config"]
+    assert system.get("prestart_worker_first_driver", True) is ahead
+    assert system["preload_python_modules"] == [WORKER_PRELOAD]
+
+
+@pytest.mark.parametrize(
     ("host", "local"),
     [
         ("127.0.0.1", True),

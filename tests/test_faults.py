@@ -11,7 +11,8 @@ from tests.conftest import ROOT, once_per_session
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-SMALL = ["num-clients=4", "clients-per-round=4", "num-rounds=2", "batch-size=64"]
+# client-cpus=2: one Ray worker hosts the clients, 12 s less CPU a run on 2 cores
+SMALL = ["num-clients=4", "clients-per-round=4", "num-rounds=2", "batch-size=64", "client-cpus=2"]
 
 
 def sets(*items):

@@ -21,7 +21,8 @@ from fedsim.experiments.run import run_experiment
 from tests.conftest import start_fedsim
 
 pytestmark = pytest.mark.slow
-SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300"]
+# client-cpus=2: one Ray worker hosts the clients, 12 s less CPU a run on 2 cores
+SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300", "client-cpus=2"]
 
 
 def start(out, tmp_path, sets=SLOW_CLIENTS):
@@ -94,27 +95,6 @@ def stop_and_time(proc, *signals, group=False):
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     return time.monotonic() - started, leftovers, stderr, stdout
-
-
-def test_sigterm_abandons_the_round_and_exits_143_within_seconds(tmp_path):
-    out = tmp_path / "run"
-    proc = start(out, tmp_path)
-    wait_for_round_zero(proc)
-    seconds, leftovers, stderr, stdout = stop_and_time(proc, signal.SIGTERM)
-    assert proc.returncode == 143, stderr
-    # a stop that hangs in Flower or Ray is aborted after STOP_WITHIN_S: the same status,
-    # and the checkpoint resumes all the same (once in about ten suites, it hung here)
-    assert seconds < signals.STOP_WITHIN_S + 10, f"took {seconds:.1f} s to stop"
-    if "did not stop within" in stdout:  # passes, and says so in the suite's summary
-        line = next(line for line in stdout.splitlines() if "did not stop within" in line)
-        warnings.warn(f"the stop hung and was aborted: {line}", stacklevel=1)
-    else:
-        # Ray's core is up: had it taken the signal, it would dump its stack, exit 134
-        assert stderr.startswith("fedsim: stopped by SIGTERM"), stderr
-        assert f"fedsim run --resume {out}" in stderr and "SIGTERM received" not in stderr
-    assert "Traceback" not in stderr
-    assert leftovers == [], "Ray or worker processes outlived the run"
-    assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").is_file()
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
@@ -229,10 +209,15 @@ def test_a_stop_spares_ray_itself_and_the_run(cmdline):
     assert not signals.is_ray_worker(cmdline)
 
 
-def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path):
-    """A batch scheduler's SIGTERM goes to the sweep alone: its points must stop too."""
+def test_sigterm_to_a_sweep_stops_its_running_point_mid_round_and_starts_no_other(tmp_path):
+    """A batch scheduler's SIGTERM goes to the sweep alone: its points must stop too.
+
+    The running point is a ``fedsim run`` whose clients straggle in round 1: it must
+    abandon the round, keep its checkpoint and exit 143 within seconds, the run's own
+    handling of SIGTERM, not Ray's.
+    """
     out = tmp_path / "sweep"
-    sets = "num-rounds=3 straggler-prob=1.0 straggler-delay=300"
+    sets = " ".join(SLOW_CLIENTS)
     args = ["--grid", "target-epsilon=4", "--seeds", "0,1", "--jobs", "1", "--set", sets]
     proc = start_fedsim("sweep", *args, "--out", str(out), cwd=tmp_path, new_session=True)
     log = out / "logs" / "target-epsilon=4_seed=0.log"
@@ -243,13 +228,25 @@ def test_sigterm_to_a_sweep_stops_its_running_point_and_starts_no_other(tmp_path
     time.sleep(3.0)  # round 1 is under way, its clients straggling
     seconds, leftovers, stderr, _ = stop_and_time(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
-    assert "sweep stopped by SIGTERM" in stderr and seconds < 30, (seconds, stderr)
+    # a point's stop that hangs in Flower or Ray is aborted after STOP_WITHIN_S: the same
+    # status, and the checkpoint resumes all the same (once in about ten suites, it hung)
+    assert "sweep stopped by SIGTERM" in stderr, stderr
+    assert seconds < signals.STOP_WITHIN_S + 10, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "a point's processes outlived the sweep"
-    assert "stopped by SIGTERM" in log.read_text()
-    assert (out / ".target-epsilon=4_seed=0.partial").is_dir()
+    point = log.read_text()
+    if "did not stop within" in point:  # passes, and says so in the suite's summary
+        line = next(line for line in point.splitlines() if "did not stop within" in line)
+        warnings.warn(f"the stop hung and was aborted: {line}", stacklevel=1)
+    else:
+        # Ray's core is up: had it taken the signal, it would dump its stack, exit 134
+        assert "fedsim: stopped by SIGTERM" in point and "SIGTERM received" not in point
+        assert "fedsim run --resume" in point, point
+    assert "Traceback" not in point
+    partial = out / ".target-epsilon=4_seed=0.partial"
+    assert (partial / "private" / "checkpoint.pt").is_file()
     assert not (out / "logs" / "target-epsilon=4_seed=1.log").exists()
     # continued with another base config, it is refused before anything runs
-    again = start_fedsim("sweep", "--grid", "target-epsilon=4", "--seeds", "0,1",
+    again = start_fedsim("sweep", "--grid", "target-epsilon=4", "--seeds", "0,1", "--set", sets,
                          "--set", "num-rounds=5", "--out", str(out), cwd=tmp_path)  # fmt: skip
     _, err = again.communicate(timeout=120)
     assert again.returncode == 2

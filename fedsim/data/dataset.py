@@ -8,6 +8,7 @@ are imported only when their dataset is loaded (``fedsim.registry``).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,13 @@ import numpy as np
 from fedsim.config import FedsimConfig, check_task
 from fedsim.data.checks import check_dataset
 from fedsim.data.partition import partition_dataset
+from fedsim.data.split import stratified_split
 from fedsim.errors import FedsimError, blamed
 from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, is_import_path, resolve
 
 PAD_ID, UNK_ID = 0, 1  # token ids: padding (text is right-padded), and unknown tokens
 HF_PREFIX = "hf:"
+DIGITS_FILE = "datasets/data/digits.csv.gz"  # inside scikit-learn
 
 
 @dataclass(frozen=True)
@@ -57,24 +60,27 @@ def load_digits(data_dir: Path | None = None) -> Dataset:
 
     The split does not depend on the experiment seed, so runs with different seeds are
     evaluated on the same 360 test images. ``lstm`` and ``transformer`` read each image
-    as a sequence of its 8 rows of 8 pixels.
+    as a sequence of its 8 rows of 8 pixels. The file is read where scikit-learn is
+    installed, without importing it (2 s in every process of a run).
     """
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    data = np.loadtxt(installed_file("sklearn", DIGITS_FILE), delimiter=",")  # (1797, 65)
+    x = (data[:, :-1] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
+    y = data[:, -1].astype(np.int64)
     x_train, x_test, y_train, y_test = stratified_split(x, y)
     return Dataset("digits", x_train, y_train, x_test, y_test, 10, (1, 8, 8))
 
 
-def stratified_split(
-    x: np.ndarray, y: np.ndarray, test_size: float = 0.2
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fixed (seed-independent) stratified split: x_train, x_test, y_train, y_test."""
-    from sklearn.model_selection import train_test_split
-
-    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=0)
+def installed_file(package: str, relative: str) -> Path:
+    """A data file inside an installed ``package``, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(folders[0]) / relative if folders else None
+    if path is None or not path.is_file():
+        raise FedsimError(
+            f"{relative} of the package {package} is missing; reinstall it "
+            f"(./install.sh, or pip install --force-reinstall {package})"
+        )
+    return path
 
 
 def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:

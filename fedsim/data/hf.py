@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.data.dataset import HF_PREFIX, Dataset, check_labels, stratified_split
+from fedsim.data.dataset import HF_PREFIX, Dataset, check_labels
+from fedsim.data.split import stratified_split
 from fedsim.data.text import text_dataset
 from fedsim.errors import FedsimError
 from fedsim.registry import IMAGE, TEXT_CLASSIFICATION

@@ -21,13 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.data.dataset import (
-    PAD_ID,
-    TEXT_CLASSIFICATION,
-    Dataset,
-    stratified_split,
-    token_array,
-)
+from fedsim.data.dataset import PAD_ID, TEXT_CLASSIFICATION, Dataset, token_array
+from fedsim.data.split import stratified_split
 from fedsim.errors import FedsimError
 
 SEQ_LEN = 64
