@@ -16,6 +16,7 @@ from pathlib import Path
 from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
 from fedsim.errors import FedsimError, RunInterrupted, first_line
 from fedsim.experiments.machine import check_machine
+from fedsim.experiments.rundir import check_new
 from fedsim.experiments.signals import STOP_WITHIN_S
 from fedsim.results import Result, load_run, report
 
@@ -171,6 +172,8 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
 
     check_machine(config)  # no GPU where one is certainly absent: said before Ray starts
     dataset = load_checked(config)
+    if args.out is not None:
+        check_new(args.out, force=args.force)  # a taken --out, before Ray starts (8 s)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 
     with RayStart(config, verbose=args.verbose) as ray_start:
@@ -201,6 +204,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         check_node_data(config, args.node_data_dirs)
     else:
         dataset = load_checked(config)
+    if args.out is not None:
+        check_new(args.out)  # a taken --out, before the engine imports
     from fedsim.experiments import deploy  # the engine: torch, Flower, certificates
 
     folder = deploy.deploy(

@@ -84,16 +84,21 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
     try:
         staging.mkdir(parents=True)  # parents: one a failing run just removed
     except FileExistsError:
-        holder = lock_holder(staging)
-        if holder:
-            raise FedsimError(_busy(run_dir, holder)) from None
-        raise FedsimError(
-            f"{run_dir} has an unfinished run; continue it with --resume {run_dir} "
-            f"or remove {staging}"
-        ) from None
+        raise _unfinished(run_dir, staging) from None
     except OSError as exc:
         raise file_error(run_dir, exc, "choose another --out") from None
     return _lock(staging, run_dir, made)
+
+
+def check_new(run_dir: Path, *, force: bool = False) -> None:
+    """Refuse, in one line and creating nothing, a ``run_dir`` that ``claim_new`` would.
+
+    The command asks this before Ray starts (8 s); ``claim_new`` still decides, later.
+    """
+    run_dir = _absolute(run_dir)
+    check_replaceable(run_dir, force=force)
+    if staging_dir(run_dir).exists():
+        raise _unfinished(run_dir, staging_dir(run_dir))
 
 
 def claim_default(out_dir: str | Path, name: str) -> Claim:
@@ -193,6 +198,15 @@ def _make_parent(staging: Path, fix: str) -> tuple[Path, ...]:
 def _pid_in(fd: int) -> str:
     """The pid a lock file holds (written by :func:`_lock`)."""
     return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _unfinished(run_dir: Path, staging: Path) -> FedsimError:
+    holder = lock_holder(staging)
+    if holder:
+        return FedsimError(_busy(run_dir, holder))
+    return FedsimError(
+        f"{run_dir} has an unfinished run; continue it with --resume {run_dir} or remove {staging}"
+    )
 
 
 def _busy(run_dir: Path, holder: str) -> str:

@@ -94,6 +94,8 @@ def test_bad_input_as_its_own_process(tmp_path):
         ["run", "--set", "num-clients=5000"],
         ["run", "--set", "dataset=mnist"],
         ["run", "--set", "client-cpus=4096"],
+        ["run", "--out", "."],  # the folder it runs in: it exists
+        ["deploy", "--out", "."],
         ["deploy", "--set", "num-rnds=3"],
         ["deploy", "--num-nodes", "2", "--set", "num-clients=3"],
         ["deploy", "--set", "secure-noise=false"],
