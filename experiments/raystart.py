@@ -69,7 +69,10 @@ def ray_init_args(config: FedsimConfig, *, verbose: bool) -> dict[str, Any]:
     args["num_cpus"] = min(os.cpu_count() or 1, needed)
     # no runtime_env here: one would keep Flower's actors out of the workers that Ray
     # starts (and warms) with the cluster; they inherit PYTHONPATH instead
-    args["_system_config"] = {"preload_python_modules": [WORKER_PRELOAD]}
+    # Ray runs its workers at nice 15, and here they do the run's work: beside any busy
+    # process (another run, a test suite, an editor) they got a 36th of a core's share
+    # (28 s runs took 235 s); at 0 they inherit the niceness the command was started with
+    args["_system_config"] = {"preload_python_modules": [WORKER_PRELOAD], "worker_niceness": 0}
     if config.client_gpus == 0 and config.client_cpus > 1:
         # Ray starts a worker per CPU as the driver connects, and each imports the client
         # app (10 s of CPU); Flower makes an actor per client-cpus CPUs, so the others

@@ -80,7 +80,10 @@ def test_run_config_file_round_trips():
 def test_ray_address_goes_to_ray_init():
     local = ray_init_args(parse_config({}), verbose=False)
     assert local["address"] == "local"
-    assert local["_system_config"] == {"preload_python_modules": [WORKER_PRELOAD]}
+    assert local["_system_config"] == {
+        "preload_python_modules": [WORKER_PRELOAD],
+        "worker_niceness": 0,  # the clients do the run's work: not Ray's nice 15
+    }
     assert "runtime_env" not in local  # one would keep Flower's actors out of warm workers
     auto = ray_init_args(parse_config({"ray-address": "auto"}), verbose=False)
     assert "num_cpus" not in auto and "_system_config" not in auto  # a cluster takes neither

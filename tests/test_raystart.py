@@ -32,6 +32,9 @@ def test_a_local_ray_s_workers_import_the_client_app_before_their_first_call():
         def tag(self):
             return os.environ.get(RUN_TAG_VAR)
 
+        def niceness(self):
+            return os.nice(0)
+
         def datasets(self):  # loaded into the clients' cache before any client asked
             from fedsim.clients import task
 
@@ -44,6 +47,9 @@ def test_a_local_ray_s_workers_import_the_client_app_before_their_first_call():
         found = ray.get(probe.modules.remote(PRELOADED), timeout=120)
         assert found == dict.fromkeys(PRELOADED, True)
         assert ray.get(probe.tag.remote()) == started.tag
+        # as the command's own, not Ray's 15: beside a busy process, a client got a 36th
+        # of a core's share
+        assert ray.get(probe.niceness.remote()) == os.nice(0)
         assert ray.get(probe.datasets.remote()) == 1
     assert not ray.is_initialized()
     assert tagged(started.tag, var=RUN_TAG_VAR) == []  # every process of the run is gone
