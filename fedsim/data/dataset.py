@@ -61,7 +61,7 @@ def load_digits(data_dir: Path | None = None) -> Dataset:
     The split does not depend on the experiment seed, so runs with different seeds are
     evaluated on the same 360 test images. ``lstm`` and ``transformer`` read each image
     as a sequence of its 8 rows of 8 pixels. The file is read where scikit-learn is
-    installed, without importing it (2 s in every process of a run).
+    installed, without importing it (2 s on its own).
     """
     data = np.loadtxt(installed_file("sklearn", DIGITS_FILE), delimiter=",")  # (1797, 65)
     x = (data[:, :-1] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8)
