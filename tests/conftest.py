@@ -18,9 +18,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real simulations first, each module's tests still in their order.
 
     pytest-xdist's worksteal hands each worker a contiguous share of this list and lets
-    an idle worker take the end of another's queue. With the minutes-long runs first, the
-    suite ends on tests of a second or less, not with one worker idle while the other
-    starts a two-minute run.
+    an idle worker take the end of another's queue. The minutes-long runs (the longest,
+    a deployment that waits a minute on Flower's heartbeat) then start early, while the
+    other worker has short tests to run beside them, not last with nothing beside them.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
 
