@@ -97,8 +97,9 @@ def check_new(run_dir: Path, *, force: bool = False) -> None:
     """
     run_dir = _absolute(run_dir)
     check_replaceable(run_dir, force=force)
-    if staging_dir(run_dir).exists():
-        raise _unfinished(run_dir, staging_dir(run_dir))
+    staging = staging_dir(run_dir)
+    if staging.exists():
+        raise _unfinished(run_dir, staging)
 
 
 def claim_default(out_dir: str | Path, name: str) -> Claim:
