@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,15 +92,22 @@ def claim_new(run_dir: Path, *, force: bool = False) -> Claim:
 
 
 def check_new(run_dir: Path, *, force: bool = False) -> None:
-    """Refuse, in one line and creating nothing, a ``run_dir`` that ``claim_new`` would.
+    """Refuse, in one line and leaving nothing, a ``run_dir`` that ``claim_new`` would.
 
     The command asks this before Ray starts (8 s); ``claim_new`` still decides, later.
+    Where the staging folder could not be made (no rights, a read-only disk, a file on
+    the path), a folder made and removed in the nearest existing one above says so.
     """
     run_dir = _absolute(run_dir)
     check_replaceable(run_dir, force=force)
     staging = staging_dir(run_dir)
     if staging.exists():
         raise _unfinished(run_dir, staging)
+    nearest = next(folder for folder in staging.parents if folder.exists())
+    try:
+        Path(tempfile.mkdtemp(prefix=".fedsim-probe-", dir=nearest)).rmdir()
+    except OSError as exc:
+        raise file_error(run_dir, exc, "choose another --out") from None
 
 
 def claim_default(out_dir: str | Path, name: str) -> Claim:

@@ -91,6 +91,23 @@ def test_force_replaces_only_a_finished_run_or_an_empty_folder(tmp_path):
     rundir.check_replaceable(tmp_path / "empty", force=True)
 
 
+def test_an_unwritable_out_is_refused_before_the_engine_and_nothing_is_left(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    cases = {
+        tmp_path / "file" / "sub" / "run": "a part of the path is a file, not a folder",
+        Path("/proc/fedsim-run"): "(No such file or directory|permission denied)",
+    }
+    if os.geteuid() != 0:  # root writes anywhere
+        cases[tmp_path / "ro" / "run"] = "permission denied"
+    for out, why in cases.items():
+        with pytest.raises(FedsimError, match=f"cannot write {out}: {why}; choose another"):
+            rundir.check_new(out)
+    rundir.check_new(tmp_path / "new" / "run")  # a folder that can be made: nothing made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
 @pytest.mark.parametrize("where", [".", "file/sub", "/"])
 def test_unusable_out_folders_get_one_line(tmp_path, monkeypatch, where):
     monkeypatch.chdir(tmp_path)
