@@ -173,7 +173,7 @@ def _run(config: FedsimConfig, args: argparse.Namespace) -> Result:
     check_machine(config)  # no GPU where one is certainly absent: said before Ray starts
     dataset = load_checked(config)
     if args.out is not None:
-        check_new(args.out, force=args.force)  # a taken --out, before Ray starts (8 s)
+        check_new(args.out, force=args.force)  # a taken or unwritable --out, before Ray (8 s)
     from fedsim.experiments.raystart import RayStart  # Ray alone: 0.5 s
 
     with RayStart(config, verbose=args.verbose) as ray_start:
@@ -205,7 +205,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         dataset = load_checked(config)
     if args.out is not None:
-        check_new(args.out)  # a taken --out, before the engine imports
+        check_new(args.out)  # a taken or unwritable --out, before the engine imports
     from fedsim.experiments import deploy  # the engine: torch, Flower, certificates
 
     folder = deploy.deploy(
