@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,22 @@ def start_fedsim(*args: str, cwd: Path, new_session: bool = False) -> subprocess
         text=True,
         start_new_session=new_session,
     )
+
+
+def session_processes(sid: int, grace: float) -> list[int]:
+    """Live processes of session ``sid`` (a run started with ``new_session``), after up to
+    ``grace`` s for ones being ended to go.
+
+    Zombies are dead: a container's init may never reap the ones orphaned here.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True)
+        rows = (line.split() for line in ps.stdout.splitlines())
+        alive = [int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 # Runs `fedsim ARGS` for many (args, folder) cases in one Python process, each with its

@@ -324,6 +324,7 @@ def test_simulation_on_existing_ray_cluster(ray_head, tmp_path):
     result = fedsim(
         "run", "--out", "out", "--set", "num-clients=2", "--set", "clients-per-round=2",
         "--set", "num-rounds=1", "--set", f"ray-address='{address}'",
+        "--set", "client-cpus=2",  # one worker for both clients: 13 s less CPU on 2 cores
         tmp_path=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,6 +2,8 @@
 
 import math
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -95,11 +97,24 @@ def train_reply(config, pid):
     return encode_train_reply(ArrayRecord(state), report)
 
 
-class LoopbackGrid:
-    """A grid whose nodes are this process: a pushed message is answered at once."""
+SIMULATED_TRAIN = partial(client_app.train, deployment=False)
 
-    def __init__(self, nodes: int) -> None:
+
+class LoopbackGrid:
+    """A grid whose nodes are this process: a pushed message is answered at once.
+
+    ``train`` answers it; an exception of ``errors`` becomes an error reply, as Flower's
+    engine makes one of a ClientApp's exception, and any other fails the test.
+    """
+
+    def __init__(
+        self,
+        nodes: int,
+        train: Callable[[Message, Context], Message] = SIMULATED_TRAIN,
+        errors: tuple[type[Exception], ...] = (FedsimError,),
+    ) -> None:
         self.nodes, self.replies, self.pushed = list(range(100, 100 + nodes)), {}, []
+        self.train, self.errors = train, errors
 
     def get_node_ids(self):
         return self.nodes
@@ -111,8 +126,8 @@ class LoopbackGrid:
             self.pushed.append(msg)
             context = Context(1, msg.metadata.dst_node_id, {}, RecordDict(), {})
             try:
-                reply = client_app.train(msg, context, deployment=False)
-            except FedsimError as exc:
+                reply = self.train(msg, context)
+            except self.errors as exc:
                 reply = msg.create_error_reply(error=_error(str(exc)))
             self.replies[mid] = reply
             ids.append(mid)

@@ -1,7 +1,8 @@
 """SIGTERM and a second Ctrl-C stop a real run within seconds, leaving no process behind.
 
-Each client straggles for minutes, so that a run which waits for its round to end
-(what a signal used to do) fails these tests by its timing.
+In the real sweep here, each client straggles for minutes, so that a run which waits
+for its round to end (what a signal used to do) fails by its timing. Ctrl-C twice at a
+terminal, and SIGTERM to a run, are in tests/test_simulation.py's resume test.
 """
 
 import inspect
@@ -18,94 +19,34 @@ import pytest
 from fedsim.errors import FedsimError
 from fedsim.experiments import api, cli, signals
 from fedsim.experiments.run import run_experiment
-from tests.conftest import start_fedsim
+from tests.conftest import session_processes, start_fedsim
 
 pytestmark = pytest.mark.slow
 # client-cpus=2: one Ray worker hosts the clients, 12 s less CPU a run on 2 cores
 SLOW_CLIENTS = ["num-rounds=3", "straggler-prob=1.0", "straggler-delay=300", "client-cpus=2"]
 
 
-def start(out, tmp_path, sets=SLOW_CLIENTS):
-    args = [a for s in sets for a in ("--set", s)]
-    return start_fedsim("run", "--out", str(out), *args, cwd=tmp_path, new_session=True)
-
-
-def wait_for_round_zero(proc):
-    """Until round 1 is under way: round 0 printed and the clients' Ray workers started.
-
-    Ray's core installs its own signal handlers when it starts, so a signal sent before
-    then would not test the run's handling of it.
-    """
-    for line in proc.stdout:
-        if line.startswith("round   0/"):
-            break
-    else:
-        pytest.fail(f"the run ended before round 0: {proc.stderr.read()}")
-    # once, a worker ran its client under another title: then the clients straggle all
-    # the same, past this deadline
-    deadline = time.monotonic() + 30
-    while not ray_workers(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # its clients straggle
-
-
-def ray_workers(sid):
-    ps = subprocess.run(["ps", "-eo", "sid=,comm="], capture_output=True, text=True).stdout
-    rows = (line.split(None, 1) for line in ps.splitlines())
-    return [comm for s, comm in rows if int(s) == sid and comm.startswith("ray::ClientApp")]
-
-
-def session_processes(sid, grace=3.0):
-    """Live processes of the run's session, after ``grace`` s for SIGKILLed ones to go.
-
-    Zombies are dead: a container's init may never reap the ones orphaned here.
-    """
-    deadline = time.monotonic() + grace
-    while True:
-        ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True)
-        rows = (line.split() for line in ps.stdout.splitlines())
-        alive = [int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
-
-
-def stop_and_time(proc, *signals, group=False):
-    """Seconds until the run ended, processes of its session left, its stderr and stdout.
-
-    The signals go to the command alone, as ``kill PID`` sends them, or with ``group``
-    to its whole process group, Ray's processes too, as a terminal's Ctrl-C does.
+def stop_and_time(proc, sig):
+    """Seconds until the run ended after ``sig``, sent to the command alone as ``kill PID``
+    sends it; processes of its session left, its stderr and stdout.
 
     Both pipes are drained while waiting: a run that wrote more than a pipe holds would
     otherwise block on the write, and look like a run that ignores the signal.
     """
     started = time.monotonic()
-    for sig in signals:
-        (os.killpg if group else os.kill)(proc.pid, sig)
-        time.sleep(0.5)  # a second signal within SAME_SIGNAL_S would be the first again
+    os.kill(proc.pid, sig)
     try:
         stdout, stderr = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         ended = f"{stdout[-2000:]}\n{stderr[-2000:]}"
-        pytest.fail(f"still running 60 s after {signals}; its output ended:\n{ended}")
+        pytest.fail(f"still running 60 s after {sig!r}; its output ended:\n{ended}")
     finally:
-        leftovers = session_processes(proc.pid)
+        leftovers = session_processes(proc.pid, grace=3.0)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     return time.monotonic() - started, leftovers, stderr, stdout
-
-
-def test_a_second_ctrl_c_aborts_at_once(tmp_path):
-    """Ctrl-C twice at a terminal: each goes to the run's whole process group."""
-    proc = start(tmp_path / "run", tmp_path)
-    wait_for_round_zero(proc)
-    seconds, leftovers, stderr, _ = stop_and_time(proc, signal.SIGINT, signal.SIGINT, group=True)
-    assert proc.returncode == 130, stderr
-    assert seconds < 15, f"took {seconds:.1f} s to stop"
-    assert "Traceback" not in stderr
-    assert leftovers == [], "Ray or worker processes outlived the run"
 
 
 def test_one_signal_delivered_twice_stops_the_run_and_does_not_abort_it(monkeypatch):

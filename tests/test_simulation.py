@@ -15,7 +15,7 @@ from dp_accounting import rdp
 
 from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.results import read_csv
-from tests.conftest import once_per_session, start_fedsim
+from tests.conftest import once_per_session, session_processes, start_fedsim
 
 pytestmark = pytest.mark.slow
 SMALL = [
@@ -139,37 +139,28 @@ def test_dropout_finishes_and_records_dropped_clients(small_run):
             assert r in [e["round"] for e in ledger[client]]
 
 
-def run_until(args, round_no, sig, cwd, *, group=True):
-    """Start ``fedsim ARGS``; once ``round_no`` is printed, send ``sig`` to its process
-    group (as a terminal's Ctrl-C does) or, not ``group``, to the command alone (as
-    ``kill PID`` or a batch scheduler does). The process, the seconds it took to end after
-    the signal, and what was left of its session."""
+def run_until(args, round_no, signals, cwd, *, group=True):
+    """Start ``fedsim ARGS``; once ``round_no`` is printed, send ``signals`` half a second
+    apart to its process group (as a terminal's Ctrl-C does) or, not ``group``, to the
+    command alone (as ``kill PID`` or a batch scheduler does). The process, the seconds
+    it took to end after the first signal, and what was left of its session."""
     proc = start_fedsim(*args, cwd=cwd, new_session=True)
     sent = time.monotonic()
     try:
         for line in proc.stdout:
             if line.startswith(f"round {round_no:>3}/"):
                 sent = time.monotonic()
-                (os.killpg if group else os.kill)(proc.pid, sig)
+                for sig in signals:  # apart: at once, a second would be the first again
+                    (os.killpg if group else os.kill)(proc.pid, sig)
+                    time.sleep(0.5)
                 break
         proc.wait(timeout=120)
     finally:
         seconds = time.monotonic() - sent
-        leftovers = _session_processes(proc.pid)
+        leftovers = session_processes(proc.pid, grace=30)  # Ray's exit
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     return proc, seconds, leftovers
-
-
-def _session_processes(sid):
-    """Processes still in the run's session after up to 30 s for Ray's to finish exiting."""
-    deadline = time.monotonic() + 30
-    while True:
-        ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-        alive = [int(p) for p, s in (line.split() for line in ps.splitlines()) if int(s) == sid]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(1)
 
 
 def without_seconds(path):
@@ -208,13 +199,14 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     assert all("clients" not in unit for unit in units.values())
 
 
-def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
+def test_stopped_and_aborted_runs_resume_to_the_uninterrupted_result(tmp_path, reference):
     """SIGTERM to the command after round 1, as a batch scheduler sends it; the resumed run
-    is SIGKILLed after round 2, as a crash; resumed again, the run ends with the rounds of
-    the uninterrupted one, accuracies and all: the same seed, the same run."""
+    gets Ctrl-C twice at a terminal as round 3 trains, and aborts: as a crash, nothing is
+    tidied. Resumed again, the run ends with the rounds of the uninterrupted one,
+    accuracies and all: the same seed, the same run."""
     out = tmp_path / "run"
     args = ["run", "--out", str(out), *(a for s in SMALL for a in ("--set", s))]
-    stopped, seconds, leftovers = run_until(args, 1, signal.SIGTERM, tmp_path, group=False)
+    stopped, seconds, leftovers = run_until(args, 1, [signal.SIGTERM], tmp_path, group=False)
     stderr = stopped.stderr.read()
     assert stopped.returncode == 143, stderr
     # Ray's C++ core runs by now: had it taken the SIGTERM, it would dump its stack, exit 134
@@ -223,8 +215,12 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(tmp_path, re
     assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
     assert not out.exists()
-    killed, _, leftovers = run_until(["run", "--resume", str(out)], 2, signal.SIGKILL, tmp_path)
-    assert killed.returncode == -signal.SIGKILL
+    twice = [signal.SIGINT, signal.SIGINT]  # Ctrl-C twice
+    aborted, seconds, leftovers = run_until(["run", "--resume", str(out)], 2, twice, tmp_path)
+    stdout, stderr = aborted.stdout.read(), aborted.stderr.read()
+    assert aborted.returncode == 130, stderr
+    assert "fedsim: SIGINT: stopping now" in stdout and "Traceback" not in stdout + stderr
+    assert seconds < 15, f"took {seconds:.1f} s to stop"
     assert leftovers == [], "Ray or worker processes outlived the run"
     assert (tmp_path / ".run.partial" / "private" / "checkpoint.pt").exists()
     assert not out.exists()
