@@ -18,7 +18,7 @@ from fedsim.errors import FedsimError, RunInterrupted, first_line
 from fedsim.experiments.machine import check_machine
 from fedsim.experiments.rundir import check_new
 from fedsim.experiments.signals import STOP_WITHIN_S
-from fedsim.results import Result, load_run, report
+from fedsim.results import Result, find_runs, load_run, report
 
 FRONTIER_DOCS = "README.md, section 'Accuracy against privacy' (fedsim sweep, fedsim report)"
 KEYS_HINT = "every config key, its default and meaning: fedsim keys"
@@ -240,13 +240,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild each run's table and plot, and the frontier of several, from files alone."""
-    from fedsim.results import frontier, load_run, plots  # matplotlib
-
-    runs = frontier.find_runs(args.dirs)
+    runs = find_runs(args.dirs)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing or not runs:
         bad = missing[0] if missing else args.dirs[0]
         raise FedsimError(f"{bad} has no summary.json; pass finished results or sweep folders")
+    from fedsim.results import plots  # matplotlib: 1 s
+
     for run_dir in runs:
         result = load_run(run_dir)
         plots.plot_run(result)
@@ -254,6 +254,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(report.round_table(result.rounds))
         print(f"{run_dir}: {report.summary_line(result.summary)}")
     if len(runs) > 1:
+        from fedsim.results import frontier  # its pooled ε: the accountants, torch, Opacus
+
         rows = frontier.frontier(runs)
         print(frontier.markdown(rows))
         sweeps = [d for d in args.dirs if not (d / "summary.json").is_file()]

@@ -180,7 +180,7 @@ def run_sweep(
     results.write_atomic(config, toml_table(base))
     print(f"fedsim sweep: {len(points)} runs, {jobs} at a time, in {out}", flush=True)
     failed = run_points(points, out, config, jobs)
-    rows = frontier.frontier(frontier.find_runs([out]))
+    rows = frontier.frontier(results.find_runs([out]))
     frontier.write_frontier(rows, out)
     print(frontier.markdown(rows))
     print(f"fedsim sweep: frontier in {out}/frontier.md")

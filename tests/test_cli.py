@@ -199,20 +199,21 @@ def test_usage_error_exit_code(tmp_path):
     assert fedsim("fly", cwd=tmp_path).returncode == 2
 
 
-def test_help_and_config_errors_need_neither_torch_nor_flower():
+def test_help_and_config_errors_need_neither_torch_nor_flower(tmp_path):
     code = (
         "import sys, contextlib, io\n"
         "from fedsim.experiments.cli import main\n"
         "quiet = contextlib.redirect_stdout(io.StringIO())\n"
         "with quiet, contextlib.redirect_stderr(io.StringIO()):\n"
         "    codes = [main(['run', '--set', 'model=nope']), main(['keys'])]\n"
+        f"    codes.append(main(['report', '{tmp_path}']))  # no results there\n"
         "    for args in (['--help'], ['run', '--help']):\n"
         "        with contextlib.suppress(SystemExit):\n"
         "            main(args)\n"
         "print(codes, sorted({'torch', 'flwr', 'opacus', 'ray'} & set(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "[2, 0] []", out.stdout + out.stderr
+    assert out.stdout.strip() == "[2, 0, 2] []", out.stdout + out.stderr
 
 
 def test_debug_is_taken_after_the_command_too(capsys):

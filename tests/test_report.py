@@ -53,7 +53,7 @@ def sweep(tmp_path):
 
 
 def test_frontier_pools_seeds_and_sorts_by_epsilon(sweep):
-    rows = frontier.frontier(frontier.find_runs([sweep]))
+    rows = frontier.frontier(results.find_runs([sweep]))
     assert [(r["unit"], r["epsilon"], r["seeds"]) for r in rows] == [
         ("sample", 1.0, 2), ("sample", 8.0, 2), ("none", math.inf, 2)]  # fmt: skip
     assert rows[0]["accuracy_mean"] == pytest.approx(0.72)

@@ -82,3 +82,14 @@ def default_run_dir(out_dir: str | Path, name: str) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Result folders among ``paths``: each path is a run, or a folder of runs (a sweep)."""
+    runs = []
+    for path in paths:
+        if (path / SUMMARY).is_file():
+            runs.append(path)
+        elif path.is_dir():
+            runs.extend(sorted(p for p in path.iterdir() if (p / SUMMARY).is_file()))
+    return runs

@@ -22,17 +22,6 @@ FIELDS = (
 )  # fmt: skip
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Result folders among ``paths``: each path is a run, or a folder of runs (a sweep)."""
-    runs = []
-    for path in paths:
-        if (path / files.SUMMARY).is_file():
-            runs.append(path)
-        elif path.is_dir():
-            runs.extend(sorted(p for p in path.iterdir() if (p / files.SUMMARY).is_file()))
-    return runs
-
-
 def _point_key(summary: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in summary["config"].items() if k not in IGNORED))
 
@@ -198,5 +187,5 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """The :class:`Sweep` in folder ``path`` (a ``fedsim sweep --out``)."""
-    runs = find_runs([Path(path)])
+    runs = files.find_runs([Path(path)])
     return Sweep(Path(path), frontier(runs), [load_run(r) for r in runs])
