@@ -43,9 +43,11 @@ torch_pin="torch==$("$VENV/bin/python" -c 'import importlib.metadata as m; print
 # uv (a dependency of Flower's) installs the rest in seconds, where pip takes a minute; pip
 # does it where uv cannot, e.g. with only a package index that pip's own settings name
 # shellcheck disable=SC2086
-install "uv>=0.4" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
-    -e ".$extras" $more "$torch_pin" \
-    || install -e ".$extras" $more "$torch_pin"
+if ! { install "uv>=0.4" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
+        -e ".$extras" $more "$torch_pin"; }; then
+    echo "install.sh: uv could not install the dependencies (above); pip installs them" >&2
+    install -e ".$extras" $more "$torch_pin"
+fi
 # what pip would have compiled one file at a time, on every core; no package's own tests
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 "$VENV/bin/python" -m compileall -q -j 0 -x 'site-packages/.+/tests?/' "$site" >/dev/null || :
