@@ -23,19 +23,19 @@ esac
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # installs skip byte-compiling: one parallel pass at the end compiles what can be imported
-install() { pip install --no-compile "$@"; }
+pip_install() { pip install --no-compile "$@"; }
 
 if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('torch')" 2>/dev/null; then
     if [ -n "${FEDSIM_TORCH:-}" ]; then
         # shellcheck disable=SC2086
-        install $FEDSIM_TORCH
+        pip_install $FEDSIM_TORCH
     elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "install.sh: NVIDIA GPU found: installing the CUDA build of torch $TORCH_VERSION"
-        install "torch==$TORCH_VERSION"
+        pip_install "torch==$TORCH_VERSION"
     else
         echo "install.sh: no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-        install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-            || install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+        pip_install "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+            || pip_install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 # the torch installed above stays: naming its exact version keeps pip from swapping it
@@ -43,10 +43,10 @@ torch_pin="torch==$("$VENV/bin/python" -c 'import importlib.metadata as m; print
 # uv (a dependency of Flower's) installs the rest in seconds, where pip takes a minute; pip
 # does it where uv cannot, e.g. with only a package index that pip's own settings name
 # shellcheck disable=SC2086
-if ! { install "uv>=0.4" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
+if ! { pip_install "uv>=0.4" && "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" \
         -e ".$extras" $more "$torch_pin"; }; then
     echo "install.sh: uv could not install the dependencies (above); pip installs them" >&2
-    install -e ".$extras" $more "$torch_pin"
+    pip_install -e ".$extras" $more "$torch_pin"
 fi
 # what pip would have compiled one file at a time, on every core; no package's own tests
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
