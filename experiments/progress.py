@@ -44,9 +44,10 @@ class RunProgress(Protocol):
 def round_line(row: RoundRow, num_rounds: int) -> str:
     """One round as a line: accuracy, loss, ε, seconds, and who dropped out.
 
-    Under private cohorts (user-level DP) the row has no seconds and no failures, and the
-    line neither: logs get published, a round's time shows how much data its cohort held,
-    and a failure can come from a client's data.
+    Under private cohorts (user-level DP) the row has no seconds, cohort size or failures,
+    and the line neither: logs get published, a round's time shows how much data its
+    cohort held, its size how likely one client was in it, and a failure can come from a
+    client's data.
     """
     dropped = f"  dropped {row.dropped}" if row.dropped else ""
     eps = report.format_epsilon(row.epsilon)
@@ -96,6 +97,7 @@ class LiveProgress:
         )
         self.rounds: TaskID = self.bar.add_task("rounds", total=config.num_rounds, status="")
         self.clients: TaskID = self.bar.add_task("clients", total=None, status="", visible=False)
+        self.secret = config.dp_user  # a cohort's size stays private, as in rounds.csv
         self.bar.start()
 
     def round(self, row: RoundRow) -> None:
@@ -106,7 +108,9 @@ class LiveProgress:
         self.bar.update(self.clients, visible=False)
 
     def reply(self, server_round: int, done: int, cohort: int) -> None:
-        """Show how many of this round's clients have replied."""
+        """Show how many of this round's clients have replied (not under private cohorts)."""
+        if self.secret:
+            return
         self.bar.update(
             self.clients,
             total=cohort,

@@ -2,9 +2,10 @@
 
 What is published and what stays in ``private/`` is decided here. Under user-level DP
 the ε counts amplification by sampling the cohorts, which holds only while they stay
-secret: the published rows then give each round's cohort size and failure count, and
-``private/participation.csv`` names the clients and gives each round's time (which shows
-how much data a cohort held).
+secret. ``private/participation.csv`` then names each round's clients and gives its
+cohort size, failure count and time; the published rows give none of them. A size
+tells a reader that a client was sampled with chance size/N rather than q, which the
+accounted ε does not cover (docs/privacy.md); a time shows how much data the cohort held.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def round_rows(
         loss=round(loss, 6),
         epsilon=headline,
         seconds=None if secret else round(seconds, 3),
-        cohort=len(cohort),
+        cohort=None if secret else len(cohort),
         failed=None if secret else len(dropped),
         clients="" if secret else clients,
         dropped="" if secret else reasons,
@@ -103,6 +104,7 @@ def round_rows(
     private = {
         "round": server_round,
         "clients": clients,
+        "cohort": len(cohort),
         "failed": len(dropped),
         "dropped": reasons,
     }

@@ -58,8 +58,8 @@ class RunState:
 
         They are not checkpointed: with a large population they would be most of every
         round's checkpoint, and they are the same on resume. A checkpoint written before
-        round times and failure counts moved to ``private/`` under private cohorts has
-        them moved there.
+        round times, failure counts and cohort sizes moved to ``private/`` under private
+        cohorts has them moved there.
         """
         config = parse_config(data["config"])
         rows = [RoundRow(**r) for r in data["rows"]]
@@ -67,8 +67,9 @@ class RunState:
         for row, private in zip(rows, participation, strict=False):
             private.setdefault("seconds", row.seconds)
             private.setdefault("failed", row.failed)
+            private.setdefault("cohort", row.cohort)
         if config.dp_user:
-            rows = [replace(row, seconds=None, failed=None) for row in rows]
+            rows = [replace(row, seconds=None, cohort=None, failed=None) for row in rows]
         return cls(
             config=config,
             infos=infos,

@@ -179,10 +179,11 @@ def test_user_level_run_publishes_no_cohort(tmp_path):
     out = tmp_path / "user"
     user = ["dp='user'", "num-clients=20", "clients-per-round=5", "secure-noise=true"]
     fedsim_run(out, *user, "client-dropout=0", "audit-canaries=200")
-    cohorts = [r["clients"] for r in read_csv(out / "private" / "participation.csv")[1:]]
+    private = read_csv(out / "private" / "participation.csv")[1:]
+    cohorts = [r["clients"] for r in private]
+    assert [int(r["cohort"]) for r in private] == [len(c.split()) for c in cohorts]
     rounds = read_csv(out / "rounds.csv")
-    assert [int(r["cohort"]) for r in rounds[1:]] == [len(c.split()) for c in cohorts]
-    assert all(r["clients"] == "" and r["dropped"] == "" and r["seconds"] == "" for r in rounds)
+    assert all(r[k] == "" for r in rounds for k in ("clients", "dropped", "seconds", "cohort"))
     assert all(float(r["seconds"]) >= 0 for r in read_csv(out / "private" / "participation.csv"))
     for name in PUBLISHABLE:
         text = (out / name).read_text()

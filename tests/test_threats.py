@@ -7,6 +7,7 @@ key that reads like an ε but holds a client id.
 """
 
 import copy
+import io
 import json
 import math
 import time
@@ -17,9 +18,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from opacus import GradSampleModule, PrivacyEngine
+from rich.console import Console
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from experiments.research import cohort_sizes
 from fedsim import results
 from fedsim.clients import client_app, local
 from fedsim.clients.task import client_info
@@ -39,7 +42,7 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
-from fedsim.experiments.progress import round_line
+from fedsim.experiments.progress import LiveProgress, round_line
 from fedsim.messages import (
     ARRAYS,
     CONFIG,
@@ -235,7 +238,8 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     )
     rounds = results.read_csv(tmp_path / results.ROUNDS)
     assert [r["clients"] for r in rounds] == [""] * 4 and [r["dropped"] for r in rounds] == [""] * 4
-    assert [int(r["cohort"]) for r in rounds] == [0, 3, 2, 3]  # sizes stay public
+    # a cohort's size tells how likely one client was in it: it stays with the cohort
+    assert [r["cohort"] for r in rounds] == [""] * 4
     # a failure can come from a client's data: the counts stay private too
     assert [r["failed"] for r in rounds] == [""] * 4 and summary["failed_per_round"] is None
     assert summary["client_with_max_epsilon"] is None
@@ -246,16 +250,40 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     private = results.read_csv(tmp_path / results.PARTICIPATION)
     assert [r["clients"] for r in private[1:]] == ["1 4 7", "0 4", "2 4 9"]
     assert [r["failed"] for r in private] == ["0", "1", "1", "1"]
+    assert [r["cohort"] for r in private] == ["0", "3", "2", "3"]
     assert (tmp_path / results.PRIVATE_README).read_text().startswith("Do not publish")
     # a round's time tracks how much data its cohort held: it stays with the cohorts
     assert [r["seconds"] for r in rounds] == [""] * 4
     assert [float(r["seconds"]) for r in private] == [0.0, 30.0, 20.0, 30.0]
     assert results.round_seconds(tmp_path) == [0.0, 30.0, 20.0, 30.0]  # for their owner
     result = results.load_run(tmp_path)
-    assert [r.seconds for r in result.rounds] == [None] * 4
+    assert [(r.seconds, r.cohort) for r in result.rounds] == [(None, None)] * 4
     assert "30.00" not in results.report.round_table(result.rounds)
     assert "  s" not in round_line(result.rounds[1], 3) and "ε" in round_line(result.rounds[1], 3)
     assert "dropped" not in round_line(result.rounds[1], 3)  # 1 of 3 was, in private/
+
+
+def test_a_published_cohort_size_would_raise_the_user_epsilon():
+    """Why rounds.csv keeps no cohort size under user-level DP: given K, a client was
+    sampled with chance K/N, not q (experiments/research/cohort_sizes.py)."""
+    plain, published = cohort_sizes.rdp_epsilons(10, 0.3, 1.0, 30, DELTA)
+    charged = accounting.history_epsilon([(1.0, 0.3, 30)], delta=DELTA, accountant="rdp")
+    assert plain == pytest.approx(charged)  # without sizes: what fedsim reports
+    assert published > 1.1 * plain
+    # where everyone is sampled the size tells nothing, and the mixture must agree
+    everyone, sized = cohort_sizes.rdp_epsilons(10, 1.0, 1.0, 30, DELTA)
+    assert sized == pytest.approx(everyone) and everyone > published
+
+
+@pytest.mark.parametrize("dp", ["sample", "user"])
+def test_the_live_bar_counts_a_round_s_clients_only_where_cohorts_are_public(dp):
+    config = user_state(dp, COHORTS).config
+    live = LiveProgress(config, console=Console(file=io.StringIO(), force_terminal=True))
+    live.reply(server_round=1, done=2, cohort=3)
+    task = live.bar.tasks[live.clients]
+    live.close()
+    shown = (task.visible, task.completed, task.total)
+    assert shown == ((True, 2, 3) if dp == "sample" else (False, 0, None))
 
 
 def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
@@ -266,10 +294,12 @@ def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
     for row, private in zip(data["rows"], data["participation"], strict=True):
         row["seconds"] = private.pop("seconds") + 1.0
         row["failed"] = private.pop("failed")  # and failure counts, public then
+        row["cohort"] = private.pop("cohort")  # and cohort sizes, public until later
     restored = RunState.from_checkpoint(copy.deepcopy(data), state.infos)
-    assert [(r.seconds, r.failed) for r in restored.rows] == [(None, None)] * 4
+    assert [(r.seconds, r.cohort, r.failed) for r in restored.rows] == [(None, None, None)] * 4
     assert [p["seconds"] for p in restored.participation] == [1.0, 31.0, 21.0, 31.0]
     assert [p["failed"] for p in restored.participation] == [0, 1, 1, 1]
+    assert [p["cohort"] for p in restored.participation] == [0, 3, 2, 3]
     summary = outputs.write_final(restored, tmp_path, 0.0,
                                   engine="simulation", training=TRAINING)  # fmt: skip
     assert summary["wall_seconds"] == 84.0  # every round's, not the resumed process's

@@ -29,7 +29,7 @@ CHECKPOINT = f"{PRIVATE}/checkpoint.pt"
 PARTICIPATION = f"{PRIVATE}/participation.csv"
 PRIVATE_LEDGER = f"{PRIVATE}/ledger.json"
 PRIVATE_README = f"{PRIVATE}/README.txt"
-PARTICIPATION_FIELDS = ("round", "clients", "failed", "dropped", "seconds")
+PARTICIPATION_FIELDS = ("round", "clients", "cohort", "failed", "dropped", "seconds")
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: what the user's other files get
 

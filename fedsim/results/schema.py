@@ -46,7 +46,9 @@ class RoundRow:
     # since the previous row: training, aggregation, evaluation, accounting; None where
     # cohorts are private (a round's time shows how much data its cohort held)
     seconds: float | None
-    cohort: int  # clients sampled this round
+    # clients sampled this round; None where cohorts are private (given the size, one
+    # client was sampled with chance size/N, not q, which the ε does not cover)
+    cohort: int | None
     # of them, how many were left out; None where cohorts are private (a failure can
     # depend on a client's data: non-finite weights, an error)
     failed: int | None
@@ -78,7 +80,7 @@ class RoundRow:
             loss=_number(row, "loss"),
             epsilon=_number(row, "epsilon"),
             seconds=_optional(row, "seconds"),
-            cohort=_whole(row, "cohort"),
+            cohort=None if row["cohort"] == "" else _whole(row, "cohort"),
             failed=None if row["failed"] == "" else _whole(row, "failed"),
             clients=row["clients"],
             dropped=row["dropped"],
