@@ -124,8 +124,11 @@ def test_a_correct_mechanism_at_epsilon_1_is_not_contradicted():
 
 @pytest.mark.slow
 def test_a_run_without_dp_shows_a_clear_leak(tmp_path):
+    """One client keeps the leak clear of the float noise of machines and seeds: measured
+    2.9-3.2 over seeds 0-7 (with two clients averaged, 0-2.0, and 0.74 for seed 0 on one
+    CPU where another had given more than 1)."""
     sets = [
-        "dp='none'", "audit-canaries=1000", "num-clients=2", "clients-per-round=2",
+        "dp='none'", "audit-canaries=1000", "num-clients=1", "clients-per-round=1",
         "local-epochs=5", "num-rounds=10", "lr=0.2", "client-cpus=2",  # one Ray worker
     ]  # fmt: skip
     args = [a for s in sets for a in ("--set", s)]
@@ -147,6 +150,6 @@ def test_a_run_without_dp_shows_a_clear_leak(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     audit = json.loads((tmp_path / "r" / "summary.json").read_text())["audit"]["sample"]
-    assert audit["epsilon"] >= 1.0, audit
+    assert audit["epsilon"] >= 2.0, audit
     assert audit["canaries"] == 1000 and audit["correct"] <= audit["guesses"]
     assert "audited: ε ≥" in out.stdout
