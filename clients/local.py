@@ -47,8 +47,19 @@ def train_round(
     fresh from the operating system with ``secure-noise``, or the config's seed otherwise.
     """
     torch.set_num_threads(max(1, int(config.client_cpus)))
+    return _train_one(config, pid, server_round, state, _root(config), local_dir)
+
+
+def _train_one(
+    config: FedsimConfig,
+    pid: int,
+    server_round: int,
+    state: State,
+    root: bytes,
+    local_dir: str | None = None,
+) -> tuple[State, TrainReport]:
+    """:func:`train_round` with the streams of ``root``."""
     device = run_device(config.client_gpus)
-    root = _root(config)
     # dropout and other non-DP randomness; torch's global seed keeps only 32 bits of it
     torch.manual_seed(_local_seed(root, server_round, pid))
     randomness = dp_randomness(
@@ -106,6 +117,11 @@ def train_group(
     )
     out = {}
     for pid, (_, y), update in zip(clients, data, updates, strict=True):
+        if not all(bool(torch.isfinite(v).all()) for v in update.state.values()):
+            # a sample with a non-finite gradient (an extreme input, say): train_local
+            # leaves it out, from the same streams, so the update is what it would be alone
+            out[pid] = _train_one(config, pid, server_round, state, root)
+            continue
         spent = _spent(config, len(y))
         new_state = {k: v.detach().cpu() for k, v in update.state.items()}
         out[pid] = (new_state, TrainReport(pid, len(y), spent))

@@ -80,38 +80,98 @@ def train_local(
     model.to(device).train()
     # the data goes to the device once; every batch is then one gather there
     xs, ys = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    after_step = _proximal(model, lr * proximal_mu)
     if noise_multiplier is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         shuffle = randomness.batches if randomness is not None else None
         order = [_shuffled_batches(len(ys), batch_size, shuffle) for _ in range(epochs)]
         loss = _epochs(
-            model, optimizer, order, (xs, ys), nn.CrossEntropyLoss(), all_positions, after_step
-        )
+            model, optimizer, order, (xs, ys), nn.CrossEntropyLoss(), all_positions,
+            _proximal(model, lr * proximal_mu),
+        )  # fmt: skip
         return loss, PrivacySpent()
-    data = TensorDataset(xs, ys)
+    randomness = randomness or secure_dp_randomness(device)
+    start = _snapshot(model, randomness)
+    options = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+        "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+        "grad_sample": grad_sample, "all_positions": all_positions, "proximal_mu": proximal_mu,
+    }  # fmt: skip
+    loss, spent = _train_dp(model, (xs, ys), randomness, screen=False, **options)
+    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+        # a sample whose gradient is not finite (an extreme input, say) makes the clipped
+        # sum NaN, and a dropped update would tell that it was drawn: the round runs again
+        # from the same weights and streams, each such sample left out of its step (its
+        # clipped gradient counts as 0, whatever the others hold)
+        _restore(model, randomness, start)
+        loss, spent = _train_dp(model, (xs, ys), randomness, screen=True, **options)
+    return loss, spent
+
+
+def _train_dp(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    randomness: DPRandomness,
+    *,
+    screen: bool,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample: str,
+    all_positions: bool,
+    proximal_mu: float,
+) -> tuple[float, PrivacySpent]:
+    """One round of DP-SGD; ``screen``: leave samples with non-finite gradients out."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     engine = PrivacyEngine(accountant="rdp")
     private = make_private(
         engine,
         grad_sample=grad_sample,
         module=model,
         optimizer=optimizer,
-        dataset=data,
-        schedule=poisson_schedule(len(y), batch_size=batch_size, epochs=epochs),
+        dataset=TensorDataset(*data),
+        schedule=poisson_schedule(len(data[1]), batch_size=batch_size, epochs=epochs),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        randomness=randomness or secure_dp_randomness(device),
+        randomness=randomness,
     )
     # the Poisson sampler's index lists, drawn as Opacus's loader draws them, but
     # gathered from the device tensors instead of fetched one sample at a time
     sampler = private.data_loader.batch_sampler
     order = [list(sampler) for _ in range(epochs)]
     loss = _epochs(
-        private.module, private.optimizer, order, (xs, ys), private.criterion, all_positions,
-        after_step,
+        private.module, private.optimizer, order, data, private.criterion, all_positions,
+        _proximal(model, lr * proximal_mu), screen=private.sample_norms if screen else None,
     )  # fmt: skip
     private.close()  # drop the per-sample hooks from the module we were given
     return loss, _spent(engine)
+
+
+Snapshot = tuple[dict[str, torch.Tensor], list[torch.Tensor]]
+
+
+def _snapshot(model: nn.Module, randomness: DPRandomness) -> Snapshot:
+    """The weights and every generator state a round starts from, to run it again."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, [g.get_state() for g in _generators(model, randomness)]
+
+
+def _restore(model: nn.Module, randomness: DPRandomness, snapshot: Snapshot) -> None:
+    weights, states = snapshot
+    model.load_state_dict(weights)
+    for generator, state in zip(_generators(model, randomness), states, strict=True):
+        generator.set_state(state)
+
+
+def _generators(model: nn.Module, randomness: DPRandomness) -> list[torch.Generator]:
+    """DP-SGD's streams and torch's default generators, which dropout draws from."""
+    device = next(model.parameters()).device
+    default = [torch.default_generator]
+    if device.type == "cuda":
+        default.append(torch.cuda.default_generators[device.index or 0])
+    return [randomness.batches, randomness.noise, *default]
 
 
 def _spent(engine: PrivacyEngine) -> PrivacySpent:
@@ -139,12 +199,15 @@ def _epochs(
     criterion: Callable[[torch.Tensor, torch.Tensor], Any],
     all_positions: bool,
     after_step: Callable[[], None],
+    screen: Callable[[], torch.Tensor | None] | None = None,
 ) -> float:
     """One step per batch of indices in ``order`` (a list per epoch); the mean batch loss.
 
     Losses are summed on the device and read once at the end: a ``.item()`` per step
     would make the host wait for the GPU at every step. Empty batches (Poisson
-    sampling) step too, with noise only, and count for no loss.
+    sampling) step too, with noise only, and count for no loss. ``screen``: the last
+    backward pass's per-sample gradient norms; samples whose norm is not finite are
+    left out of their step (a host wait per step, so only where a round needs it).
     """
     x, y = data
     total, count = torch.zeros((), device=y.device), 0
@@ -155,6 +218,14 @@ def _epochs(
             optimizer.zero_grad(set_to_none=True)
             loss = _loss(model, xb, yb, criterion, all_positions=all_positions)
             loss.backward()
+            norms = screen() if screen is not None else None
+            if norms is not None and not bool(torch.isfinite(norms).all()):
+                # each sample's own gradient decides, so one sample changes the sum by at
+                # most the clip norm; the others' gradients are computed again without it
+                keep = torch.isfinite(norms)
+                optimizer.zero_grad(set_to_none=True)
+                loss = _loss(model, xb[keep], yb[keep], criterion, all_positions=all_positions)
+                loss.backward()
             optimizer.step()
             after_step()
             if len(indices):

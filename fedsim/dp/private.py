@@ -7,6 +7,7 @@ are Opacus's own. ``auto`` picks one per model, from measurements.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -52,13 +53,18 @@ def choose_grad_sample(grad_sample: str, module: nn.Module) -> str:
 
 
 class PrivateTraining(NamedTuple):
-    """What DP-SGD trains with: use these in place of the plain objects, then ``close()``."""
+    """What DP-SGD trains with: use these in place of the plain objects, then ``close()``.
+
+    ``sample_norms()``: the last backward pass's per-sample gradient norms, before
+    clipping, shape (B,); ``None`` before any pass or after an empty batch.
+    """
 
     module: nn.Module
     optimizer: DPOptimizer
     criterion: Callable[[Tensor, Tensor], Any]
     data_loader: DPDataLoader
     close: Callable[[], None]
+    sample_norms: Callable[[], Tensor | None]
 
 
 def make_private(
@@ -99,7 +105,9 @@ def make_private(
     }
     if grad_sample == "fast":
         model, opt, criterion, loader, clipper = make_private_fast(engine, **args)
-        private = PrivateTraining(model, opt, criterion, loader, clipper.close)
+        private = PrivateTraining(
+            model, opt, criterion, loader, clipper.close, lambda: clipper.per_sample_norms
+        )
     elif grad_sample == "ghost":
         model, opt, ghost, loader = engine.make_private(
             **args,
@@ -107,19 +115,40 @@ def make_private(
             poisson_sampling=False,
             grad_sample_mode="ghost",
         )
-        private = PrivateTraining(model, opt, _per_sequence(ghost), loader, model._close)
+        private = PrivateTraining(
+            model, opt, _per_sequence(ghost), loader, model._close, partial(_ghost_norms, model)
+        )
         fuse_noise_step(private.optimizer)
     else:
         model, opt, loader = engine.make_private(
             **args, poisson_sampling=False, grad_sample_mode="hooks"
         )
-        private = PrivateTraining(model, opt, nn.CrossEntropyLoss(), loader, model._close)
+        private = PrivateTraining(
+            model, opt, nn.CrossEntropyLoss(), loader, model._close, partial(_hook_norms, opt)
+        )
         fuse_noise_step(private.optimizer)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
     # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
     private.optimizer.expected_batch_size = schedule.expected_batch
     return private
+
+
+def _hook_norms(optimizer: DPOptimizer) -> Tensor | None:
+    """Per-sample gradient norms from Opacus's ``grad_sample``s, as its clipping takes them."""
+    found = [getattr(p, "grad_sample", None) for p in optimizer.params]
+    samples: list[Tensor] = [
+        torch.cat(g) if isinstance(g, list) else g for g in found if g is not None
+    ]
+    if not samples or not len(samples[0]):
+        return None
+    per_param = [g.reshape(len(g), -1).norm(2, dim=-1) for g in samples]  # each (B,)
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
+
+
+def _ghost_norms(module: Any) -> Tensor | None:
+    """The per-sample gradient norms of Opacus's ghost clipping's first backward pass."""
+    return module._per_sample_gradient_norms
 
 
 def _per_sequence(ghost: Callable[..., Any]) -> Callable[[Tensor, Tensor], Any]:
