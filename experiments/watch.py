@@ -68,6 +68,7 @@ class RunWatch:
         self.gone: set[str] = set()
         self.progress = for_terminal(config)
         self.since = self.said = time.monotonic()
+        self.said_private = False  # the one note under private cohorts was printed
 
     def check(self, verbose: bool) -> None:
         """Print new rounds (and, if ``verbose``, new log lines); raise on a fatal exit."""
@@ -90,7 +91,11 @@ class RunWatch:
             raise FedsimError(f"the run did not finish within --timeout; logs in {self.fed.work}")
 
     def _say_what_it_waits_for(self) -> None:
-        """Every 15 s without a new round, one line on what the run is waiting for."""
+        """Every 15 s without a new round, one line on what the run is waiting for.
+
+        Under private cohorts (user-level DP) one line after round 0 and then none: a
+        log's notes between two round lines would measure the round.
+        """
         now = time.monotonic()
         if now - self.said < WAITING_NOTE_S:
             return
@@ -101,11 +106,16 @@ class RunWatch:
                 f"fedsim: waiting {waited} for round 0: the ServerApp starts, finds its "
                 f"{self.config.num_clients} SuperNodes and evaluates the initial model"
             )
-        else:  # under private cohorts no round's time is shown: it tells of its cohort
-            lead = "still waiting" if self.config.dp_user else f"waiting {waited}"
+        elif not self.config.dp_user:
             self.progress.note(
-                f"fedsim: {lead} for round {self.printed} of "
+                f"fedsim: waiting {waited} for round {self.printed} of "
                 f"{self.config.num_rounds}: each SuperNode starts a ClientApp and trains"
+            )
+        elif not self.said_private:  # notes counted between rounds would time each one
+            self.said_private = True
+            self.progress.note(
+                "fedsim: rounds are training; under user-level DP nothing is printed between "
+                "rounds (a round's time tells of its cohort)"
             )
 
     def _check_nodes(self, started: bool) -> None:

@@ -286,7 +286,9 @@ def write_final(
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
-        "wall_seconds": round(wall_seconds(state, started), 2),
+        # under private cohorts even the sum of the rounds' times tells how many took
+        # part (with one large client, how often it did): it stays in private/
+        "wall_seconds": None if cfg.dp_user else round(time.time() - started, 2),
         "training": training,
         "software": software(),
         "config": cfg.to_flat(),
@@ -296,17 +298,6 @@ def write_final(
     results.write_json(run_dir / results.SUMMARY, summary)
     write_private(state, run_dir)
     return summary
-
-
-def wall_seconds(state: RunState, started: float) -> float:
-    """The run's time: this process's, or under private cohorts every round's, summed.
-
-    A resumed run's own time would be the time of its last rounds, which under private
-    cohorts tells of those rounds' cohorts.
-    """
-    if not state.config.dp_user:
-        return time.time() - started
-    return sum(float(p["seconds"]) for p in state.participation if p.get("seconds") is not None)
 
 
 PRIVATE_NOTE = """Do not publish this folder.

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
+from fedsim.experiments import watch
 from fedsim.experiments.progress import LiveProgress, round_line
 from fedsim.messages import (
     ARRAYS,
@@ -242,6 +244,7 @@ def test_no_publishable_file_names_a_sampled_client(tmp_path, dp):
     assert [r["cohort"] for r in rounds] == [""] * 4
     # a failure can come from a client's data: the counts stay private too
     assert [r["failed"] for r in rounds] == [""] * 4 and summary["failed_per_round"] is None
+    assert summary["wall_seconds"] is None  # a sum of round times still tells of the cohorts
     assert summary["client_with_max_epsilon"] is None
     ledger = json.loads((tmp_path / results.PRIVACY).read_text())
     for unit in ledger["units"].values():
@@ -286,6 +289,24 @@ def test_the_live_bar_counts_a_round_s_clients_only_where_cohorts_are_public(dp)
     assert shown == ((True, 2, 3) if dp == "sample" else (False, 0, None))
 
 
+@pytest.mark.parametrize("dp", ["sample", "user"])
+def test_deploy_s_waiting_notes_do_not_time_rounds_under_private_cohorts(dp, monkeypatch):
+    """Notes every 15 s between two round lines would measure the round in a log."""
+    notes, clock = [], iter(range(0, 1000, 16))
+    monkeypatch.setattr(watch.time, "monotonic", lambda: float(next(clock)))
+    run = watch.RunWatch.__new__(watch.RunWatch)  # no federation: only the notes run
+    run.config, run.printed = user_state(dp, COHORTS).config, 2
+    run.since = run.said = -16.0
+    run.said_private = False
+    run.progress = SimpleNamespace(note=notes.append)
+    for _ in range(5):
+        run._say_what_it_waits_for()
+    if dp == "user":
+        assert len(notes) == 1 and "round 2" not in notes[0]
+    else:
+        assert len(notes) == 5 and all("round 2 of 3" in n for n in notes)
+
+
 def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
     """Written before round times moved to private/: resumed, it republishes none."""
     state = user_state("user", COHORTS)
@@ -302,7 +323,9 @@ def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
     assert [p["cohort"] for p in restored.participation] == [0, 3, 2, 3]
     summary = outputs.write_final(restored, tmp_path, 0.0,
                                   engine="simulation", training=TRAINING)  # fmt: skip
-    assert summary["wall_seconds"] == 84.0  # every round's, not the resumed process's
+    assert summary["wall_seconds"] is None  # even the rounds' sum tells of the cohorts
+    private = results.read_csv(tmp_path / results.PARTICIPATION)
+    assert sum(float(r["seconds"]) for r in private) == 84.0  # every round's, for the owner
 
 
 def test_every_guarantee_says_where_label_counts_are_published():
