@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,7 +50,9 @@ def query(msg: Message, context: Context, *, deployment: bool) -> Message:
     config, _ = decode_config(msg.content)
     if deployment:
         check_deployment(config)
-    info = client_info(config, partition_id(context, config), local_dir=local_data_dir(context))
+    pid = partition_id(context, config)
+    with errors_stay_on_the_node(config, deployment=deployment):
+        info = client_info(config, pid, local_dir=local_data_dir(context))
     return Message(encode_client_info(info), reply_to=msg)
 
 
@@ -69,12 +74,34 @@ def train(msg: Message, context: Context, *, deployment: bool) -> Message:
             encode_group_reply(train_clients(config, group, server_round, state)), reply_to=msg
         )
     pid = train_partition(context, config, named_partition(msg.content))
-    new_state, report = train_round(
-        config, pid, server_round, state, local_dir=local_data_dir(context)
-    )
+    with errors_stay_on_the_node(config, deployment=deployment):
+        new_state, report = train_round(
+            config, pid, server_round, state, local_dir=local_data_dir(context)
+        )
     if simulate_faults(config, [pid], server_round):
         raise FedsimError(dropout_reason(config))
     return Message(encode_train_reply(ArrayRecord(new_state), report), reply_to=msg)
+
+
+@contextmanager
+def errors_stay_on_the_node(config: FedsimConfig, *, deployment: bool) -> Iterator[None]:
+    """Under sample-level DP on SuperNodes, an error's text does not reach the server.
+
+    Flower sends the server each exception's message, and one raised while loading,
+    checking or training on the node's data can quote its values (a label range, a
+    token id). The server is not trusted then, so it gets the exception's type only;
+    the whole message stays in this SuperNode's log (Flower logs the chained error).
+    """
+    if not (deployment and config.dp_sample):
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:  # any error here may quote the data
+        raise FedsimError(
+            f"this node failed on its own data ({type(exc).__name__}); under sample-level "
+            "DP the server is not trusted with the message: see this SuperNode's log"
+        ) from exc
 
 
 def train_clients(

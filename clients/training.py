@@ -8,6 +8,7 @@ and the server composes it with every earlier round of the same client.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -91,19 +92,19 @@ def train_local(
         return loss, PrivacySpent()
     randomness = randomness or secure_dp_randomness(device)
     start = _snapshot(model, randomness)
-    options = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-        "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
-        "grad_sample": grad_sample, "all_positions": all_positions, "proximal_mu": proximal_mu,
-    }  # fmt: skip
-    loss, spent = _train_dp(model, (xs, ys), randomness, screen=False, **options)
+    run = partial(
+        _train_dp, model, (xs, ys), randomness, epochs=epochs, batch_size=batch_size, lr=lr,
+        momentum=momentum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        grad_sample=grad_sample, all_positions=all_positions, proximal_mu=proximal_mu,
+    )  # fmt: skip
+    loss, spent = run(screen=False)
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
         # a sample whose gradient is not finite (an extreme input, say) makes the clipped
         # sum NaN, and a dropped update would tell that it was drawn: the round runs again
         # from the same weights and streams, each such sample left out of its step (its
         # clipped gradient counts as 0, whatever the others hold)
         _restore(model, randomness, start)
-        loss, spent = _train_dp(model, (xs, ys), randomness, screen=True, **options)
+        loss, spent = run(screen=True)
     return loss, spent
 
 

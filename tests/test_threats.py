@@ -152,6 +152,32 @@ def test_deployment_refuses_seeded_noise_at_every_door():
     assert set(reply.content[METRICS]) == {PARTITION_KEY, "num-examples"}
 
 
+@pytest.mark.parametrize("dp", ["sample", "none"])
+def test_a_node_s_data_error_reaches_the_server_without_its_values(dp, monkeypatch):
+    """Flower sends the server an exception's text; under sample-level DP it is not
+    trusted with one that can quote the node's data."""
+    values = {"num-clients": 2, "clients-per-round": 2, "dp": dp, "secure-noise": True}
+    config = parse_config({**values, "noise-multiplier": 1.0} if dp == "sample" else values)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    quoted = "dataset 'mine': y_train has labels 7..12, outside 0..9"
+
+    def fails(*args, **kwargs):
+        raise FedsimError(quoted)
+
+    monkeypatch.setattr(client_app, "client_info", fails)
+    monkeypatch.setattr(client_app, "train_round", fails)
+    query = train_message(config, client=0)
+    for call in (client_app.query, client_app.train):
+        with pytest.raises(FedsimError) as caught:
+            call(query, context, deployment=True)
+        if dp == "sample":
+            assert "7..12" not in str(caught.value) and "FedsimError" in str(caught.value)
+            assert str(caught.value.__cause__) == quoted  # for the node's own log
+        else:  # no sample-level DP: the server may read it, and it helps
+            assert str(caught.value) == quoted
+
+
 def train_message(config, *, client):
     model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
     meta = Metadata(1, "m-1", 1, 5, "", "", time.time(), 60.0, MessageType.TRAIN)
