@@ -24,7 +24,8 @@ from fedsim.experiments.run import preflight
 from fedsim.models import build_model
 from fedsim.registry import IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION
 
-X, Y = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+# its own generator: drawn from the global one, X depended on what ran before the import
+X, Y = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1])
 
 
 class Recurrent(nn.Module):
@@ -305,7 +306,8 @@ class Reuse(nn.Module):
     ("mode", "needle"),
     [
         ("fast", r"per-sample gradients of 'a\.weight' do not add up"),
-        ("ghost", r"'ghost' clipped one sample's gradient to 1\.\d+ × the norm bound, more"),
+        # 1.5-1.95 × for most inputs, 2 × where ghost's norm of the sample falls within C
+        ("ghost", r"'ghost' clipped one sample's gradient to (1\.\d+|2) × the norm bound, more"),
     ],
 )
 def test_a_weight_used_outside_its_layer_is_refused_where_it_would_escape_the_bound(mode, needle):
