@@ -13,7 +13,7 @@ from fedsim.clients.local import train_round
 from fedsim.clients.task import client_data, client_info
 from fedsim.config import as_config
 from fedsim.data import load_dataset, partition_dataset
-from fedsim.dp import audit_record, canary_set
+from fedsim.dp import audit_record, canary_set, epsilon_ceiling
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, model_kwargs
 from fedsim.server import audit
@@ -82,7 +82,11 @@ def test_record_counts_right_guesses_and_reaches_its_ceiling_only_when_perfect()
     canaries = canaries_of(config)
     perfect = record(np.where(canaries.included, 0.1, 2.0), canaries, config)
     assert perfect["correct"] == perfect["guesses"] > 0
-    assert 3.0 < perfect["epsilon"] <= perfect["ceiling"]
+    # the ceiling is what perfect scores reach on this run: about m/2 "in" guesses can be
+    # right, at the run's δ, far below m right guesses at δ = 0 (5.02, reported before)
+    assert 3.0 < perfect["epsilon"] == pytest.approx(perfect["ceiling"], abs=1e-4)
+    half = epsilon_ceiling(guesses=perfect["canaries_in"], beta=0.05 / 36)
+    assert perfect["ceiling"] < half < epsilon_ceiling(guesses=1000, beta=0.05 / 36) < 5.03
     coin = np.random.default_rng(0).random(1000)
     assert record(coin, canaries, config)["epsilon"] < 0.5
     assert perfect["unit"] == "sample" and perfect["confidence"] == 0.95

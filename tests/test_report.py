@@ -128,10 +128,11 @@ def test_a_grid_over_what_seeds_or_folders_set_is_refused():
             grid_points({key: [1, 2]}, [0])
 
 
-def test_an_audit_without_guesses_says_why():
+def test_an_audit_that_could_show_nothing_says_so_and_one_that_found_nothing_does_not():
     audit = {"epsilon": 0.0, "unit": "sample", "confidence": 0.95, "correct": 0, "guesses": 0,
-             "canaries": 50, "ceiling": 1.2}  # fmt: skip
+             "canaries": 14, "ceiling": 0.0}  # fmt: skip
     words = results.report.audit_words({"audit": {"sample": audit}})
-    assert "with 50 canaries no number of guesses shows ε > 0: use more" in words
-    assert "use more" not in results.report.audit_words({"audit": {"sample": audit | {
-        "guesses": 10, "correct": 9}}})  # fmt: skip
+    assert "with 14 canaries no number of guesses shows ε > 0: use more" in words
+    # a private run's audit finds nothing although perfect guesses could have shown 3.9
+    private = audit | {"canaries": 1000, "ceiling": 3.9}
+    assert "use more" not in results.report.audit_words({"audit": {"sample": private}})

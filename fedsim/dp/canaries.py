@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedsim.config import FedsimConfig
-from fedsim.dp.audit import best_guesses, default_candidates, epsilon_ceiling
+from fedsim.dp.audit import best_guesses
 from fedsim.dp.randomness import Purpose, numpy_generator, seeded_root, stream_seed
 from fedsim.errors import FedsimError
 
@@ -120,8 +120,8 @@ def audit_record(
     if found.guessed_out:
         correct += int((~member[order[len(order) - found.guessed_out :]]).sum())
     m = len(member)
-    # the most m guesses, all right, can show at the union bound's share of β (δ = 0)
-    ceiling = epsilon_ceiling(guesses=m, beta=beta / len(default_candidates(m)))
+    # the most this run's audit could show: every included canary scored above the rest
+    ceiling = best_guesses(member.astype(float), member, delta=config.delta, beta=beta).epsilon
     return {
         "unit": unit,
         "epsilon": math.floor(found.epsilon * 1e4) / 1e4,  # rounded down: a lower bound

@@ -57,7 +57,7 @@ def audit_words(summary: dict) -> str:
             f"{audit['confidence']:.0%} confidence ({audit['correct']} of {audit['guesses']} "
             f"guesses right, {audit['canaries']} canaries, ceiling {audit['ceiling']:.2f})"
         )
-        if not audit["guesses"]:  # no guess count could show ε > 0 at this confidence
+        if audit["ceiling"] <= 0:  # not even perfect guesses could show ε > 0
             n = audit["canaries"]
             words += f"; with {n} canaries no number of guesses shows ε > 0: use more"
         if audit.get("estimate") is not None:
