@@ -117,18 +117,8 @@ def too_few(
     sent: list[Message],
     dropped: dict[int, str],
     min_clients: int,
-    secret: bool,
 ) -> str:
-    """The line a round with too few usable replies stops the run with.
-
-    ``secret``: cohorts are private, and who failed, and how many, can tell of their data.
-    """
-    if secret:
-        return (
-            f"round {server_round}: fewer than min-clients ({min_clients}) sampled clients "
-            "replied; under user-level DP who failed, and how many, is not printed (it can "
-            "tell of their data): debug with dp = sample"
-        )
+    """The line a round with too few usable replies stops the run with (public cohorts)."""
     return (
         f"round {server_round}: {len(good)} of {len(sent)} clients replied, min-clients is "
         f"{min_clients} ({why_dropped(dropped)})"
@@ -194,7 +184,7 @@ def run_rounds(
     each time more clients have replied. Once ``stop`` is set the run stops after the
     round, or at once with ``abandon`` (where replies dropped unread release nothing:
     a simulation, whose server is trusted). ``poll_s``: seconds between pulls for replies.
-    ``secret``: cohorts are private (user-level DP), so a stop names no client and no count.
+    ``secret``: cohorts are private (user-level DP), so failures never stop the run.
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
@@ -210,8 +200,10 @@ def run_rounds(
         )
         good, dropped = screen_replies(messages, replies, timeout)
         new_arrays, _ = strategy.aggregate_train(server_round, good)
-        if len(good) < min(min_clients, len(messages)):
-            raise FedsimError(too_few(server_round, good, messages, dropped, min_clients, secret))
+        # under private cohorts a stop would tell of the failures, which can come from a
+        # client's data: failed clients count as zero in the released round instead
+        if not secret and len(good) < min(min_clients, len(messages)):
+            raise FedsimError(too_few(server_round, good, messages, dropped, min_clients))
         if new_arrays is None:
             which = "the round's replies" if secret else f"{len(good)} replies"
             raise FedsimError(

@@ -88,6 +88,7 @@ def test_validation_is_not_assert_based():
         ({"model": "cnn", "dataset": "sst2"}, "model cnn cannot learn dataset sst2"),
         ({"partition": "natural"}, "partition natural needs a dataset with natural users"),
         ({"min-samples": 10}, "applies only to partition natural"),
+        ({"dp": "user", "min-clients": 2}, "min-clients > 1 is refused under user-level DP"),
         ({"max-samples": -1}, "max-samples"),
         ({"num-rounds": -1}, "num-rounds: must be ≥ 1, got -1; for example num-rounds = 30"),
         ({"delta": 2}, "delta: must be < 1.0, got 2"),

@@ -93,7 +93,7 @@ def check_task(config: FedsimConfig, task: str) -> None:
 
 
 def check_options(config: FedsimConfig) -> None:
-    """Partition options that fit the dataset (``ValueError``: the schema words it)."""
+    """Options that fit the dataset and the privacy unit (``ValueError``: the schema words it)."""
     builtin = config.dataset in registry.DATASETS
     if config.partition == "natural" and builtin and config.dataset not in registry.NATURAL_USERS:
         raise ValueError(
@@ -103,6 +103,12 @@ def check_options(config: FedsimConfig) -> None:
         )
     if config.partition != "natural" and config.min_samples != 1:
         raise ValueError("min-samples selects users and applies only to partition natural")
+    if config.dp_user and config.min_clients > 1:
+        raise ValueError(
+            "min-clients > 1 is refused under user-level DP (dp = user or both): a run that "
+            "stopped for failed clients would tell of their data, outside the ε; failed "
+            "clients count as zero and the round is released; leave min-clients at 1"
+        )
 
 
 def check_audit(config: FedsimConfig, task: str | None) -> None:
