@@ -110,12 +110,15 @@ def train_clients(
     """A group's replies: each client's encoded update, or why it has none."""
     trained = train_group(config, clients, server_round, state)
     dropped = simulate_faults(config, clients, server_round)
-    return {
-        pid: dropout_reason(config)
-        if pid in dropped
-        else encode_train_reply(ArrayRecord(new_state), report)
-        for pid, (new_state, report) in trained.items()
-    }
+    replies: dict[int, RecordDict | str] = {}
+    for pid, result in trained.items():
+        if pid in dropped:
+            replies[pid] = dropout_reason(config)
+        elif isinstance(result, str):  # it failed, alone
+            replies[pid] = result
+        else:
+            replies[pid] = encode_train_reply(ArrayRecord(result[0]), result[1])
+    return replies
 
 
 def partition_id(context: Context, config: FedsimConfig) -> int:

@@ -26,7 +26,7 @@ from fedsim.dp import (
     stream_seed,
     train_cohort,
 )
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, first_line
 from fedsim.messages import PrivacySpent, TrainReport
 from fedsim.models import build_model, run_device
 
@@ -88,44 +88,61 @@ def _train_one(
 
 def train_group(
     config: FedsimConfig, clients: list[int], server_round: int, state: State
-) -> dict[int, tuple[State, TrainReport]]:
+) -> dict[int, tuple[State, TrainReport] | str]:
     """Several clients' :func:`train_round` at once, from one global ``state``.
 
     Each client's update equals what ``train_round`` gives it, up to float rounding
     (tests/test_grouping.py): its Poisson masks and noise, or without DP its shuffles,
-    come from the same streams, drawn in the same order.
+    come from the same streams, drawn in the same order. A client's value is a string
+    where it has no update: why. One client's failure takes no other client's update
+    with it (a group that fails trains again one client at a time), so a client's data
+    changes no other client's reply.
     """
     torch.set_num_threads(max(1, int(config.client_cpus)))
     device = run_device(config.client_gpus)
     root = _root(config)
-    data = [client_tensors(config, pid, device=device) for pid in clients]
-    streams = [
-        dp_randomness(
-            root, server_round=server_round, client=pid, device=device, secure=config.secure_noise
+    try:
+        data = [client_tensors(config, pid, device=device) for pid in clients]
+        streams = [
+            dp_randomness(
+                root, server_round=server_round, client=pid, device=device,
+                secure=config.secure_noise,
+            )
+            for pid in clients
+        ]  # fmt: skip
+        updates = train_cohort(
+            # built as train_round builds it: the cohort's template is the model the checks
+            # before round 1 (fedsim.models.check_client_model) ran a cohort step of
+            build_model(config.model, **model_spec(config), dp=config.dp_sample),
+            [state] * len(clients),
+            [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data],
+            **_options(config),
+            randomness=streams,
+            device=device,
         )
-        for pid in clients
-    ]
-    updates = train_cohort(
-        # built as train_round builds it: the cohort's template is the model the checks
-        # before round 1 (fedsim.models.check_client_model) ran a cohort step of
-        build_model(config.model, **model_spec(config), dp=config.dp_sample),
-        [state] * len(clients),
-        [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data],
-        **_options(config),
-        randomness=streams,
-        device=device,
-    )
-    out = {}
+    except Exception:  # whichever client raised, the others still train
+        return {pid: _alone(config, pid, server_round, state, root) for pid in clients}
+    out: dict[int, tuple[State, TrainReport] | str] = {}
     for pid, (_, y), update in zip(clients, data, updates, strict=True):
         if not all(bool(torch.isfinite(v).all()) for v in update.state.values()):
             # a sample with a non-finite gradient (an extreme input, say): train_local
             # leaves it out, from the same streams, so the update is what it would be alone
-            out[pid] = _train_one(config, pid, server_round, state, root)
+            out[pid] = _alone(config, pid, server_round, state, root)
             continue
         spent = _spent(config, len(y))
         new_state = {k: v.detach().cpu() for k, v in update.state.items()}
         out[pid] = (new_state, TrainReport(pid, len(y), spent))
     return out
+
+
+def _alone(
+    config: FedsimConfig, pid: int, server_round: int, state: State, root: bytes
+) -> tuple[State, TrainReport] | str:
+    """One client of a group trained on its own, from the group's streams; or why not."""
+    try:
+        return _train_one(config, pid, server_round, state, root)
+    except Exception as exc:  # its own failure, reported as the one-by-one path's would be
+        return first_line(exc)
 
 
 def _options(config: FedsimConfig) -> dict[str, Any]:

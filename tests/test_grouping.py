@@ -230,3 +230,26 @@ def test_a_round_with_too_few_replies_stops_only_where_cohorts_are_public(tmp_pa
     assert summary["failed_per_round"] is None and summary["num_rounds"] == 1
     private = results.read_csv(tmp_path / dp / results.PARTICIPATION)
     assert private[1]["failed"] == private[1]["cohort"] != "0"  # every sampled client failed
+
+
+def test_a_client_that_raises_takes_no_other_client_of_its_group_with_it(monkeypatch):
+    """Else one client's data could zero out the others' updates (k times the clip norm
+    under user-level DP): the group trains again one client at a time."""
+    config = parse_config({**SMALL, "batch-size": 16, "model": SMOOTH, "noise-multiplier": 1.1})
+    original = local.client_tensors
+
+    def broken_for_client_0(config, pid, **kwargs):
+        if pid == 0:
+            raise FedsimError("client 0's data does not load")
+        return original(config, pid, **kwargs)
+
+    monkeypatch.setattr(local, "client_tensors", broken_for_client_0)
+    state = start_state(model=SMOOTH)
+    group = local.train_group(config, [4, 0, 2], 3, state)
+    assert group[0] == "client 0's data does not load"
+    for pid in (4, 2):
+        alone, report = local.train_round(config, pid, 3, state)
+        grouped, grouped_report = group[pid]
+        assert grouped_report == report
+        for key, value in alone.items():
+            torch.testing.assert_close(grouped[key], value, rtol=1e-4, atol=1e-5)
