@@ -1,7 +1,6 @@
 """The user-level audit: canary clients inside DP-FedAvg, scored by cosine (issue 15)."""
 
 import math
-from statistics import NormalDist
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +9,6 @@ from flwr.app import Array, ArrayRecord
 
 from fedsim.dp import UserCanaries, accounting, best_guesses, gaussian_estimate, gdp_epsilon
 from fedsim.dp.randomness import seeded_root
-from fedsim.dp.user_canaries import two_gaussian_epsilon
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
 from fedsim.server.user_dp import UserLevelDP, flatten, to_numpy, unflatten
@@ -103,33 +101,6 @@ def test_gdp_epsilon_matches_an_independent_pld_accountant(mu):
     pld = accounting.history_epsilon([(1 / mu, 1.0, 1)], delta=DELTA, accountant="pld")
     assert gdp_epsilon(mu, DELTA) == pytest.approx(pld, rel=2e-3)
     assert gdp_epsilon(0.0, DELTA) == 0.0
-
-
-def test_two_gaussian_epsilon_is_gdp_for_equal_variances_and_numerical_otherwise():
-    for mu in (0.5, 1.0, 3.0):  # equal variances: μ-GDP, Dong et al.'s closed form
-        got = two_gaussian_epsilon(NormalDist(0, 2), NormalDist(2 * mu, 2), DELTA)
-        assert got == pytest.approx(gdp_epsilon(mu, DELTA), rel=1e-6)
-    # unequal variances against the hockey-stick divergence integrated on a grid
-    x = np.linspace(-60, 60, 2_400_001)
-    for null, alt in [((0, 1), (2, 1.5)), ((0.1, 0.8), (1.5, 0.5)), ((0, 1), (0.3, 3))]:
-        p, q = (np.exp(-((x - m) ** 2) / (2 * s * s)) / (s * math.sqrt(2 * math.pi))
-                for m, s in (null, alt))  # fmt: skip
-        eps = two_gaussian_epsilon(NormalDist(*null), NormalDist(*alt), 1e-3)
-        grid = max(np.maximum(q - math.exp(eps) * p, 0).sum(),
-                   np.maximum(p - math.exp(eps) * q, 0).sum()) * (x[1] - x[0])  # fmt: skip
-        assert grid == pytest.approx(1e-3, rel=1e-3), (null, alt)
-
-
-def test_the_estimate_fits_each_side_s_variance():
-    """In-canaries' cosines spread with how often each was sampled (Binomial(T, q)):
-    Andrew et al. fit their own variance; the equal-variance μ-GDP reading gives less."""
-    rng = np.random.default_rng(0)
-    member = rng.random(20_000) < 0.5
-    times = rng.binomial(20, 0.25, member.size)
-    scores = np.where(member, times / (math.sqrt(20) * 1.079), 0) + rng.standard_normal(member.size)
-    inside, outside = scores[member], scores[~member]
-    mu = (inside.mean() - outside.mean()) / outside.std(ddof=1)
-    assert gaussian_estimate(scores, member, delta=DELTA) > 1.2 * gdp_epsilon(mu, DELTA)
 
 
 def test_the_audit_sees_canaries_when_there_is_no_noise_to_hide_them():

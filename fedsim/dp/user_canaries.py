@@ -13,9 +13,9 @@ u_i; in-canaries score higher as less noise hides them.
 Two numbers come out. (1) The one-run bound (``fedsim.dp.audit.best_guesses``): every
 canary is in with probability 1/2, independently, so guesses from the cosines give an ε
 lower bound at a stated confidence, valid for the user unit. (2) Andrew et al.'s
-estimate: a Gaussian fitted to the in-canaries' cosines against one fitted to the
-out-canaries' (the null), and the ε at δ that tells the two apart; an estimate, with no
-confidence attached.
+estimate: the in-canaries' mean cosine in standard deviations of the out-canaries'
+cosines is taken as μ of a μ-GDP Gaussian mechanism, and its ε at δ is reported; an
+estimate, with no confidence attached.
 
 Which canaries are in, and their directions, come from the run's *seed*
 (``Purpose.USER_CANARIES``), even with ``secure-noise``: the guesses use only the final
@@ -26,7 +26,6 @@ is part of the mechanism and comes from the run's root, like the cohort.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -83,71 +82,15 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
     δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) falls as ε grows: bisection for δ(ε) = δ.
     """
-    _check_delta(delta)
+    if not 0 < delta < 1:
+        raise FedsimError(f"delta must be in (0, 1), got {delta}")
     if mu <= 0:
         return 0.0
     phi = NormalDist().cdf
-    return _solve(
-        lambda eps: phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2), delta
-    )
 
+    def delta_at(eps: float) -> float:
+        return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
 
-def two_gaussian_epsilon(null: NormalDist, alt: NormalDist, delta: float) -> float:
-    """ε at δ that tells ``alt`` from ``null``, the larger of both directions.
-
-    Gaussians of different variance: the log-likelihood ratio is a quadratic, so each
-    hockey-stick divergence is a difference of normal masses between or outside its roots
-    (Steinke 2022, "Composition of Differential Privacy & Privacy Amplification by
-    Subsampling"; as Andrew et al.'s estimator does). Equal variances give μ-GDP.
-    """
-    _check_delta(delta)
-    return _solve(lambda eps: max(_hockey(null, alt, eps), _hockey(alt, null, eps)), delta)
-
-
-def _hockey(p: NormalDist, q: NormalDist, eps: float) -> float:
-    """Q(A) − e^ε P(A) for A = {x : log q(x)/p(x) > ε}: the (ε, δ) curve of q against p."""
-    # log q(x) − log p(x) = a·x² + b·x + c
-    a = 0.5 / p.variance - 0.5 / q.variance
-    b = q.mean / q.variance - p.mean / p.variance
-    c = 0.5 * (p.mean**2 / p.variance - q.mean**2 / q.variance) + math.log(p.stdev / q.stdev)
-    inf = math.inf
-    if a == 0:
-        if b == 0:
-            return 0.0
-        t = (eps - c) / b
-        region = [(t, inf)] if b > 0 else [(-inf, t)]
-    else:
-        disc = b * b - 4 * a * (c - eps)
-        if disc <= 0:  # the ratio stays on one side of e^ε: no mass, or all of both
-            return 0.0
-        lo, hi = sorted(((-b - math.sqrt(disc)) / (2 * a), (-b + math.sqrt(disc)) / (2 * a)))
-        region = [(-inf, lo), (hi, inf)] if a > 0 else [(lo, hi)]
-    return max(0.0, _mass(q, region) - math.exp(eps) * _mass(p, region))
-
-
-def _mass(d: NormalDist, region: list[tuple[float, float]]) -> float:
-    """P(X in region), a union of disjoint intervals, exact in both tails."""
-    total = 0.0
-    for lo, hi in region:
-        if hi == math.inf:
-            total += _cdf(d, 2 * d.mean - lo)  # P(X > lo) by symmetry
-        else:
-            total += _cdf(d, hi) - (_cdf(d, lo) if lo > -math.inf else 0.0)
-    return total
-
-
-def _cdf(d: NormalDist, x: float) -> float:
-    # NormalDist.cdf is 1 + erf: 0 below about 1e-17, where e^ε P(A) still counts
-    return 0.5 * math.erfc((d.mean - x) / (d.stdev * math.sqrt(2)))
-
-
-def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise FedsimError(f"delta must be in (0, 1), got {delta}")
-
-
-def _solve(delta_at: Callable[[float], float], delta: float) -> float:
-    """The ε where a falling δ(ε) reaches ``delta``, by bisection; 0 if it starts below."""
     if delta_at(0.0) <= delta:
         return 0.0
     lo, hi = 0.0, 1.0
@@ -162,20 +105,15 @@ def _solve(delta_at: Callable[[float], float], delta: float) -> float:
 def gaussian_estimate(
     scores: npt.ArrayLike, included: npt.ArrayLike, *, delta: float
 ) -> float | None:
-    """Andrew et al.'s ε estimate: a Gaussian fitted to each side's cosines.
+    """Andrew et al.'s ε estimate: in-canaries' mean cosine as μ of a Gaussian mechanism.
 
-    The in-canaries' cosines, N(mean, std) fitted, against the null, which the paper takes
-    as N(0, 1/d) and the out-canaries' cosines measure here; their variances differ (an
-    in-canary's cosine grows with how often it was sampled), so ε comes from
-    :func:`two_gaussian_epsilon`, not μ-GDP. None with fewer than two canaries on a side.
+    μ = (mean of in-scores − mean of out-scores) / std of out-scores; None with fewer than
+    two canaries on either side.
     """
     score = np.asarray(scores, dtype=float)
     member = np.asarray(included, dtype=bool)
     inside, outside = score[member], score[~member]
     if len(inside) < 2 or len(outside) < 2:
         return None
-    null = NormalDist(float(outside.mean()), float(outside.std(ddof=1)))
-    alt = NormalDist(float(inside.mean()), float(inside.std(ddof=1)))
-    if alt.mean <= null.mean:  # the in-canaries show nothing
-        return 0.0
-    return two_gaussian_epsilon(null, alt, delta)
+    mu = (inside.mean() - outside.mean()) / outside.std(ddof=1)
+    return gdp_epsilon(float(mu), delta)
