@@ -180,13 +180,18 @@ def server_model(
 def save_round(
     state: RunState, run_dir: Path, weights: dict[str, torch.Tensor], strategy: dict
 ) -> None:
-    """Keep a finished round in ``state`` and on disk: rounds.csv and the checkpoint."""
+    """Keep a finished round in ``state`` and on disk: the checkpoint, then rounds.csv.
+
+    In that order a round is never in rounds.csv without being in the checkpoint: a run
+    killed between the two resumes after the round, and never releases it a second time
+    with fresh noise.
+    """
     state.arrays = {k: v.detach().cpu().clone() for k, v in weights.items()}
     state.strategy = strategy
+    save_checkpoint(run_dir, state.to_checkpoint())
     results.write_csv(
         run_dir / results.ROUNDS, [r.to_csv() for r in state.rows], results.ROUND_FIELDS
     )
-    save_checkpoint(run_dir, state.to_checkpoint())
 
 
 AfterRound = Callable[[int, ArrayRecord | None, dict[int, str]], None]

@@ -59,8 +59,8 @@ from fedsim.messages import (
     encode_train_reply,
 )
 from fedsim.models import build_model
-from fedsim.server import outputs, privacy
-from fedsim.server.state import RunState
+from fedsim.server import federation, outputs, privacy
+from fedsim.server.state import RunState, load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
 DELTA = 1e-5
@@ -331,6 +331,22 @@ def test_deploy_s_waiting_notes_do_not_time_rounds_under_private_cohorts(dp, mon
         assert len(notes) == 1 and "round 2" not in notes[0]
     else:
         assert len(notes) == 5 and all("round 2 of 3" in n for n in notes)
+
+
+def test_a_round_reaches_rounds_csv_only_once_it_is_checkpointed(tmp_path, monkeypatch):
+    """Killed between the two writes, a run resumes after the round: it never releases
+    the round a second time, with fresh noise, beside a row of the first release."""
+    state = user_state("sample", COHORTS)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(federation.results, "write_csv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        federation.save_round(state, tmp_path, {"w": torch.zeros(2)}, {})
+    saved = load_checkpoint(tmp_path)
+    assert saved is not None and len(saved["rows"]) == len(state.rows)
+    assert not (tmp_path / results.ROUNDS).exists()
 
 
 def test_a_checkpoint_with_round_times_resumes_with_them_in_private(tmp_path):
