@@ -46,6 +46,7 @@ TRUST = {
         "readers of the results, as long as private/ is not published",
     ),
 }
+LABEL_PARTITIONS = ("dirichlet", "shards")  # which client holds an example depends on its label
 RELATION = {
     "sample": "zero out one training example of a client (its gradient counts as 0; for "
     "Poisson sampling the same ε as adding or removing it; example counts are public)",
@@ -59,9 +60,15 @@ RELATION = {
 
 def relation(config: FedsimConfig, unit: str) -> str:
     """What two neighbouring datasets differ in, for ``unit``, and what is public anyway."""
-    if not config.share_label_counts:
-        return RELATION[unit]
-    return RELATION[unit] + "; each client's label counts are published, outside this ε"
+    words = RELATION[unit]
+    if unit != "user" and config.partition in LABEL_PARTITIONS:
+        words += (
+            f"; partition {config.partition} places each example by its label, so the "
+            "published example counts tell of the labels, outside this ε"
+        )
+    if config.share_label_counts:
+        words += "; each client's label counts are published, outside this ε"
+    return words
 
 
 def primary_unit(dp: str) -> str:

@@ -378,6 +378,17 @@ def test_every_guarantee_says_where_label_counts_are_published():
             assert ("label counts are published" in g["relation"]) is share, g
 
 
+def test_a_guarantee_says_where_the_partition_places_examples_by_label():
+    """Dirichlet and shards partitions put an example where its label says, and each
+    client's example count is published: the counts tell of labels."""
+    state = user_state("both", COHORTS)
+    for partition in ("iid", "dirichlet", "shards"):
+        state.config = state.config.model_copy(update={"partition": partition})
+        for g in outputs.guarantees(state, state.epsilons(), "simulation"):
+            told = "counts tell of the labels" in g["relation"]
+            assert told is (partition != "iid" and g["unit"] != "user"), g
+
+
 def test_published_sample_epsilon_under_secret_cohorts_reveals_no_cohort():
     busy = user_state("both", COHORTS)  # client 4 trained in every round
     idle = user_state("both", [[1], [2], [3]])  # nobody trained twice
