@@ -79,7 +79,7 @@ def _canaries(name: str, data_dir: str, seed: int, count: int, num_clients: int)
     dataset = _dataset(name, data_dir)
     classes = model_kwargs(dataset)["num_classes"]
     return make_canaries(
-        canary_seed(seed), count, num_clients=num_clients, x_train=dataset.x_train,
+        canary_seed(seed), count, num_clients=num_clients, public_images=dataset.x_test,
         num_classes=classes,
     )  # fmt: skip
 

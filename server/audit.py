@@ -38,7 +38,7 @@ def run_canaries(config: FedsimConfig, dataset: Dataset) -> Canaries | None:
     """The run's canaries, or None where ``audit-canaries`` is 0."""
     if "sample" not in config.audit_units:
         return None
-    return canary_set(config, dataset.x_train, model_kwargs(dataset)["num_classes"])
+    return canary_set(config, dataset.x_test, model_kwargs(dataset)["num_classes"])
 
 
 def with_canaries(

@@ -1,5 +1,6 @@
 """The one-run audit in runs (issue 15): canaries, sizes, the record, and what it sees."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ DIGITS = load_dataset("digits")
 
 
 def canaries_of(config):
-    return canary_set(config, DIGITS.x_train, DIGITS.num_classes)
+    return canary_set(config, DIGITS.x_test, DIGITS.num_classes)
 
 
 def test_canaries_are_a_pure_function_of_the_seed_and_about_half_in():
@@ -75,6 +76,19 @@ def test_config_refuses_what_the_audit_cannot_measure(overrides, words):
         as_config(audit_canaries=10, **overrides)
     # user-level canaries live in parameter space: any dataset
     assert as_config(audit_canaries=10, **{**overrides, "dp": "user"}).audit_units == ["user"]
+
+
+def test_no_training_example_sets_the_canaries():
+    """Canary pixels span the public test split's range: from the training split one
+    extreme pixel would rescale every canary that trains."""
+    config = as_config(audit_canaries=50)
+    before = audit.run_canaries(config, DIGITS)
+    x_train = DIGITS.x_train.copy()
+    x_train[7, 0, 0, 0] = 3.0
+    changed = dataclasses.replace(DIGITS, x_train=x_train)
+    after = audit.run_canaries(config, changed)
+    assert before is not None and after is not None
+    assert np.array_equal(before.x, after.x) and float(after.x.max()) <= 1.0
 
 
 def test_record_counts_right_guesses_and_reaches_its_ceiling_only_when_perfect():

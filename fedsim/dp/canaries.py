@@ -58,26 +58,28 @@ def make_canaries(
     count: int,
     *,
     num_clients: int,
-    x_train: np.ndarray,
+    public_images: np.ndarray,
     num_classes: int,
 ) -> Canaries:
-    """``count`` canaries shaped as ``x_train``'s images, drawn from stream seed ``seed``.
+    """``count`` canaries shaped as ``public_images``, drawn from stream seed ``seed``.
 
-    Pixels are uniform over ``x_train``'s value range, so a canary is as bright as real
-    data but looks like none of it.
+    Pixels are uniform over ``public_images``' value range, so a canary is as bright as
+    real data but looks like none of it. Pass the test split, never the training split:
+    one training example could set that range, and through it every canary that trains.
     """
-    if x_train.ndim < 2 or not np.issubdtype(x_train.dtype, np.floating) or len(x_train) == 0:
+    images = public_images
+    if images.ndim < 2 or not np.issubdtype(images.dtype, np.floating) or len(images) == 0:
         raise FedsimError(
-            f"audit-canaries needs image data (floating-point inputs), got {x_train.dtype} "
-            f"inputs of shape {x_train.shape[1:]}; set audit-canaries = 0"
+            f"audit-canaries needs image data (floating-point inputs), got {images.dtype} "
+            f"inputs of shape {images.shape[1:]}; set audit-canaries = 0"
         )
     rng = numpy_generator(seed)
     # drawn in a fixed order: bits, clients, labels, then pixels
     included = rng.random(count) < 0.5
     client = rng.integers(num_clients, size=count)
     y = rng.integers(num_classes, size=count).astype(np.int64)
-    low, high = float(x_train.min()), float(x_train.max())
-    x = rng.uniform(low, high, size=(count, *x_train.shape[1:])).astype(x_train.dtype)
+    low, high = float(images.min()), float(images.max())
+    x = rng.uniform(low, high, size=(count, *images.shape[1:])).astype(images.dtype)
     return Canaries(x, y, client.astype(np.int64), included)
 
 
@@ -86,13 +88,16 @@ def canary_seed(seed: int) -> bytes:
     return stream_seed(seeded_root(seed), purpose=Purpose.CANARIES, server_round=0)
 
 
-def canary_set(config: FedsimConfig, x_train: np.ndarray, num_classes: int) -> Canaries:
-    """The run's canaries (``audit-canaries`` of them), the same for server and clients."""
+def canary_set(config: FedsimConfig, public_images: np.ndarray, num_classes: int) -> Canaries:
+    """The run's canaries (``audit-canaries`` of them), the same for server and clients.
+
+    ``public_images``: the test split (see :func:`make_canaries`).
+    """
     return make_canaries(
         canary_seed(config.seed),
         config.audit_canaries,
         num_clients=config.num_clients,
-        x_train=x_train,
+        public_images=public_images,
         num_classes=num_classes,
     )
 
