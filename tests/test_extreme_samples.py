@@ -6,6 +6,8 @@ the client's update and the round were then NaN, and the server dropped the clie
 naming it, whenever that one sample was drawn. Now such a sample is left out of its step.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from fedsim.clients.training import train_local
 from fedsim.config import parse_config
 from fedsim.data import load_dataset
 from fedsim.dp import dp_randomness, seeded_root
-from fedsim.models import build_model, model_kwargs
+from fedsim.models import build_model, check_client_model, model_kwargs
 from tests.test_grouping import SMALL, SMOOTH, start_state
 
 DIGITS = load_dataset("digits", "")
@@ -69,3 +71,14 @@ def test_a_grouped_client_with_such_a_sample_gets_its_one_by_one_update(monkeypa
         for key, value in alone.items():
             assert torch.isfinite(grouped[key]).all(), (pid, key)
             torch.testing.assert_close(grouped[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_sample", ["fast", "hooks", "ghost"])
+def test_whether_a_run_starts_does_not_depend_on_one_training_example(grad_sample):
+    """The checks before round 1 probe the public test split: an extreme first training
+    example (it used to fail every mode's check) changes nothing there."""
+    x_train = np.array(DIGITS.x_train)
+    x_train[0] = 1e30
+    extreme = dataclasses.replace(DIGITS, x_train=x_train)
+    config = parse_config({"grad-sample": grad_sample, "noise-multiplier": 1.0})
+    check_client_model(config, extreme)

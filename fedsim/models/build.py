@@ -89,15 +89,17 @@ def check_client_model(config: FedsimConfig, dataset: Dataset) -> None:
 
     Any model must train something and score a batch (:func:`check_outputs`). Under
     sample-level DP it must keep a batch's samples apart
-    (:func:`fedsim.dp.check_samples_apart`, run on a few training inputs) and, trained one
+    (:func:`fedsim.dp.check_samples_apart`, run on a few test inputs) and, trained one
     client at a time, take a DP-SGD step in the configured ``grad-sample`` mode
     (:func:`fedsim.dp.check_clippable`); with ``clients-per-worker`` > 1 it must
     vectorize (:func:`fedsim.dp.check_cohort_model`, then a step of
     :func:`fedsim.dp.check_cohort_step`).
     """
     model = build_model(config.model, **model_kwargs(dataset), dp=config.dp_sample)
-    x = torch.as_tensor(dataset.x_train[:PROBE_SAMPLES])
-    y = torch.as_tensor(dataset.y_train[:PROBE_SAMPLES])
+    # the probes come from the public test split: whether a run may start must not
+    # depend on one training example (an extreme one would fail every check)
+    x = torch.as_tensor(dataset.x_test[:PROBE_SAMPLES])
+    y = torch.as_tensor(dataset.y_test[:PROBE_SAMPLES])
     check_outputs(model, x, num_classes=dataset.num_classes, name=config.model)
     if not (config.dp_sample or config.clients_per_worker > 1):
         return
