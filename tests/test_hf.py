@@ -40,8 +40,9 @@ def test_image_dataset_saved_to_disk(tmp_path):
     ds = load_dataset("hf-image", tmp_path / "imgs")
     assert ds.x_train.shape == (30, 1, 6, 5) and ds.input_shape == (1, 6, 5)
     assert ds.num_classes == 3 and ds.y_test.tolist() == [i % 3 for i in range(9)]
-    scaled = pixels / 255.0
-    expected = (scaled - scaled.mean()) / (scaled.std() + 1e-6)
+    # standardised with the held-out images' statistics: one training image sets none
+    scaled, held_out = pixels / 255.0, image_split(9, 1)[1] / 255.0
+    expected = (scaled - held_out.mean()) / (held_out.std() + 1e-6)
     assert np.allclose(ds.x_train[:, 0], expected, atol=1e-4)
 
 
@@ -72,3 +73,20 @@ def test_through_flwr_datasets_offline(tmp_path):
     ds = load_dataset("hf-text", f"hf:{folder}")
     assert (len(ds.y_train), len(ds.y_test)) == (20, 6)
     assert np.array_equal(ds.y_train, np.arange(20) % 2)  # not shuffled: fedsim partitions
+
+
+def test_no_training_label_sets_the_class_count(tmp_path):
+    """Without a ClassLabel the held-out labels give it: a training label above them is
+    refused in one line, not made a class of the published model by one example."""
+    rows = {"text": ["good", "bad", "fine", "awful", "ok", "meh"], "label": [0, 1, 0, 1, 0, 7]}
+    test = {"text": ["good", "bad", "so so"], "label": [0, 1, 2]}
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(test)}
+    ).save_to_disk(tmp_path / "plain")
+    with pytest.raises(FedsimError, match=r"labels outside 0\.\.2 \(found 0\.\.7\)"):
+        load_dataset("hf-text", tmp_path / "plain")
+    rows["label"][-1] = 2
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(test)}
+    ).save_to_disk(tmp_path / "fine")
+    assert load_dataset("hf-text", tmp_path / "fine").num_classes == 3

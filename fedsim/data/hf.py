@@ -49,7 +49,6 @@ def load_hf(data_dir: Path | None, *, task: str) -> Dataset:
         )
     train, test = _splits(str(data_dir))
     label = _label_column(train, data_dir)
-    num_classes = _num_classes(train, label)
     if task == IMAGE:
         column = _column(train, data_dir, "Image", "an image")
         x_train, x_test = _images(train[column], data_dir), _images(test[column], data_dir)
@@ -61,11 +60,15 @@ def load_hf(data_dir: Path | None, *, task: str) -> Dataset:
     y_test = np.asarray(test[label], dtype=np.int64)
     if test is train:
         x_train, x_test, y_train, y_test = stratified_split(x_train, y_train)
+    # what the model's shape and the inputs' scale come from is public: the class count
+    # of a ClassLabel, or else the held-out labels, and the held-out images' statistics;
+    # from the training split one example could set them, outside any ε
+    num_classes = _num_classes(train.features[label], y_test)
     for y in (y_train, y_test):
         check_labels(y, num_classes, data_dir)
     if task == IMAGE:
-        mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
-        std = x_train.std(axis=(0, 2, 3), keepdims=True) + 1e-6
+        mean = x_test.mean(axis=(0, 2, 3), keepdims=True)
+        std = x_test.std(axis=(0, 2, 3), keepdims=True) + 1e-6
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
         shape = tuple(x_train.shape[1:])
         return Dataset(name, x_train, y_train, x_test, y_test, num_classes, shape, IMAGE)
@@ -117,11 +120,11 @@ def _label_column(split: Any, source: Path) -> str:
     raise FedsimError(f"{source}: no label column (a ClassLabel, or one named label)")
 
 
-def _num_classes(split: Any, label: str) -> int:
-    feature = split.features[label]
+def _num_classes(feature: Any, held_out: np.ndarray) -> int:
+    """A ClassLabel's class count, else one more than the largest held-out label."""
     if hasattr(feature, "num_classes"):
         return int(feature.num_classes)
-    return int(np.max(split[label])) + 1
+    return int(np.max(held_out)) + 1
 
 
 def _column(split: Any, source: Path, kind: str, what: str) -> str:
