@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fedsim.clients.task import client_tensors, model_spec
-from fedsim.clients.training import train_local
+from fedsim.clients.training import all_finite, train_local
 from fedsim.config import FedsimConfig
 from fedsim.dp import (
     Purpose,
@@ -124,7 +124,7 @@ def train_group(
         return {pid: _alone(config, pid, server_round, state, root) for pid in clients}
     out: dict[int, tuple[State, TrainReport] | str] = {}
     for pid, (_, y), update in zip(clients, data, updates, strict=True):
-        if not all(bool(torch.isfinite(v).all()) for v in update.state.values()):
+        if not all_finite(update.state):
             # a sample with a non-finite gradient (an extreme input, say): train_local
             # leaves it out, from the same streams, so the update is what it would be alone
             out[pid] = _alone(config, pid, server_round, state, root)

@@ -98,7 +98,7 @@ def train_local(
         grad_sample=grad_sample, all_positions=all_positions, proximal_mu=proximal_mu,
     )  # fmt: skip
     loss, spent = run(screen=False)
-    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+    if not all_finite(model.state_dict()):
         # a sample whose gradient is not finite (an extreme input, say) makes the clipped
         # sum NaN, and a dropped update would tell that it was drawn: the round runs again
         # from the same weights and streams, each such sample left out of its step (its
@@ -148,6 +148,11 @@ def _train_dp(
     )  # fmt: skip
     private.close()  # drop the per-sample hooks from the module we were given
     return loss, _spent(engine)
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every value of a model's ``state`` is finite: one host wait for all of it."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in state.values()]).all())
 
 
 Snapshot = tuple[dict[str, torch.Tensor], list[torch.Tensor]]
