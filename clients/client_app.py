@@ -9,12 +9,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsim.clients.local import dropout_reason, simulate_faults, train_group, train_round
+from fedsim.clients.local import simulate_faults, train_group, train_round
 from fedsim.clients.task import client_info
 from fedsim.config import FedsimConfig, check_deployment
 from fedsim.errors import FedsimError
 from fedsim.messages import (
     decode_config,
+    dropout_reason,
     encode_client_info,
     encode_group_reply,
     encode_train_reply,
@@ -79,7 +80,7 @@ def train(msg: Message, context: Context, *, deployment: bool) -> Message:
             config, pid, server_round, state, local_dir=local_data_dir(context)
         )
     if simulate_faults(config, [pid], server_round):
-        raise FedsimError(dropout_reason(config))
+        raise FedsimError(dropout_reason(config.client_dropout))
     return Message(encode_train_reply(ArrayRecord(new_state), report), reply_to=msg)
 
 
@@ -113,7 +114,7 @@ def train_clients(
     replies: dict[int, RecordDict | str] = {}
     for pid, result in trained.items():
         if pid in dropped:
-            replies[pid] = dropout_reason(config)
+            replies[pid] = dropout_reason(config.client_dropout)
         elif isinstance(result, str):  # it failed, alone
             replies[pid] = result
         else:

@@ -201,8 +201,3 @@ def simulate_faults(config: FedsimConfig, clients: list[int], server_round: int)
     if any(straggles for straggles, _ in draws.values()):
         time.sleep(config.straggler_delay)
     return {pid for pid, (_, drops) in draws.items() if drops}
-
-
-def dropout_reason(config: FedsimConfig) -> str:
-    """Why a simulated dropout has no reply."""
-    return f"dropped out (simulated, client-dropout={config.client_dropout:g})"

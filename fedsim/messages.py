@@ -32,6 +32,8 @@ GROUP_KEY = "partition-ids"
 GROUP_ERRORS = "errors"  # in a group reply: {client id: why it has no reply}
 WEIGHT_KEY = "num-examples"
 LABELS_KEY = "label-counts"
+# a simulated dropout's reason starts so: the server tells it from the client's own errors
+DROPOUT = "dropped out (simulated"
 
 
 @dataclass(frozen=True)
@@ -239,3 +241,8 @@ def _numbers(record: Mapping[str, object], key: str) -> list[float]:
 
 
 _VERSIONS = "do the clients and the server run the same fedsim?"
+
+
+def dropout_reason(rate: float) -> str:
+    """Why a client that dropped out (simulated, at ``client-dropout`` ``rate``) has no reply."""
+    return f"{DROPOUT}, client-dropout={rate:g})"

@@ -6,6 +6,8 @@ secret. ``private/participation.csv`` then names each round's clients and gives 
 cohort size, failure count and time; the published rows give none of them. A size
 tells a reader that a client was sampled with chance size/N rather than q, which the
 accounted ε does not cover (docs/privacy.md); a time shows how much data the cohort held.
+Under sample-level DP the published rows name who dropped out, but not the text of an
+error a client raised, which can quote its data: that is in ``private/`` alone.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from fedsim.messages import ClientInfo
 from fedsim.models import clipping_path, device_name
 from fedsim.results import RoundRow
 from fedsim.server import privacy
+from fedsim.server.rounds import RAISED
 from fedsim.server.state import RunState
 
+WITHHELD = RAISED + "withheld (it can quote the client's data): see private/participation.csv"
 # what computes a run's numbers: their versions go into summary.json
 SOFTWARE = ("fedsim", "torch", "opacus", "flwr", "dp-accounting", "numpy")
 # (unit, engine) -> (who must be trusted, who the ε protects against)
@@ -92,7 +96,6 @@ def round_rows(
     unit = primary_unit(state.config.dp)
     headline = float("inf") if unit == "none" and server_round > 0 else eps.get(unit, 0.0)
     clients = " ".join(map(str, cohort))
-    reasons = "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items()))
     secret = state.config.dp_user
     public = RoundRow(
         round=server_round,
@@ -103,7 +106,7 @@ def round_rows(
         cohort=None if secret else len(cohort),
         failed=None if secret else len(dropped),
         clients="" if secret else clients,
-        dropped="" if secret else reasons,
+        dropped=public_reasons(state.config, dropped),
         epsilon_sample=eps.get("sample"),
         epsilon_user=eps.get("user"),
         clip_norm=clip_norm,
@@ -113,9 +116,27 @@ def round_rows(
         "clients": clients,
         "cohort": len(cohort),
         "failed": len(dropped),
-        "dropped": reasons,
+        "dropped": _listed(dropped),
     }
     return public, private | {"seconds": round(seconds, 3)}
+
+
+def public_reasons(config: FedsimConfig, dropped: dict[int, str]) -> str:
+    """``rounds.csv``'s ``dropped``: who dropped out and why, as far as it can be published.
+
+    Nothing under user-level DP (who was sampled is secret). Under sample-level DP the
+    text of an error a client raised is withheld: it can quote the client's data (a
+    label, a token id, a value), which the ε does not cover.
+    """
+    if config.dp_user:
+        return ""
+    if config.dp_sample:
+        dropped = {c: WITHHELD if r.startswith(RAISED) else r for c, r in dropped.items()}
+    return _listed(dropped)
+
+
+def _listed(dropped: dict[int, str]) -> str:
+    return "; ".join(f"{c}: {r}" for c, r in sorted(dropped.items()))
 
 
 def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | None) -> None:

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.errors import FedsimError, RunInterrupted
-from fedsim.messages import model_arrays
+from fedsim.messages import DROPOUT, model_arrays
 from fedsim.server.strategy import client_of
 
 EvalFn = Callable[[int, ArrayRecord, dict[int, str]], None]
@@ -27,6 +28,12 @@ PULL_INTERVAL_S = 0.1  # deployment: each pull is a request to the SuperLink
 # simulation: a pull is a lookup in memory, and at 0.1 s the wait was a fifth of a GPU
 # round of 10 clients (docs/benchmarks.md)
 SIMULATION_PULL_S = 0.005
+# a reason that is the client's own error text (which may quote its data) starts so
+RAISED = "error: "
+# errors of the SuperLink's own making: their texts are Flower's, not the client's
+_LINK_ERRORS = frozenset(
+    {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
+)
 
 
 def _reason(reason: str | None) -> str:
@@ -40,11 +47,20 @@ def _reason(reason: str | None) -> str:
     return lines[-1] if lines else "unknown error"
 
 
+def _error_reason(reply: Message) -> str:
+    """Why a client's error reply has no update; its own error's text marked :data:`RAISED`."""
+    text = _reason(reply.error.reason)
+    if reply.error.code in _LINK_ERRORS or text.startswith(DROPOUT):
+        return text
+    return RAISED + text
+
+
 def screen_replies(
     messages: list[Message], replies: list[Message], timeout: float
 ) -> tuple[list[Message], dict[int, str]]:
     """Split replies into usable ones and ``{client: reason}`` for every client left out.
 
+    A reason that is the text of an error the client raised starts with :data:`RAISED`.
     Replies are matched to messages by message id: where a SuperNode stopped sending
     heartbeats, the reply is the SuperLink's own error ("Node Unavailable"), sent from
     the SuperLink's node id, not from the client's.
@@ -64,7 +80,7 @@ def screen_replies(
         if reply is None:
             dropped[client] = f"no reply within round-timeout ({timeout:g} s)"
         elif reply.has_error():
-            dropped[client] = _reason(reply.error.reason)
+            dropped[client] = _error_reason(reply)
         elif not all(np.isfinite(a.numpy()).all() for a in model_arrays(reply.content).values()):
             dropped[client] = "returned non-finite (NaN or infinite) weights"
         else:

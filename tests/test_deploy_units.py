@@ -181,7 +181,7 @@ def test_superlink_error_for_a_dead_node_names_its_client():
     good, dropped = screen_replies(sent, [unavailable, failed], timeout=5)
     assert good == []
     assert dropped[1].startswith("Error: Node Unavailable")
-    assert dropped[0] == "disk full"
+    assert dropped[0] == "error: disk full"  # the client's own text: marked as such
     _, dropped = screen_replies(sent, [], timeout=5)
     assert dropped == {0: "no reply within round-timeout (5 s)", 1: dropped[0]}
     # the error of a round that had too few: each reason once, with its clients
@@ -194,7 +194,7 @@ def test_two_clients_on_one_worker_node_are_told_apart_by_message_id():
     ok.content[ARRAYS] = ArrayRecord()
     failed = _message("r-a", 11, 1, "m-a", Error(0, "<class 'X'>:<'disk full'>"))
     good, dropped = screen_replies(sent, [ok, failed], timeout=5)
-    assert good == [ok] and dropped == {4: "disk full"}
+    assert good == [ok] and dropped == {4: "error: disk full"}
     # one reply for a node with two clients: not guessed by node, the other is missing
     _, dropped = screen_replies(sent, [ok], timeout=5)
     assert dropped == {4: "no reply within round-timeout (5 s)"}

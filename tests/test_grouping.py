@@ -186,7 +186,7 @@ def test_screening_sees_a_failed_group_as_each_of_its_clients_failing(flower_run
     ]
     ids = list(grid.push_messages(messages))
     good, dropped = screen_replies(messages, list(grid.pull_messages(ids)), 1.0)
-    assert not good and dropped == dict.fromkeys(range(6), "out of memory")
+    assert not good and dropped == dict.fromkeys(range(6), "error: out of memory")
 
 
 def test_groups_are_refused_where_they_cannot_work():

@@ -16,8 +16,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, Metadata, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    RecordDict,
+)
 from flwr.app.message.message import make_message
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from opacus import GradSampleModule, PrivacyEngine
 from rich.console import Console
 from torch import nn
@@ -55,11 +66,13 @@ from fedsim.messages import (
     PrivacySpent,
     TrainReport,
     decode_client_info,
+    dropout_reason,
     encode_client_info,
     encode_train_reply,
 )
 from fedsim.models import build_model
 from fedsim.server import federation, outputs, privacy
+from fedsim.server.rounds import screen_replies
 from fedsim.server.state import RunState, load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
@@ -176,6 +189,37 @@ def test_a_node_s_data_error_reaches_the_server_without_its_values(dp, monkeypat
             assert str(caught.value.__cause__) == quoted  # for the node's own log
         else:  # no sample-level DP: the server may read it, and it helps
             assert str(caught.value) == quoted
+
+
+@pytest.mark.parametrize("dp", ["sample", "none", "user"])
+def test_a_client_s_error_text_stays_out_of_the_published_rounds(dp):
+    """In a simulation the readers of the results are not trusted under sample-level DP,
+    and a client's error can quote its data: ``rounds.csv`` names the client only."""
+    values = {"num-clients": 4, "clients-per-round": 4, "dp": dp, "client-dropout": 0.5}
+    config = parse_config({**values, "noise-multiplier": 1.0, "user-noise-multiplier": 1.0})
+    sent = [make_message(Metadata(1, f"m-{c}", 1, 10 + c, "", "", time.time(), 60.0,
+                                  MessageType.TRAIN),
+                         content=RecordDict({CONFIG: ConfigRecord({PARTITION_KEY: c})}))
+            for c in range(4)]  # fmt: skip
+    quoted = "<class 'ValueError'>:<'label 12 outside 0..9'>"
+    raised = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    replies = [
+        Message(Error(raised, quoted), reply_to=sent[0]),
+        Message(Error(raised, dropout_reason(0.5)), reply_to=sent[1]),
+        create_message_error_unavailable_res_message(sent[2].metadata, "node_unavail"),
+    ]  # client 3: no reply
+    _, dropped = screen_replies(sent, replies, timeout=5)
+    state = RunState(config, [ClientInfo(c, 50, None) for c in range(4)])
+    row, private = outputs.round_rows(state, 1, 0.5, 0.5, cohort=[0, 1, 2, 3], dropped=dropped,
+                                      clip_norm=None, seconds=1.0)  # fmt: skip
+    assert "0: error: label 12 outside 0..9" in private["dropped"]  # for the operator
+    if dp == "user":
+        assert row.dropped == ""
+        return
+    for kept in ("1: dropped out (simulated", "2: Error: Node Unavailable", "3: no reply"):
+        assert kept in row.dropped
+    assert ("label 12" in row.dropped) == (dp == "none")
+    assert ("0: error: withheld" in row.dropped) == (dp == "sample")
 
 
 def train_message(config, *, client):
