@@ -1,4 +1,4 @@
-"""Result rows and files written by the server: rounds, partition, ledger, summary.
+"""Result files written by the server: rounds, partition, ledger, summary, private/.
 
 What is published and what stays in ``private/`` is decided here. Under user-level DP
 the ε counts amplification by sampling the cohorts, which holds only while they stay
@@ -14,65 +14,23 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.data import Dataset
-from fedsim.dp import accounting
 from fedsim.messages import ClientInfo
 from fedsim.models import clipping_path, device_name
 from fedsim.results import RoundRow
 from fedsim.server import privacy
+from fedsim.server.guarantees import guarantees, noise_record, privacy_record
 from fedsim.server.rounds import RAISED
 from fedsim.server.state import RunState
 
 WITHHELD = RAISED + "withheld (it can quote the client's data): see private/participation.csv"
 # what computes a run's numbers: their versions go into summary.json
 SOFTWARE = ("fedsim", "torch", "opacus", "flwr", "dp-accounting", "numpy")
-# (unit, engine) -> (who must be trusted, who the ε protects against)
-TRUST = {
-    ("sample", "simulation"): ("the machine that runs the simulation", "readers of the results"),
-    ("sample", "deployment"): (
-        "each client's own machine",
-        "the server (honest but curious: it runs fedsim and reads all it receives) and "
-        "readers of the results",
-    ),
-    ("user", "simulation"): (
-        "the machine that runs the simulation",
-        "readers of the results, as long as private/ is not published",
-    ),
-    ("user", "deployment"): (
-        "the server: it sees every client's update before adding noise",
-        "readers of the results, as long as private/ is not published",
-    ),
-}
-LABEL_PARTITIONS = ("dirichlet", "shards")  # which client holds an example depends on its label
-RELATION = {
-    "sample": "zero out one training example of a client (its gradient counts as 0; for "
-    "Poisson sampling the same ε as adding or removing it; example counts are public)",
-    "user": "zero out one client's whole data (its update counts as 0, and with adaptive "
-    "clipping so does its clip bit, centred to ±1/2; who takes part and each client's "
-    "example count are public)",
-    "replace": "replace one training example of a client by another, or change any of its "
-    "data: what the user-level guarantee implies for one example",
-}
-
-
-def relation(config: FedsimConfig, unit: str) -> str:
-    """What two neighbouring datasets differ in, for ``unit``, and what is public anyway."""
-    words = RELATION[unit]
-    if unit != "user" and config.partition in LABEL_PARTITIONS:
-        words += (
-            f"; partition {config.partition} places each example by its label, so the "
-            "published example counts tell of the labels, outside this ε"
-        )
-    if config.share_label_counts:
-        words += "; each client's label counts are published, outside this ε"
-    return words
 
 
 def primary_unit(dp: str) -> str:
@@ -152,95 +110,6 @@ def write_partition(run_dir: Path, infos: list[ClientInfo], users: list[str] | N
         row |= {"user": users[i.partition_id]} if users else {}
         rows.append(row | {f: counts.get(f, "unknown") for f in label_fields})
     results.write_csv(run_dir / results.PARTITION, rows, fields)
-
-
-def privacy_record(state: RunState, *, public: bool = True) -> dict:
-    """``privacy.json``: the ledger of every unit the run protects.
-
-    ``public`` with secret cohorts (user-level DP): the sample unit gives each client
-    size's schedule, charged for every round, instead of who trained when.
-    """
-    cfg = state.config
-    record: dict = {"accountant": cfg.accountant, "delta": cfg.delta, "units": {}}
-    if cfg.dp_sample:
-        sample: dict[str, Any] = {"sampling": privacy.SAMPLING, "relation": relation(cfg, "sample")}
-        if public and cfg.dp_user:
-            sample["charged"] = "every client, every round: cohorts are secret"
-            sample["rounds"] = [e.round for e in state.user_ledger]
-            sample["schedules"] = _schedules(state)
-        else:
-            sample["clients"] = privacy.ledger_to_json(state.ledger)
-        record["units"]["sample"] = sample
-    if cfg.dp_user:
-        record["units"]["user"] = {
-            "sampling": privacy.USER_SAMPLING,
-            "relation": relation(cfg, "user"),
-            "max_update_norm": cfg.max_update_norm,
-            "clip_quantile": cfg.clip_quantile,
-            "rounds": [asdict(e) for e in state.user_ledger],
-        }
-    return record
-
-
-def _schedules(state: RunState) -> list[dict]:
-    """Each distinct prescribed spend, with how many clients have it."""
-    counts: dict = {}
-    for spend in state.prescribed:
-        counts[spend] = counts.get(spend, 0) + 1
-    ordered = sorted(counts.items(), key=lambda item: item[0].sample_rate)
-    return [{"spend_per_round": asdict(s), "clients": n} for s, n in ordered]
-
-
-def noise_record(state: RunState) -> dict:
-    """Which kind of randomness the run's DP mechanisms used, in words."""
-    if state.config.secure_noise:
-        return {
-            "kind": "secure",
-            "meaning": "every noise value and sample came from the operating system's "
-            "random source; no one can recompute them",
-        }
-    return {
-        "kind": "seeded",
-        "meaning": f"noise and samples derive from the config's seed ({state.config.seed}, "
-        "written in this file): anyone who knows the seed can recompute and remove the "
-        "noise, so every ε here holds only against parties who do not know it; use "
-        "secure-noise = true for results you publish",
-    }
-
-
-@dataclass(frozen=True)
-class Guarantee:
-    """One ε, with what it protects, how it was counted and against whom it holds."""
-
-    unit: str
-    epsilon: float
-    delta: float
-    accountant: str
-    relation: str
-    trusted: str
-    protects_against: str
-    implied_by: str | None = None  # the unit whose guarantee this one follows from
-
-
-def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict]:
-    """Each ε with its unit, relation, accountant and who it protects against."""
-    cfg = state.config
-    out = [
-        Guarantee(
-            unit, value, cfg.delta, cfg.accountant, relation(cfg, unit), *TRUST[(unit, engine)]
-        )
-        for unit, value in eps.items()
-    ]
-    if cfg.dp_user:
-        replace = privacy.client_epsilon(
-            state.user_ledger, delta=cfg.delta, accountant=accounting.REPLACE_ONE
-        )
-        trust = TRUST[("user", engine)]
-        implied = relation(cfg, "replace")
-        out.append(
-            Guarantee("sample", replace, cfg.delta, accounting.REPLACE_ONE, implied, *trust, "user")
-        )
-    return [asdict(g) for g in out]
 
 
 def software() -> dict[str, str | None]:

@@ -71,7 +71,7 @@ from fedsim.messages import (
     encode_train_reply,
 )
 from fedsim.models import build_model
-from fedsim.server import federation, outputs, privacy
+from fedsim.server import federation, guarantees, outputs, privacy
 from fedsim.server.rounds import screen_replies
 from fedsim.server.state import RunState, load_checkpoint
 
@@ -418,7 +418,7 @@ def test_every_guarantee_says_where_label_counts_are_published():
     state = user_state("both", COHORTS)
     for share in (False, True):
         state.config = state.config.model_copy(update={"share_label_counts": share})
-        for g in outputs.guarantees(state, state.epsilons(), "simulation"):
+        for g in guarantees.guarantees(state, state.epsilons(), "simulation"):
             assert ("label counts are published" in g["relation"]) is share, g
 
 
@@ -428,7 +428,7 @@ def test_a_guarantee_says_where_the_partition_places_examples_by_label():
     state = user_state("both", COHORTS)
     for partition in ("iid", "dirichlet", "shards"):
         state.config = state.config.model_copy(update={"partition": partition})
-        for g in outputs.guarantees(state, state.epsilons(), "simulation"):
+        for g in guarantees.guarantees(state, state.epsilons(), "simulation"):
             told = "counts tell of the labels" in g["relation"]
             assert told is (partition != "iid" and g["unit"] != "user"), g
 
