@@ -16,6 +16,7 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from fedsim import results
 from fedsim.config import FedsimConfig
@@ -152,16 +153,37 @@ def write_final(
     """
     cfg = state.config
     results.write_json(run_dir / results.PRIVACY, privacy_record(state))
+    summary = {
+        "accuracy": state.rows[-1].accuracy,
+        "loss": state.rows[-1].loss,
+        **_privacy_fields(state, engine),
+        "num_rounds": cfg.num_rounds,
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
+        # under private cohorts even the sum of the rounds' times tells how many took
+        # part (with one large client, how often it did): it stays in private/
+        "wall_seconds": None if cfg.dp_user else round(time.time() - started, 2),
+        "training": training,
+        "software": software(),
+        "config": cfg.to_flat(),
+    }
+    if audit is not None:
+        summary["audit"] = audit
+    results.write_json(run_dir / results.SUMMARY, summary)
+    write_private(state, run_dir)
+    return summary
+
+
+def _privacy_fields(state: RunState, engine: str) -> dict[str, Any]:
+    """``summary.json``'s ε, each with what it means, and the mechanisms' parameters."""
+    cfg = state.config
     eps = state.epsilons()
     unit = primary_unit(cfg.dp)
     worst = None
     if cfg.dp_sample and not cfg.dp_user:  # naming the client would reveal a cohort
         worst = privacy.run_epsilon(state.ledger, delta=cfg.delta, accountant=cfg.accountant)[1]
-    last = state.rows[-1]
     dp = unit != "none"
-    summary = {
-        "accuracy": last.accuracy,
-        "loss": last.loss,
+    return {
         "epsilon": eps[unit] if dp else None,
         "delta": cfg.delta if dp else None,
         "privacy_unit": unit,
@@ -180,26 +202,13 @@ def write_final(
         "failed_per_round": None  # a failure can tell of a client's data
         if cfg.dp_user
         else {r.round: r.failed for r in state.rows if r.failed},
-        "num_rounds": cfg.num_rounds,
-        "num_clients": cfg.num_clients,
-        "clients_per_round": cfg.clients_per_round,
-        # under private cohorts even the sum of the rounds' times tells how many took
-        # part (with one large client, how often it did): it stays in private/
-        "wall_seconds": None if cfg.dp_user else round(time.time() - started, 2),
-        "training": training,
-        "software": software(),
-        "config": cfg.to_flat(),
     }
-    if audit is not None:
-        summary["audit"] = audit
-    results.write_json(run_dir / results.SUMMARY, summary)
-    write_private(state, run_dir)
-    return summary
 
 
 PRIVATE_NOTE = """Do not publish this folder.
 
-participation.csv names the clients that trained in each round, and why any dropped out.
+participation.csv names the clients that trained in each round, and why any dropped out,
+with the text of every error a client raised (which can quote its data).
 Under user-level DP (dp = user or both) the reported epsilon counts amplification by
 sampling the cohorts at random, which holds only while they stay secret. ledger.json is
 each client's own sample-level ledger, which shows the same. checkpoint.pt (while a run
