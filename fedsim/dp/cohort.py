@@ -132,19 +132,14 @@ def train_cohort(
     _check_inputs(model, starts, data, randomness)
     rand = randomness or [secure_dp_randomness(device) for _ in data]
     dp = noise_multiplier is not None
-    plans = [
-        _plan(len(y), r.batches, batch_size, epochs, dp=dp)
-        for (_, y), r in zip(data, rand, strict=True)
-    ]
-    order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
+    order, plans = _plans(data, rand, batch_size, epochs, dp=dp)
     template = vectorizable(copy.deepcopy(model)).to(device).train()
     names = canonical_names(template)
     weights, consts = _stacked(model, names, [starts[k] for k in order], device)
     x = torch.cat([torch.as_tensor(data[k][0]).to(device) for k in order])  # (Σn, ...)
     y = torch.cat([torch.as_tensor(data[k][1]).to(device) for k in order])  # (Σn, ...)
     sizes = [len(data[k][1]) for k in order]
-    dtype = next(iter(weights.values())).dtype
-    layout = _layout([plans[k] for k in order], sizes, dtype, device)
+    layout = _layout(plans, sizes, next(iter(weights.values())).dtype, device)
     noise = None
     if noise_multiplier is not None:
         std = noise_multiplier * max_grad_norm
@@ -152,23 +147,37 @@ def train_cohort(
     update = CohortSGD(weights, lr=lr, momentum=momentum, pull=lr * proximal_mu, noise=noise)
     example = ({n: w[0] for n, w in weights.items()}, {n: c[0] for n, c in consts.items()})
     step = client_step(
-        template,
-        (*example, x[:1], y[:1]),
-        dp=dp,
-        clip=max_grad_norm,
-        all_positions=all_positions,
-        one_pass=clipping == "one-pass",
-    )
+        template, (*example, x[:1], y[:1]), dp=dp, clip=max_grad_norm,
+        all_positions=all_positions, one_pass=clipping == "one-pass",
+    )  # fmt: skip
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # math attention has vmap rules
         # "different": each client draws its own dropout masks (the noise is drawn outside)
         batched = vmap(step, chunk_size=chunk_size, randomness="different")
         losses = _train(weights, consts, (x, y), layout, batched, update)
+    return _unstacked(model, names, {**weights, **consts}, order, losses)
+
+
+def _plans(
+    data: Data, rand: list[DPRandomness], batch_size: int, epochs: int, *, dp: bool
+) -> tuple[list[int], list[list]]:
+    """The training order (most steps first) and the clients' plans in it, drawn in turn."""
+    plans = [
+        _plan(len(y), r.batches, batch_size, epochs, dp=dp)
+        for (_, y), r in zip(data, rand, strict=True)
+    ]
+    order = sorted(range(len(data)), key=lambda k: -len(plans[k]))  # stable: most steps first
+    return order, [plans[k] for k in order]
+
+
+def _unstacked(
+    model: nn.Module, names: dict[str, str], tensors: Weights, order: list[int], losses: list[float]
+) -> list[CohortUpdate]:
+    """Each client's row of the stack as a state_dict of ``model``, clients as given."""
     at = {k: j for j, k in enumerate(order)}  # client k's row in the stack
-    tensors = {**weights, **consts}
     keys = list(model.state_dict())  # the model's own order (a swapped RNN has its own)
     return [
         CohortUpdate({key: tensors[names[key]][at[k]].clone() for key in keys}, losses[at[k]])
-        for k in range(len(data))
+        for k in range(len(order))
     ]
 
 
