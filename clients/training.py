@@ -82,21 +82,47 @@ def train_local(
     # the data goes to the device once; every batch is then one gather there
     xs, ys = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
     if noise_multiplier is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-        shuffle = randomness.batches if randomness is not None else None
-        order = [_shuffled_batches(len(ys), batch_size, shuffle) for _ in range(epochs)]
-        loss = _epochs(
-            model, optimizer, order, (xs, ys), nn.CrossEntropyLoss(), all_positions,
-            _proximal(model, lr * proximal_mu),
+        loss = _train_plain(
+            model, (xs, ys), randomness, epochs=epochs, batch_size=batch_size, lr=lr,
+            momentum=momentum, all_positions=all_positions, proximal_mu=proximal_mu,
         )  # fmt: skip
         return loss, PrivacySpent()
     randomness = randomness or secure_dp_randomness(device)
-    start = _snapshot(model, randomness)
     run = partial(
         _train_dp, model, (xs, ys), randomness, epochs=epochs, batch_size=batch_size, lr=lr,
         momentum=momentum, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         grad_sample=grad_sample, all_positions=all_positions, proximal_mu=proximal_mu,
     )  # fmt: skip
+    return _rerun_if_not_finite(model, randomness, run)
+
+
+def _train_plain(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    randomness: DPRandomness | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    all_positions: bool,
+    proximal_mu: float,
+) -> float:
+    """One round of minibatch SGD; ``randomness.batches`` shuffles (None: torch's global)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    shuffle = randomness.batches if randomness is not None else None
+    order = [_shuffled_batches(len(data[1]), batch_size, shuffle) for _ in range(epochs)]
+    return _epochs(
+        model, optimizer, order, data, nn.CrossEntropyLoss(), all_positions,
+        _proximal(model, lr * proximal_mu),
+    )  # fmt: skip
+
+
+def _rerun_if_not_finite(
+    model: nn.Module, randomness: DPRandomness, run: Callable[..., tuple[float, PrivacySpent]]
+) -> tuple[float, PrivacySpent]:
+    """``run``'s DP round; again, screening samples, if it leaves a weight not finite."""
+    start = _snapshot(model, randomness)
     loss, spent = run(screen=False)
     if not all_finite(model.state_dict()):
         # a sample whose gradient is not finite (an extreme input, say) makes the clipped
