@@ -103,34 +103,44 @@ def make_private(
         "max_grad_norm": max_grad_norm,
         "noise_generator": randomness.noise,
     }
-    if grad_sample == "fast":
-        model, opt, criterion, loader, clipper = make_private_fast(engine, **args)
-        private = PrivateTraining(
-            model, opt, criterion, loader, clipper.close, lambda: clipper.per_sample_norms
-        )
-    elif grad_sample == "ghost":
-        model, opt, ghost, loader = engine.make_private(
-            **args,
-            criterion=nn.CrossEntropyLoss(),
-            poisson_sampling=False,
-            grad_sample_mode="ghost",
-        )
-        private = PrivateTraining(
-            model, opt, _per_sequence(ghost), loader, model._close, partial(_ghost_norms, model)
-        )
-        fuse_noise_step(private.optimizer)
-    else:
-        model, opt, loader = engine.make_private(
-            **args, poisson_sampling=False, grad_sample_mode="hooks"
-        )
-        private = PrivateTraining(
-            model, opt, nn.CrossEntropyLoss(), loader, model._close, partial(_hook_norms, opt)
-        )
-        fuse_noise_step(private.optimizer)
+    wrap = _fast if grad_sample == "fast" else _ghost if grad_sample == "ghost" else _hooks
+    private = wrap(engine, args)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
     # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
     private.optimizer.expected_batch_size = schedule.expected_batch
+    return private
+
+
+def _fast(engine: PrivacyEngine, args: dict[str, Any]) -> PrivateTraining:
+    """``fast``: fedsim's one-pass clipping, with Opacus's optimizer and noise."""
+    model, opt, criterion, loader, clipper = make_private_fast(engine, **args)
+    return PrivateTraining(
+        model, opt, criterion, loader, clipper.close, lambda: clipper.per_sample_norms
+    )
+
+
+def _ghost(engine: PrivacyEngine, args: dict[str, Any]) -> PrivateTraining:
+    """``ghost``: Opacus's ghost clipping, its loss a sample's mean over positions."""
+    model, opt, ghost, loader = engine.make_private(
+        **args, criterion=nn.CrossEntropyLoss(), poisson_sampling=False, grad_sample_mode="ghost"
+    )
+    private = PrivateTraining(
+        model, opt, _per_sequence(ghost), loader, model._close, partial(_ghost_norms, model)
+    )
+    fuse_noise_step(private.optimizer)
+    return private
+
+
+def _hooks(engine: PrivacyEngine, args: dict[str, Any]) -> PrivateTraining:
+    """``hooks``: Opacus's per-sample gradients."""
+    model, opt, loader = engine.make_private(
+        **args, poisson_sampling=False, grad_sample_mode="hooks"
+    )
+    private = PrivateTraining(
+        model, opt, nn.CrossEntropyLoss(), loader, model._close, partial(_hook_norms, opt)
+    )
+    fuse_noise_step(private.optimizer)
     return private
 
 
