@@ -13,7 +13,9 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from fedsim.experiments.machine import check_machine
 from fedsim.experiments.progress import RunProgress, for_terminal
 from fedsim.experiments.raystart import RayStart
 from fedsim.experiments.rundir import (
+    Claim,
     claim_default,
     claim_new,
     claim_resume,
@@ -109,20 +112,36 @@ def run_experiment(
         raise FedsimError("ray_start was made for another config; make it with this one")
     started = time.time()
     dataset = preflight(config, dataset)
-    if resume:
-        claim = claim_resume(Path(out or ""))
-    elif out is not None:
-        claim = claim_new(Path(out), force=force)
-    else:
-        claim = claim_default(config.out_dir, config.name)
+    claim = _claim(config, out, resume=resume, force=force)
     run_dir, staging = claim.run_dir, claim.staging
     print(f"fedsim: writing {staging} (resume with: fedsim run --resume {run_dir})", flush=True)
     progress = progress or for_terminal(config)
+    simulate = partial(
+        _simulate, config, dataset, staging, started, verbose, client_app, progress, ray_start,
+        stop_within,
+    )  # fmt: skip
+    _run_claimed(claim, simulate, progress)
+    return run_dir
+
+
+def _claim(config: FedsimConfig, out: Path | None, *, resume: bool, force: bool) -> Claim:
+    """The run's staging folder: to resume at ``out``, new at ``out``, or by default."""
+    if resume:
+        return claim_resume(Path(out or ""))
+    if out is not None:
+        return claim_new(Path(out), force=force)
+    return claim_default(config.out_dir, config.name)
+
+
+def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgress) -> None:
+    """``simulate`` into ``claim``'s staging folder, then finish it; close ``progress``.
+
+    A stop, or an ``OSError``, leaves the staging folder (a stop, or a file error the user
+    can fix, says how to resume); any other failure before the first checkpoint removes it.
+    """
+    run_dir, staging = claim.run_dir, claim.staging
     try:
-        _simulate(
-            config, dataset, staging, started, verbose, client_app, progress, ray_start,
-            stop_within,
-        )  # fmt: skip
+        simulate()
         claim.finish()
     except RunInterrupted as exc:
         raise RunInterrupted(
@@ -140,7 +159,6 @@ def run_experiment(
     finally:
         claim.release()
         progress.close()
-    return run_dir
 
 
 def _simulate(
