@@ -69,27 +69,38 @@ def deploy(
     """
     tls, auth = _security(host, tls, auth)
     flower_bin()
-    if not (APP_DIR / "pyproject.toml").is_file():
-        raise FedsimError(
-            f"{APP_DIR} has no pyproject.toml: fedsim deploy submits the app from a source "
-            "checkout; install fedsim from its repository with ./install.sh"
-        )
+    _check_checkout()
     _preflight(config, node_data_dirs, dataset)
     claim = claim_new(out) if out else claim_default(config.out_dir, config.name)
     run_dir, staging = claim.run_dir, claim.staging
     work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
     try:
-        roots = import_roots(config.own_parts)
-        with (
-            LocalFederation(work, auth=auth, host=host, python_path=roots) as fed,
-            _sigterm_as_interrupt(),
-        ):
-            if tls:
-                fed.certs = make_certificates(work / "certs", _cert_hosts(host))
-            app = app_sources(work / "app")
-            _start(fed, config, node_data_dirs)
-            _submit_and_follow(fed, config, app, staging, timeout=timeout, verbose=verbose)
-        _finish(staging, run_dir)
+        with _kept_on_error(work):
+            _federate(
+                work, config, staging, node_data_dirs, tls=tls, auth=auth, host=host,
+                timeout=timeout, verbose=verbose,
+            )  # fmt: skip
+            _finish(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        claim.release()
+    return run_dir
+
+
+def _check_checkout() -> None:
+    """Refuse an installed copy: ``flwr run`` submits the app from a source checkout."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FedsimError(
+            f"{APP_DIR} has no pyproject.toml: fedsim deploy submits the app from a source "
+            "checkout; install fedsim from its repository with ./install.sh"
+        )
+
+
+@contextlib.contextmanager
+def _kept_on_error(work: Path) -> Iterator[None]:
+    """Remove ``work`` afterwards, but keep it, named in the error, after a FedsimError."""
+    try:
+        yield
     except FedsimError as exc:  # keep the work folder: its logs tell what went wrong
         if str(work) not in str(exc):
             raise FedsimError(f"{exc}; logs in {work}") from None
@@ -99,10 +110,34 @@ def deploy(
         raise
     else:
         shutil.rmtree(work, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        claim.release()
-    return run_dir
+
+
+def _federate(
+    work: Path,
+    config: FedsimConfig,
+    staging: Path,
+    node_data_dirs: tuple[Path, ...],
+    *,
+    tls: bool,
+    auth: bool,
+    host: str,
+    timeout: float,
+    verbose: bool,
+) -> None:
+    """A SuperLink and the SuperNodes in ``work`` run ``config``, then stop.
+
+    The ServerApp writes into ``staging``. SIGTERM stops everything as Ctrl-C does.
+    """
+    roots = import_roots(config.own_parts)
+    with (
+        LocalFederation(work, auth=auth, host=host, python_path=roots) as fed,
+        _sigterm_as_interrupt(),
+    ):
+        if tls:
+            fed.certs = make_certificates(work / "certs", _cert_hosts(host))
+        app = app_sources(work / "app")
+        _start(fed, config, node_data_dirs)
+        _submit_and_follow(fed, config, app, staging, timeout=timeout, verbose=verbose)
 
 
 def _security(host: str, tls: bool | None, auth: bool | None) -> tuple[bool, bool]:
