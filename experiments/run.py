@@ -43,7 +43,7 @@ from fedsim.experiments.rundir import (
 from fedsim.experiments.signals import Signals
 from fedsim.models import check_client_model
 from fedsim.server.server_app import build_server_app
-from fedsim.server.state import load_checkpoint, restore
+from fedsim.server.state import restore
 
 
 def preflight(config: FedsimConfig, dataset: Dataset | None = None) -> Dataset:
@@ -136,29 +136,37 @@ def _claim(config: FedsimConfig, out: Path | None, *, resume: bool, force: bool)
 def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgress) -> None:
     """``simulate`` into ``claim``'s staging folder, then finish it; close ``progress``.
 
-    A stop, or an ``OSError``, leaves the staging folder (a stop, or a file error the user
-    can fix, says how to resume); any other failure before the first checkpoint removes it.
+    A failure before the first checkpoint removes the staging folder: there is nothing to
+    resume. After it, a stop or a file error the user can fix (a full disk) keeps the
+    folder and says how to resume.
     """
     run_dir, staging = claim.run_dir, claim.staging
     try:
         simulate()
         claim.finish()
-    except RunInterrupted as exc:
-        raise RunInterrupted(
-            f"{exc}; continue with: fedsim run --resume {run_dir}", exc.signum
-        ) from None
-    except OSError as exc:
-        if exc.errno not in USER_ERRNOS:
-            raise
-        where = exc.filename or staging
-        raise file_error(where, exc, f"fix that, then: fedsim run --resume {run_dir}") from None
-    except BaseException:
-        if load_checkpoint(staging) is None:
+    except BaseException as exc:
+        saved = _has_checkpoint(staging)
+        if not saved:
             claim.abandon()
+        resume = f"fedsim run --resume {run_dir}"
+        if isinstance(exc, RunInterrupted):
+            said = f"continue with: {resume}" if saved else "nothing was saved: run it again"
+            raise RunInterrupted(f"{exc}; {said}", exc.signum) from None
+        if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
+            fix = f"fix that, then: {resume}" if saved else "fix that and run it again"
+            raise file_error(exc.filename or staging, exc, fix) from None
         raise
     finally:
         claim.release()
         progress.close()
+
+
+def _has_checkpoint(staging: Path) -> bool:
+    """Whether ``staging`` holds a checkpoint (where it cannot be read: kept, to be safe)."""
+    try:
+        return (staging / results.CHECKPOINT).is_file()
+    except OSError:
+        return True
 
 
 def _simulate(

@@ -7,6 +7,7 @@ signal tests, which need a real run, are in tests/test_signals.py.
 import errno
 import importlib.abc
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 import fedsim.experiments
 from fedsim import results
 from fedsim.config import parse_config
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.experiments import console, procs, raystart, rundir
 from fedsim.experiments import run as runner
 from fedsim.experiments.raystart import check_ray_address
@@ -134,6 +135,26 @@ def test_a_full_disk_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, monke
     with pytest.raises(FedsimError, match="the disk is full; fix that, then: fedsim run --resume"):
         run_experiment(parse_config({}), out=tmp_path / "run")
     assert (tmp_path / ".run.partial" / results.CHECKPOINT).is_file()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [RunInterrupted("stopped by SIGTERM", signal.SIGTERM),
+     OSError(errno.ENOSPC, "No space left on device")],
+)  # fmt: skip
+def test_a_stop_before_the_first_checkpoint_says_run_it_again_and_leaves_nothing(
+    tmp_path, monkeypatch, failure
+):
+    """Nothing was saved: a resume command would only be refused."""
+
+    def stopped(*args):
+        raise failure
+
+    monkeypatch.setattr(runner, "_simulate", stopped)
+    with pytest.raises((RunInterrupted, FedsimError)) as caught:
+        run_experiment(parse_config({}), out=tmp_path / "run")
+    assert "run it again" in str(caught.value) and "--resume" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_emptied_ledger_is_never_resumed_into_a_lower_epsilon(tmp_path):

@@ -103,8 +103,7 @@ def make_private(
         "max_grad_norm": max_grad_norm,
         "noise_generator": randomness.noise,
     }
-    wrap = _fast if grad_sample == "fast" else _ghost if grad_sample == "ghost" else _hooks
-    private = wrap(engine, args)
+    private = _MODES[grad_sample](engine, args)
     # Opacus's secure_mode also wants torchcsprng; its float-safe noise needs only this flag
     private.optimizer.secure_mode = randomness.secure
     # Opacus's int(n · q) is 0 for n = 49 at batch size 1, and floors n / k everywhere
@@ -142,6 +141,9 @@ def _hooks(engine: PrivacyEngine, args: dict[str, Any]) -> PrivateTraining:
     )
     fuse_noise_step(private.optimizer)
     return private
+
+
+_MODES = {"fast": _fast, "ghost": _ghost, "hooks": _hooks}
 
 
 def _hook_norms(optimizer: DPOptimizer) -> Tensor | None:
