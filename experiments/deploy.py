@@ -73,8 +73,8 @@ def deploy(
     _preflight(config, node_data_dirs, dataset)
     claim = claim_new(out) if out else claim_default(config.out_dir, config.name)
     run_dir, staging = claim.run_dir, claim.staging
-    work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
     try:
+        work = Path(tempfile.mkdtemp(prefix="fedsim-deploy-"))
         with _kept_on_error(work):
             _federate(
                 work, config, staging, node_data_dirs, tls=tls, auth=auth, host=host,
