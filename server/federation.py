@@ -312,5 +312,6 @@ def run_federation(
     engine = "deployment" if node_per_client else "simulation"
     record = audit.audit_final_model(cfg, dataset, model, device=device, start=start)
     return outputs.write_final(
-        state, run_dir, started, engine=engine, training=training, audit=record
-    )
+        state, run_dir, started, engine=engine, training=training, audit=record,
+        overlap=dataset.overlap,
+    )  # fmt: skip

@@ -45,9 +45,18 @@ RELATION = {
 }
 
 
-def relation(config: FedsimConfig, unit: str) -> str:
-    """What two neighbouring datasets differ in, for ``unit``, and what is public anyway."""
+def relation(config: FedsimConfig, unit: str, overlap: tuple[int, str] = (1, "sample")) -> str:
+    """What two neighbouring datasets differ in, for ``unit``, and what is public anyway.
+
+    ``overlap``: the dataset's (samples one piece of data lies in, the piece's name).
+    """
     words = RELATION[unit]
+    count, piece = overlap
+    if unit == "sample" and count > 1:
+        words += (
+            f"; here one {piece} of the data lies in up to {count} samples, so this ε "
+            f"protects a sample, not a {piece}: see the {piece} guarantee"
+        )
     if unit != "user" and config.partition in LABEL_PARTITIONS:
         words += (
             f"; partition {config.partition} places each example by its label, so the "
@@ -117,7 +126,7 @@ class Guarantee:
     """One ε, with what it protects, how it was counted and against whom it holds."""
 
     unit: str
-    epsilon: float
+    epsilon: float | None  # None: no bound is computed (the relation says why)
     delta: float
     accountant: str
     relation: str
@@ -126,15 +135,24 @@ class Guarantee:
     implied_by: str | None = None  # the unit whose guarantee this one follows from
 
 
-def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict]:
-    """Each ε with its unit, relation, accountant and who it protects against."""
+def guarantees(
+    state: RunState, eps: dict[str, float], engine: str, overlap: tuple[int, str] = (1, "sample")
+) -> list[dict]:
+    """Each ε with its unit, relation, accountant and who it protects against.
+
+    ``overlap``: the dataset's (how many samples one piece of data lies in, its name);
+    above 1, the sample unit's ε is joined by that piece's (:func:`group_guarantee`).
+    """
     cfg = state.config
     out = [
         Guarantee(
-            unit, value, cfg.delta, cfg.accountant, relation(cfg, unit), *TRUST[(unit, engine)]
+            unit, value, cfg.delta, cfg.accountant, relation(cfg, unit, overlap),
+            *TRUST[(unit, engine)],
         )
         for unit, value in eps.items()
-    ]
+    ]  # fmt: skip
+    if cfg.dp_sample and overlap[0] > 1:
+        out.append(group_guarantee(state, engine, *overlap))
     if cfg.dp_user:
         replace = privacy.client_epsilon(
             state.user_ledger, delta=cfg.delta, accountant=accounting.REPLACE_ONE
@@ -145,3 +163,30 @@ def guarantees(state: RunState, eps: dict[str, float], engine: str) -> list[dict
             Guarantee("sample", replace, cfg.delta, accounting.REPLACE_ONE, implied, *trust, "user")
         )
     return [asdict(g) for g in out]
+
+
+def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Guarantee:
+    """The ε of one ``piece`` of a client's data, which lies in up to ``count`` samples.
+
+    Changing it changes those samples at once: a group, whose ε
+    (:func:`fedsim.dp.group_accountant`) is far above one sample's. It is computed where
+    each user's data is one client's (``partition = natural``); other partitions spread a
+    piece's samples over clients, and no bound is given.
+    """
+    cfg = state.config
+    accountant = accounting.group_accountant(count)
+    trust = TRUST[("sample", engine)]
+    if cfg.partition != "natural":
+        words = (
+            f"change one {piece} of a user's data: it lies in up to {count} training samples, "
+            f"which partition {cfg.partition} spreads over clients; no ε is computed for it "
+            "(use partition natural, or dp = user)"
+        )
+        return Guarantee(piece, None, cfg.delta, accountant, words, *trust, "sample")
+    words = (
+        f"change one {piece} of a client's data: it lies in up to {count} of the client's "
+        "training samples, changed at once (k of them in a Poisson batch move the clipped "
+        "sum by up to k·C: their clipped gradients aligned, the worst case)"
+    )
+    epsilon = state.sample_epsilon(accountant=accountant)
+    return Guarantee(piece, epsilon, cfg.delta, accountant, words, *trust, "sample")

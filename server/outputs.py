@@ -145,18 +145,20 @@ def write_final(
     engine: str,
     training: dict[str, str | None],
     audit: dict | None = None,
+    overlap: tuple[int, str] = (1, "sample"),
 ) -> dict:
     """Write ``privacy.json``, ``summary.json`` and the private part; return the summary.
 
     ``training``: how the clients trained (``per_sample``: their clipping; ``device``);
-    ``audit``: the one-run audit's record (``fedsim.dp.canaries.audit_record``), if any.
+    ``audit``: the one-run audit's record (``fedsim.dp.canaries.audit_record``), if any;
+    ``overlap``: the dataset's (how many samples one piece of data lies in, its name).
     """
     cfg = state.config
     results.write_json(run_dir / results.PRIVACY, privacy_record(state))
     summary = {
         "accuracy": state.rows[-1].accuracy,
         "loss": state.rows[-1].loss,
-        **_privacy_fields(state, engine),
+        **_privacy_fields(state, engine, overlap),
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.num_clients,
         "clients_per_round": cfg.clients_per_round,
@@ -174,7 +176,7 @@ def write_final(
     return summary
 
 
-def _privacy_fields(state: RunState, engine: str) -> dict[str, Any]:
+def _privacy_fields(state: RunState, engine: str, overlap: tuple[int, str]) -> dict[str, Any]:
     """``summary.json``'s ε, each with what it means, and the mechanisms' parameters."""
     cfg = state.config
     eps = state.epsilons()
@@ -189,7 +191,7 @@ def _privacy_fields(state: RunState, engine: str) -> dict[str, Any]:
         "privacy_unit": unit,
         "accountant": cfg.accountant if dp else None,
         "epsilon_by_unit": eps,
-        "guarantees": guarantees(state, eps, engine),
+        "guarantees": guarantees(state, eps, engine, overlap),
         "noise": noise_record(state),
         "engine": engine,
         "sampling": {"sample": privacy.SAMPLING, "user": privacy.USER_SAMPLING}.get(unit),

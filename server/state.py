@@ -107,20 +107,23 @@ class RunState:
         """
         cfg = self.config
         out = {}
-        if cfg.dp_sample and public and cfg.dp_user:
-            rounds = [e.round for e in self.user_ledger]
-            out["sample"] = privacy.all_rounds_epsilon(
-                self.ledger, self.prescribed, rounds, delta=cfg.delta, accountant=cfg.accountant
-            )
-        elif cfg.dp_sample:
-            out["sample"] = privacy.run_epsilon(
-                self.ledger, delta=cfg.delta, accountant=cfg.accountant
-            )[0]
+        if cfg.dp_sample:
+            out["sample"] = self.sample_epsilon(accountant=cfg.accountant, public=public)
         if cfg.dp_user:
             out["user"] = privacy.client_epsilon(
                 self.user_ledger, delta=cfg.delta, accountant=cfg.accountant
             )
         return out
+
+    def sample_epsilon(self, *, accountant: str, public: bool = True) -> float:
+        """The sample unit's ε under ``accountant``; ``public`` as for :meth:`epsilons`."""
+        cfg = self.config
+        if public and cfg.dp_user:
+            rounds = [e.round for e in self.user_ledger]
+            return privacy.all_rounds_epsilon(
+                self.ledger, self.prescribed, rounds, delta=cfg.delta, accountant=accountant
+            )
+        return privacy.run_epsilon(self.ledger, delta=cfg.delta, accountant=accountant)[0]
 
 
 def save_tensors(path: Path, obj: Any) -> None:

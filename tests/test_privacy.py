@@ -4,11 +4,13 @@ import functools
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 from opacus.accountants import create_accountant
 
 from fedsim.dp import accounting
+from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
 from fedsim.server import privacy
 
@@ -205,3 +207,55 @@ def test_runs_pooled_on_the_same_data_compose_their_worst_clients():
     eps, used = accounting.pooled_epsilon(runs, delta=DELTA, accountant="prv")
     assert used == "rdp"
     assert eps == pytest.approx(independent_rdp([(1.0, 0.08, 150)], DELTA), rel=1e-3)
+
+
+def _mixture_epsilon(sigma, q, group, delta):
+    """ε of one step for ``group`` records, by numerical integration: independent of
+    dp-accounting. P = Σ_k Binomial(k; group, q) N(k, σ²) against Q = N(0, σ²), both ways."""
+    x = np.linspace(-40 * sigma, group + 40 * sigma, 400_001)
+    dx = x[1] - x[0]
+    k = np.arange(group + 1)
+    weights = np.array([math.comb(group, j) * q**j * (1 - q) ** (group - j) for j in k])
+    p = (weights[:, None] * np.exp(-((x - k[:, None]) ** 2) / (2 * sigma**2))).sum(0)
+    p /= math.sqrt(2 * math.pi) * sigma
+    r = np.exp(-(x**2) / (2 * sigma**2)) / (math.sqrt(2 * math.pi) * sigma)
+
+    def hockey(eps):
+        return (
+            max(
+                np.maximum(p - math.exp(eps) * r, 0).sum(),
+                np.maximum(r - math.exp(eps) * p, 0).sum(),
+            )
+            * dx
+        )
+
+    lo, hi = 0.0, 50.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if hockey(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize(("sigma", "q", "group"), [(1.0, 0.2, 3), (0.8, 0.05, 9), (2.0, 0.5, 2)])
+def test_a_group_s_epsilon_is_the_integrated_mixture_s(sigma, q, group):
+    """One step of DP-SGD for ``group`` records changed at once (a character in several
+    Shakespeare windows): dp-accounting's mixture PLD against a direct integration."""
+    history = [(sigma, q, 1)]
+    got = accounting.history_epsilon(
+        history, delta=1e-5, accountant=accounting.group_accountant(group)
+    )
+    exact = _mixture_epsilon(sigma, q, group, 1e-5)
+    assert exact - 1e-6 <= got <= exact * 1.001  # pessimistic: never below the truth
+    one = accounting.history_epsilon(history, delta=1e-5, accountant="pld")
+    assert one < got  # a group costs more than one record
+
+
+def test_a_group_of_one_is_one_record():
+    history = [(0.75, 1 / 32, 320), (1.1, 1 / 16, 40)]
+    one = accounting.history_epsilon(history, delta=1e-5, accountant="pld")
+    group = accounting.history_epsilon(
+        history, delta=1e-5, accountant=accounting.group_accountant(1)
+    )
+    assert group == pytest.approx(one, rel=1e-6)
+    with pytest.raises(FedsimError, match="at least 1 record"):
+        accounting.group_accountant(0)

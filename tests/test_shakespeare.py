@@ -89,6 +89,20 @@ def test_windows_hold_out_the_end_of_each_role():
         role_windows({"C": ["short"]}, name="t")
 
 
+def test_one_character_changes_as_many_training_windows_as_the_dataset_declares():
+    """The overlap the run's character guarantee counts, measured: change one character
+    and count the training samples (window and target) that change."""
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(500))
+    base = role_windows({"A": [text]}, name="t")
+    changed = []
+    for p in range(0, 300, 7):
+        edited = role_windows({"A": [text[:p] + "Q" + text[p + 1 :]]}, name="t")
+        rows = np.column_stack([base.x_train, base.y_train])
+        other = np.column_stack([edited.x_train, edited.y_train])
+        changed.append(int((rows != other).any(axis=1).sum()))
+    assert base.overlap == (SEQ_LEN + 1, "character") and max(changed) == SEQ_LEN + 1
+
+
 def test_the_alphabet_does_not_depend_on_the_text():
     # one role's rare characters must change neither vocab.json nor the model's shape
     plain = "To be, or not to be: that is the question." * 3

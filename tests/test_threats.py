@@ -71,6 +71,7 @@ from fedsim.messages import (
     encode_train_reply,
 )
 from fedsim.models import build_model
+from fedsim.results.report import summary_line
 from fedsim.server import federation, guarantees, outputs, privacy
 from fedsim.server.rounds import screen_replies
 from fedsim.server.state import RunState, load_checkpoint
@@ -431,6 +432,34 @@ def test_a_guarantee_says_where_the_partition_places_examples_by_label():
         for g in guarantees.guarantees(state, state.epsilons(), "simulation"):
             told = "counts tell of the labels" in g["relation"]
             assert told is (partition != "iid" and g["unit"] != "user"), g
+
+
+@pytest.mark.parametrize("dp", ["sample", "both"])
+def test_a_character_in_many_windows_gets_its_own_guarantee(dp):
+    """One Shakespeare character lies in up to 81 training windows: the sample ε says
+    little of it, and the run names the character's own ε (or says it has none)."""
+    state = user_state(dp, COHORTS)
+    state.config = state.config.model_copy(update={"partition": "natural"})
+    found = guarantees.guarantees(state, state.epsilons(), "simulation", (81, "character"))
+    sample = next(g for g in found if g["unit"] == "sample" and not g["implied_by"])
+    character = next(g for g in found if g["unit"] == "character")
+    assert "protects a sample, not a character" in sample["relation"]
+    assert character["implied_by"] == "sample" and character["accountant"] == "pld-group-81"
+    assert character["epsilon"] == pytest.approx(state.sample_epsilon(accountant="pld-group-81"))
+    assert character["epsilon"] > 5 * sample["epsilon"]
+    line = summary_line({"privacy_unit": "sample", "noise_multiplier": 1.1, "accuracy": 0.5,
+                         "epsilon_by_unit": {"sample": sample["epsilon"]}, "delta": DELTA,
+                         "accountant": "rdp", "guarantees": found, "noise": {"kind": "secure"},
+                         "config": {"seed": 0}})  # fmt: skip
+    assert "for one character (pld-group-81)" in line
+    # other partitions spread a text's windows over clients: no bound, and it says so
+    state.config = state.config.model_copy(update={"partition": "iid"})
+    found = guarantees.guarantees(state, state.epsilons(), "simulation", (81, "character"))
+    character = next(g for g in found if g["unit"] == "character")
+    assert character["epsilon"] is None and "spreads over clients" in character["relation"]
+    # samples that share nothing: no such guarantee
+    plain = guarantees.guarantees(state, state.epsilons(), "simulation")
+    assert all(g["unit"] != "character" for g in plain)
 
 
 def test_published_sample_epsilon_under_secret_cohorts_reveals_no_cohort():

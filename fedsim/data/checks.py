@@ -26,7 +26,8 @@ def check_dataset(dataset: Dataset, name: str) -> Dataset:
 
     Checked: numpy arrays, as many labels as inputs (at least one of each), inputs of
     shape ``input_shape``, integer labels in ``0..num_classes-1``, finite float images,
-    integer token ids within the vocabulary for text, a ``client_ids`` per training sample.
+    integer token ids within the vocabulary for text, a ``client_ids`` per training sample,
+    an ``overlap`` of at least 1.
     """
     where = f"dataset '{name}'"
     if not isinstance(dataset.num_classes, int) or dataset.num_classes < 2:
@@ -47,6 +48,12 @@ def check_dataset(dataset: Dataset, name: str) -> Dataset:
         raise FedsimError(
             f"{where}: {len(ids)} client_ids for {len(dataset.y_train)} training samples; "
             "give one per training sample"
+        )
+    count, piece = dataset.overlap
+    if not (isinstance(count, int) and count >= 1 and isinstance(piece, str) and piece):
+        raise FedsimError(
+            f"{where}: overlap is {dataset.overlap!r}; give (how many samples one piece of "
+            'data can lie in, its name), e.g. (81, "character"), or (1, "sample")'
         )
     return dataclasses.replace(dataset, **arrays) if arrays else dataset
 

@@ -40,6 +40,11 @@ class Dataset:
     ``client_ids`` gives each training sample's natural user (an index into ``users``,
     e.g. a speaking role) where the data has users, else None. ``vocab`` lists the
     tokens by id (``vocab[0]`` is the padding token) for text, else None.
+
+    ``overlap``: the most training samples one piece of a user's data lies in, and what
+    that piece is: ``(81, "character")`` for Shakespeare's windows, each character being
+    in up to 81 of them. DP-SGD protects one sample; the run also reports the ε of such a
+    group. ``(1, "sample")`` where samples share nothing.
     """
 
     name: str
@@ -53,6 +58,7 @@ class Dataset:
     client_ids: np.ndarray | None = None
     users: tuple[str, ...] | None = None
     vocab: tuple[str, ...] | None = None
+    overlap: tuple[int, str] = (1, "sample")
 
 
 def load_digits(data_dir: Path | None = None) -> Dataset:

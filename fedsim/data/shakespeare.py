@@ -164,6 +164,7 @@ def role_windows(roles: dict[str, list[str]], *, name: str) -> Dataset:
         client_ids=np.concatenate(owners),
         users=users,
         vocab=VOCAB,
+        overlap=(SEQ_LEN + 1, "character"),  # as context or as the target
     )
 
 

@@ -6,7 +6,9 @@ turns it into ε at a δ:
 - ``rdp``: Opacus's RDP accountant, with more orders than its default;
 - ``prv``: Opacus's PRV accountant;
 - ``pld``: dp-accounting's PLD accountant, pessimistic discretization;
-- ``pld-replace-one``: the same for replacing one record by another.
+- ``pld-replace-one``: the same for replacing one record by another;
+- ``pld-group-<g>`` (``fedsim.dp.group``): changing ``g`` records of one client at
+  once, as a character of a text shared by ``g`` overlapping windows.
 
 ``rdp``, ``prv`` and ``pld`` bound add-or-remove-one, which for Poisson sampling equals
 zeroing one record out (dp-accounting's REPLACE_SPECIAL). Replace-one is what a
@@ -27,6 +29,8 @@ from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from threadpoolctl import ThreadpoolController
 
+from fedsim.dp.group import GROUP_PREFIX, group_epsilon
+from fedsim.dp.group import group_accountant as group_accountant  # re-exported
 from fedsim.errors import FedsimError
 
 MAX_SIGMA = 1e4
@@ -117,6 +121,13 @@ ACCOUNTANTS: dict[str, Callable[[History, float], float]] = {
 }
 
 
+def _named(accountant: str) -> Callable[[History, float], float]:
+    """The ε function an accountant's name stands for."""
+    if accountant.startswith(GROUP_PREFIX):
+        return functools.partial(group_epsilon, group=int(accountant.removeprefix(GROUP_PREFIX)))
+    return ACCOUNTANTS[accountant]
+
+
 def history_epsilon(history: History, *, delta: float, accountant: str) -> float:
     """ε of one composed (σ, q, steps) history under a named accountant."""
     if not history:
@@ -201,7 +212,7 @@ def _epsilon(history: tuple, delta: float, accountant: str) -> float:
     # every round asks again for the histories it asked for before (clients with the
     # same size and participation count share one); a pure function, so remember them
     with _blas().limit(limits=1, user_api="blas"):
-        return ACCOUNTANTS[accountant](list(history), delta)
+        return _named(accountant)(list(history), delta)
 
 
 @functools.cache

@@ -78,16 +78,25 @@ def summary_line(summary: dict) -> str:
         f"ε = {format_epsilon(eps, places=3)} for one {unit} (σ = {sigma[unit]:.4f})"
         for unit, eps in summary["epsilon_by_unit"].items()
     ]
-    parts += [
-        f"ε = {format_epsilon(g['epsilon'], places=3)} for one example replaced ({g['accountant']})"
-        for g in summary.get("guarantees", [])
-        if g.get("implied_by") == "user"
-    ]
+    parts += [implied_words(g) for g in summary.get("guarantees", []) if g.get("implied_by")]
     return (
         f"accuracy {summary['accuracy']:.4f} at {', '.join(parts)} "
         f"(δ = {summary['delta']:g}, accountant: {summary['accountant']}); {noise_words(summary)}"
         f"{audit_words(summary)}"
     )
+
+
+def implied_words(guarantee: dict) -> str:
+    """A guarantee that follows from another unit's, in words.
+
+    From the user unit's: one example replaced. From the sample unit's: one piece of data
+    (a character) that lies in several samples.
+    """
+    accountant = guarantee["accountant"]
+    what = "example replaced" if guarantee["implied_by"] == "user" else guarantee["unit"]
+    if guarantee["epsilon"] is None:
+        return f"no ε for one {what}, which lies in several clients' samples"
+    return f"ε = {format_epsilon(guarantee['epsilon'], places=3)} for one {what} ({accountant})"
 
 
 def noise_words(summary: dict) -> str:
