@@ -134,18 +134,22 @@ def for_terminal(config: FedsimConfig) -> RunProgress:
 
 
 class SweepProgress:
-    """Points done out of the total, with the time so far and an estimate of what is left."""
+    """Points done out of the total, with the time so far and an estimate of what is left.
 
-    def __init__(self, total: int) -> None:
+    ``clock`` False: no times (a point's run time tells of its secret cohorts).
+    """
+
+    def __init__(self, total: int, *, clock: bool = True) -> None:
         self.total, self.done, self.started = total, 0, time.monotonic()
+        self.clock = clock
 
     def point(self, name: str, ok: bool, last: str) -> str:
         """The line for one finished point."""
         self.done += 1
         elapsed = time.monotonic() - self.started
         left = elapsed / self.done * (self.total - self.done)
-        clock = f"{_minutes(elapsed)} so far, about {_minutes(left)} left"
-        return f"  [{self.done}/{self.total}] {'ok  ' if ok else 'FAIL'} {name}: {last} ({clock})"
+        clock = f" ({_minutes(elapsed)} so far, about {_minutes(left)} left)" if self.clock else ""
+        return f"  [{self.done}/{self.total}] {'ok  ' if ok else 'FAIL'} {name}: {last}{clock}"
 
 
 def _minutes(seconds: float) -> str:

@@ -171,15 +171,16 @@ def run_sweep(
     starts from; the same ``out`` continues a sweep.
     """
     points = grid_points(grid, seeds)
+    secret = False  # a point with secret cohorts: its run's time tells of them
     for sets in points.values():  # every config is checked before any work starts
         check_budget({k: v for k, v in base.items() if k in BUDGETS}, sets)  # base: checked
-        parse_config({**base, **sets})
+        secret |= parse_config({**base, **sets}).dp_user
     config = out / SWEEP_CONFIG
     _check_same_base(config, base)
     out.mkdir(parents=True, exist_ok=True)
     results.write_atomic(config, toml_table(base))
     print(f"fedsim sweep: {len(points)} runs, {jobs} at a time, in {out}", flush=True)
-    failed = run_points(points, out, config, jobs)
+    failed = run_points(points, out, config, jobs, clock=not secret)
     rows = frontier.frontier(results.find_runs([out]))
     frontier.write_frontier(rows, out)
     print(frontier.markdown(rows))
@@ -189,12 +190,18 @@ def run_sweep(
     return rows
 
 
-def run_points(points: Mapping[str, dict], out: Path, config: Path, jobs: int) -> list[str]:
+def run_points(
+    points: Mapping[str, dict], out: Path, config: Path, jobs: int, *, clock: bool = True
+) -> list[str]:
     """Run every point, ``jobs`` at a time, saying each as it ends; the ones that failed.
+
+    ``clock``: with each point, the time so far. Under user-level DP a run's time tells how
+    many clients took part (README, "How privacy is counted"), and with one point at a
+    time the differences between the times said would give each run's.
 
     A SIGINT or SIGTERM stops them (:class:`Children`) and raises :class:`RunInterrupted`.
     """
-    progress, failed, children = SweepProgress(len(points)), [], Children()
+    progress, failed, children = SweepProgress(len(points), clock=clock), [], Children()
 
     def one(item: tuple[str, dict]) -> None:
         name, sets = item

@@ -126,7 +126,8 @@ class RunWatch:
             why = f"{name} exited (code {proc.returncode}): {tail(self.fed.work / f'{name}.log')}"
             if not started:
                 raise FedsimError(f"{why}; logs in {self.fed.work}")
-            print(f"fedsim: {why}; rounds go on without it", flush=True)
+            if not self.config.dp_user:  # a failure, and when, tells of secret cohorts
+                print(f"fedsim: {why}; rounds go on without it", flush=True)
 
     def _rows(self) -> list[RoundRow]:
         csvs = list(self.staging.glob(f"*/{results.ROUNDS}"))

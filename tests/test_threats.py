@@ -54,8 +54,8 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
-from fedsim.experiments import watch
-from fedsim.experiments.progress import LiveProgress, round_line
+from fedsim.experiments import sweep, watch
+from fedsim.experiments.progress import LiveProgress, SweepProgress, round_line
 from fedsim.messages import (
     ARRAYS,
     CONFIG,
@@ -378,6 +378,22 @@ def test_deploy_s_waiting_notes_do_not_time_rounds_under_private_cohorts(dp, mon
         assert len(notes) == 5 and all("round 2 of 3" in n for n in notes)
 
 
+@pytest.mark.parametrize("dp", ["sample", "user"])
+def test_deploy_says_nothing_mid_run_of_a_node_that_failed_under_private_cohorts(
+    dp, tmp_path, capsys
+):
+    """A SuperNode's exit is a failure, and when it came tells of the cohorts."""
+    (tmp_path / "supernode-1.log").write_text("Traceback ...\nValueError: bad data\n")
+    run = watch.RunWatch.__new__(watch.RunWatch)  # no federation: only the node check runs
+    run.config, run.gone = user_state(dp, COHORTS).config, set()
+    dead = SimpleNamespace(poll=lambda: -9, returncode=-9)
+    run.fed = SimpleNamespace(procs={"supernode-1": dead}, work=tmp_path)
+    run._check_nodes(started=True)
+    said = capsys.readouterr().out
+    assert ("supernode-1 exited" in said) is (dp == "sample")
+    assert run.gone == {"supernode-1"}
+
+
 def test_a_round_reaches_rounds_csv_only_once_it_is_checkpointed(tmp_path, monkeypatch):
     """Killed between the two writes, a run resumes after the round: it never releases
     the round a second time, with fresh noise, beside a row of the first release."""
@@ -684,3 +700,21 @@ def test_the_client_with_the_largest_epsilon_is_named_as_a_client(tmp_path):
     )
     assert "epsilon_max_client" not in summary
     assert summary["client_with_max_epsilon"] == 2
+
+
+@pytest.mark.parametrize(("dp", "clock"), [("user", False), ("sample", True)])
+def test_a_sweep_says_no_run_time_where_cohorts_are_secret(tmp_path, monkeypatch, dp, clock):
+    """With one point at a time, the differences between the times a sweep says are each
+    run's time, which under user-level DP tells how many clients took part."""
+    given = {}
+
+    def recorded(points, out, config, jobs, **kwargs):
+        given.update(kwargs)
+        return []
+
+    monkeypatch.setattr(sweep, "run_points", recorded)
+    base = {"dp": dp, "noise-multiplier": 1.0, "user-noise-multiplier": 1.0}
+    sweep.run_sweep(base, grid={"lr": [0.1]}, seeds=[0], jobs=1, out=tmp_path / "s")
+    assert given == {"clock": clock}
+    line = SweepProgress(2, clock=clock).point("a", True, "accuracy 0.5")
+    assert ("so far" in line) is clock

@@ -128,7 +128,8 @@ def clipping_path(config: FedsimConfig, dataset: Dataset) -> str | None:
         model = build_model(config.model, **model_kwargs(dataset), dp=True)
         if config.clients_per_worker == 1:
             return choose_grad_sample(config.grad_sample, model)
-        x, y = torch.as_tensor(dataset.x_train[:1]), torch.as_tensor(dataset.y_train[:1])
+        # a held-out example: the published answer must not depend on training data
+        x, y = torch.as_tensor(dataset.x_test[:1]), torch.as_tensor(dataset.y_test[:1])
         clipping = cohort_clipping(model, x, y, all_positions=config.all_positions)
     return f"cohort, {clipping}"
 
