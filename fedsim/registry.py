@@ -53,6 +53,7 @@ DATASETS: dict[str, Part] = {
     "fashion-mnist": Part("fedsim.data.images:load_fashion_mnist", (IMAGE,)),
     "cifar10": Part("fedsim.data.images:load_cifar10", (IMAGE,)),
     "shakespeare": Part("fedsim.data.shakespeare:load_shakespeare", (NEXT_CHAR,)),
+    "shakespeare-disjoint": Part("fedsim.data.shakespeare:load_shakespeare_disjoint", (NEXT_CHAR,)),
     "sst2": Part("fedsim.data.text:load_sst2", (TEXT_CLASSIFICATION,)),
     "sms-spam": Part("fedsim.data.text:load_sms_spam", (TEXT_CLASSIFICATION,)),
     "hf-image": Part("fedsim.data.hf:load_hf_image", (IMAGE,)),
@@ -90,7 +91,10 @@ STRATEGY_ARGS: dict[str, dict[str, str]] = {
 # by their losses: the user-level noise (on a clipped, unweighted sum) does not cover them.
 NOT_A_SUM = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg")
 # Datasets whose samples belong to natural users, and what one user is.
-NATURAL_USERS: dict[str, str] = {"shakespeare": "speaking role"}
+NATURAL_USERS: dict[str, str] = {
+    "shakespeare": "speaking role",
+    "shakespeare-disjoint": "speaking role",
+}
 
 
 def is_import_path(name: str) -> bool:

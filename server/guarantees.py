@@ -57,6 +57,8 @@ def relation(config: FedsimConfig, unit: str, overlap: tuple[int, str] = (1, "sa
             f"; here one {piece} of the data lies in up to {count} samples, so this ε "
             f"protects a sample, not a {piece}: see the {piece} guarantee"
         )
+    elif unit == "sample" and piece != "sample":
+        words += f"; here one {piece} of the data lies in one sample: this is its ε too"
     if unit != "user" and config.partition in LABEL_PARTITIONS:
         words += (
             f"; partition {config.partition} places each example by its label, so the "

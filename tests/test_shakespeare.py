@@ -101,6 +101,17 @@ def test_one_character_changes_as_many_training_windows_as_the_dataset_declares(
         other = np.column_stack([edited.x_train, edited.y_train])
         changed.append(int((rows != other).any(axis=1).sum()))
     assert base.overlap == (SEQ_LEN + 1, "character") and max(changed) == SEQ_LEN + 1
+    # windows that share no character: a character changes one training sample
+    disjoint = role_windows({"A": [text]}, name="t", stride=SEQ_LEN + 1)
+    for p in range(0, 300, 7):
+        edited = role_windows({"A": [text[:p] + "Q" + text[p + 1 :]]}, name="t", stride=81)
+        rows = np.column_stack([disjoint.x_train, disjoint.y_train])
+        other = np.column_stack([edited.x_train, edited.y_train])
+        assert (rows != other).any(axis=1).sum() <= 1
+    assert disjoint.overlap == (1, "character") and len(disjoint.y_train) == -(
+        -len(base.y_train) // 81
+    )
+    assert np.array_equal(disjoint.x_test, base.x_test)
 
 
 def test_the_alphabet_does_not_depend_on_the_text():

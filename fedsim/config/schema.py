@@ -80,7 +80,8 @@ class FedsimConfig(BaseModel):
     )
     dataset: str = Field(
         "digits",
-        description="digits (embedded), mnist, fashion-mnist, cifar10, shakespeare, sst2, "
+        description="digits (embedded), mnist, fashion-mnist, cifar10, shakespeare, "
+        "shakespeare-disjoint, sst2, "
         "sms-spam, hf-image, hf-text, or your own loader as 'module:attr'",
     )
     data_dir: str = Field("", description="the folder the dataset is read from")
