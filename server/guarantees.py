@@ -182,7 +182,8 @@ def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Gua
         words = (
             f"change one {piece} of a user's data: it lies in up to {count} training samples, "
             f"which partition {cfg.partition} spreads over clients; no ε is computed for it "
-            "(use partition natural, or dp = user)"
+            "(where the data has users, partition natural keeps each one's samples on one "
+            "client)"
         )
         return Guarantee(piece, None, cfg.delta, accountant, words, *trust, "sample")
     words = (

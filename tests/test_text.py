@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from fedsim.data import PAD_ID, load_dataset, vocab_record
-from fedsim.data.text import SEQ_LEN, VOCAB_SIZE, encode, text_dataset, token_id, tokenize
+from fedsim.data.text import (
+    SEQ_LEN,
+    VOCAB_SIZE,
+    encode,
+    phrase_overlap,
+    text_dataset,
+    token_id,
+    tokenize,
+)
 from fedsim.errors import FedsimError
 
 
@@ -90,3 +98,28 @@ def test_sst2_crlf_header_and_missing_files(tmp_path):
     (tmp_path / "dev.tsv").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(FedsimError, match=r"dev.tsv: cannot read as UTF-8"):
         load_dataset("sst2", tmp_path)
+
+
+def _tree_phrases(words):
+    """Every phrase of a balanced binary parse of ``words``, the sentence included."""
+    if len(words) == 1:
+        return [words]
+    half = len(words) // 2
+    return [words, *_tree_phrases(words[:half]), *_tree_phrases(words[half:])]
+
+
+def test_a_word_of_a_phrase_treebank_lies_in_as_many_samples_as_declared():
+    """GLUE's SST-2 has a sample per phrase of each sentence: changing one word changes
+    every phrase holding it. Measured on such a file: never more than the loader says."""
+    sentences = ["the movie is a really cool bit of fun", "no wit , only labored gags"]
+    texts = [" ".join(p) for s in sentences for p in _tree_phrases(s.split())]
+    declared = phrase_overlap(texts)
+    most = 0
+    for s in sentences:
+        for j in range(len(s.split())):
+            edited = s.split()
+            edited[j] = "zzz"
+            pairs = zip(_tree_phrases(s.split()), _tree_phrases(edited), strict=True)
+            most = max(most, sum(old != new for old, new in pairs))
+    assert declared == most == 5  # 8 words: a leaf, then 4 levels of the tree above it
+    assert phrase_overlap(["a b", "c d"]) == 1  # samples that share nothing

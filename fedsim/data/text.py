@@ -17,6 +17,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,29 @@ def load_sst2(data_dir: Path | None) -> Dataset:
         test_path = data_dir / "dev.tsv"
     train = read_labelled_tsv(data_dir / "train.tsv", SST2_LABELS)
     test = read_labelled_tsv(test_path, SST2_LABELS)
-    return text_dataset("sst2", train, test, 2)
+    shared = phrase_overlap(train[0])  # GLUE's file holds each phrase of every sentence
+    return replace(text_dataset("sst2", train, test, 2), overlap=(shared, "word"))
+
+
+def phrase_overlap(texts: Sequence[str]) -> int:
+    """The most of ``texts`` that one word of a sentence lies in, where texts are phrases.
+
+    GLUE's SST-2 training file holds every phrase of each sentence's parse tree as a
+    sample of its own, the sentence among them, so changing one word changes every
+    sample that holds it. Counted from above: for each text and each of its words, the
+    distinct texts that are a contiguous run of its words and hold that word (before
+    truncation to ``SEQ_LEN`` tokens, which can only drop words from a sample).
+    """
+    known = {tuple(tokenize(t)) for t in texts}
+    most = 1
+    for words in known:
+        cover = [0] * len(words)
+        for i in range(len(words)):
+            for k in range(i + 1, len(words) + 1):
+                if words[i:k] in known:
+                    cover[i:k] = [c + 1 for c in cover[i:k]]
+        most = max(most, *cover) if cover else most
+    return most
 
 
 def load_sms_spam(data_dir: Path | None) -> Dataset:
