@@ -14,11 +14,13 @@ nothing (the defaults); keyword overrides use Python names::
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fedsim.config import ConfigLike, as_config, config_mapping, deploy_config
+from fedsim.errors import RunInterrupted, RunStopped
 from fedsim.experiments import deploy as deploying
 from fedsim.experiments.progress import RunProgress
 from fedsim.experiments.raystart import RayStart
@@ -29,7 +31,6 @@ from fedsim.results import Result, frontier, load_run
 
 def run(
     config: ConfigLike = None,
-    /,
     *,
     out: str | Path | None = None,
     force: bool = False,
@@ -62,17 +63,24 @@ def run(
     **overrides
         Config keys as Python names, e.g. ``num_rounds=5, dp="user"``.
 
+    Raises
+    ------
+    RunStopped
+        A Ctrl-C or SIGTERM stopped the run (a ``KeyboardInterrupt``); the last finished
+        round is checkpointed, and :func:`resume` continues it.
+
     """
     cfg = as_config(config, **overrides)
-    folder = run_experiment(
-        cfg,
-        out=_path(out),
-        force=force,
-        verbose=verbose,
-        progress=progress,
-        ray_start=ray_start,
-        stop_within=stop_within,
-    )
+    with _stops():
+        folder = run_experiment(
+            cfg,
+            out=_path(out),
+            force=force,
+            verbose=verbose,
+            progress=progress,
+            ray_start=ray_start,
+            stop_within=stop_within,
+        )
     return load_run(folder)
 
 
@@ -88,15 +96,16 @@ def resume(
     ``stop_within``: as for :func:`run`.
     """
     target, cfg = resume_target(Path(run_dir))
-    folder = run_experiment(
-        cfg, out=target, resume=True, verbose=verbose, progress=progress, stop_within=stop_within
-    )
+    with _stops():
+        folder = run_experiment(
+            cfg, out=target, resume=True, verbose=verbose, progress=progress,
+            stop_within=stop_within,
+        )  # fmt: skip
     return load_run(folder)
 
 
 def sweep(
     config: ConfigLike = None,
-    /,
     *,
     grid: Mapping[str, Sequence[Any]],
     seeds: Sequence[int] = (0,),
@@ -113,13 +122,14 @@ def sweep(
     base = config_mapping(config, **overrides)
     cfg = as_config(base)
     folder = _path(out) or Path(cfg.out_dir) / f"sweep-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_sweep(base, grid=grid, seeds=seeds, jobs=jobs or default_jobs(cfg.client_cpus), out=folder)
+    with _stops():
+        jobs = jobs or default_jobs(cfg.client_cpus)
+        run_sweep(base, grid=grid, seeds=seeds, jobs=jobs, out=folder)
     return frontier.load_sweep(folder)
 
 
 def deploy(
     config: ConfigLike = None,
-    /,
     *,
     num_nodes: int | None = None,
     out: str | Path | None = None,
@@ -138,22 +148,36 @@ def deploy(
     folder per SuperNode, each training on its own data there.
     """
     cfg = deploy_config(config_mapping(config, **overrides), num_nodes, node_data_dirs)
-    folder = deploying.deploy(
-        cfg,
-        out=_path(out),
-        tls=tls,
-        auth=auth,
-        host=host,
-        node_data_dirs=tuple(Path(d) for d in node_data_dirs),
-        timeout=timeout,
-        verbose=verbose,
-    )
+    with _stops():
+        folder = deploying.deploy(
+            cfg,
+            out=_path(out),
+            tls=tls,
+            auth=auth,
+            host=host,
+            node_data_dirs=tuple(Path(d) for d in node_data_dirs),
+            timeout=timeout,
+            verbose=verbose,
+        )
     return load_run(folder)
 
 
 def load(run_dir: str | Path) -> Result:
     """The :class:`Result` of a finished run folder."""
     return load_run(run_dir)
+
+
+@contextmanager
+def _stops() -> Iterator[None]:
+    """A signal's stop leaves the API as a ``KeyboardInterrupt`` (:class:`RunStopped`).
+
+    A loop of runs in a script whose ``except Exception`` would go on to the next run
+    stops instead.
+    """
+    try:
+        yield
+    except RunInterrupted as exc:
+        raise RunStopped(str(exc), exc.signum) from None
 
 
 def _path(value: str | Path | None) -> Path | None:

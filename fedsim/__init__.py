@@ -37,6 +37,7 @@ _API = {
     "FedsimConfig": "fedsim.config",
     "as_config": "fedsim.config",
     "FedsimError": "fedsim.errors",
+    "RunStopped": "fedsim.errors",
     "Dataset": "fedsim.data",
     "Result": "fedsim.results",
     "RoundRow": "fedsim.results",

@@ -58,6 +58,18 @@ class RunInterrupted(Exception):
         self.signum = signum
 
 
+class RunStopped(KeyboardInterrupt):
+    """A run that a signal stopped, as the Python API raises it (a :class:`RunInterrupted`).
+
+    A ``KeyboardInterrupt``: ``except Exception`` around runs in a script lets a Ctrl-C
+    through, and an unhandled one ends the script as Ctrl-C does. ``signum`` as there.
+    """
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def file_error(path: object, exc: OSError, fix: str) -> FedsimError:
     """One line for an ``OSError`` on ``path`` that the user can fix (space, rights, paths).
 

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+import fedsim
 from fedsim.config import parse_config
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, RunInterrupted, RunStopped
+from fedsim.experiments import api
 from tests.conftest import ROOT
 
 
@@ -77,3 +79,21 @@ def test_a_strategy_that_is_no_strategy_is_refused_before_any_folder(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(FedsimError, match="strategy 'nets:MLP': MLP has no configure_train"):
         parse_config({"strategy": "nets:MLP"})
+
+
+def test_a_stopped_run_leaves_a_script_s_loop_as_ctrl_c_does(monkeypatch, tmp_path):
+    """``except Exception`` around runs must not turn a Ctrl-C into 'next run, please'."""
+
+    def stopped(*args, **kwargs):
+        raise RunInterrupted("stopped by SIGINT; continue with: fedsim run --resume x", 2)
+
+    monkeypatch.setattr(api, "run_experiment", stopped)
+    went_on = []
+    with pytest.raises(RunStopped, match="continue with") as caught:
+        for eps in (1, 4):
+            try:
+                fedsim.run(config={"target-epsilon": eps}, out=tmp_path / f"r{eps}")
+            except Exception:
+                went_on.append(eps)
+    assert went_on == [] and isinstance(caught.value, KeyboardInterrupt)
+    assert caught.value.signum == 2
