@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, first_line
 
 # What a dataset asks of a model. Images are float (C, H, W); text is int token ids of a
 # fixed length, right-padded; next-char samples are windows of characters whose label is
@@ -131,20 +131,37 @@ def resolve(name: str, table: Mapping[str, Part], what: str) -> Any:
             "or give your own as 'module:attr'"
         )
     module_name, _, attr = (table[name].target if name in table else name).partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FedsimError(
-            f"{what} '{name}': cannot import {module_name} ({exc}); put it on PYTHONPATH "
-            "or install it"
-        ) from None
+    obj: Any = _imported(module_name, f"{what} '{name}'")
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise FedsimError(f"{what} '{name}': {module_name} has no attribute {attr}")
+            where = getattr(importlib.import_module(module_name), "__file__", None)
+            found = f" (the module found is {where})" if where else ""
+            raise FedsimError(f"{what} '{name}': {module_name} has no attribute {attr}{found}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise FedsimError(f"{what} '{name}': {attr} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def _imported(module_name: str, what: str) -> Any:
+    """The module, or one line: it is missing, or importing it failed (your code's error)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(f"{missing}."):  # it, or a parent
+            raise FedsimError(
+                f"{what}: cannot import {module_name} ({exc}); put it on PYTHONPATH or install it"
+            ) from None
+        raise FedsimError(
+            f"{what}: importing {module_name} failed: it imports {missing}, which is not "
+            "installed; install it"
+        ) from None
+    except Exception as exc:  # the module's own code failed: a SyntaxError, a raise
+        raise FedsimError(
+            f"{what}: importing {module_name} failed ({type(exc).__name__}: "
+            f"{first_line(exc)}); fix that module"
+        ) from None
 
 
 def import_roots(names: Iterable[str]) -> list[str]:

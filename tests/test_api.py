@@ -45,10 +45,17 @@ def test_own_parts_are_imported_when_the_config_is_checked(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     config = parse_config({"model": "nets:MLP", "dataset": "nets:blobs"})
     assert config.own_parts == ["nets:MLP", "nets:blobs"]
+    (tmp_path / "broken_syntax.py").write_text("class M(:\n")
+    (tmp_path / "broken_raise.py").write_text("raise RuntimeError('config missing')\n")
+    (tmp_path / "broken_dep.py").write_text("import nonexistent_dep_xyz\n")
     cases = {
-        "nets:MLPP": "nets has no attribute MLPP",
+        "nets:MLPP": "nets has no attribute MLPP (the module found is",
         "nosuch.module:X": "cannot import nosuch.module",
         "mlp": "unknown model 'mlp'",
+        # your module's own error is yours to fix, not fedsim's internal one
+        "broken_syntax:M": "importing broken_syntax failed (SyntaxError: invalid syntax",
+        "broken_raise:M": "importing broken_raise failed (RuntimeError: config missing)",
+        "broken_dep:M": "it imports nonexistent_dep_xyz, which is not installed",
     }
     for name, needle in cases.items():
         with pytest.raises(FedsimError, match=re.escape(needle)) as info:
