@@ -7,7 +7,8 @@ from fedsim.data import load_dataset
 from fedsim.data.text import token_id
 from fedsim.errors import FedsimError
 
-datasets = pytest.importorskip("datasets", reason="the optional extra: pip install 'fedsim[hf]'")
+EXTRA = "the optional extra: .venv/bin/python -m pip install -e '.[hf]'"
+datasets = pytest.importorskip("datasets", reason=EXTRA)
 
 
 def image_split(n, seed):
@@ -65,7 +66,7 @@ def test_not_a_saved_dataset(tmp_path):
 def test_through_flwr_datasets_offline(tmp_path):
     """``hf:<path>`` goes through flwr-datasets' FederatedDataset; a local folder of
     parquet files stands in for the hub."""
-    pytest.importorskip("flwr_datasets", reason="the optional extra: pip install 'fedsim[hf]'")
+    pytest.importorskip("flwr_datasets", reason=EXTRA)
     folder = tmp_path / "parquet"
     folder.mkdir()
     text_split(20).to_parquet(str(folder / "train.parquet"))

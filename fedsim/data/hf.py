@@ -1,4 +1,4 @@
-"""Hugging Face datasets (optional extra ``fedsim[hf]``): ``hf-image`` and ``hf-text``.
+"""Hugging Face datasets (optional extra ``hf``): ``hf-image`` and ``hf-text``.
 
 ``data-dir`` is either a folder written by ``datasets``' ``save_to_disk`` (read offline
 with ``load_from_disk``) or ``hf:<owner>/<name>``, loaded through ``flwr-datasets``'
@@ -15,6 +15,7 @@ the first string column for ``hf-text``. Without a ``test`` split, a fixed strat
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from fedsim.data.text import text_dataset
 from fedsim.errors import FedsimError
 from fedsim.registry import IMAGE, TEXT_CLASSIFICATION
 
-EXTRA = "pip install 'fedsim[hf]'"
+# the extra's one package, into this interpreter: "pip install 'fedsim[hf]'" would fetch
+# PyPI's "fedsim", another project of the same name
+EXTRA = f"{sys.executable} -m pip install 'flwr-datasets>=0.6,<0.7'"
 
 
 def load_hf_image(data_dir: Path | None) -> Dataset:
