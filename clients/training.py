@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from fedsim.dp import (
     DPRandomness,
     make_private,
+    new_engine,
     next_char_targets,
     poisson_schedule,
     secure_dp_randomness,
@@ -152,7 +153,7 @@ def _train_dp(
 ) -> tuple[float, PrivacySpent]:
     """One round of DP-SGD; ``screen``: leave samples with non-finite gradients out."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    engine = PrivacyEngine(accountant="rdp")
+    engine = new_engine()
     private = make_private(
         engine,
         grad_sample=grad_sample,

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -26,9 +27,14 @@ def test_dp_training_reports_what_opacus_did():
     model = build_model("cnn", input_shape=(1, 8, 8), num_classes=10)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = DIGITS.x_train[:100], DIGITS.y_train[:100]
-    loss, spent = train_local(
-        model, x, y, epochs=2, batch_size=32, lr=0.5, noise_multiplier=1.3, max_grad_norm=1.0
-    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        loss, spent = train_local(
+            model, x, y, epochs=2, batch_size=32, lr=0.5, noise_multiplier=1.3, max_grad_norm=1.0
+        )
+    # the noise came from the OS (secure_dp_randomness): Opacus's "Secure RNG turned
+    # off" would tell a reader of the log the opposite
+    assert not [w for w in said if "Secure RNG" in str(w.message)]
     batches = math.ceil(100 / 32)
     assert spent.noise_multiplier == (1.3,)
     assert spent.sample_rate == (1 / batches,)

@@ -47,6 +47,7 @@ from fedsim.dp.private import (
     PrivateTraining,
     choose_grad_sample,
     make_private,
+    new_engine,
 )
 from fedsim.dp.randomness import (
     DPRandomness,
@@ -141,6 +142,7 @@ __all__ = [
     "make_private",
     "make_private_fast",
     "merged_history",
+    "new_engine",
     "next_char_targets",
     "numpy_generator",
     "one_run_epsilon",

@@ -18,14 +18,13 @@ import math
 from collections.abc import Iterable
 
 import torch
-from opacus import PrivacyEngine
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from fedsim.dp.cohort import train_cohort
 from fedsim.dp.fast_clip import FastClipper
 from fedsim.dp.loss import logits_and_targets, per_sample_loss
-from fedsim.dp.private import make_private
+from fedsim.dp.private import make_private, new_engine
 from fedsim.dp.randomness import secure_dp_randomness
 from fedsim.dp.schedule import poisson_schedule
 from fedsim.errors import FedsimError
@@ -135,7 +134,7 @@ def opacus_step(
     in each parameter's ``grad``.
     """
     private = make_private(
-        PrivacyEngine(accountant="rdp"),
+        new_engine(),
         grad_sample=grad_sample,
         module=model.train(),
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0),

@@ -6,6 +6,7 @@ are Opacus's own. ``auto`` picks one per model, from measurements.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -65,6 +66,19 @@ class PrivateTraining(NamedTuple):
     data_loader: DPDataLoader
     close: Callable[[], None]
     sample_norms: Callable[[], Tensor | None]
+
+
+def new_engine() -> PrivacyEngine:
+    """Opacus's ``PrivacyEngine`` with its RDP accountant, without its secure-RNG warning.
+
+    fedsim draws DP-SGD's randomness itself (``fedsim.dp.randomness``: from the operating
+    system with ``secure-noise``, Opacus's float-safe noise included), so Opacus's own
+    ``secure_mode``, which wants torchcsprng, stays off, and its "Secure RNG turned off"
+    warning would tell a reader of a secure run's log the opposite of the truth.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine(accountant="rdp")
 
 
 def make_private(
