@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import ConfigLike, as_config, config_mapping, deploy_config
+from fedsim.config import ConfigLike, as_config, config_mapping, deploy_config, rooted
 from fedsim.errors import RunInterrupted, RunStopped
 from fedsim.experiments import deploy as deploying
 from fedsim.experiments.progress import RunProgress
@@ -70,7 +70,7 @@ def run(
         round is checkpointed, and :func:`resume` continues it.
 
     """
-    cfg = as_config(config, **overrides)
+    cfg = rooted(as_config(config, **overrides))
     with _stops():
         folder = run_experiment(
             cfg,

@@ -13,7 +13,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from fedsim.config import FedsimConfig, config_values, deploy_config, key_table, load_config
+from fedsim.config import (
+    FedsimConfig,
+    config_values,
+    deploy_config,
+    key_table,
+    load_config,
+    rooted,
+)
 from fedsim.errors import FedsimError, RunInterrupted, first_line
 from fedsim.experiments.machine import check_machine
 from fedsim.experiments.rundir import check_new
@@ -151,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         result = api.resume(args.resume, verbose=args.verbose, stop_within=STOP_WITHIN_S)
     else:
-        result = _run(load_config(args.config, args.overrides), args)
+        result = _run(rooted(load_config(args.config, args.overrides)), args)
     _print_result(result, table=True)
     print(f"accuracy-versus-ε frontiers over many runs: see {FRONTIER_DOCS}")
     return 0

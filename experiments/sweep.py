@@ -27,6 +27,7 @@ from fedsim.config import (
     parse_config,
     parse_override,
     read_toml,
+    rooted,
     toml_literal,
     toml_table,
 )
@@ -170,6 +171,8 @@ def run_sweep(
     ``base`` (kebab-case keys) goes to ``<out>/sweep.toml``, the config every point
     starts from; the same ``out`` continues a sweep.
     """
+    if base.get("data-dir"):  # every point, and a sweep continued elsewhere, reads it
+        base = {**base, "data-dir": rooted(parse_config(base)).data_dir}
     points = grid_points(grid, seeds)
     secret = False  # a point with secret cohorts: its run's time tells of them
     for sets in points.values():  # every config is checked before any work starts

@@ -30,6 +30,7 @@ from fedsim.errors import FedsimError, first_line
 # fixed length, right-padded; next-char samples are windows of characters whose label is
 # the character that follows.
 IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR = "image", "text-classification", "next-char"
+HUB_PREFIX = "hf:"  # a data-dir that names a Hugging Face hub dataset, not a folder
 TASKS = (IMAGE, TEXT_CLASSIFICATION, NEXT_CHAR)
 
 

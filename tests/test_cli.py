@@ -82,7 +82,7 @@ def test_bad_input_as_its_own_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "fedsim: error: data-dir /no/such/folder is not a folder; "
-        "set data-dir to an existing folder"
+        "set data-dir to an existing folder (--set data-dir=DIR; data_dir= in Python)"
     )
     assert list(tmp_path.iterdir()) == []
 

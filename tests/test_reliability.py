@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import fedsim
 import fedsim.experiments
 from fedsim import results
-from fedsim.config import parse_config
+from fedsim.config import parse_config, rooted
+from fedsim.data import load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
-from fedsim.experiments import console, procs, raystart, rundir
+from fedsim.experiments import api, console, procs, raystart, rundir
 from fedsim.experiments import run as runner
 from fedsim.experiments.raystart import check_ray_address
 from fedsim.experiments.run import resume_target, run_experiment
@@ -273,3 +275,20 @@ def test_resuming_a_run_that_left_no_checkpoint_says_so(tmp_path):
         resume_target(tmp_path / "run")
     with pytest.raises(FedsimError, match="no unfinished run to resume at"):
         resume_target(tmp_path / "other")
+
+
+def test_a_run_records_its_data_dir_absolute(tmp_path, monkeypatch):
+    """A resume from another folder must read the run's own files, not whatever a
+    relative data-dir names there, and the record must say which files they were."""
+    monkeypatch.chdir(tmp_path)
+    assert rooted(parse_config({"data-dir": "mydata"})).data_dir == str(tmp_path / "mydata")
+    assert rooted(parse_config({"data-dir": "hf:owner/name"})).data_dir == "hf:owner/name"
+    assert rooted(parse_config({})).data_dir == ""
+    seen = []
+    monkeypatch.setattr(api, "run_experiment", lambda cfg, **kw: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(api, "load_run", lambda folder: folder)
+    (tmp_path / "mydata").mkdir()
+    fedsim.run(data_dir="mydata")
+    assert seen[0].data_dir == str(tmp_path / "mydata")
+    with pytest.raises(FedsimError, match=r"data-dir nothere \(from .*\) is not a folder"):
+        load_dataset("digits", "nothere")

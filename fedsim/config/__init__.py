@@ -27,6 +27,7 @@ from fedsim.config.loading import (
     parse_config,
     parse_override,
     read_toml,
+    rooted,
     toml_literal,
     toml_table,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "parse_config",
     "parse_override",
     "read_toml",
+    "rooted",
     "strategy_refusal",
     "toml_literal",
     "toml_table",

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from fedsim.config.checks import BUDGETS, check_budget, check_deployment
 from fedsim.config.schema import FedsimConfig
 from fedsim.errors import FedsimError
+from fedsim.registry import HUB_PREFIX
 
 PARTS = ("model", "dataset", "partition", "strategy")  # keys that take "module:attr"
 
@@ -68,10 +69,19 @@ def deploy_config(
         values["num-clients"] = num_nodes
         default = FedsimConfig.model_fields["clients_per_round"].default
         values.setdefault("clients-per-round", min(default, num_nodes))
-    config = check_deployment(parse_config(values))
-    if config.data_dir:  # the ServerApp and ClientApps run in other folders
-        config = config.model_copy(update={"data_dir": str(Path(config.data_dir).resolve())})
-    return config
+    return rooted(check_deployment(parse_config(values)))  # its apps run in other folders
+
+
+def rooted(config: FedsimConfig) -> FedsimConfig:
+    """``config`` with an absolute data-dir (a hub dataset's ``hf:`` name stays as it is).
+
+    A run's processes, and a resume started in another folder, then read the same files,
+    and the run's record says which.
+    """
+    raw = config.data_dir
+    if not raw or raw.startswith(HUB_PREFIX):
+        return config
+    return config.model_copy(update={"data_dir": str(Path(raw).expanduser().resolve())})
 
 
 def as_config(config: ConfigLike = None, **overrides: Any) -> FedsimConfig:

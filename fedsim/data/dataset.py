@@ -20,10 +20,18 @@ from fedsim.data.checks import check_dataset
 from fedsim.data.partition import partition_dataset
 from fedsim.data.split import stratified_split
 from fedsim.errors import FedsimError, blamed
-from fedsim.registry import DATASETS, IMAGE, NEXT_CHAR, TEXT_CLASSIFICATION, is_import_path, resolve
+from fedsim.registry import (
+    DATASETS,
+    HUB_PREFIX,
+    IMAGE,
+    NEXT_CHAR,
+    TEXT_CLASSIFICATION,
+    is_import_path,
+    resolve,
+)
 
 PAD_ID, UNK_ID = 0, 1  # token ids: padding (text is right-padded), and unknown tokens
-HF_PREFIX = "hf:"
+HF_PREFIX = HUB_PREFIX
 DIGITS_FILE = "datasets/data/digits.csv.gz"  # inside scikit-learn
 
 
@@ -105,7 +113,11 @@ def load_dataset(name: str, data_dir: str | Path = "") -> Dataset:
         return loader(Path(raw))
     path = Path(raw).expanduser() if raw else None
     if path is not None and not path.is_dir():
-        raise FedsimError(f"data-dir {path} is not a folder; set data-dir to an existing folder")
+        where = "" if path.is_absolute() else f" (from {Path.cwd()})"
+        raise FedsimError(
+            f"data-dir {path}{where} is not a folder; set data-dir to an existing folder "
+            "(--set data-dir=DIR; data_dir= in Python)"
+        )
     if is_import_path(name):  # a built-in loader says what is wrong with its files itself
         with blamed(f"dataset '{name}' could not be loaded", "fix its loader"):
             dataset = loader(path)
