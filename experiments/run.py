@@ -155,6 +155,11 @@ def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgre
         if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
             fix = f"fix that, then: {resume}" if saved else "fix that and run it again"
             raise file_error(exc.filename or staging, exc, fix) from None
+        if isinstance(exc, FedsimError) and saved:  # else the folder's refusal comes next
+            raise FedsimError(
+                f"{exc} (the rounds before it are kept in {staging}: fix the cause and "
+                f"{resume}, or remove that folder)"
+            ) from exc
         raise
     finally:
         claim.release()

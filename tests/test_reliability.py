@@ -159,6 +159,17 @@ def test_a_stop_before_the_first_checkpoint_says_run_it_again_and_leaves_nothing
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_that_fails_after_a_checkpoint_says_where_its_rounds_are(tmp_path, monkeypatch):
+    def fails(config, dataset, staging, *args):
+        save_checkpoint(staging, {"x": torch.zeros(1)})
+        raise FedsimError("round 2: the strategy's aggregate_train returned no model")
+
+    monkeypatch.setattr(runner, "_simulate", fails)
+    with pytest.raises(FedsimError, match=r"returned no model \(the rounds before it are kept"):
+        run_experiment(parse_config({}), out=tmp_path / "run")
+    assert (tmp_path / ".run.partial" / results.CHECKPOINT).is_file()
+
+
 def test_an_emptied_ledger_is_never_resumed_into_a_lower_epsilon(tmp_path):
     unfinished_run(tmp_path / "run", drop_charge=True)
     with pytest.raises(FedsimError, match="ledger lacks client 1 in round 1"):
