@@ -31,7 +31,7 @@ from fedsim.config import (
     toml_literal,
     toml_table,
 )
-from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.progress import SweepProgress
 from fedsim.results import frontier
 
@@ -180,8 +180,13 @@ def run_sweep(
         secret |= parse_config({**base, **sets}).dp_user
     config = out / SWEEP_CONFIG
     _check_same_base(config, base)
-    out.mkdir(parents=True, exist_ok=True)
-    results.write_atomic(config, toml_table(base))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        results.write_atomic(config, toml_table(base))
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise
+        raise file_error(exc.filename or out, exc, "choose another --out") from None
     print(f"fedsim sweep: {len(points)} runs, {jobs} at a time, in {out}", flush=True)
     failed = run_points(points, out, config, jobs, clock=not secret)
     rows = frontier.frontier(results.find_runs([out]))
@@ -230,9 +235,17 @@ def _check_same_base(config: Path, base: Mapping[str, Any]) -> None:
     """Refuse to continue a sweep in ``config``'s folder from another base config.
 
     Its finished points would be skipped, and the frontier would mix runs of the old
-    config with a ``sweep.toml`` that names the new one.
+    config with a ``sweep.toml`` that names the new one. A folder that holds anything but
+    a sweep (a run, other runs) is refused too: the frontier reads every run in it.
     """
     if not config.is_file():
+        folder = config.parent
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise FedsimError(
+                f"--out {folder} holds other files and no sweep (no {SWEEP_CONFIG}); its "
+                "frontier would mix them in: give a new or empty folder (the same --out "
+                "continues a sweep)"
+            )
         return
     old, new = read_toml(config), dict(base)
     with contextlib.suppress(FedsimError):  # as resolved, where each alone is a config

@@ -171,6 +171,17 @@ def test_a_sigma_and_the_budget_it_would_ignore_are_refused_together(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_sweep_refuses_a_folder_that_holds_other_runs(tmp_path):
+    """The frontier reads every run under --out: a run's folder, or one of other runs,
+    would mix them in (and a run's own summary hides the sweep's points)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    for out in (tmp_path / "run", tmp_path):
+        with pytest.raises(FedsimError, match=r"holds other files and no sweep"):
+            run_sweep({}, grid={"lr": [0.1]}, seeds=[0], jobs=1, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_a_run_not_named_is_named_by_its_dataset_and_model():
     assert parse_config({}).name == "digits-cnn" == FedsimConfig().name
     assert parse_config({"model": "lstm", "dataset": "sst2"}).name == "sst2-lstm"
