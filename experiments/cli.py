@@ -21,7 +21,7 @@ from fedsim.config import (
     load_config,
     rooted,
 )
-from fedsim.errors import FedsimError, RunInterrupted, first_line
+from fedsim.errors import FedsimError, RunInterrupted, file_error, first_line
 from fedsim.experiments.machine import check_machine
 from fedsim.experiments.rundir import check_new
 from fedsim.experiments.signals import STOP_WITHIN_S
@@ -256,7 +256,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     for run_dir in runs:
         result = load_run(run_dir)
-        plots.plot_run(result)
+        try:
+            plots.plot_run(result)
+        except OSError as exc:  # a colleague's or an archived folder: report it all the same
+            print(f"{run_dir}: its plot was not redrawn ({exc.strerror or exc})")
         if len(runs) == 1:
             print(report.round_table(result.rounds))
         print(f"{run_dir}: {report.summary_line(result.summary)}")
@@ -268,7 +271,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         sweeps = [d for d in args.dirs if not (d / "summary.json").is_file()]
         out = args.out or (sweeps[0] if len(sweeps) == 1 else None)
         if out is not None:
-            print(f"frontier: {', '.join(map(str, frontier.write_frontier(rows, out)))}")
+            try:
+                written = frontier.write_frontier(rows, out)
+            except OSError as exc:
+                raise file_error(exc.filename or out, exc, "give another --out") from None
+            print(f"frontier: {', '.join(map(str, written))}")
+    elif args.out is not None:
+        print("no frontier: it compares several runs; --out is for their frontier")
     return 0
 
 

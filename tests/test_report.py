@@ -12,8 +12,9 @@ from fedsim import results
 from fedsim.config import FedsimConfig
 from fedsim.dp.accounting import RDP_ORDERS
 from fedsim.errors import FedsimError
+from fedsim.experiments import cli
 from fedsim.experiments.sweep import grid_axes, grid_points
-from fedsim.results import RoundRow, frontier
+from fedsim.results import RoundRow, frontier, plots
 from fedsim.results.report import format_epsilon
 from tests.conftest import ROOT
 
@@ -82,6 +83,21 @@ def test_report_command_rebuilds_from_files(sweep):
     assert "0.7200 ± 0.0283" in result.stdout
     assert (sweep / "e1_s0" / results.PLOT).is_file()
     assert json.loads((sweep / "e1_s0" / results.SUMMARY).read_text())["accuracy"] == 0.70
+
+
+def test_report_reads_a_folder_it_cannot_write(sweep, monkeypatch, capsys):
+    """A colleague's or an archived results folder: report it, redraw nothing there."""
+
+    def read_only(result):
+        raise PermissionError(13, "Permission denied", str(result.path))
+
+    monkeypatch.setattr(plots, "plot_run", read_only)
+    assert cli.main(["report", str(sweep)]) == 0
+    said = capsys.readouterr().out
+    assert "its plot was not redrawn (Permission denied)" in said and "0.7200 ± 0.0283" in said
+    (sweep / "taken").write_text("a file")
+    assert cli.main(["report", str(sweep), "--out", str(sweep / "taken")]) == 2
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_grid_points_product_with_no_dp_baseline():
