@@ -19,10 +19,10 @@ from fedsim.results.report import format_epsilon
 from tests.conftest import ROOT
 
 
-def fake_run(path, *, eps, acc, seed, dp="sample"):
+def fake_run(path, *, eps, acc, seed, dp="sample", **keys):
     """A results folder as `fedsim run` writes it (only the files report code reads)."""
     path.mkdir(parents=True)
-    cfg = FedsimConfig(seed=seed, dp=dp, target_epsilon=eps or 1.0).to_flat()
+    cfg = FedsimConfig(seed=seed, dp=dp, target_epsilon=eps or 1.0, **keys).to_flat()
     unit = "none" if dp == "none" else "sample"
     summary = {
         "accuracy": acc, "loss": 0.3, "epsilon": eps, "delta": 1e-5 if eps else None,
@@ -72,6 +72,16 @@ def test_frontier_pools_seeds_and_sorts_by_epsilon(sweep):
     table = (sweep / "frontier.md").read_text()
     assert f"| sample | 1 | 1e-05 | rdp | 0.7200 ± 0.0283 | 2 | {pooled} |" in table
     assert "a reader of all of them" in table
+
+
+def test_a_frontier_row_says_what_sets_it_apart(tmp_path):
+    """Two points that differ in a key no column shows (lr) must not read as one twice."""
+    for lr, acc in ((0.1, 0.6), (0.5, 0.8)):
+        fake_run(tmp_path / f"lr{lr}", eps=1.0, acc=acc, seed=0, lr=lr)
+    rows = frontier.frontier(results.find_runs([tmp_path]))
+    assert sorted(r["setting"] for r in rows) == ["lr=0.1", "lr=0.5"]
+    table = frontier.markdown(rows)
+    assert table.startswith("| setting | unit |") and "| lr=0.5 | sample | 1 |" in table
 
 
 def test_report_command_rebuilds_from_files(sweep):

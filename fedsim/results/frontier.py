@@ -14,8 +14,13 @@ from fedsim.results.report import format_epsilon, format_lower_bound
 from fedsim.results.schema import Result, load_run
 
 IGNORED = {"seed", "name", "out-dir"}  # keys that never make two runs different points
+# keys the table shows in columns of their own, or as the achieved ε and the unit
+SHOWN = {
+    "dp", "target-epsilon", "noise-multiplier", "user-noise-multiplier", "max-grad-norm",
+    "max-update-norm", "num-rounds", "clients-per-round", "num-clients", "secure-noise",
+}  # fmt: skip
 FIELDS = (
-    "unit", "epsilon", "delta", "accountant", "accuracy_mean", "accuracy_std", "seeds",
+    "setting", "unit", "epsilon", "delta", "accountant", "accuracy_mean", "accuracy_std", "seeds",
     "epsilon_pooled", "pooled_accountant",
     "noise_multiplier", "clip", "rounds", "clients_per_round", "num_clients", "noise",
     "audit_epsilon", "audit_confidence", "runs",
@@ -33,8 +38,20 @@ def frontier(runs: list[Path]) -> list[dict]:
         result = load_run(run)
         summary = result.summary | {"_dir": run.name, "_privacy": result.privacy}
         groups.setdefault(_point_key(summary), []).append(summary)
-    rows = [_row(group) for group in groups.values()]
+    settings = _settings(list(groups))
+    rows = [_row(group) | {"setting": settings[key]} for key, group in groups.items()]
     return sorted(rows, key=lambda r: (r["unit"] == "none", r["unit"], r["epsilon"]))
+
+
+def _settings(keys: list[tuple]) -> dict[tuple, str]:
+    """What sets each point apart that no column shows: ``lr=0.1 model=lstm``, say."""
+    points = [dict(key) for key in keys]
+    names = sorted({k for p in points for k in p} - SHOWN)
+    varying = [k for k in names if len({p.get(k) for p in points}) > 1]
+    return {
+        key: " ".join(f"{k}={p.get(k, '')}" for k in varying)
+        for key, p in zip(keys, points, strict=True)
+    }
 
 
 def _row(group: list[dict]) -> dict:
@@ -122,20 +139,25 @@ def _audit(group: list[dict]) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     """The frontier as a Markdown table (what goes into docs and papers)."""
-    cols = ["unit", "ε", "δ", "accountant", "accuracy (mean ± std)", "seeds", "ε, seeds pooled"]
+    setting = any(r["setting"] for r in rows)  # a column only where points differ so
+    cols = ["setting"] * setting
+    cols += ["unit", "ε", "δ", "accountant", "accuracy (mean ± std)", "seeds", "ε, seeds pooled"]
     cols += ["σ", "clip"]
     cols += ["rounds", "cohort", "clients", "noise", "audit ε ≥"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append(
-            f"| {r['unit']} | {format_epsilon(r['epsilon'])} | {r['delta']} | {r['accountant']} "
+            "| "
+            + f"{r['setting']} | " * setting
+            + f"{r['unit']} | {format_epsilon(r['epsilon'])} | {r['delta']} | {r['accountant']} "
             f"| {r['accuracy_mean']:.4f} ± {_spread(r)} | {r['seeds']} "
             f"| {_pooled_cell(r)} | {r['noise_multiplier']} | {r['clip']} | {r['rounds']} "
             f"| {r['clients_per_round']} | {r['num_clients']} | {r['noise']} "
             f"| {_audit_cell(r)} |"
         )
     note = (
-        "\nε: the largest of the row's runs, each alone. ε, seeds pooled: the row's runs "
+        "\nsetting: the config keys whose values set the row apart and have no column. "
+        "ε: the largest of the row's runs, each alone. ε, seeds pooled: the row's runs "
         "share their data, so a reader of all of them (the mean accuracy reads all) faces "
         "their composition, under the accountant in brackets where it is not the row's. "
         "The whole table composes further still, and a row without DP bounds nothing.\n"
