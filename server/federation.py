@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim import results
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, check_delta
 from fedsim.data import (
     Dataset,
     load_dataset,
@@ -45,6 +45,7 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
     The sample unit's σ is solved on the schedule each client's loader runs
     (:func:`fedsim.dp.schedule.poisson_schedule`), the one its ledger records.
     """
+    check_delta(config, sum(info.num_examples for info in infos))  # each node's own data
     update = {}
     if config.dp_sample and config.noise_multiplier == 0:
         schedules = []

@@ -7,12 +7,14 @@ from flwr.serverapp.strategy import FedAvgM
 from fedsim.config import (
     FedsimConfig,
     as_config,
+    check_delta,
     config_mapping,
     config_values,
     load_config,
     parse_config,
     parse_override,
 )
+from fedsim.data import load_checked
 from fedsim.errors import FedsimError
 from fedsim.experiments.sweep import run_sweep
 from tests.conftest import ROOT
@@ -188,3 +190,17 @@ def test_a_run_not_named_is_named_by_its_dataset_and_model():
     assert parse_config({"model": "lstm", "name": "mine"}).name == "mine"
     resolved = parse_config({"model": "lstm"}).to_flat()  # a resumed run keeps its name
     assert parse_config(resolved | {"dataset": "sms-spam"}).name == "digits-lstm"
+
+
+def test_a_delta_that_bounds_nothing_is_refused():
+    """(0, 1/n)-DP allows publishing one record whole: δ must be below 1/n per unit."""
+    refused = r"delta 0\.001 is not below 1/n = 0\.001 for the run's 1000 training examples"
+    with pytest.raises(FedsimError, match=refused):
+        check_delta(parse_config({"delta": 1e-3}), 1000)
+    check_delta(parse_config({"delta": 1e-4}), 1000)
+    check_delta(parse_config({"delta": 0.5, "dp": "none"}), 1000)  # no DP: no δ
+    user = {"dp": "user", "num-clients": 10, "clients-per-round": 5, "user-noise-multiplier": 1}
+    with pytest.raises(FedsimError, match=r"for the run's 10 clients"):
+        check_delta(parse_config({**user, "delta": 0.1}), 10**6)
+    with pytest.raises(FedsimError, match="1437 training examples: .* set delta well below 1/n"):
+        load_checked(parse_config({"delta": 1e-3}))  # digits: 1,437, before any engine

@@ -12,6 +12,7 @@ engine) and ``loading.py`` (TOML, ``--set``, mappings, error lines).
 from fedsim.config.checks import (
     BUDGETS,
     check_budget,
+    check_delta,
     check_deployment,
     check_task,
     strategy_refusal,
@@ -39,6 +40,7 @@ __all__ = [
     "FedsimConfig",
     "as_config",
     "check_budget",
+    "check_delta",
     "check_deployment",
     "check_task",
     "config_mapping",

@@ -75,6 +75,27 @@ def check_deployment(config: FedsimConfig) -> FedsimConfig:
     return config
 
 
+def check_delta(config: FedsimConfig, examples: int) -> None:
+    """Refuse a δ that is not below 1/n for the records each unit protects.
+
+    A mechanism that publishes one record whole, chosen at random, meets (0, 1/n)-DP: a δ
+    of 1/n or more bounds nothing. ``examples``: the run's training examples, over all
+    clients (the sample unit's records); the user unit's are the ``num-clients`` clients.
+    """
+    units = []
+    if config.dp_sample:
+        units.append((examples, "training examples"))
+    if config.dp_user:
+        units.append((config.num_clients, "clients"))
+    for n, what in units:
+        if n > 0 and config.delta >= 1 / n:
+            raise FedsimError(
+                f"delta {config.delta:g} is not below 1/n = {1 / n:.3g} for the run's {n} "
+                f"{what}: a mechanism that publishes one of them whole meets that δ; set "
+                f"delta well below 1/n, e.g. {1 / (10 * n):.1g} or less"
+            )
+
+
 def check_task(config: FedsimConfig, task: str) -> None:
     """One error line if ``config``'s model cannot learn ``task``, or an option does not fit."""
     tasks = registry.tasks_of(config.model, registry.MODELS, "model")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsim.config import FedsimConfig, check_task
+from fedsim.config import FedsimConfig, check_delta, check_task
 from fedsim.data.checks import check_dataset
 from fedsim.data.partition import partition_dataset
 from fedsim.data.split import stratified_split
@@ -145,7 +145,7 @@ def load_checked(config: FedsimConfig) -> Dataset:
     """
     dataset = load_dataset(config.dataset, config.data_dir)
     check_task(config, dataset.task)  # a dataset of your own states its task only now
-    partition_dataset(dataset, config)
+    check_delta(config, sum(len(part) for part in partition_dataset(dataset, config)))
     return dataset
 
 
