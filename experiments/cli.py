@@ -21,7 +21,7 @@ from fedsim.config import (
     load_config,
     rooted,
 )
-from fedsim.errors import FedsimError, RunInterrupted, file_error, first_line
+from fedsim.errors import FedsimError, RunInterrupted, RunStopped, file_error, first_line
 from fedsim.experiments.machine import check_machine
 from fedsim.experiments.rundir import check_new
 from fedsim.experiments.signals import STOP_WITHIN_S
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = one_config(parser().parse_args(argv))
         return HANDLERS[args.command](args)
-    except RunInterrupted as exc:
+    except (RunInterrupted, RunStopped) as exc:  # RunStopped: the API's, where it calls it
         print(f"fedsim: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except FedsimError as exc:

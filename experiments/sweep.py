@@ -172,7 +172,7 @@ def run_sweep(
     starts from; the same ``out`` continues a sweep.
     """
     if base.get("data-dir"):  # every point, and a sweep continued elsewhere, reads it
-        base = {**base, "data-dir": rooted(parse_config(base)).data_dir}
+        base = {**base, "data-dir": rooted(parse_config(dict(base))).data_dir}
     points = grid_points(grid, seeds)
     secret = False  # a point with secret cohorts: its run's time tells of them
     for sets in points.values():  # every config is checked before any work starts

@@ -202,5 +202,5 @@ def test_a_delta_that_bounds_nothing_is_refused():
     user = {"dp": "user", "num-clients": 10, "clients-per-round": 5, "user-noise-multiplier": 1}
     with pytest.raises(FedsimError, match=r"for the run's 10 clients"):
         check_delta(parse_config({**user, "delta": 0.1}), 10**6)
-    with pytest.raises(FedsimError, match="1437 training examples: .* set delta well below 1/n"):
+    with pytest.raises(FedsimError, match=r"1437 training examples: .* set delta well below 1/n"):
         load_checked(parse_config({"delta": 1e-3}))  # digits: 1,437, before any engine
