@@ -151,8 +151,10 @@ def shipped(path: Path) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate the config, run (or resume) it, print the accuracy-against-ε table."""
-    if args.resume is not None and (args.config or args.overrides or args.out):
-        raise FedsimError("--resume continues a run exactly as it was; drop --config/--set/--out")
+    if args.resume is not None and (args.config or args.overrides or args.out or args.force):
+        raise FedsimError(
+            "--resume continues a run exactly as it was; drop --config/--set/--out/--force"
+        )
     if args.resume is not None:
         from fedsim.experiments import api  # the engine: torch, Flower, Ray
 

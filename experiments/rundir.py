@@ -143,7 +143,7 @@ def check_replaceable(run_dir: Path, *, force: bool) -> None:
     if not force:
         raise FedsimError(
             f"{run_dir} already exists; choose another --out (out=), or replace a finished "
-            "run with --force (force=True)"
+            "run or an empty folder with --force (force=True)"
         )
     if run_dir.is_symlink() or not run_dir.is_dir():
         raise FedsimError(f"--force replaces only a results folder, and {run_dir} is not one")

@@ -49,7 +49,7 @@ def grid_axes(items: list[str]) -> dict[str, list[Any]]:
     """``--grid KEY=V1,V2`` strings as ``{key: [values]}``."""
     axes: dict[str, list[Any]] = {}
     for item in items:
-        key, raw = parse_override(item)
+        key, raw = parse_override(item, "--grid")
         values = [parse_override(f"{key}={v.strip()}")[1] for v in str(raw).split(",") if v.strip()]
         if not values:
             raise FedsimError(f"--grid {item}: no values; write KEY=v1,v2,...")

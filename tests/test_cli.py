@@ -41,6 +41,9 @@ BAD_RUNS = [
     (["--config", "a.toml", "--config", "b.toml"], "2 configs given (a.toml, b.toml)"),
     (["--set", "client-gpus=1"], "no CUDA GPU is visible"),
     (["--out", "/proc/x"], "cannot write /proc/x: "),  # the folder typed, not its staging
+    (["--config", "/"], "config file / is a folder; pass a .toml file"),
+    (["--resume", "x", "--force"], "drop --config/--set/--out/--force"),
+    (["--set", "delta=0.01"], "delta 0.01 is not below 1/n"),
 ]
 
 

@@ -16,7 +16,7 @@ from fedsim.config import (
 )
 from fedsim.data import load_checked
 from fedsim.errors import FedsimError
-from fedsim.experiments.sweep import run_sweep
+from fedsim.experiments.sweep import grid_axes, run_sweep
 from tests.conftest import ROOT
 
 
@@ -67,6 +67,8 @@ def test_bad_values_give_one_line(values, needle):
 def test_bad_override_syntax():
     with pytest.raises(FedsimError, match="KEY=VALUE"):
         load_config(None, ["num-rounds"])
+    with pytest.raises(FedsimError, match="--grid expects KEY=VALUE, got 'lr'; for example --grid"):
+        grid_axes(["lr"])
 
 
 def test_missing_and_broken_files(tmp_path):

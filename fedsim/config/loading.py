@@ -207,6 +207,8 @@ def _pairs(item: str) -> list[str]:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a config file; Flower's pyproject layout is accepted too."""
+    if path.is_dir():
+        raise FedsimError(f"config file {path} is a folder; pass a .toml file")
     if not path.is_file():
         raise FedsimError(f"config file {path} does not exist; pass an existing .toml file")
     try:
@@ -231,12 +233,16 @@ def _app_config(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     return dict(table["config"])
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE``; ``VALUE`` is a TOML literal (1, 0.5, true) or a bare string."""
+def parse_override(item: str, flag: str = "--set") -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; ``VALUE`` is a TOML literal (1, 0.5, true) or a bare string.
+
+    ``flag``: the option that gave it, for the error (``--grid`` takes ``KEY=V1,V2``).
+    """
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise FedsimError(f"--set expects KEY=VALUE, got '{item}'; for example --set num-rounds=5")
+        example = "num-rounds=5" if flag == "--set" else "lr=0.1,0.5"
+        raise FedsimError(f"{flag} expects KEY=VALUE, got '{item}'; for example {flag} {example}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
