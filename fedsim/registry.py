@@ -127,8 +127,10 @@ def check_name(name: str, table: Mapping[str, Part], what: str) -> str:
 def resolve(name: str, table: Mapping[str, Part], what: str) -> Any:
     """The callable ``name`` stands for: a built-in part, or the one at an import path."""
     if name not in table and not is_import_path(name):
+        near = [k for k in table if k.lower() == name.lower()]
+        hint = f"did you mean '{near[0]}'? " if near else ""
         raise FedsimError(
-            f"unknown {what} '{name}'; choose one of {', '.join(sorted(table))}, "
+            f"unknown {what} '{name}'; {hint}choose one of {', '.join(sorted(table))}, "
             "or give your own as 'module:attr'"
         )
     module_name, _, attr = (table[name].target if name in table else name).partition(":")

@@ -54,6 +54,11 @@ def test_overrides_are_typed():
         ({"lr": "fast"}, "lr"),
         ({"delta": 1.5}, "delta"),
         ({"grad-sample": "slow"}, "grad-sample"),
+        (
+            {"name": "my run"},
+            "may hold only letters, digits, '.', '_' and '-'; for example name = \"my-run\"",
+        ),
+        ({"strategy": "FedAvg"}, "did you mean 'fedavg'?"),
     ],
 )
 def test_bad_values_give_one_line(values, needle):

@@ -295,6 +295,12 @@ def _format_error(exc: ValidationError) -> str:
         near = [c for c in choices if c.lower() == error["input"].lower()]
         hint = f"; did you mean '{near[0]}'?" if near else ""
         return f"config: {key}: {error['input']!r} is not one of {', '.join(choices)}{hint}"
+    if error["type"] == "string_pattern_mismatch":  # name: it becomes a folder's name
+        fixed = json.dumps(re.sub(r"[^A-Za-z0-9._-]+", "-", error["input"]))
+        return (
+            f"config: {key}: {error['input']!r} may hold only letters, digits, '.', '_' and "
+            f"'-'; for example {key} = {fixed}"
+        )
     message = error["msg"].removeprefix("Value error, ")
     if error["loc"]:
         return f"config: {key}: {message} (got {error['input']!r})"
