@@ -135,7 +135,7 @@ def run_point(
 ) -> tuple[bool | None, str]:
     """Run (or resume) one point as a ``fedsim run`` process; (ok, last output line).
 
-    ``ok`` is None where the point did not start: the sweep was stopped.
+    ``ok`` is None where the sweep was stopped before the point started or finished.
     """
     if children.signum:
         return None, "not started"
@@ -153,6 +153,8 @@ def run_point(
         code = children.call(command, fh)
     if code is None:
         return None, "not started"
+    if code != 0 and children.signum:  # stopped with the sweep: it resumes, not failed
+        return None, "stopped"
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith("accuracy ")]
     return code == 0, (summary or lines or [f"exit {code}"])[-1]
