@@ -26,7 +26,8 @@ from flwr.simulation import run_simulation
 from fedsim import results
 from fedsim.clients.client_app import simulation_app
 from fedsim.config import FedsimConfig
-from fedsim.data import Dataset, load_checked
+from fedsim.data import Dataset, load_checked, partition_dataset
+from fedsim.dp import check_reachable, run_schedules
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.delivery import prompt_delivery
 from fedsim.experiments.machine import check_machine
@@ -54,9 +55,33 @@ def preflight(config: FedsimConfig, dataset: Dataset | None = None) -> Dataset:
     """
     if dataset is None:
         dataset = load_checked(config)
+    check_targets(config, dataset)
     check_client_model(config, dataset)  # a model of your own may mix samples or not vectorize
     check_machine(config, cuda_available=torch.cuda.is_available)
     return dataset
+
+
+def check_targets(config: FedsimConfig, dataset: Dataset) -> None:
+    """Refuse a target ε that no σ reaches, before any engine starts.
+
+    The server solves σ once its clients have said their sizes: a target out of reach
+    was refused there, 20 s into a run on 2 cores. Here it takes milliseconds.
+    """
+    targets = []
+    if config.dp_sample and config.noise_multiplier == 0:
+        sizes = [len(part) for part in partition_dataset(dataset, config)]
+        schedules = run_schedules(
+            sizes, batch_size=config.batch_size, epochs=config.local_epochs,
+            rounds=config.num_rounds,
+        )  # fmt: skip
+        targets.append((config.target_epsilon, schedules))
+    if config.dp_user and config.user_noise_multiplier == 0:
+        targets.append((config.user_target_epsilon, [(config.cohort_rate, config.num_rounds)]))
+    for target, schedules in targets:
+        check_reachable(
+            target_epsilon=target, delta=config.delta, accountant=config.accountant,
+            schedules=schedules,
+        )  # fmt: skip
 
 
 def resume_target(path: Path) -> tuple[Path, FedsimConfig]:

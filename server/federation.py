@@ -23,7 +23,13 @@ from fedsim.data import (
     partition_dataset,
     vocab_record,
 )
-from fedsim.dp import UserCanaries, accounting, poisson_schedule, secure_root, seeded_root
+from fedsim.dp import (
+    UserCanaries,
+    run_schedules,
+    secure_root,
+    seeded_root,
+    solve_noise_multiplier,
+)
 from fedsim.messages import ClientInfo
 from fedsim.models import build_model, check_client_model, evaluate, model_kwargs, run_device
 from fedsim.results import RoundRow
@@ -48,22 +54,22 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
     check_delta(config, sum(info.num_examples for info in infos))  # each node's own data
     update = {}
     if config.dp_sample and config.noise_multiplier == 0:
-        schedules = []
-        for size in {info.num_examples for info in infos}:
-            s = poisson_schedule(size, batch_size=config.batch_size, epochs=config.local_epochs)
-            schedules.append((s.sample_rate, s.steps * config.num_rounds))
-        update["noise_multiplier"] = accounting.solve_noise_multiplier(
+        schedules = run_schedules(
+            [info.num_examples for info in infos], batch_size=config.batch_size,
+            epochs=config.local_epochs, rounds=config.num_rounds,
+        )  # fmt: skip
+        update["noise_multiplier"] = solve_noise_multiplier(
             target_epsilon=config.target_epsilon,
             delta=config.delta,
             accountant=config.accountant,
             schedules=schedules,
         )
     if config.dp_user and config.user_noise_multiplier == 0:
-        update["user_noise_multiplier"] = accounting.solve_noise_multiplier(
+        update["user_noise_multiplier"] = solve_noise_multiplier(
             target_epsilon=config.user_target_epsilon,
             delta=config.delta,
             accountant=config.accountant,
-            schedules=[(config.clients_per_round / config.num_clients, config.num_rounds)],
+            schedules=[(config.cohort_rate, config.num_rounds)],
         )
     return config.model_copy(update=update)
 
@@ -104,7 +110,7 @@ def build_strategy(
         strategy = user_dp = UserLevelDP(
             strategy,
             ledger=state.user_ledger,
-            sample_rate=cfg.clients_per_round / cfg.num_clients,
+            sample_rate=cfg.cohort_rate,
             noise_multiplier=cfg.user_noise_multiplier,
             clip_norm=state.clip_norm or cfg.max_update_norm,
             expected_cohort=cfg.clients_per_round,

@@ -15,6 +15,7 @@ import pytest
 
 from fedsim.config import FedsimConfig, load_config, parse_config
 from fedsim.data import load_dataset
+from fedsim.dp import solve
 from fedsim.errors import FedsimError
 from fedsim.results import load_run
 from tests.test_data import fake_mnist, write_idx
@@ -105,10 +106,8 @@ def test_huge_whole_numbers_are_refused(key):
 
 
 def test_accountant_that_cannot_count_the_steps_says_so():
-    from fedsim.dp import accounting
-
     with pytest.raises(FedsimError) as info:
-        accounting.solve_noise_multiplier(
+        solve.solve_noise_multiplier(
             target_epsilon=8.0, delta=1e-5, accountant="pld", schedules=[(0.01, 2**62)]
         )
     assert "accountant pld" in one_line(info) and "rdp" in str(info.value)

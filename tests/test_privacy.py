@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import pld, rdp
 from opacus.accountants import create_accountant
 
-from fedsim.dp import accounting
+from fedsim.dp import accounting, solve
 from fedsim.errors import FedsimError
 from fedsim.messages import PrivacySpent
 from fedsim.server import privacy
@@ -132,7 +132,7 @@ def test_run_epsilon_is_max_over_clients():
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_solved_sigma_meets_target_tightly(accountant):
     schedules = [(0.2, 100), (0.25, 80)]
-    sigma = accounting.solve_noise_multiplier(
+    sigma = solve.solve_noise_multiplier(
         target_epsilon=3.0, delta=DELTA, accountant=accountant, schedules=schedules
     )
     eps = [
@@ -167,7 +167,7 @@ def test_rdp_solve_equals_bisection_on_whole_curves(schedules, target, delta):
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
         low, high = (low, mid) if within(mid) else (mid, high)
-    sigma = accounting.solve_noise_multiplier(
+    sigma = solve.solve_noise_multiplier(
         target_epsilon=target, delta=delta, accountant="rdp", schedules=schedules
     )
     assert sigma == high  # to the last bit

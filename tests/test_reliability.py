@@ -303,3 +303,11 @@ def test_a_run_records_its_data_dir_absolute(tmp_path, monkeypatch):
     assert seen[0].data_dir == str(tmp_path / "mydata")
     with pytest.raises(FedsimError, match=r"data-dir nothere \(from .*\) is not a folder"):
         load_dataset("digits", "nothere")
+
+
+@pytest.mark.parametrize("dp", ["sample", "user"])
+def test_a_target_no_noise_reaches_is_refused_before_any_folder_or_engine(tmp_path, dp):
+    values = {"dp": dp, "target-epsilon": 1e-4, "user-target-epsilon": 1e-4}
+    with pytest.raises(FedsimError, match="needs a noise multiplier above 10000"):
+        run_experiment(parse_config(values), out=tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []

@@ -40,7 +40,7 @@ from fedsim.clients import client_app, local
 from fedsim.clients.task import client_info
 from fedsim.clients.training import train_local
 from fedsim.config import check_deployment, deploy_config, parse_config
-from fedsim.dp import accounting
+from fedsim.dp import accounting, solve
 from fedsim.dp.fast_clip import FastClipper, per_sample_cross_entropy
 from fedsim.dp.private import make_private
 from fedsim.dp.randomness import (
@@ -546,7 +546,7 @@ def test_a_client_training_every_round_ends_within_its_target(k, accountant):
     # the acceptance run: 930 examples, batch 10, 30 rounds, target 8 (was 8.04)
     n, rounds = 10 * k, 30
     spend = privacy.prescribed_spend(n, noise_multiplier=1.0, batch_size=10, epochs=1)
-    sigma = accounting.solve_noise_multiplier(
+    sigma = solve.solve_noise_multiplier(
         target_epsilon=8.0, delta=DELTA, accountant=accountant,
         schedules=[(spend.sample_rate[0], spend.steps[0] * rounds)],
     )  # fmt: skip

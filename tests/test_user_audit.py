@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedsim.dp import UserCanaries, accounting, best_guesses, gaussian_estimate, gdp_epsilon
+from fedsim.dp import UserCanaries, accounting, best_guesses, gaussian_estimate, gdp_epsilon, solve
 from fedsim.dp.randomness import seeded_root
 from fedsim.errors import FedsimError
 from fedsim.messages import ARRAYS
@@ -113,7 +113,7 @@ def test_the_audit_sees_canaries_when_there_is_no_noise_to_hide_them():
 @pytest.mark.parametrize("target", [1.0, 4.0])
 def test_the_audit_never_contradicts_a_correct_mechanism(target):
     rate, rounds = 0.5, 20
-    noise = accounting.solve_noise_multiplier(
+    noise = solve.solve_noise_multiplier(
         target_epsilon=target, delta=DELTA, accountant="rdp", schedules=[(rate, rounds)]
     )
     scores, included = audited_run(noise=noise, rounds=rounds, rate=rate, canaries=1000)
@@ -125,7 +125,7 @@ def test_the_audit_never_contradicts_a_correct_mechanism(target):
 
 def test_the_audit_catches_noise_ten_times_smaller_than_the_ledger_says():
     rate, rounds = 0.5, 20
-    said = accounting.solve_noise_multiplier(
+    said = solve.solve_noise_multiplier(
         target_epsilon=1.0, delta=DELTA, accountant="rdp", schedules=[(rate, rounds)]
     )
     scores, included = audited_run(noise=said / 10, rounds=rounds, rate=rate, canaries=1000)

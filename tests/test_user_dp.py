@@ -10,7 +10,7 @@ from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from fedsim.dp import accounting
+from fedsim.dp import accounting, solve
 from fedsim.dp.randomness import seeded_root
 from fedsim.messages import ARRAYS, METRICS, PARTITION_KEY, WEIGHT_KEY
 from fedsim.server import privacy
@@ -186,7 +186,7 @@ def test_user_ledger_epsilon_against_dp_accounting(accountant):
 
 
 def test_solve_user_noise_meets_target():
-    sigma = accounting.solve_noise_multiplier(
+    sigma = solve.solve_noise_multiplier(
         target_epsilon=2.0, delta=1e-5, accountant="rdp", schedules=[(0.1, 100)]
     )
     eps = accounting.history_epsilon([(sigma, 0.1, 100)], delta=1e-5, accountant="rdp")

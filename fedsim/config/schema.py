@@ -295,6 +295,11 @@ class FedsimConfig(BaseModel):
         return self.dp in ("user", "both")
 
     @property
+    def cohort_rate(self) -> float:
+        """The chance that a client trains in a round: user-level DP's sampling rate q."""
+        return self.clients_per_round / self.num_clients
+
+    @property
     def all_positions(self) -> bool:
         """A next-character model's loss averages every position, not only the last."""
         return self.next_char_loss == "all"

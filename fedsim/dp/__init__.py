@@ -9,7 +9,7 @@ a model in a mode before any round, and ``bound_check`` that it keeps each sampl
 clipped gradient within the bound); ``schedule`` is the one place that fixes a client's
 (q, steps); ``randomness`` gives every (round, client, purpose) its own stream, and
 ``noise`` draws a step's Gaussian noise from it in one call and adds it in fused
-operations; ``accounting`` turns histories into ε and targets into σ; ``cohort`` trains
+operations; ``accounting`` turns histories into ε and ``solve`` targets into σ; ``cohort`` trains
 K clients' DP-SGD at once, vectorized with torch.func (``cohort_step``: one client's
 step inside vmap, clipping in one backward pass; ``cohort_update``: each client's noise
 and SGD update); ``recurrent`` swaps torch's recurrent layers for ones that compute the
@@ -62,11 +62,11 @@ from fedsim.dp.randomness import (
 )
 from fedsim.dp.recurrent import check_cohort_model, dp_recurrent, vectorizable, with_rnn_names
 from fedsim.dp.sample_check import PROBE_SAMPLES, check_samples_apart
-from fedsim.dp.schedule import Schedule, poisson_schedule
+from fedsim.dp.schedule import Schedule, poisson_schedule, run_schedules
 from fedsim.dp.user_canaries import UserCanaries, gaussian_estimate, gdp_epsilon
 
 if TYPE_CHECKING:
-    from fedsim.dp import accounting
+    from fedsim.dp import accounting, solve
     from fedsim.dp.accounting import (
         ACCOUNTANTS,
         RDP_ORDERS,
@@ -76,28 +76,28 @@ if TYPE_CHECKING:
         history_epsilon,
         merged_history,
         pooled_epsilon,
-        solve_noise_multiplier,
     )
+    from fedsim.dp.solve import check_reachable, solve_noise_multiplier
 
-_ACCOUNTING = {
-    "ACCOUNTANTS",
-    "RDP_ORDERS",
-    "REPLACE_ONE",
-    "History",
-    "group_accountant",
-    "history_epsilon",
-    "merged_history",
-    "pooled_epsilon",
-    "solve_noise_multiplier",
-}
+# name -> the module that defines it: the accountants' names, and the two modules
+_LAZY = {
+    **dict.fromkeys(
+        ("ACCOUNTANTS", "RDP_ORDERS", "REPLACE_ONE", "History", "group_accountant",
+         "history_epsilon", "merged_history", "pooled_epsilon"),
+        "fedsim.dp.accounting",
+    ),
+    **dict.fromkeys(("check_reachable", "solve_noise_multiplier"), "fedsim.dp.solve"),
+    "accounting": "fedsim.dp.accounting",
+    "solve": "fedsim.dp.solve",
+}  # fmt: skip
 
 
 def __getattr__(name: str) -> object:
-    """The accounting names (and the ``accounting`` module), imported when first asked for."""
-    if name != "accounting" and name not in _ACCOUNTING:
+    """The accounting and solving names, and their modules, imported when first asked for."""
+    if name not in _LAZY:
         raise AttributeError(f"module 'fedsim.dp' has no attribute '{name}'")
-    module = importlib.import_module("fedsim.dp.accounting")
-    return module if name == "accounting" else getattr(module, name)
+    module = importlib.import_module(_LAZY[name])
+    return module if name in ("accounting", "solve") else getattr(module, name)
 
 
 __all__ = [
@@ -127,6 +127,7 @@ __all__ = [
     "check_clippable",
     "check_cohort_model",
     "check_cohort_step",
+    "check_reachable",
     "check_samples_apart",
     "choose_grad_sample",
     "cohort_clipping",
@@ -151,9 +152,11 @@ __all__ = [
     "poisson_schedule",
     "pooled_epsilon",
     "replace_attention",
+    "run_schedules",
     "secure_dp_randomness",
     "secure_root",
     "seeded_root",
+    "solve",
     "solve_noise_multiplier",
     "stream_seed",
     "torch_generator",

@@ -12,6 +12,7 @@ the schedule's ``expected_batch`` is n / k exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -42,3 +43,14 @@ def poisson_schedule(num_examples: int, *, batch_size: int, epochs: int) -> Sche
         epochs=epochs,
         expected_batch=num_examples / batches,
     )
+
+
+def run_schedules(
+    sizes: Iterable[int], *, batch_size: int, epochs: int, rounds: int
+) -> list[tuple[float, int]]:
+    """(sample rate, steps over ``rounds``) of each distinct client size: what σ is solved on."""
+    out = []
+    for size in sorted(set(sizes)):
+        s = poisson_schedule(size, batch_size=batch_size, epochs=epochs)
+        out.append((s.sample_rate, s.steps * rounds))
+    return out
