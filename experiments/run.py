@@ -159,7 +159,17 @@ def _claim(config: FedsimConfig, out: Path | None, *, resume: bool, force: bool)
 
 
 def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgress) -> None:
-    """``simulate`` into ``claim``'s staging folder, then finish it; close ``progress``.
+    """``simulate`` into ``claim``'s staging folder, then finish it; close ``progress``."""
+    try:
+        _simulate_claimed(claim, simulate)
+        _finish(claim)
+    finally:
+        claim.release()
+        progress.close()
+
+
+def _simulate_claimed(claim: Claim, simulate: Callable[[], None]) -> None:
+    """``simulate``; where it fails, what is kept and what to do, in one line.
 
     A failure before the first checkpoint removes the staging folder: there is nothing to
     resume. After it, a stop or a file error the user can fix (a full disk) keeps the
@@ -168,7 +178,6 @@ def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgre
     run_dir, staging = claim.run_dir, claim.staging
     try:
         simulate()
-        claim.finish()
     except BaseException as exc:
         saved = _has_checkpoint(staging)
         if not saved:
@@ -186,9 +195,15 @@ def _run_claimed(claim: Claim, simulate: Callable[[], None], progress: RunProgre
                 f"{resume}, or remove that folder)"
             ) from exc
         raise
-    finally:
-        claim.release()
-        progress.close()
+
+
+def _finish(claim: Claim) -> None:
+    """Rename the finished run into place; where that fails, its results stay whole."""
+    try:
+        claim.finish()
+    except OSError as exc:
+        fix = f"the finished run is whole in {claim.staging}: move it where you want it"
+        raise file_error(exc.filename or claim.run_dir, exc, fix) from None
 
 
 def _has_checkpoint(staging: Path) -> bool:

@@ -311,3 +311,21 @@ def test_a_target_no_noise_reaches_is_refused_before_any_folder_or_engine(tmp_pa
     with pytest.raises(FedsimError, match="needs a noise multiplier above 10000"):
         run_experiment(parse_config(values), out=tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_run_that_cannot_be_renamed_keeps_its_results(tmp_path, monkeypatch):
+    """The checkpoint goes before the rename: a failed rename must not read as a run
+    that failed before its first checkpoint, whose folder is removed."""
+
+    def finished(config, dataset, staging, *args):
+        save_checkpoint(staging, {"x": torch.zeros(1)})
+        (staging / results.ROUNDS).write_text("round\n0\n")
+
+    monkeypatch.setattr(runner, "_simulate", finished)
+    (tmp_path / "run").mkdir()  # an earlier run, to be replaced with --force ...
+    (tmp_path / "run" / results.SUMMARY).write_text('{"config": {}, "guarantees": []}')
+    (tmp_path / ".run.old").mkdir()  # ... past a leftover that blocks the swap
+    (tmp_path / ".run.old" / "x").write_text("x")
+    with pytest.raises(FedsimError, match=r"the finished run is whole in .*\.run\.partial"):
+        run_experiment(parse_config({}), out=tmp_path / "run", force=True)
+    assert (tmp_path / ".run.partial" / results.ROUNDS).read_text() == "round\n0\n"
