@@ -251,7 +251,8 @@ def _check_same_base(config: Path, base: Mapping[str, Any]) -> None:
         return
     old, new = read_toml(config), dict(base)
     with contextlib.suppress(FedsimError):  # as resolved, where each alone is a config
-        old, new = parse_config(old).to_flat(), parse_config(new).to_flat()
+        # a sweep begun before data-dir was made absolute wrote it as given
+        old, new = rooted(parse_config(old)).to_flat(), parse_config(new).to_flat()
     changed = [k for k in {**old, **new} if old.get(k) != new.get(k)]
     if changed:
         key = changed[0]

@@ -16,6 +16,7 @@ from fedsim.config import (
 )
 from fedsim.data import load_checked
 from fedsim.errors import FedsimError
+from fedsim.experiments import sweep
 from fedsim.experiments.sweep import grid_axes, run_sweep
 from tests.conftest import ROOT
 
@@ -213,3 +214,15 @@ def test_a_delta_that_bounds_nothing_is_refused():
         check_delta(parse_config({**user, "delta": 0.1}), 10**6)
     with pytest.raises(FedsimError, match=r"1437 training examples: .* set delta well below 1/n"):
         load_checked(parse_config({"delta": 1e-3}))  # digits: 1,437, before any engine
+
+
+def test_a_sweep_begun_with_a_relative_data_dir_continues(tmp_path, monkeypatch):
+    """sweep.toml written before data-dir was made absolute: the same sweep, continued."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sweep.toml").write_text('data-dir = "mydata"\n')
+    monkeypatch.setattr(sweep, "run_points", lambda *args, **kwargs: [])
+    run_sweep({"data-dir": "mydata"}, grid={"lr": [0.1]}, seeds=[0], jobs=1, out=out)
+    assert f'data-dir = "{tmp_path / "mydata"}"' in (out / "sweep.toml").read_text()
