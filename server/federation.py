@@ -314,6 +314,7 @@ def run_federation(
         abandon=not node_per_client,
         poll_s=PULL_INTERVAL_S if node_per_client else SIMULATION_PULL_S,
         secret=cfg.dp_user,
+        withhold=cfg.dp_sample,
     )
     save_tensors(run_dir / results.MODEL, state.arrays)
     engine = "deployment" if node_per_client else "simulation"

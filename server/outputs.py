@@ -26,10 +26,10 @@ from fedsim.models import clipping_path, device_name
 from fedsim.results import RoundRow
 from fedsim.server import privacy
 from fedsim.server.guarantees import guarantees, noise_record, privacy_record
-from fedsim.server.rounds import RAISED
+from fedsim.server.rounds import withheld
 from fedsim.server.state import RunState
 
-WITHHELD = RAISED + "withheld (it can quote the client's data): see private/participation.csv"
+WITHHELD = "withheld (it can quote the client's data): see private/participation.csv"
 # what computes a run's numbers: their versions go into summary.json
 SOFTWARE = ("fedsim", "torch", "opacus", "flwr", "dp-accounting", "numpy")
 
@@ -90,7 +90,7 @@ def public_reasons(config: FedsimConfig, dropped: dict[int, str]) -> str:
     if config.dp_user:
         return ""
     if config.dp_sample:
-        dropped = {c: WITHHELD if r.startswith(RAISED) else r for c, r in dropped.items()}
+        dropped = withheld(dropped, WITHHELD)
     return _listed(dropped)
 
 

@@ -30,6 +30,7 @@ PULL_INTERVAL_S = 0.1  # deployment: each pull is a request to the SuperLink
 SIMULATION_PULL_S = 0.005
 # a reason that is the client's own error text (which may quote its data) starts so
 RAISED = "error: "
+STOP_NOTE = "withheld (it can quote the client's data; --verbose shows Flower's log of it)"
 # errors of the SuperLink's own making: their texts are Flower's, not the client's
 _LINK_ERRORS = frozenset(
     {ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE}
@@ -45,6 +46,16 @@ def _reason(reason: str | None) -> str:
     text = re.sub(r"^<class '[^']*'>:<'", "", text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "unknown error"
+
+
+def withheld(dropped: dict[int, str], note: str) -> dict[int, str]:
+    """``dropped`` with the text of each error a client raised replaced by ``note``.
+
+    Under sample-level DP the readers of the results (and of a run's console, which a
+    sweep keeps with its results) are not trusted, and such a text can quote the
+    client's data.
+    """
+    return {c: RAISED + note if r.startswith(RAISED) else r for c, r in dropped.items()}
 
 
 def _error_reason(reply: Message) -> str:
@@ -189,6 +200,7 @@ def run_rounds(
     abandon: bool = False,
     poll_s: float = PULL_INTERVAL_S,
     secret: bool = False,
+    withhold: bool = False,
 ) -> ArrayRecord:
     """Run ``rounds`` of federated training from ``arrays``; return the final arrays.
 
@@ -201,6 +213,7 @@ def run_rounds(
     round, or at once with ``abandon`` (where replies dropped unread release nothing:
     a simulation, whose server is trusted). ``poll_s``: seconds between pulls for replies.
     ``secret``: cohorts are private (user-level DP), so failures never stop the run.
+    ``withhold``: the line a stop ends with says no client's error text (sample-level DP).
     """
     for server_round in rounds:
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
@@ -219,7 +232,8 @@ def run_rounds(
         # under private cohorts a stop would tell of the failures, which can come from a
         # client's data: failed clients count as zero in the released round instead
         if not secret and len(good) < min(min_clients, len(messages)):
-            raise FedsimError(too_few(server_round, good, messages, dropped, min_clients))
+            said = withheld(dropped, STOP_NOTE) if withhold else dropped
+            raise FedsimError(too_few(server_round, good, messages, said, min_clients))
         if new_arrays is None:
             which = "the round's replies" if secret else f"{len(good)} replies"
             raise FedsimError(
