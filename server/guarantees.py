@@ -58,7 +58,10 @@ def relation(config: FedsimConfig, unit: str, overlap: tuple[int, str] = (1, "sa
             f"protects a sample, not a {piece}: see the {piece} guarantee"
         )
     elif unit == "sample" and piece != "sample":
-        words += f"; here one {piece} of the data lies in one sample: this is its ε too"
+        words += (
+            f"; here one {piece} of the data lies in one sample: zeroing it out is this "
+            f"relation, and the {piece} guarantee changes it"
+        )
     if unit != "user" and config.partition in LABEL_PARTITIONS:
         words += (
             f"; partition {config.partition} places each example by its label, so the "
@@ -143,7 +146,8 @@ def guarantees(
     """Each ε with its unit, relation, accountant and who it protects against.
 
     ``overlap``: the dataset's (how many samples one piece of data lies in, its name);
-    above 1, the sample unit's ε is joined by that piece's (:func:`group_guarantee`).
+    for a piece other than a sample, the sample unit's ε is joined by the piece's
+    (:func:`group_guarantee`).
     """
     cfg = state.config
     out = [
@@ -153,7 +157,7 @@ def guarantees(
         )
         for unit, value in eps.items()
     ]  # fmt: skip
-    if cfg.dp_sample and overlap[0] > 1:
+    if cfg.dp_sample and overlap[1] != "sample":
         out.append(group_guarantee(state, engine, *overlap))
     if cfg.dp_user:
         replace = privacy.client_epsilon(
@@ -170,26 +174,35 @@ def guarantees(
 def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Guarantee:
     """The ε of one ``piece`` of a client's data, which lies in up to ``count`` samples.
 
-    Changing it changes those samples at once: a group, whose ε
-    (:func:`fedsim.dp.group_accountant`) is far above one sample's. It is computed where
-    each user's data is one client's (``partition = natural``); other partitions spread a
-    piece's samples over clients, and no bound is given.
+    Above one sample: zeroing out every sample that holds it, a group whose ε
+    (:func:`fedsim.dp.group_accountant`) is far above one sample's; computed where each
+    user's data is one client's (``partition = natural``), as other partitions spread a
+    piece's samples over clients. Changing the piece's value replaces those samples,
+    which costs more and is not computed. In one sample: changing it replaces that
+    sample, dp-accounting's replace-one ε.
     """
     cfg = state.config
-    accountant = accounting.group_accountant(count)
     trust = TRUST[("sample", engine)]
+    if count == 1:
+        words = f"change one {piece} of a client's data: it lies in one sample, replaced"
+        epsilon = state.sample_epsilon(accountant=accounting.REPLACE_ONE)
+        return Guarantee(piece, epsilon, cfg.delta, accounting.REPLACE_ONE, words, *trust, "sample")
+    accountant = accounting.group_accountant(count)
+    zeroed = (
+        f"zero out every training sample that holds one {piece} of a client's data (up to "
+        f"{count}; their gradients count as 0, the sample relation for a group"
+    )
     if cfg.partition != "natural":
         words = (
-            f"change one {piece} of a user's data: it lies in up to {count} training samples, "
-            f"which partition {cfg.partition} spreads over clients; no ε is computed for it "
-            "(where the data has users, partition natural keeps each one's samples on one "
-            "client)"
+            f"{zeroed}), which partition {cfg.partition} spreads over clients: no ε is "
+            "computed (where the data has users, partition natural keeps each one's samples "
+            "on one client)"
         )
         return Guarantee(piece, None, cfg.delta, accountant, words, *trust, "sample")
     words = (
-        f"change one {piece} of a client's data: it lies in up to {count} of the client's "
-        "training samples, changed at once (k of them in a Poisson batch move the clipped "
-        "sum by up to k·C: their clipped gradients aligned, the worst case)"
+        f"{zeroed}: k of them in a Poisson batch move the clipped sum by up to k·C, their "
+        f"clipped gradients aligned, the worst case); changing the {piece}'s value replaces "
+        "those samples, which costs more and is not counted here"
     )
     epsilon = state.sample_epsilon(accountant=accountant)
     return Guarantee(piece, epsilon, cfg.delta, accountant, words, *trust, "sample")

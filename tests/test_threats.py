@@ -461,18 +461,26 @@ def test_a_character_in_many_windows_gets_its_own_guarantee(dp):
     character = next(g for g in found if g["unit"] == "character")
     assert "protects a sample, not a character" in sample["relation"]
     assert character["implied_by"] == "sample" and character["accountant"] == "pld-group-81"
+    # what is computed is zeroing the samples out; a changed character is not claimed
+    assert character["relation"].startswith("zero out every training sample that holds one")
+    assert "changing the character's value replaces those samples" in character["relation"]
     assert character["epsilon"] == pytest.approx(state.sample_epsilon(accountant="pld-group-81"))
     assert character["epsilon"] > 5 * sample["epsilon"]
     line = summary_line({"privacy_unit": "sample", "noise_multiplier": 1.1, "accuracy": 0.5,
                          "epsilon_by_unit": {"sample": sample["epsilon"]}, "delta": DELTA,
                          "accountant": "rdp", "guarantees": found, "noise": {"kind": "secure"},
                          "config": {"seed": 0}})  # fmt: skip
-    assert "for one character (pld-group-81)" in line
+    assert "for one character's samples zeroed out (pld-group-81)" in line
     # other partitions spread a text's windows over clients: no bound, and it says so
     state.config = state.config.model_copy(update={"partition": "iid"})
     found = guarantees.guarantees(state, state.epsilons(), "simulation", (81, "character"))
     character = next(g for g in found if g["unit"] == "character")
     assert character["epsilon"] is None and "spreads over clients" in character["relation"]
+    # windows that share no character: changing one replaces one sample
+    found = guarantees.guarantees(state, state.epsilons(), "simulation", (1, "character"))
+    character = next(g for g in found if g["unit"] == "character")
+    assert character["accountant"] == "pld-replace-one"
+    assert character["epsilon"] == pytest.approx(state.sample_epsilon(accountant="pld-replace-one"))
     # samples that share nothing: no such guarantee
     plain = guarantees.guarantees(state, state.epsilons(), "simulation")
     assert all(g["unit"] != "character" for g in plain)

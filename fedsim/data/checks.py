@@ -50,7 +50,8 @@ def check_dataset(dataset: Dataset, name: str) -> Dataset:
             "give one per training sample"
         )
     count, piece = dataset.overlap
-    if not (isinstance(count, int) and count >= 1 and isinstance(piece, str) and piece):
+    whole = isinstance(count, int) and not isinstance(count, bool)
+    if not (whole and count >= 1 and isinstance(piece, str) and piece):
         raise FedsimError(
             f"{where}: overlap is {dataset.overlap!r}; give (how many samples one piece of "
             'data can lie in, its name), e.g. (81, "character"), or (1, "sample")'

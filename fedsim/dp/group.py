@@ -1,8 +1,15 @@
-"""ε for changing several records of one client at once: a group of overlapping examples.
+"""ε for zeroing out several records of one client at once: overlapping examples.
 
 One character of a Shakespeare role lies in up to 81 of its 80-character training windows
-(as context or as the target), so changing it changes up to 81 records: DP-SGD's ε for
-one record says little about it. This is that group's ε, under dp-accounting's PLD.
+(as context or as the target), so removing it touches up to 81 records: DP-SGD's ε for
+one record says little about it. This is the ε of zeroing out that group (each record's
+gradient counts as 0, the sample unit's relation for a group), under dp-accounting's PLD.
+Changing the records instead (replace) costs more and is not computed here.
+
+Taking the group's clipped gradients aligned, a scalar mixture of Gaussians, is the worst
+case: a mixture of Gaussians with vector means is dominated by the scalar one with the
+vectors' norms (Choquette-Choo, Ganesh, Steinke & Thakurta 2023, "Privacy Amplification
+for Matrix Mechanisms", Cor. 4.7; dp-accounting's ``MixtureGaussianPrivacyLoss`` cites it).
 """
 
 from __future__ import annotations
@@ -20,14 +27,21 @@ _NEGLIGIBLE = 1e-30  # below dp-accounting's own truncation of the noise's mass
 
 
 def group_accountant(group: int) -> str:
-    """The accountant's name for changing ``group`` records of one client at once."""
+    """The accountant's name for zeroing out ``group`` records of one client at once.
+
+    Raises
+    ------
+    FedsimError
+        ``group`` is below 1.
+
+    """
     if group < 1:
         raise FedsimError(f"a group of records has at least 1 record, not {group}")
     return f"{GROUP_PREFIX}{group}"
 
 
 def group_epsilon(history: list[tuple[float, float, int]], delta: float, *, group: int) -> float:
-    """ε of a (σ, q, steps) history for ``group`` records changed at once.
+    """ε of a (σ, q, steps) history for ``group`` records zeroed out at once.
 
     Each record joins a step's Poisson batch on its own, so k ~ Binomial(group, q) of
     them are in it and the clipped sum moves by at most k·C: the worst case, every

@@ -89,13 +89,19 @@ def summary_line(summary: dict) -> str:
 def implied_words(guarantee: dict) -> str:
     """A guarantee that follows from another unit's, in words.
 
-    From the user unit's: one example replaced. From the sample unit's: one piece of data
-    (a character) that lies in several samples.
+    From the user unit's: one example replaced. From the sample unit's, for a piece of
+    data other than a sample (a character): its samples zeroed out (where it lies in
+    several), or it changed (where it lies in one).
     """
     accountant = guarantee["accountant"]
-    what = "example replaced" if guarantee["implied_by"] == "user" else guarantee["unit"]
+    if guarantee["implied_by"] == "user":
+        what = "example replaced"
+    elif accountant == "pld-replace-one":
+        what = f"{guarantee['unit']} changed"
+    else:
+        what = f"{guarantee['unit']}'s samples zeroed out"
     if guarantee["epsilon"] is None:
-        return f"no ε for one {what}, which lies in several clients' samples"
+        return f"no ε for one {guarantee['unit']}, which lies in several clients' samples"
     return f"ε = {format_epsilon(guarantee['epsilon'], places=3)} for one {what} ({accountant})"
 
 
