@@ -86,14 +86,46 @@ def all_rounds_epsilon(
     spend elsewhere, so the value depends on the cohorts only where a report differs
     from the prescribed spend: a bound that can be published while cohorts stay secret.
     """
+    return max(
+        (
+            history_epsilon(h, delta=delta, accountant=accountant)
+            for h in all_rounds_histories(ledger, prescribed, rounds)
+        ),
+        default=0.0,
+    )
+
+
+def all_rounds_histories(
+    ledger: Ledger, prescribed: Sequence[PrivacySpent], rounds: Sequence[int]
+) -> list[list[tuple[float, float, int]]]:
+    """The histories :func:`all_rounds_epsilon` takes the largest ε of."""
     histories = [_entries(spend, rounds) for spend in set(prescribed)]
     for client, entries in ledger.items():
         trained = {e.round for e in entries}
         missing = [r for r in rounds if r not in trained]
         histories.append(entries + _entries(prescribed[client], missing))
-    return max(
-        (client_epsilon(h, delta=delta, accountant=accountant) for h in histories), default=0.0
-    )
+    return [_history(h) for h in histories]
+
+
+def ledger_histories(ledger: Ledger) -> list[list[tuple[float, float, int]]]:
+    """Each client's merged (σ, q, steps) history."""
+    return [_history(entries) for entries in ledger.values()]
+
+
+def dominating(
+    histories: list[list[tuple[float, float, int]]],
+) -> list[list[tuple[float, float, int]]]:
+    """One history whose ε bounds every one of ``histories``', where one is easy to find.
+
+    Where each is one (σ, q, steps) run at one shared σ, (σ, largest q, most steps): for a
+    fixed σ, ε grows with the sample rate and with the steps. Otherwise the histories
+    themselves. A costly accountant (a group's) then runs once, not once per client size.
+    """
+    runs = {tuple(map(tuple, h)) for h in histories}
+    if not runs or any(len(r) != 1 for r in runs) or len({r[0][0] for r in runs}) != 1:
+        return histories
+    sigma = next(iter(runs))[0][0]
+    return [[(sigma, max(r[0][1] for r in runs), max(r[0][2] for r in runs))]]
 
 
 def prescribed_spend(

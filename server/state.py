@@ -125,6 +125,13 @@ class RunState:
             )
         return privacy.run_epsilon(self.ledger, delta=cfg.delta, accountant=accountant)[0]
 
+    def sample_histories(self) -> list[list[tuple[float, float, int]]]:
+        """The (σ, q, steps) histories the published sample ε is the largest ε of."""
+        if self.config.dp_user:
+            rounds = [e.round for e in self.user_ledger]
+            return privacy.all_rounds_histories(self.ledger, self.prescribed, rounds)
+        return privacy.ledger_histories(self.ledger)
+
 
 def save_tensors(path: Path, obj: Any) -> None:
     """Atomically ``torch.save`` ``obj`` (tensors and plain data) to ``path``."""

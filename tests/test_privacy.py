@@ -259,3 +259,17 @@ def test_a_group_of_one_is_one_record():
     assert group == pytest.approx(one, rel=1e-6)
     with pytest.raises(FedsimError, match="at least 1 record"):
         accounting.group_accountant(0)
+
+
+def test_one_history_bounds_many_client_sizes_for_a_costly_accountant():
+    """A group's ε costs seconds a history; with many client sizes one history that
+    bounds them all is accounted instead: never below any client's own ε."""
+    sizes = [[(1.0, 0.1, 100)], [(1.0, 0.05, 300)], [(1.0, 1 / 32, 320)]]
+    (bound,) = privacy.dominating(sizes)
+    assert bound == [(1.0, 0.1, 320)]
+    for accountant in ("rdp", accounting.group_accountant(3)):
+        worst = accounting.history_epsilon(bound, delta=DELTA, accountant=accountant)
+        each = [accounting.history_epsilon(h, delta=DELTA, accountant=accountant) for h in sizes]
+        assert worst >= max(each)
+    mixed = [[(1.0, 0.1, 100)], [(2.0, 0.05, 300)]]  # no single σ: left as they are
+    assert privacy.dominating(mixed) == mixed
