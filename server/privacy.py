@@ -121,11 +121,12 @@ def dominating(
     fixed σ, ε grows with the sample rate and with the steps. Otherwise the histories
     themselves. A costly accountant (a group's) then runs once, not once per client size.
     """
-    runs = {tuple(map(tuple, h)) for h in histories}
-    if not runs or any(len(r) != 1 for r in runs) or len({r[0][0] for r in runs}) != 1:
+    if not histories or any(len(h) != 1 for h in histories):
         return histories
-    sigma = next(iter(runs))[0][0]
-    return [[(sigma, max(r[0][1] for r in runs), max(r[0][2] for r in runs))]]
+    runs = [h[0] for h in histories]  # (σ, q, steps) each
+    if len({sigma for sigma, _, _ in runs}) != 1:
+        return histories
+    return [[(runs[0][0], max(q for _, q, _ in runs), max(t for _, _, t in runs))]]
 
 
 def prescribed_spend(
