@@ -52,9 +52,10 @@ def relation(config: FedsimConfig, unit: str, overlap: tuple[int, str] = (1, "sa
     """
     words = RELATION[unit]
     count, piece = overlap
-    if unit == "sample" and count > 1:
+    if unit == "sample" and count != 1:
+        many = f"up to {count}" if count else "several"
         words += (
-            f"; here one {piece} of the data lies in up to {count} samples, so this ε "
+            f"; here one {piece} of the data lies in {many} samples, so this ε "
             f"protects a sample, not a {piece}: see the {piece} guarantee"
         )
     elif unit == "sample" and piece != "sample":
@@ -177,9 +178,9 @@ def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Gua
     Above one sample: zeroing out every sample that holds it, a group whose ε
     (:func:`fedsim.dp.group_accountant`) is far above one sample's; computed where each
     user's data is one client's (``partition = natural``), as other partitions spread a
-    piece's samples over clients. Changing the piece's value replaces those samples,
-    which costs more and is not computed. In one sample: changing it replaces that
-    sample, dp-accounting's replace-one ε.
+    piece's samples over clients, and where the count is known. Changing the piece's
+    value replaces those samples, which costs more and is not computed. In one sample:
+    changing it replaces that sample, dp-accounting's replace-one ε.
     """
     cfg = state.config
     trust = TRUST[("sample", engine)]
@@ -187,29 +188,36 @@ def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Gua
         words = f"change one {piece} of a client's data: it lies in one sample, replaced"
         epsilon = state.sample_epsilon(accountant=accounting.REPLACE_ONE)
         return Guarantee(piece, epsilon, cfg.delta, accounting.REPLACE_ONE, words, *trust, "sample")
-    accountant = accounting.group_accountant(count)
-    zeroed = (
-        f"zero out every training sample that holds one {piece} of a client's data (up to "
-        f"{count}; their gradients count as 0, the sample relation for a group"
-    )
-    if cfg.partition != "natural":
-        words = (
-            f"{zeroed}), which partition {cfg.partition} spreads over clients: no ε is "
+    accountant = accounting.group_accountant(count) if count else "pld-group"
+    words = _group_relation(cfg, count, piece)
+    counted = count > 0 and cfg.partition == "natural"
+    epsilon = _group_epsilon(state, accountant) if counted else None
+    return Guarantee(piece, epsilon, cfg.delta, accountant, words, *trust, "sample")
+
+
+def _group_relation(config: FedsimConfig, count: int, piece: str) -> str:
+    zeroed = f"zero out every training sample that holds one {piece} of a client's data"
+    if count == 0:
+        return f"{zeroed}: how many depends on the training data, which a count would publish"
+    zeroed += f" (up to {count}; their gradients count as 0, the sample relation for a group"
+    if config.partition != "natural":
+        return (
+            f"{zeroed}), which partition {config.partition} spreads over clients: no ε is "
             "computed (where the data has users, partition natural keeps each one's samples "
             "on one client)"
         )
-        return Guarantee(piece, None, cfg.delta, accountant, words, *trust, "sample")
-    words = (
+    return (
         f"{zeroed}: k of them in a Poisson batch move the clipped sum by up to k·C, their "
         f"clipped gradients aligned, the worst case); changing the {piece}'s value replaces "
         "those samples, which costs more and is not counted here"
     )
-    # a group's ε costs 0.3-4 s a history: with many client sizes, one that bounds them
-    epsilon = max(
-        (
-            accounting.history_epsilon(h, delta=cfg.delta, accountant=accountant)
-            for h in privacy.dominating(state.sample_histories())
-        ),
+
+
+def _group_epsilon(state: RunState, accountant: str) -> float:
+    """The group's ε; 0.3-4 s a history, so one history that bounds every client size."""
+    histories = privacy.dominating(state.sample_histories())
+    delta = state.config.delta
+    return max(
+        (accounting.history_epsilon(h, delta=delta, accountant=accountant) for h in histories),
         default=0.0,
     )
-    return Guarantee(piece, epsilon, cfg.delta, accountant, words, *trust, "sample")

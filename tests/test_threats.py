@@ -481,6 +481,11 @@ def test_a_character_in_many_windows_gets_its_own_guarantee(dp):
     character = next(g for g in found if g["unit"] == "character")
     assert character["accountant"] == "pld-replace-one"
     assert character["epsilon"] == pytest.approx(state.sample_epsilon(accountant="pld-replace-one"))
+    # a count taken from the training data would publish it (SST-2's phrases): none
+    found = guarantees.guarantees(state, state.epsilons(), "simulation", (0, "word"))
+    word = next(g for g in found if g["unit"] == "word")
+    assert word["epsilon"] is None and "depends on the training data" in word["relation"]
+    assert "lies in several samples" in found[0]["relation"]
     # samples that share nothing: no such guarantee
     plain = guarantees.guarantees(state, state.epsilons(), "simulation")
     assert all(g["unit"] != "character" for g in plain)

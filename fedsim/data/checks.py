@@ -51,10 +51,11 @@ def check_dataset(dataset: Dataset, name: str) -> Dataset:
         )
     count, piece = dataset.overlap
     whole = isinstance(count, int) and not isinstance(count, bool)
-    if not (whole and count >= 1 and isinstance(piece, str) and piece):
+    if not (whole and count >= 0 and isinstance(piece, str) and piece):
         raise FedsimError(
             f"{where}: overlap is {dataset.overlap!r}; give (how many samples one piece of "
-            'data can lie in, its name), e.g. (81, "character"), or (1, "sample")'
+            'data can lie in, 0 if not counted, its name), e.g. (81, "character"), or '
+            '(1, "sample")'
         )
     return dataclasses.replace(dataset, **arrays) if arrays else dataset
 

@@ -52,7 +52,8 @@ class Dataset:
     ``overlap``: the most training samples one piece of a user's data lies in, and what
     that piece is: ``(81, "character")`` for Shakespeare's windows, each character being
     in up to 81 of them. DP-SGD protects one sample; the run also reports the ε of such a
-    group. ``(1, "sample")`` where samples share nothing.
+    group. ``(1, "sample")`` where samples share nothing; a count of 0: several, not
+    counted (a count taken from the training data would publish it).
     """
 
     name: str

@@ -100,8 +100,8 @@ def implied_words(guarantee: dict) -> str:
         what = f"{guarantee['unit']} changed"
     else:
         what = f"{guarantee['unit']}'s samples zeroed out"
-    if guarantee["epsilon"] is None:
-        return f"no ε for one {guarantee['unit']}, which lies in several clients' samples"
+    if guarantee["epsilon"] is None:  # its relation says why
+        return f"no ε for one {guarantee['unit']}, which lies in several samples"
     return f"ε = {format_epsilon(guarantee['epsilon'], places=3)} for one {what} ({accountant})"
 
 
