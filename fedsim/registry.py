@@ -157,8 +157,8 @@ def _imported(module_name: str, what: str) -> Any:
                 f"{what}: cannot import {module_name} ({exc}); put it on PYTHONPATH or install it"
             ) from None
         raise FedsimError(
-            f"{what}: importing {module_name} failed: it imports {missing}, which is not "
-            "installed; install it"
+            f"{what}: importing {module_name} failed: it imports {missing}, which cannot be "
+            "found; install it, or fix that import"
         ) from None
     except Exception as exc:  # the module's own code failed: a SyntaxError, a raise
         raise FedsimError(

@@ -55,7 +55,7 @@ def test_own_parts_are_imported_when_the_config_is_checked(tmp_path, monkeypatch
         # your module's own error is yours to fix, not fedsim's internal one
         "broken_syntax:M": "importing broken_syntax failed (SyntaxError: invalid syntax",
         "broken_raise:M": "importing broken_raise failed (RuntimeError: config missing)",
-        "broken_dep:M": "it imports nonexistent_dep_xyz, which is not installed",
+        "broken_dep:M": "it imports nonexistent_dep_xyz, which cannot be found",
     }
     for name, needle in cases.items():
         with pytest.raises(FedsimError, match=re.escape(needle)) as info:

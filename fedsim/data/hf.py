@@ -15,6 +15,7 @@ the first string column for ``hf-text``. Without a ``test`` split, a fixed strat
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from fedsim.registry import IMAGE, TEXT_CLASSIFICATION
 
 # the extra's one package, into this interpreter: "pip install 'fedsim[hf]'" would fetch
 # PyPI's "fedsim", another project of the same name
-EXTRA = f"{sys.executable} -m pip install 'flwr-datasets>=0.6,<0.7'"
+EXTRA = f"{shlex.quote(sys.executable)} -m pip install 'flwr-datasets>=0.6,<0.7'"
 
 
 def load_hf_image(data_dir: Path | None) -> Dataset:
