@@ -191,14 +191,7 @@ def config_values(path: Path | None, overrides: list[str] | None) -> dict[str, A
     values: dict[str, Any] = read_toml(path) if path is not None else {}
     given: dict[str, Any] = {}
     for item in overrides or []:
-        for key, value in map(parse_override, _pairs(item)):
-            same = [k for k in given if k.replace("_", "-") == key.replace("_", "-")]
-            if same:  # the last would win unseen; a TOML file with a key twice is refused
-                raise FedsimError(
-                    f"--set {same[0]} is given twice ({toml_literal(given[same[0]])}, then "
-                    f"{toml_literal(value)}); give it once"
-                )
-            given[key] = value
+        given.update(parse_override(pair) for pair in _pairs(item))
     return layered(values, given)
 
 
