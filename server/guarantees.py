@@ -186,8 +186,9 @@ def group_guarantee(state: RunState, engine: str, count: int, piece: str) -> Gua
     trust = TRUST[("sample", engine)]
     if count == 1:
         words = f"change one {piece} of a client's data: it lies in one sample, replaced"
-        epsilon = state.sample_epsilon(accountant=accounting.REPLACE_ONE)
-        return Guarantee(piece, epsilon, cfg.delta, accounting.REPLACE_ONE, words, *trust, "sample")
+        one = accounting.REPLACE_ONE
+        replaced = state.sample_epsilon(accountant=one)
+        return Guarantee(piece, replaced, cfg.delta, one, words, *trust, "sample")
     accountant = accounting.group_accountant(count) if count else "pld-group"
     words = _group_relation(cfg, count, piece)
     counted = count > 0 and cfg.partition == "natural"
