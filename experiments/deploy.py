@@ -241,13 +241,14 @@ def _finish(staging: Path, run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a `kill`, a CI timeout) cleans up like Ctrl-C does."""
+    """SIGTERM (a `kill`, a CI timeout) and SIGHUP (a closed terminal) clean up as Ctrl-C."""
 
     def handler(signum, frame) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -7,18 +7,25 @@ stops everything when its ``with`` block ends, by success, an error or Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsim.errors import FedsimError
 from fedsim.experiments.procs import STOP_GRACE_S, free_port, kill_tagged, spawn, stop_tree, tail
+
+# what stops a deploy: Ctrl-C, a `kill`, and a closed terminal or ssh session
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 START_TIMEOUT_S = 60.0
@@ -67,7 +74,8 @@ class LocalFederation:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.stop_all()
+        with signals_ignored():  # a second Ctrl-C mid-stop would leave processes running
+            self.stop_all()
 
     @property
     def address(self) -> str:
@@ -210,3 +218,17 @@ class LocalFederation:
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
             self.stop(name)
         kill_tagged(f"{self.tag}/", prefix=True)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored (main thread only), so a stop runs to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
