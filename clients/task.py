@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from fedsim.config import FedsimConfig
-from fedsim.data import Dataset, label_counts, load_dataset, partition_dataset
+from fedsim.data import (
+    Dataset,
+    check_node_folder,
+    label_counts,
+    load_dataset,
+    partition_dataset,
+)
 from fedsim.dp import Canaries, canary_seed, make_canaries
 from fedsim.errors import FedsimError
 from fedsim.messages import ClientInfo
@@ -57,6 +63,7 @@ def client_data(
     _check_partition(config, partition_id)
     if local_dir is not None:
         _no_canaries_here(config)
+        check_node_folder(config.dataset)
         local = _dataset(config.dataset, local_dir)
         return local.x_train, local.y_train
     dataset = _dataset(config.dataset, config.data_dir)

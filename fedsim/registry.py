@@ -92,6 +92,9 @@ STRATEGY_ARGS: dict[str, dict[str, str]] = {
 # by their losses: the user-level noise (on a clipped, unweighted sum) does not cover them.
 NOT_A_SUM = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg")
 # Datasets whose samples belong to natural users, and what one user is.
+# built-in datasets that read no data-dir: a node's own folder would be ignored, and every
+# node would train on the same examples, which each client's ledger counts as its own
+FOLDERLESS = frozenset({"digits"})
 NATURAL_USERS: dict[str, str] = {
     "shakespeare": "speaking role",
     "shakespeare-disjoint": "speaking role",

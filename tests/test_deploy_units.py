@@ -15,7 +15,9 @@ from flwr.app.message.message import make_message
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from fedsim.clients.task import client_data
 from fedsim.config import deploy_config, parse_config, toml_table
+from fedsim.data import check_node_data
 from fedsim.errors import FedsimError
 from fedsim.experiments.certs import main as certs_main
 from fedsim.experiments.certs import make_certificates, make_supernode_keys
@@ -210,3 +212,17 @@ def test_cli_lists_deploy():
     assert result.returncode == 0
     for flag in ("--num-nodes", "--tls", "--auth", "--node-data-dir", "--host", "--timeout"):
         assert flag in result.stdout
+
+
+def test_node_data_folders_that_would_share_examples_are_refused(tmp_path):
+    """Two clients holding the same examples would each count them as their own: the
+    ledger, and the sample ε, would understate what a reader of both learns."""
+    (tmp_path / "a").mkdir()
+    digits = parse_config({"num-clients": 2, "clients-per-round": 2, "secure-noise": True})
+    with pytest.raises(FedsimError, match="dataset digits reads no data-dir"):
+        check_node_data(digits, [tmp_path / "a", tmp_path / "b"])
+    mnist = digits.model_copy(update={"dataset": "mnist", "data_dir": str(tmp_path / "a")})
+    with pytest.raises(FedsimError, match=r"--node-data-dir .*a is given twice"):
+        check_node_data(mnist, [tmp_path / "a", tmp_path / "a" / ".." / "a"])
+    with pytest.raises(FedsimError, match="dataset digits reads no data-dir"):  # the node side
+        client_data(digits, 0, local_dir=str(tmp_path / "a"))

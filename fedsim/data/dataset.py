@@ -22,6 +22,7 @@ from fedsim.data.split import stratified_split
 from fedsim.errors import FedsimError, blamed
 from fedsim.registry import (
     DATASETS,
+    FOLDERLESS,
     HUB_PREFIX,
     IMAGE,
     NEXT_CHAR,
@@ -150,6 +151,16 @@ def load_checked(config: FedsimConfig) -> Dataset:
     return dataset
 
 
+def check_node_folder(dataset: str) -> None:
+    """Refuse a node's own data folder for a dataset that reads none (``digits``)."""
+    if dataset in FOLDERLESS:
+        raise FedsimError(
+            f"dataset {dataset} reads no data-dir, so a node's own folder would be ignored "
+            "and every node would train on the same examples; use a dataset that reads "
+            "files (mnist, say) for data of each node's own"
+        )
+
+
 def check_node_data(config: FedsimConfig, folders: Sequence[Path]) -> None:
     """Deployment with a data folder per SuperNode: one each, and each holds training data.
 
@@ -161,6 +172,14 @@ def check_node_data(config: FedsimConfig, folders: Sequence[Path]) -> None:
         raise FedsimError(
             f"{len(folders)} --node-data-dir for {config.num_clients} SuperNodes; "
             "give one per SuperNode, or none"
+        )
+    check_node_folder(config.dataset)
+    resolved = [Path(f).resolve() for f in folders]
+    if len(set(resolved)) < len(resolved):
+        twice = next(f for f in resolved if resolved.count(f) > 1)
+        raise FedsimError(
+            f"--node-data-dir {twice} is given twice: its examples would be in two clients, "
+            "which each count them as their own; give every SuperNode its own folder"
         )
     check_task(config, load_dataset(config.dataset, config.data_dir).task)
     for folder in folders:
