@@ -178,6 +178,10 @@ def _stops() -> Iterator[None]:
         yield
     except RunInterrupted as exc:
         raise RunStopped(str(exc), exc.signum) from None
+    except KeyboardInterrupt as exc:  # deploy's stop (its processes stopped), or an abort
+        if isinstance(exc, RunStopped):
+            raise
+        raise RunStopped("stopped by Ctrl-C or a signal") from None
 
 
 def _path(value: str | Path | None) -> Path | None:

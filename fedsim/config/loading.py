@@ -64,7 +64,8 @@ def deploy_config(
         if values.get("num-clients", num_nodes) != num_nodes:
             raise FedsimError(
                 f"--num-nodes {num_nodes} disagrees with num-clients={values['num-clients']}; "
-                "give only one of them"
+                f"give only one of them (with a config that sets num-clients: --set "
+                f"num-clients={num_nodes})"
             )
         values["num-clients"] = num_nodes
         default = FedsimConfig.model_fields["clients_per_round"].default
