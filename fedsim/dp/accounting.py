@@ -29,7 +29,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from threadpoolctl import ThreadpoolController
 
-from fedsim.dp.group import GROUP_PREFIX, group_epsilon
+from fedsim.dp.group import GROUP_PREFIX, composed_epsilon, group_epsilon
 from fedsim.dp.group import group_accountant as group_accountant  # re-exported
 from fedsim.errors import FedsimError
 
@@ -85,14 +85,9 @@ def _pld_epsilon(relation: dp_accounting.NeighboringRelation) -> Callable[[Histo
         Its one-step distribution per (σ, q) is built once (~70 ms); the accountant
         rebuilt it on every call, every round.
         """
-        total = pld_lib.identity(value_discretization_interval=PLD_INTERVAL)
-        for sigma, q, steps in history:
-            if q == 0:  # as the accountant: nothing happened
-                continue
-            if sigma == 0:  # as the accountant: a non-private event
-                return math.inf
-            total = total.compose(_pld_step(sigma, q, relation).self_compose(steps))
-        return float(total.get_epsilon_for_delta(delta))
+        return composed_epsilon(
+            history, delta, lambda sigma, q: _pld_step(sigma, q, relation), PLD_INTERVAL
+        )
 
     return epsilon
 

@@ -15,6 +15,7 @@ for Matrix Mechanisms", Cor. 4.7; dp-accounting's ``MixtureGaussianPrivacyLoss``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
@@ -49,13 +50,28 @@ def group_epsilon(history: list[tuple[float, float, int]], delta: float, *, grou
     sensitivities k and weights Binomial(k; group, q), both adjacency directions.
     """
     interval = INTERVAL_PER_RECORD * group
+    return composed_epsilon(
+        history, delta, lambda sigma, q: _step(sigma, q, group, interval), interval
+    )
+
+
+def composed_epsilon(
+    history: list[tuple[float, float, int]],
+    delta: float,
+    step: Callable[[float, float], pld_lib.PrivacyLossDistribution],
+    interval: float,
+) -> float:
+    """ε of a history: each (σ, q) run's ``step`` composed ``steps`` times.
+
+    As dp-accounting's ``PLDAccountant`` composes: a q of 0 is nothing, a σ of 0 is ∞.
+    """
     total = pld_lib.identity(value_discretization_interval=interval)
     for sigma, q, steps in history:
-        if q == 0:  # as the accountants: nothing happened
+        if q == 0:  # as the accountant: nothing happened
             continue
-        if sigma == 0:
+        if sigma == 0:  # as the accountant: a non-private event
             return math.inf
-        total = total.compose(_step(sigma, q, group, interval).self_compose(steps))
+        total = total.compose(step(sigma, q).self_compose(steps))
     return float(total.get_epsilon_for_delta(delta))
 
 
