@@ -178,9 +178,7 @@ def _stops() -> Iterator[None]:
         yield
     except RunInterrupted as exc:
         raise RunStopped(str(exc), exc.signum) from None
-    except KeyboardInterrupt as exc:  # deploy's stop (its processes stopped), or an abort
-        if isinstance(exc, RunStopped):
-            raise
+    except KeyboardInterrupt:  # deploy's stop (its processes stopped), or an abort
         raise RunStopped("stopped by Ctrl-C or a signal") from None
 
 

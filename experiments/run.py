@@ -27,7 +27,7 @@ from fedsim import results
 from fedsim.clients.client_app import simulation_app
 from fedsim.config import FedsimConfig
 from fedsim.data import Dataset, load_checked, partition_dataset
-from fedsim.dp import check_reachable, run_schedules
+from fedsim.dp import check_reachable
 from fedsim.errors import USER_ERRNOS, FedsimError, RunInterrupted, file_error
 from fedsim.experiments.delivery import prompt_delivery
 from fedsim.experiments.machine import check_machine
@@ -43,6 +43,7 @@ from fedsim.experiments.rundir import (
 )
 from fedsim.experiments.signals import Signals
 from fedsim.models import check_client_model
+from fedsim.server.federation import noise_targets
 from fedsim.server.server_app import build_server_app
 from fedsim.server.state import restore
 
@@ -67,17 +68,8 @@ def check_targets(config: FedsimConfig, dataset: Dataset) -> None:
     The server solves σ once its clients have said their sizes: a target out of reach
     was refused there, 20 s into a run on 2 cores. Here it takes milliseconds.
     """
-    targets = []
-    if config.dp_sample and config.noise_multiplier == 0:
-        sizes = [len(part) for part in partition_dataset(dataset, config)]
-        schedules = run_schedules(
-            sizes, batch_size=config.batch_size, epochs=config.local_epochs,
-            rounds=config.num_rounds,
-        )  # fmt: skip
-        targets.append((config.target_epsilon, schedules))
-    if config.dp_user and config.user_noise_multiplier == 0:
-        targets.append((config.user_target_epsilon, [(config.cohort_rate, config.num_rounds)]))
-    for target, schedules in targets:
+    sizes = [len(part) for part in partition_dataset(dataset, config)]
+    for target, schedules in noise_targets(config, sizes).values():
         check_reachable(
             target_epsilon=target, delta=config.delta, accountant=config.accountant,
             schedules=schedules,

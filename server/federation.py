@@ -51,27 +51,36 @@ def resolve_noise(config: FedsimConfig, infos: list[ClientInfo]) -> FedsimConfig
     The sample unit's σ is solved on the schedule each client's loader runs
     (:func:`fedsim.dp.schedule.poisson_schedule`), the one its ledger records.
     """
-    check_delta(config, sum(info.num_examples for info in infos))  # each node's own data
+    sizes = [info.num_examples for info in infos]
+    check_delta(config, sum(sizes))  # each node's own data, under deployment
     update = {}
+    for key, (target, schedules) in noise_targets(config, sizes).items():
+        update[key] = solve_noise_multiplier(
+            target_epsilon=target, delta=config.delta, accountant=config.accountant,
+            schedules=schedules,
+        )  # fmt: skip
+    return config.model_copy(update=update)
+
+
+def noise_targets(
+    config: FedsimConfig, sizes: list[int]
+) -> dict[str, tuple[float, list[tuple[float, int]]]]:
+    """Each σ left at 0, by field: its target ε and the (q, steps) schedules it is solved on.
+
+    ``sizes``: the clients' example counts. The sample unit's schedules are the ones each
+    client's loader runs; the user unit's is the cohort rate over all rounds.
+    """
+    targets = {}
     if config.dp_sample and config.noise_multiplier == 0:
         schedules = run_schedules(
-            [info.num_examples for info in infos], batch_size=config.batch_size,
-            epochs=config.local_epochs, rounds=config.num_rounds,
+            sizes, batch_size=config.batch_size, epochs=config.local_epochs,
+            rounds=config.num_rounds,
         )  # fmt: skip
-        update["noise_multiplier"] = solve_noise_multiplier(
-            target_epsilon=config.target_epsilon,
-            delta=config.delta,
-            accountant=config.accountant,
-            schedules=schedules,
-        )
+        targets["noise_multiplier"] = (config.target_epsilon, schedules)
     if config.dp_user and config.user_noise_multiplier == 0:
-        update["user_noise_multiplier"] = solve_noise_multiplier(
-            target_epsilon=config.user_target_epsilon,
-            delta=config.delta,
-            accountant=config.accountant,
-            schedules=[(config.cohort_rate, config.num_rounds)],
-        )
-    return config.model_copy(update=update)
+        user = [(config.cohort_rate, config.num_rounds)]
+        targets["user_noise_multiplier"] = (config.user_target_epsilon, user)
+    return targets
 
 
 def build_strategy(
